@@ -1,0 +1,142 @@
+"""Wire constants of QEMU's migration stream, by QEMU's names.
+
+Every value here is a fact of the byte format shared by QEMU 4.1 and 7.2
+(see the spec tables cited in each class). Code elsewhere refers to these
+names rather than to bare numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "QEMU_VM_FILE_MAGIC",
+    "QEMU_VM_FILE_VERSION",
+    "QEMU_VM_FILE_VERSION_COMPAT",
+    "SectionType",
+    "MigCmd",
+    "MigRpMsg",
+    "RamFlag",
+    "ENCODING_FLAG_XBZRLE",
+    "RAM_VERSION_ID",
+    "TARGET_PAGE_SIZE",
+    "TARGET_PAGE_BITS",
+    "MULTIFD_MAGIC",
+    "MULTIFD_VERSION",
+    "MultifdFlag",
+    "MULTIFD_PACKET_SIZE",
+    "MULTIFD_INIT_PACKET_SIZE",
+    "MULTIFD_RAMBLOCK_NAME_LEN",
+    "MAX_DISCARDS_PER_COMMAND",
+    "VMSTATE_NULLPTR_MARKER",
+    "QTAILQ_ELEM_START",
+    "QTAILQ_END",
+    "MIGRATION_RESUME_ACK_VALUE",
+    "GLOBALSTATE_RUNSTATE_LEN",
+    "MAX_RP_MESSAGE_LEN",
+]
+
+#: ``QEVM``: the first four bytes of every stream (stream.md §2).
+QEMU_VM_FILE_MAGIC = 0x5145564D
+#: The only stream version QEMU 4.1 and 7.2 accept.
+QEMU_VM_FILE_VERSION = 0x00000003
+#: The obsolete version 2, rejected with its own message.
+QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
+
+
+class SectionType(enum.IntEnum):
+    """Top-level record types (stream.md §4)."""
+
+    EOF = 0x00
+    SECTION_START = 0x01
+    SECTION_PART = 0x02
+    SECTION_END = 0x03
+    SECTION_FULL = 0x04
+    SUBSECTION = 0x05
+    VMDESCRIPTION = 0x06
+    CONFIGURATION = 0x07
+    COMMAND = 0x08
+    SECTION_FOOTER = 0x7E
+
+
+class MigCmd(enum.IntEnum):
+    """``QEMU_VM_COMMAND`` sub-commands (stream.md §7)."""
+
+    INVALID = 0
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    PACKAGED = 7
+    ENABLE_COLO = 8
+    POSTCOPY_RESUME = 9
+    RECV_BITMAP = 10
+
+
+class MigRpMsg(enum.IntEnum):
+    """Return-path message types (stream.md §8)."""
+
+    INVALID = 0
+    SHUT = 1
+    PONG = 2
+    REQ_PAGES_ID = 3
+    REQ_PAGES = 4
+    RECV_BITMAP = 5
+    RESUME_ACK = 6
+
+
+class RamFlag(enum.IntFlag):
+    """Low bits of a RAM record header (ram.md §2)."""
+
+    FULL = 0x001  #: obsolete, never sent
+    ZERO = 0x002
+    MEM_SIZE = 0x004
+    PAGE = 0x008
+    EOS = 0x010
+    CONTINUE = 0x020
+    XBZRLE = 0x040
+    HOOK = 0x080  #: RDMA only
+    COMPRESS_PAGE = 0x100
+
+
+#: The byte after an XBZRLE record's block name (ram.md §4.3).
+ENCODING_FLAG_XBZRLE = 0x01
+#: Version of the ``ram`` section; a destination rejects any other.
+RAM_VERSION_ID = 4
+#: x86 target page (the only target qmigx speaks today).
+TARGET_PAGE_BITS = 12
+TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS
+
+#: Multifd init and page packets (multifd.md §3-4).
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+
+
+class MultifdFlag(enum.IntFlag):
+    """``flags`` of a multifd packet (multifd.md §4)."""
+
+    SYNC = 0x1
+    ZLIB = 0x2
+    ZSTD = 0x4
+    COMPRESSION_MASK = 0xE
+
+
+#: Bytes of page data one multifd packet can carry (512 KiB).
+MULTIFD_PACKET_SIZE = 512 * 1024
+MULTIFD_INIT_PACKET_SIZE = 64
+MULTIFD_RAMBLOCK_NAME_LEN = 256
+
+#: QEMU 7.2 sends at most this many ranges per POSTCOPY_RAM_DISCARD.
+MAX_DISCARDS_PER_COMMAND = 12
+#: A NULL element of a VMS_ARRAY_OF_POINTER field (vmstate.md §7).
+VMSTATE_NULLPTR_MARKER = 0x30
+#: Element markers of ``qtailq``/``qlist``/``gtree`` fields.
+QTAILQ_ELEM_START = 0x01
+QTAILQ_END = 0x00
+MIGRATION_RESUME_ACK_VALUE = 1
+#: ``globalstate.runstate`` is a fixed 100-byte buffer (other.md §1).
+GLOBALSTATE_RUNSTATE_LEN = 100
+#: The source reads at most this much of one return-path message.
+MAX_RP_MESSAGE_LEN = 512
