@@ -1,0 +1,334 @@
+# cython: language_level=3
+"""Compiled RAM record scanner; see ``qmigx.reference.ramparse`` for the twin.
+
+The scan loop runs without the GIL over the input buffer and stops only
+to look up a block name (rare: once per block switch), when the batch is
+full, at EOS, at a setup record, at the end of the input, or on an error.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.string cimport memcmp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int32_t
+
+from qmigx.errors import RamStreamError
+
+cnp.import_array()
+
+KIND_ZERO = 0
+KIND_PAGE = 1
+KIND_XBZRLE = 2
+KIND_COMPRESS = 3
+
+FULL = 0
+NEED_DATA = 1
+EOS = 2
+MEM_SIZE = 3
+
+cdef enum:
+    F_ZERO = 0x002
+    F_MEM_SIZE = 0x004
+    F_PAGE = 0x008
+    F_EOS = 0x010
+    F_CONTINUE = 0x020
+    F_XBZRLE = 0x040
+    F_HOOK = 0x080
+    F_COMPRESS = 0x100
+
+# internal stop reasons of the nogil loop
+cdef enum:
+    S_FULL = 0
+    S_NEED = 1
+    S_EOS = 2
+    S_MEMSIZE = 3
+    E_FLAGS = -1
+    E_HOOK = -2
+    E_NOBLOCK = -3
+    E_BLOCK = -8
+    E_OFFSET = -4
+    E_XBZ_FLAG = -5
+    E_XBZ_LEN = -6
+    E_CLEN = -7
+
+
+cpdef long compress_bound(long n):
+    """zlib's compressBound: the largest valid COMPRESS_PAGE body length."""
+    return n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+
+
+cdef inline uint64_t be64(const uint8_t* p) noexcept nogil:
+    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40) |
+            (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) |
+            (<uint64_t>p[6] << 8) | <uint64_t>p[7])
+
+
+cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
+    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3])
+
+
+class RamRecords:
+    """A batch of scanned page records, as parallel numpy arrays.
+
+    Same layout as the reference twin: ``kind``, ``block``, ``offset``,
+    ``pos``, ``length``, ``fill``, ``start`` and ``count``.
+    """
+
+    def __init__(self, capacity=65536):
+        self.capacity = capacity
+        self.count = 0
+        self.kind = np.zeros(capacity, np.uint8)
+        self.block = np.zeros(capacity, np.int32)
+        self.offset = np.zeros(capacity, np.uint64)
+        self.pos = np.zeros(capacity, np.int64)
+        self.length = np.zeros(capacity, np.int32)
+        self.fill = np.zeros(capacity, np.uint8)
+        self.start = np.zeros(capacity, np.int64)
+
+    def clear(self):
+        self.count = 0
+
+
+cdef class RamScanner:
+    """Scans RAM records; remembers the last block across calls (CONTINUE).
+
+    Block names are matched in C against a table built by ``set_blocks``,
+    so the whole scan runs without the GIL.
+    """
+
+    cdef public long page_size
+    cdef public long last_block
+    cdef public list names
+    cdef public object lengths
+    cdef const int64_t[::1] _lengths
+    cdef bytes _blob
+    cdef const int64_t[::1] _name_off
+    cdef object _name_off_arr
+
+    def __init__(self, long page_size, names, lengths):
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two")
+        self.page_size = page_size
+        self.last_block = -1
+        self.set_blocks(names, lengths)
+
+    @property
+    def index(self):
+        return {n: i for i, n in enumerate(self.names)}
+
+    def set_blocks(self, names, lengths):
+        """Replace the block table (after a setup record)."""
+        self.names = [bytes(n) for n in names]
+        self.lengths = np.ascontiguousarray(list(lengths), dtype=np.int64)
+        if len(self.lengths) != len(self.names):
+            raise ValueError("names and lengths differ in length")
+        self._lengths = self.lengths
+        self._blob = b"".join(self.names) + b"\0"
+        self._name_off_arr = np.cumsum([0] + [len(nm) for nm in self.names], dtype=np.int64)
+        self._name_off = self._name_off_arr
+
+    def reset_last_block(self):
+        self.last_block = -1
+
+    def scan(self, buf, Py_ssize_t pos, Py_ssize_t end, out, long long base=0):
+        """Scan ``buf[pos:end]`` into ``out``; return ``(new_pos, status)``.
+
+        ``base`` is the absolute stream offset of ``buf[0]``, used in errors.
+        """
+        cdef const uint8_t[::1] mv = buf
+        cdef uint8_t[::1] kind = out.kind
+        cdef int32_t[::1] block_a = out.block
+        cdef uint64_t[::1] offset_a = out.offset
+        cdef int64_t[::1] pos_a = out.pos
+        cdef int32_t[::1] len_a = out.length
+        cdef uint8_t[::1] fill_a = out.fill
+        cdef int64_t[::1] start_a = out.start
+        cdef Py_ssize_t cap = min(<Py_ssize_t>out.capacity, kind.shape[0])
+        cdef Py_ssize_t count = out.count
+        cdef Py_ssize_t nblocks = self._lengths.shape[0]
+        cdef const int64_t* lengths = &self._lengths[0] if nblocks else NULL
+        cdef const int64_t* noff = &self._name_off[0]
+        cdef const char* blob = self._blob
+        cdef const uint8_t* p = &mv[0] if mv.shape[0] else NULL
+        cdef uint64_t ps = <uint64_t>self.page_size
+        cdef uint64_t mask = ps - 1
+        cdef uint64_t cbound = <uint64_t>compress_bound(self.page_size)
+        cdef long last = self.last_block
+        cdef int status = S_NEED
+        cdef Py_ssize_t err_at = 0
+        cdef uint64_t err_val = 0
+        cdef Py_ssize_t q, start, body, nlen, i
+        cdef uint64_t hdr, flags, kf, addr, blen
+        cdef long blk
+        cdef int k
+        cdef uint8_t fill
+        if end > mv.shape[0] or pos < 0 or pos > end:
+            raise ValueError("scan range outside the buffer")
+        with nogil:
+            while True:
+                if count >= cap:
+                    status = S_FULL
+                    break
+                start = pos
+                if end - pos < 8:
+                    status = S_NEED
+                    break
+                hdr = be64(p + pos)
+                flags = hdr & mask
+                addr = hdr & ~mask
+                q = pos + 8
+                kf = flags & ~(<uint64_t>F_CONTINUE)
+                if kf == F_EOS:
+                    pos = q
+                    status = S_EOS
+                    break
+                if kf == F_MEM_SIZE:
+                    status = S_MEMSIZE
+                    break
+                if kf != F_ZERO and kf != F_PAGE and kf != F_XBZRLE and kf != F_COMPRESS:
+                    status = E_HOOK if (kf & F_HOOK) else E_FLAGS
+                    err_at = start
+                    err_val = flags
+                    break
+                if flags & F_CONTINUE:
+                    if last < 0:
+                        status = E_NOBLOCK
+                        err_at = start
+                        break
+                    blk = last
+                else:
+                    if end - q < 1:
+                        status = S_NEED
+                        break
+                    nlen = p[q]
+                    if end - q < 1 + nlen:
+                        status = S_NEED
+                        break
+                    blk = -1
+                    for i in range(nblocks):
+                        if noff[i + 1] - noff[i] == nlen and \
+                                memcmp(blob + noff[i], p + q + 1, nlen) == 0:
+                            blk = i
+                            break
+                    if blk < 0:
+                        status = E_BLOCK
+                        err_at = start
+                        break
+                    q += 1 + nlen
+                if addr >= <uint64_t>lengths[blk]:
+                    status = E_OFFSET
+                    err_at = start
+                    err_val = addr
+                    last = blk
+                    break
+                fill = 0
+                if kf == F_ZERO:
+                    if end - q < 1:
+                        status = S_NEED
+                        break
+                    fill = p[q]
+                    body = q + 1
+                    blen = 0
+                    q += 1
+                    k = 0
+                elif kf == F_PAGE:
+                    if <uint64_t>(end - q) < ps:
+                        status = S_NEED
+                        break
+                    body = q
+                    blen = ps
+                    q += ps
+                    k = 1
+                elif kf == F_XBZRLE:
+                    if end - q < 3:
+                        status = S_NEED
+                        break
+                    if p[q] != 0x01:
+                        status = E_XBZ_FLAG
+                        err_at = q
+                        err_val = p[q]
+                        break
+                    blen = (<uint64_t>p[q + 1] << 8) | p[q + 2]
+                    if blen > ps:
+                        status = E_XBZ_LEN
+                        err_at = q + 1
+                        err_val = blen
+                        break
+                    if <uint64_t>(end - q) < 3 + blen:
+                        status = S_NEED
+                        break
+                    body = q + 3
+                    q += 3 + blen
+                    k = 2
+                else:
+                    if end - q < 4:
+                        status = S_NEED
+                        break
+                    blen = be32(p + q)
+                    if blen > cbound:
+                        status = E_CLEN
+                        err_at = q
+                        err_val = blen
+                        break
+                    if <uint64_t>(end - q) < 4 + blen:
+                        status = S_NEED
+                        break
+                    body = q + 4
+                    q += 4 + blen
+                    k = 3
+                kind[count] = k
+                block_a[count] = blk
+                offset_a[count] = addr
+                pos_a[count] = body
+                len_a[count] = <int32_t>blen
+                fill_a[count] = fill
+                start_a[count] = start
+                count += 1
+                last = blk
+                pos = q
+        out.count = count
+        self.last_block = last
+        if status == S_FULL:
+            return pos, FULL
+        if status == S_NEED:
+            return pos, NEED_DATA
+        if status == S_EOS:
+            return pos, EOS
+        if status == S_MEMSIZE:
+            return pos, MEM_SIZE
+        self._raise(status, base + err_at, err_val, last, mv, err_at)
+
+    def _raise(self, int status, long long at, uint64_t val, long blk, mv, Py_ssize_t rel):
+        if status == E_FLAGS:
+            raise RamStreamError(f"Unknown combination of migration flags: 0x{val:x}",
+                                 offset=at, field="flags")
+        if status == E_HOOK:
+            raise RamStreamError("RAM_SAVE_FLAG_HOOK record: RDMA hooks are not supported",
+                                 offset=at, field="flags")
+        if status == E_NOBLOCK:
+            raise RamStreamError(
+                "CONTINUE flag with no previous block (Ack, bad migration stream!)",
+                offset=at, field="flags")
+        if status == E_BLOCK:
+            n = mv[rel + 8]
+            name = bytes(mv[rel + 9:rel + 9 + n])
+            raise RamStreamError(
+                f"Can't find block {name.decode('utf-8', 'replace')!r}",
+                offset=at, field="block")
+        if status == E_OFFSET:
+            raise RamStreamError(
+                f"Illegal RAM offset 0x{val:x} in block "
+                f"{self.names[blk].decode('utf-8', 'replace')!r} "
+                f"(used length 0x{int(self.lengths[blk]):x})",
+                offset=at, field="offset")
+        if status == E_XBZ_FLAG:
+            raise RamStreamError(
+                f"Failed to load XBZRLE page - wrong compression (flag 0x{val:x})",
+                offset=at, field="xbzrle.encoding")
+        if status == E_XBZ_LEN:
+            raise RamStreamError(
+                f"Failed to load XBZRLE page - len overflow ({val} > {self.page_size})",
+                offset=at, field="xbzrle.len")
+        if status == E_CLEN:
+            raise RamStreamError(f"Invalid compressed data length: {val}",
+                                 offset=at, field="compress.len")
+        raise AssertionError(f"unexpected scanner status {status}")

@@ -1,0 +1,894 @@
+"""The migration stream format (QEMU's savevm.c), as a sans-IO codec.
+
+:class:`StreamParser` takes bytes (``feed``) and returns events
+(``events``); it never reads a file or a socket itself, so the same parser
+serves a file, a pipe, a socket and a test. :class:`StreamWriter` is its
+mirror: it writes records through a :class:`~qmigx.qemufile.QEMUFile`.
+
+How the parser finds the end of each section payload, since the format
+has no record lengths (stream.md §1):
+
+* ``ram``: the RAM record scanner (``qmigx._core.ramparse``) walks page
+  records up to EOS, in batches, without the GIL;
+* ``block`` and ``dirty-bitmap``: their own record grammars (other.md);
+* device (VMState) sections: a description registered with the parser,
+  else the stream's own vmdesc entry (vmstate.md §8.1) when the caller
+  supplied it (a file has it at its end: :func:`find_vmdesc`), else the
+  footer that follows every section in streams of QEMU 2.4 and newer.
+
+Events that refer to parsed bytes (``RamPages``) are views into the
+parser's buffer: use them before the next ``feed``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from qmigx import _backend
+from qmigx.errors import (
+    BadHeaderError,
+    RamStreamError,
+    StreamError,
+    TruncatedStreamError,
+    UnknownSectionError,
+)
+from qmigx.qemufile import Cursor, NeedData, QEMUFile
+from qmigx.wire import (
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
+    TARGET_PAGE_SIZE,
+    MigCmd,
+    SectionType,
+)
+
+__all__ = [
+    "Section",
+    "StreamHeader",
+    "Configuration",
+    "ConfigSubsection",
+    "SectionStart",
+    "SectionData",
+    "RamBlockInfo",
+    "RamSetup",
+    "RamPages",
+    "RamEOS",
+    "SectionEnd",
+    "Command",
+    "EndOfState",
+    "VMDescription",
+    "EndOfStream",
+    "Event",
+    "StreamParser",
+    "StreamWriter",
+    "find_vmdesc",
+    "parse_vmdesc",
+]
+
+_ramparse = _backend.load("ramparse")
+
+# -- events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """Identity of a section as introduced by its START or FULL header."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+    @property
+    def label(self) -> str:
+        """``"<idstr> (<section_id>)"``, the key analyze-migration uses."""
+        return f"{self.idstr} ({self.section_id})"
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    version: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ConfigSubsection:
+    name: str
+    version: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The configuration section (stream.md §3)."""
+
+    machine_type: str
+    subsections: tuple[ConfigSubsection, ...]
+    offset: int
+    raw: bytes
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Validated capabilities announced by the source (``x-ignore-shared``)."""
+        for sub in self.subsections:
+            if sub.name == "configuration/capabilities":
+                cur = Cursor(sub.data)
+                return [cur.read_str8() for _ in range(cur.read_be32())]
+        return []
+
+    @property
+    def uuid(self) -> Optional[bytes]:
+        for sub in self.subsections:
+            if sub.name == "configuration/uuid":
+                return sub.data
+        return None
+
+    @property
+    def target_page_bits(self) -> Optional[int]:
+        for sub in self.subsections:
+            if sub.name == "configuration/target-page-bits":
+                return struct.unpack(">I", sub.data)[0]
+        return None
+
+
+@dataclass(frozen=True)
+class SectionStart:
+    """A START/PART/END/FULL header. PART/END carry the START's identity."""
+
+    type: SectionType
+    section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class SectionData:
+    """A non-RAM section payload, exactly as on the wire."""
+
+    type: SectionType
+    section: Section
+    payload: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
+class RamBlockInfo:
+    """One entry of the RAM setup record (ram.md §3)."""
+
+    idstr: str
+    used_length: int
+    page_size: Optional[int] = None
+    gpa: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RamSetup:
+    """The RAM setup record (MEM_SIZE): the block list."""
+
+    section: Section
+    total: int
+    blocks: tuple[RamBlockInfo, ...]
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class RamPages:
+    """A batch of page records; see ``qmigx.reference.ramparse.RamRecords``.
+
+    ``records.pos``/``records.start`` index into ``data``; ``base`` is the
+    absolute stream offset of ``data[0]``. ``data`` and ``records`` are
+    reused by the parser: consume them before the next ``feed``/``events``.
+    """
+
+    section: Section
+    records: Any
+    data: memoryview
+    base: int
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RamEOS:
+    section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class SectionEnd:
+    """The end of a section's payload, with its footer when it had one."""
+
+    type: SectionType
+    section: Section
+    footer: bool
+    offset: int
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``QEMU_VM_COMMAND``; ``packaged`` holds a PACKAGED command's blob."""
+
+    cmd: MigCmd
+    payload: bytes
+    offset: int
+    packaged: Optional[bytes] = None
+
+
+@dataclass(frozen=True)
+class EndOfState:
+    """The ``QEMU_VM_EOF`` byte: the device-state part of the stream ended."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
+class VMDescription:
+    """The vmdesc trailer's JSON text."""
+
+    json: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The input ended cleanly (only after ``feed_eof``)."""
+
+    offset: int
+
+
+Event = Union[
+    StreamHeader, Configuration, SectionStart, SectionData, RamSetup, RamPages,
+    RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream,
+]
+
+# -- helpers ---------------------------------------------------------------
+
+#: Fixed payload lengths of commands (None: variable, checked separately).
+_CMD_LEN = {
+    MigCmd.OPEN_RETURN_PATH: 0,
+    MigCmd.PING: 4,
+    MigCmd.POSTCOPY_LISTEN: 0,
+    MigCmd.POSTCOPY_RUN: 0,
+    MigCmd.PACKAGED: 4,
+    MigCmd.ENABLE_COLO: 0,
+    MigCmd.POSTCOPY_RESUME: 0,
+}
+
+_LIVE_PARSERS: dict[str, Callable[[Cursor], None]] = {}
+
+
+def find_vmdesc(buf) -> Optional[tuple[int, bytes]]:
+    """Locate the vmdesc trailer at the end of a whole stream.
+
+    Returns ``(offset_of_0x06_byte, json_bytes)`` or None. As QEMU's
+    analysis script does, it looks for the last NUL byte and the ``{``
+    after it, then checks that a ``0x06`` + be32 length precede it and
+    that the length reaches exactly the end of the data.
+    """
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    tail_start = max(0, n - (64 << 20))
+    tail = bytes(mv[tail_start:]) if n - tail_start <= (64 << 20) else b""
+    nul = tail.rfind(b"\0")
+    while nul >= 0:
+        brace = tail.find(b"{", nul)
+        if brace < 0:
+            return None
+        hdr = brace - 5
+        if hdr >= 0 and tail[hdr] == SectionType.VMDESCRIPTION:
+            length = struct.unpack_from(">I", tail, hdr + 1)[0]
+            if brace + length == len(tail):
+                return tail_start + hdr, tail[brace:]
+        nul = tail.rfind(b"\0", 0, nul)
+    return None
+
+
+def parse_vmdesc(text: bytes) -> dict:
+    """Parse vmdesc JSON into a dict; duplicate keys keep the last value."""
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StreamError(f"vmdesc is not valid JSON: {exc}", field="vmdesc") from None
+
+
+def _vmdesc_walk(desc: dict, cur: Cursor, path: str) -> None:
+    """Consume one device payload following its vmdesc entry (§8.1)."""
+    for f in desc.get("fields", ()):
+        count = int(f.get("array_len", 1))
+        for _ in range(count):
+            if f.get("type") == "struct":
+                _vmdesc_walk(f["struct"], cur, f"{path}.{f.get('name')}")
+            else:
+                cur.skip(int(f["size"]))
+    for sub in desc.get("subsections", ()):
+        at = cur.tell()
+        if cur.read_u8() != SectionType.SUBSECTION:
+            raise StreamError(
+                f"subsection {sub.get('vmsd_name')!r} expected", offset=at, field=path)
+        name = cur.read_str8()
+        if name != sub.get("vmsd_name"):
+            raise StreamError(
+                f"subsection {sub.get('vmsd_name')!r} expected, found {name!r}",
+                offset=at, field=path)
+        cur.read_be32()
+        _vmdesc_walk(sub, cur, f"{path}/{name}")
+
+
+def _skip_block_payload(cur: Cursor) -> None:
+    """Consume a ``block`` section payload up to its EOS (other.md §2)."""
+    while True:
+        at = cur.tell()
+        hdr = cur.read_be64()
+        flags = hdr & 0x1FF
+        if flags & 0x01:  # DEVICE_BLOCK
+            cur.read_str8_bytes()
+            if not flags & 0x08:
+                cur.skip(1 << 20)
+        elif flags & 0x02:  # EOS
+            return
+        elif flags & 0x04:  # PROGRESS
+            pass
+        else:
+            raise StreamError(f"Unknown block migration flags: 0x{flags:x}",
+                              offset=at, field="flags")
+
+
+def _skip_dirty_bitmap_payload(cur: Cursor) -> None:
+    """Consume a ``dirty-bitmap`` section payload up to EOS (other.md §3)."""
+    while True:
+        at = cur.tell()
+        flags = cur.read_u8()
+        if flags & 0x80:
+            raise StreamError("dirty-bitmap extra flags are not supported",
+                              offset=at, field="flags")
+        if flags & 0x08:
+            cur.read_str8_bytes()
+        if flags & 0x04:
+            cur.read_str8_bytes()
+        if flags & 0x10:
+            cur.skip(5)
+        elif flags & 0x40:
+            cur.skip(12)
+            if not flags & 0x02:
+                bufsize = cur.read_be64()
+                if bufsize > 10240:
+                    raise StreamError(f"dirty-bitmap chunk too large: {bufsize}",
+                                      offset=at, field="bufsize")
+                cur.skip(bufsize)
+        if flags & 0x01:
+            return
+        if not flags & 0x7F:
+            raise StreamError("dirty-bitmap record with no flags", offset=at, field="flags")
+
+
+_LIVE_PARSERS["block"] = _skip_block_payload
+_LIVE_PARSERS["dirty-bitmap"] = _skip_dirty_bitmap_payload
+
+
+def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int]) -> Optional[bool]:
+    """Could a top-level record start at ``pos``? None: need more bytes."""
+    if pos >= end:
+        return None
+    t = mv[pos]
+    if t == SectionType.EOF:
+        return True
+    if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+        if end - pos < 6:
+            return None
+        n = mv[pos + 5]
+        if n == 0:
+            return False
+        if end - pos < 6 + n + 8:
+            return None
+        name = bytes(mv[pos + 6 : pos + 6 + n])
+        return all(32 <= c < 127 for c in name)
+    if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
+        if end - pos < 5:
+            return None
+        return struct.unpack_from(">I", mv, pos + 1)[0] in known_ids
+    if t == SectionType.COMMAND:
+        if end - pos < 3:
+            return None
+        return 0 < struct.unpack_from(">H", mv, pos + 1)[0] <= max(MigCmd)
+    return False
+
+
+# -- the parser ---------------------------------------------------------------
+
+_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_DONE = range(6)
+
+
+class StreamParser:
+    """Sans-IO parser of a migration stream.
+
+    Args:
+        vmdesc: the stream's parsed vmdesc (from :func:`find_vmdesc`), used to
+            delimit device sections; optional.
+        devices: ``(idstr, instance_id) -> callable(cursor, section)`` that
+            consumes one device payload (e.g. a VMState loader); optional.
+        page_size: the target page size.
+        header: whether the input starts with the file header (COLO
+            checkpoints and PACKAGED blobs do not).
+        batch: capacity of a RAM record batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        vmdesc: Optional[dict] = None,
+        devices: Optional[dict] = None,
+        page_size: int = TARGET_PAGE_SIZE,
+        header: bool = True,
+        batch: int = 65536,
+    ) -> None:
+        self.page_size = page_size
+        self.devices = dict(devices or {})
+        self._vmdesc_index: dict[tuple[str, int], dict] = {}
+        if vmdesc is not None:
+            for dev in vmdesc.get("devices", ()):
+                self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self._base = 0
+        self._eof = False
+        self._state = _S_HEADER if header else _S_TOP
+        self._sections: dict[int, Section] = {}
+        self._cur_type: Optional[SectionType] = None
+        self._cur: Optional[Section] = None
+        self.ignore_shared = False
+        self.postcopy_page_sizes = False
+        self.configuration: Optional[Configuration] = None
+        self._scanner = _ramparse.RamScanner(page_size, [], [])
+        self._records = _ramparse.RamRecords(batch)
+        self.ram_blocks: tuple[RamBlockInfo, ...] = ()
+        self._block_names: tuple[str, ...] = ()
+
+    # -- input --------------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the next unparsed byte."""
+        return self._base + self._pos
+
+    def feed(self, data) -> None:
+        """Add input. With no unparsed bytes pending, ``data`` is not copied."""
+        if self._eof:
+            raise StreamError("data fed after end of input", offset=self.offset)
+        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        pending = len(self._buf) - self._pos
+        if pending == 0:
+            self._base += len(self._buf)
+            self._buf = mv
+        else:
+            merged = np.empty(pending + len(mv), np.uint8)
+            merged[:pending] = np.frombuffer(self._buf, np.uint8, pending, self._pos)
+            merged[pending:] = np.frombuffer(mv, np.uint8)
+            self._base += self._pos
+            self._buf = memoryview(merged)
+        self._pos = 0
+
+    def feed_eof(self) -> None:
+        """Declare the input complete."""
+        self._eof = True
+
+    # -- output -------------------------------------------------------------
+    def events(self) -> Iterator[Event]:
+        """Yield every event the buffered input allows; stop when more is needed.
+
+        Raises a :class:`~qmigx.errors.StreamError` subclass on bad input,
+        :class:`~qmigx.errors.TruncatedStreamError` if the input ended
+        (``feed_eof``) inside a record.
+        """
+        while self._state != _S_DONE:
+            start = self._pos
+            cur = Cursor(self._buf, self._pos, base=self._base)
+            try:
+                evs = self._step(cur)
+            except NeedData as nd:
+                self._pos = start
+                if self._eof:
+                    raise self._truncated(nd) from None
+                return
+            for ev in evs:
+                yield ev
+        if self._pos < len(self._buf):
+            raise StreamError(
+                f"{len(self._buf) - self._pos} unexpected bytes after the end of the stream",
+                offset=self.offset)
+
+    def _truncated(self, nd: NeedData) -> TruncatedStreamError:
+        where = self._cur.label if self._cur is not None and self._state in (_S_RAM, _S_FOOTER) else None
+        return TruncatedStreamError(
+            "unexpected end of stream", offset=self._base + self._pos, section=where)
+
+    def _step(self, cur: Cursor) -> list:
+        st = self._state
+        if st == _S_HEADER:
+            return self._read_header(cur)
+        if st == _S_RAM:
+            return self._read_ram(cur)
+        if st == _S_FOOTER:
+            return self._read_footer(cur)
+        if st == _S_AFTER_EOF:
+            return self._read_after_eof(cur)
+        return self._read_record(cur)
+
+    def _commit(self, cur: Cursor) -> None:
+        self._pos = cur.pos
+
+    def _read_header(self, cur: Cursor) -> list:
+        magic = cur.read_be32()
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise BadHeaderError(
+                f"Not a migration stream (magic 0x{magic:08x}, expected 0x{QEMU_VM_FILE_MAGIC:08x})",
+                offset=cur.tell() - 4, field="magic")
+        version = cur.read_be32()
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            raise BadHeaderError("SaveVM v2 format is obsolete and don't work anymore",
+                                 offset=cur.tell() - 4, field="version")
+        if version != QEMU_VM_FILE_VERSION:
+            raise BadHeaderError(f"Unsupported migration stream version {version}",
+                                 offset=cur.tell() - 4, field="version")
+        self._commit(cur)
+        self._state = _S_TOP
+        return [StreamHeader(version, self._base)]
+
+    def _read_record(self, cur: Cursor) -> list:
+        at = cur.tell()
+        t = cur.read_u8()
+        if t == SectionType.CONFIGURATION:
+            return self._read_configuration(cur, at)
+        if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+            sid = cur.read_be32()
+            idstr = cur.read_str8(what="idstr", allow_empty=False)
+            instance = cur.read_be32()
+            version = cur.read_be32()
+            sec = Section(sid, idstr, instance, version)
+            stype = SectionType(t)
+            if stype == SectionType.SECTION_FULL and (idstr in _LIVE_PARSERS or idstr == "ram"):
+                pass  # legal (e.g. background snapshots) and parsed alike
+            return self._begin_payload(cur, stype, sec, at, new=True)
+        if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
+            sid = cur.read_be32()
+            sec = self._sections.get(sid)
+            if sec is None:
+                raise UnknownSectionError(f"Unknown savevm section {sid}", offset=at,
+                                          field="section_id")
+            return self._begin_payload(cur, SectionType(t), sec, at, new=False)
+        if t == SectionType.COMMAND:
+            return self._read_command(cur, at)
+        if t == SectionType.EOF:
+            self._commit(cur)
+            self._state = _S_AFTER_EOF
+            return [EndOfState(at)]
+        raise UnknownSectionError(f"Unknown savevm section type {t}", offset=at, field="type")
+
+    def _read_configuration(self, cur: Cursor, at: int) -> list:
+        n = cur.read_be32()
+        if n > 255:
+            raise StreamError(f"machine type name of {n} bytes", offset=at + 1,
+                              section="configuration", field="len")
+        name = bytes(cur.read_bytes(n)).decode("utf-8", "replace")
+        subs = []
+        while cur.peek_u8() == SectionType.SUBSECTION:
+            n = cur.peek_u8(1)
+            prefix = b"configuration/"
+            if n < len(prefix) + 1:
+                break
+            # the name is only part of this section if it has its prefix
+            head = bytes(Cursor(cur.buf, cur.pos + 2, cur.end).read_bytes(len(prefix)))
+            if head != prefix:
+                break
+            sub_at = cur.tell()
+            cur.read_u8()
+            sname = cur.read_str8()
+            sver = cur.read_be32()
+            if sname == "configuration/capabilities":
+                body_start = cur.pos
+                count = cur.read_be32()
+                if count > 64:
+                    raise StreamError(f"{count} capabilities", offset=sub_at,
+                                      section="configuration", field=sname)
+                for _ in range(count):
+                    cur.read_str8_bytes()
+                data = bytes(cur.buf[body_start : cur.pos])
+            elif sname == "configuration/uuid":
+                data = bytes(cur.read_bytes(16))
+            elif sname == "configuration/target-page-bits":
+                data = bytes(cur.read_bytes(4))
+            else:
+                raise UnknownSectionError(f"unknown configuration subsection {sname!r}",
+                                          offset=sub_at, section="configuration", field=sname)
+            subs.append(ConfigSubsection(sname, sver & 0xFF, data))
+        raw = bytes(cur.buf[at - cur.base + 1 : cur.pos])
+        cfg = Configuration(name, tuple(subs), at, raw)
+        self.configuration = cfg
+        self.ignore_shared = "x-ignore-shared" in cfg.capabilities
+        self._commit(cur)
+        return [cfg]
+
+    def _read_command(self, cur: Cursor, at: int) -> list:
+        cmd = cur.read_be16()
+        length = cur.read_be16()
+        if cmd == 0 or cmd > max(MigCmd):
+            raise StreamError(f"MIG_CMD 0x{cmd:x} unknown", offset=at, field="command")
+        mc = MigCmd(cmd)
+        want = _CMD_LEN.get(mc)
+        if want is not None and length != want:
+            raise StreamError(f"{mc.name} received with bad length {length}", offset=at,
+                              field="len")
+        if mc == MigCmd.POSTCOPY_ADVISE and length not in (0, 16):
+            raise StreamError(f"POSTCOPY_ADVISE received with bad length {length}",
+                              offset=at, field="len")
+        payload = bytes(cur.read_bytes(length))
+        if mc == MigCmd.RECV_BITMAP and (length < 2 or payload[0] + 1 != length):
+            raise StreamError("RECV_BITMAP with a bad block name length", offset=at, field="len")
+        if mc == MigCmd.POSTCOPY_RAM_DISCARD:
+            self._check_discard(payload, at)
+        packaged = None
+        if mc == MigCmd.PACKAGED:
+            plen = struct.unpack(">I", payload)[0]
+            packaged = bytes(cur.read_bytes(plen))
+        if mc == MigCmd.POSTCOPY_ADVISE and length == 16:
+            self.postcopy_page_sizes = True
+        self._commit(cur)
+        return [Command(mc, payload, at, packaged)]
+
+    @staticmethod
+    def _check_discard(payload: bytes, at: int) -> None:
+        if len(payload) < 20:
+            raise StreamError("POSTCOPY_RAM_DISCARD too short", offset=at, field="len")
+        if payload[0] != 0:
+            raise StreamError(f"POSTCOPY_RAM_DISCARD version {payload[0]}", offset=at,
+                              field="version")
+        n = payload[1]
+        if len(payload) < 3 + n or payload[2 + n] != 0:
+            raise StreamError("POSTCOPY_RAM_DISCARD block name not terminated", offset=at,
+                              field="name")
+        if (len(payload) - 3 - n) % 16:
+            raise StreamError("POSTCOPY_RAM_DISCARD ranges not a multiple of 16 bytes",
+                              offset=at, field="len")
+
+    def _begin_payload(self, cur: Cursor, stype: SectionType, sec: Section, at: int,
+                       new: bool) -> list:
+        if sec.idstr == "ram":
+            if new:
+                self._sections[sec.section_id] = sec
+            self._commit(cur)
+            self._cur, self._cur_type = sec, stype
+            self._state = _S_RAM
+            return [SectionStart(stype, sec, at)]
+        body = cur.pos
+        self._consume_payload(cur, sec, stype)
+        payload = bytes(cur.buf[body : cur.pos])
+        if new:
+            self._sections[sec.section_id] = sec
+        evs: list = [SectionStart(stype, sec, at), SectionData(stype, sec, payload, body + cur.base)]
+        evs.append(self._footer(cur, stype, sec))
+        self._commit(cur)
+        return evs
+
+    def _consume_payload(self, cur: Cursor, sec: Section, stype: SectionType) -> None:
+        loader = self.devices.get((sec.idstr, sec.instance_id))
+        if loader is not None:
+            loader(cur, sec)
+            return
+        live = _LIVE_PARSERS.get(sec.idstr)
+        if live is not None:
+            live(cur)
+            return
+        desc = self._vmdesc_index.get((sec.idstr, sec.instance_id))
+        if desc is not None:
+            _vmdesc_walk(desc, cur, sec.idstr)
+            return
+        self._scan_to_footer(cur, sec)
+
+    def _scan_to_footer(self, cur: Cursor, sec: Section) -> None:
+        """Delimit a payload of unknown layout by the footer that ends it."""
+        marker = bytes((SectionType.SECTION_FOOTER,)) + struct.pack(">I", sec.section_id)
+        known = set(self._sections) | {sec.section_id}
+        mv = cur.buf
+        search = cur.pos
+        data = bytes(mv[cur.pos : cur.end])
+        while True:
+            i = data.find(marker, search - cur.pos)
+            if i < 0:
+                raise NeedData(cur.base + cur.end)
+            pos = cur.pos + i
+            ok = _plausible_record_start(mv, pos + 5, cur.end, known)
+            if ok is None:
+                if self._eof:
+                    ok = pos + 5 == cur.end
+                else:
+                    raise NeedData(cur.base + cur.end)
+            if ok:
+                cur.pos = pos
+                return
+            search = pos + 1
+
+    def _footer(self, cur: Cursor, stype: SectionType, sec: Section):
+        at = cur.tell()
+        if cur.remaining() >= 1 and cur.peek_u8() == SectionType.SECTION_FOOTER:
+            cur.read_u8()
+            fid = cur.read_be32()
+            if fid != sec.section_id:
+                raise StreamError(
+                    f"Mismatched section id in footer for {sec.idstr!r} (read 0x{fid:x} "
+                    f"expected 0x{sec.section_id:x})",
+                    offset=at, section=sec.label, field="footer")
+            return SectionEnd(stype, sec, True, at)
+        if cur.remaining() < 1:
+            raise NeedData(cur.base + cur.end)
+        return SectionEnd(stype, sec, False, at)
+
+    def _read_footer(self, cur: Cursor) -> list:
+        assert self._cur is not None and self._cur_type is not None
+        ev = self._footer(cur, self._cur_type, self._cur)
+        self._commit(cur)
+        self._state = _S_TOP
+        self._cur = self._cur_type = None
+        return [ev]
+
+    # -- RAM ----------------------------------------------------------------
+    def _read_ram(self, cur: Cursor) -> list:
+        sec = self._cur
+        assert sec is not None
+        if sec.version_id != 4:
+            raise RamStreamError(f"Unsupported ram section version {sec.version_id}",
+                                 offset=cur.tell(), section=sec.label, field="version_id")
+        rec = self._records
+        rec.clear()
+        try:
+            pos, status = self._scanner.scan(self._buf, cur.pos, cur.end, rec, cur.base)
+        except RamStreamError as exc:
+            exc.section = sec.label
+            raise
+        evs: list = []
+        if rec.count:
+            evs.append(RamPages(sec, rec, self._buf, self._base, self._block_names))
+        cur.pos = pos
+        self._commit(cur)
+        if status == _ramparse.EOS:
+            evs.append(RamEOS(sec, cur.tell() - 8))
+            self._state = _S_FOOTER
+        elif status == _ramparse.MEM_SIZE:
+            evs.append(self._read_setup(cur, sec))
+            self._commit(cur)
+        elif status == _ramparse.NEED_DATA and not evs:
+            raise NeedData(cur.base + cur.end)
+        return evs
+
+    def _read_setup(self, cur: Cursor, sec: Section) -> RamSetup:
+        at = cur.tell()
+        hdr = cur.read_be64()
+        total = hdr & ~(self.page_size - 1)
+        remaining = total
+        blocks = []
+        while remaining:
+            entry_at = cur.tell()
+            name = cur.read_str8(what="RAM block name", allow_empty=False)
+            used = cur.read_be64()
+            page_size = gpa = None
+            if self.postcopy_page_sizes and self._setup_page_size_hook(name):
+                page_size = cur.read_be64()
+            if self.ignore_shared:
+                gpa = cur.read_be64()
+            if used > remaining:
+                raise RamStreamError(
+                    f"RAM block {name!r} length 0x{used:x} exceeds the remaining total "
+                    f"0x{remaining:x}", offset=entry_at, section=sec.label, field="used_length")
+            if used % self.page_size:
+                raise RamStreamError(f"RAM block {name!r} length 0x{used:x} not page aligned",
+                                     offset=entry_at, section=sec.label, field="used_length")
+            remaining -= used
+            blocks.append(RamBlockInfo(name, used, page_size, gpa))
+            if len(blocks) > 4096:
+                raise RamStreamError("more than 4096 RAM blocks", offset=entry_at,
+                                     section=sec.label)
+        self.ram_blocks = tuple(blocks)
+        self._block_names = tuple(b.idstr for b in blocks)
+        self._scanner.set_blocks([b.idstr.encode() for b in blocks], [b.used_length for b in blocks])
+        return RamSetup(sec, total, self.ram_blocks, at, bytes(cur.buf[at - cur.base : cur.pos]))
+
+    def _setup_page_size_hook(self, name: str) -> bool:
+        """Whether a setup entry carries a page size (hugepage blocks only).
+
+        A file reader cannot see the source's block page sizes; streams from
+        hugepage-backed postcopy sources are the only ones that carry it and
+        are not supported yet, so this says no.
+        """
+        return False
+
+    def _read_after_eof(self, cur: Cursor) -> list:
+        if cur.remaining() == 0:
+            if not self._eof:
+                raise NeedData(cur.base + cur.end)
+            self._state = _S_DONE
+            return [EndOfStream(cur.tell())]
+        at = cur.tell()
+        t = cur.read_u8()
+        if t != SectionType.VMDESCRIPTION:
+            raise StreamError(f"Expected vmdescription section, but got {t}", offset=at,
+                              field="type")
+        n = cur.read_be32()
+        text = bytes(cur.read_bytes(n))
+        self._commit(cur)
+        self._state = _S_DONE
+        return [VMDescription(text, at)]
+
+
+# -- the writer ----------------------------------------------------------------
+
+
+class StreamWriter:
+    """Writes stream records through a :class:`~qmigx.qemufile.QEMUFile`.
+
+    Args:
+        f: the output.
+        footers: write section footers (QEMU's ``send-section-footer``,
+            on for every machine type newer than 2.3).
+    """
+
+    def __init__(self, f: QEMUFile, *, footers: bool = True) -> None:
+        self.f = f
+        self.footers = footers
+
+    def header(self) -> None:
+        self.f.put_be32(QEMU_VM_FILE_MAGIC)
+        self.f.put_be32(QEMU_VM_FILE_VERSION)
+
+    def configuration(self, machine_type: str,
+                      subsections: tuple[ConfigSubsection, ...] | list = ()) -> None:
+        raw = machine_type.encode()
+        self.f.put_u8(SectionType.CONFIGURATION)
+        self.f.put_be32(len(raw))
+        self.f.write(raw)
+        for sub in subsections:
+            self.f.put_u8(SectionType.SUBSECTION)
+            self.f.put_str8(sub.name)
+            self.f.put_be32(sub.version)
+            self.f.write(sub.data)
+
+    def raw_configuration(self, raw: bytes) -> None:
+        """Write a configuration section exactly as read (``Configuration.raw``)."""
+        self.f.put_u8(SectionType.CONFIGURATION)
+        self.f.write(raw)
+
+    def section_header(self, stype: SectionType, sec: Section) -> None:
+        self.f.put_u8(stype)
+        self.f.put_be32(sec.section_id)
+        if stype in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+            self.f.put_str8(sec.idstr)
+            self.f.put_be32(sec.instance_id)
+            self.f.put_be32(sec.version_id)
+
+    def footer(self, sec: Section) -> None:
+        if self.footers:
+            self.f.put_u8(SectionType.SECTION_FOOTER)
+            self.f.put_be32(sec.section_id)
+
+    def section(self, stype: SectionType, sec: Section, payload: bytes) -> None:
+        """A whole section: header, payload, footer."""
+        self.section_header(stype, sec)
+        self.f.write(payload)
+        self.footer(sec)
+
+    def command(self, cmd: MigCmd, payload: bytes = b"", packaged: Optional[bytes] = None) -> None:
+        self.f.put_u8(SectionType.COMMAND)
+        self.f.put_be16(cmd)
+        self.f.put_be16(len(payload))
+        self.f.write(payload)
+        if packaged is not None:
+            self.f.write(packaged)
+        self.f.flush()
+
+    def eof(self) -> None:
+        self.f.put_u8(SectionType.EOF)
+
+    def vmdesc(self, text: bytes) -> None:
+        self.f.put_u8(SectionType.VMDESCRIPTION)
+        self.f.put_be32(len(text))
+        self.f.write(text)
