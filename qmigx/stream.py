@@ -432,6 +432,7 @@ class StreamParser:
             for dev in vmdesc.get("devices", ()):
                 self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
         self._buf = memoryview(b"")
+        self._own: Optional[np.ndarray] = None
         self._pos = 0
         self._base = 0
         self._eof = False
@@ -469,6 +470,30 @@ class StreamParser:
             self._base += self._pos
             self._buf = memoryview(merged)
         self._pos = 0
+
+    def fill(self, readinto: Callable[[memoryview], Optional[int]], size: int = 8 << 20) -> int:
+        """Read more input straight into the parser's own buffer.
+
+        ``readinto`` is e.g. ``file.readinto`` or ``socket.recv_into``; it
+        fills the view it is given and returns the byte count, 0 at end of
+        input (which also declares the input complete). Unparsed bytes move
+        to the front of the buffer first, so each input byte is copied once.
+        """
+        pending = len(self._buf) - self._pos
+        cap = max(size, 4 * pending, 1 << 16)
+        own = self._own
+        if own is None or len(own) < cap:
+            own = np.empty(cap, np.uint8)
+        if pending:
+            own[:pending] = np.frombuffer(self._buf, np.uint8, pending, self._pos)
+        self._own = own
+        n = readinto(memoryview(own)[pending:]) or 0
+        self._base += self._pos
+        self._buf = memoryview(own)[: pending + n]
+        self._pos = 0
+        if n == 0:
+            self.feed_eof()
+        return n
 
     def feed_eof(self) -> None:
         """Declare the input complete."""

@@ -8,7 +8,8 @@ full, at EOS, at a setup record, at the end of the input, or on an error.
 
 import numpy as np
 cimport numpy as cnp
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int32_t
 
 from qmigx.errors import RamStreamError
@@ -332,3 +333,75 @@ cdef class RamScanner:
             raise RamStreamError(f"Invalid compressed data length: {val}",
                                  offset=at, field="compress.len")
         raise AssertionError(f"unexpected scanner status {status}")
+
+
+cdef inline bint _page_is_zero(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef const uint64_t* w = <const uint64_t*>p
+    for i in range(n // 8):
+        if w[i]:
+            return False
+    return True
+
+
+def apply_records(records, Py_ssize_t first, data, list blocks, Py_ssize_t page_size=4096,
+                  Py_ssize_t stop=-1):
+    """Apply ZERO and PAGE records ``first..`` of a batch to block memory.
+
+    ``blocks`` holds one writable uint8 buffer per block-table entry (any
+    buffer: numpy, mmap, bytearray). Stops at the first XBZRLE or
+    COMPRESS record, which the caller applies, and returns its index
+    (``records.count`` when all are done). Bounds were checked by the
+    scanner against the block table; they are checked again here against
+    the buffers actually given, so a short buffer can never be overrun.
+    ``stop`` (if >= 0) ends the run before that record.
+    """
+    cdef const uint8_t[::1] mv = data
+    cdef const uint8_t[::1] kind = records.kind
+    cdef const int32_t[::1] block_a = records.block
+    cdef const uint64_t[::1] offset_a = records.offset
+    cdef const int64_t[::1] pos_a = records.pos
+    cdef const uint8_t[::1] fill_a = records.fill
+    cdef Py_ssize_t count = records.count
+    cdef Py_ssize_t nb = len(blocks)
+    if 0 <= stop < count:
+        count = stop
+    cdef Py_ssize_t ps = page_size
+    cdef uint8_t[::1] view
+    cdef list views = []
+    cdef uint8_t** bases = NULL
+    cdef Py_ssize_t* sizes = NULL
+    cdef Py_ssize_t i, b, off
+    cdef int bad = 0
+    if count == 0 or first >= count:
+        return count
+    bases = <uint8_t**>malloc(sizeof(uint8_t*) * (nb + 1))
+    sizes = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nb + 1))
+    try:
+        for b in range(nb):
+            view = blocks[b]
+            views.append(view)
+            sizes[b] = view.shape[0]
+            bases[b] = &view[0] if view.shape[0] else NULL
+        i = first
+        with nogil:
+            while i < count:
+                if kind[i] > 1:
+                    break
+                b = block_a[i]
+                off = <Py_ssize_t>offset_a[i]
+                if b < 0 or b >= nb or off < 0 or off + ps > sizes[b]:
+                    bad = 1
+                    break
+                if kind[i] == 1:
+                    memcpy(bases[b] + off, &mv[pos_a[i]], ps)
+                elif fill_a[i] != 0 or not _page_is_zero(bases[b] + off, ps):
+                    memset(bases[b] + off, fill_a[i], ps)
+                i += 1
+        if bad:
+            raise RamStreamError(
+                f"record {i} lies outside its RAM block buffer", field="offset")
+        return i
+    finally:
+        free(bases)
+        free(sizes)

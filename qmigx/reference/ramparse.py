@@ -232,3 +232,34 @@ class RamScanner:
             out.count = i + 1
             self.last_block = block
             pos = p
+
+
+def apply_records(records: RamRecords, first: int, data, blocks: list, page_size: int = 4096,
+                  stop: int = -1) -> int:
+    """Apply ZERO and PAGE records ``first..`` to ``blocks``; stop at others.
+
+    Returns the index of the first XBZRLE/COMPRESS record not applied, or
+    ``records.count`` (``stop``, if given, ends the run before that record). A record outside its block buffer raises
+    :class:`~qmigx.errors.RamStreamError`.
+    """
+    src = np.frombuffer(data, np.uint8)
+    views = [np.frombuffer(b, np.uint8) if not isinstance(b, np.ndarray) else b.reshape(-1).view(np.uint8)
+             for b in blocks]
+    count = records.count if not 0 <= stop < records.count else stop
+    i = first
+    while i < count:
+        k = int(records.kind[i])
+        if k > KIND_PAGE:
+            break
+        b = int(records.block[i])
+        off = int(records.offset[i])
+        if b < 0 or b >= len(views) or off + page_size > len(views[b]):
+            raise RamStreamError(f"record {i} lies outside its RAM block buffer", field="offset")
+        page = views[b][off : off + page_size]
+        if k == KIND_PAGE:
+            p = int(records.pos[i])
+            page[:] = src[p : p + page_size]
+        elif records.fill[i] != 0 or page.any():
+            page[:] = records.fill[i]
+        i += 1
+    return i

@@ -1,0 +1,421 @@
+"""RAM blocks and the ``ram`` section codec (QEMU's ram.c, stream side).
+
+* :class:`RAMBlock` names a piece of guest memory the way QEMU does
+  (idstr, used length, page size) and wraps any writable buffer: a numpy
+  array, an anonymous or file ``mmap``, a bytearray.
+* :class:`RamLoader` is the destination side: it checks the setup record
+  against its blocks (or creates them) and applies page records in place,
+  XBZRLE deltas on the current page content and zlib pages included.
+* :class:`RamWriter` is the source side's record encoder: ZERO, PAGE,
+  XBZRLE and COMPRESS_PAGE records with QEMU's CONTINUE rule, plus the
+  setup record and EOS, and the byte counters query-migrate reports.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from qmigx import _backend
+from qmigx.errors import RamStreamError, StreamError
+from qmigx.qemufile import QEMUFile
+from qmigx.stream import RamBlockInfo, RamPages, RamSetup
+from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag
+
+__all__ = ["RAMBlock", "RAMBlockList", "RamLoader", "RamWriter", "RamStats", "compress_page"]
+
+_ramparse = _backend.load("ramparse")
+
+_BE64 = struct.Struct(">Q")
+
+
+def _as_u8(buf) -> np.ndarray:
+    """A flat writable uint8 numpy view of any buffer (no copy)."""
+    if isinstance(buf, np.ndarray):
+        arr = buf.reshape(-1).view(np.uint8) if buf.flags.c_contiguous else None
+        if arr is None:
+            raise ValueError("RAM block buffers must be C-contiguous")
+        return arr
+    return np.frombuffer(buf, np.uint8)
+
+
+class RAMBlock:
+    """A named piece of guest memory, as QEMU's RAMBlock.
+
+    Args:
+        idstr: the block's name on the wire (``pc.ram``, ``mem0``, ...).
+        buffer: its memory: any writable buffer of at least ``used_length``.
+        used_length: bytes that migrate; defaults to the buffer's size.
+        page_size: the host page size of the block (4096 unless hugepages).
+        shared: whether the memory is shared with another process (a
+            ``MAP_SHARED`` file or memfd); x-ignore-shared skips such blocks.
+        gpa: its guest-physical base address, sent with x-ignore-shared.
+        max_length: the largest size a resize may give it (resizable blocks).
+    """
+
+    def __init__(self, idstr: str, buffer, used_length: Optional[int] = None, *,
+                 page_size: int = TARGET_PAGE_SIZE, shared: bool = False, gpa: int = 0,
+                 max_length: Optional[int] = None) -> None:
+        if not idstr or len(idstr.encode()) > 255:
+            raise ValueError(f"RAM block name must be 1..255 bytes: {idstr!r}")
+        self.idstr = idstr
+        self._backing = buffer
+        self.buffer = _as_u8(buffer)
+        self.used_length = len(self.buffer) if used_length is None else int(used_length)
+        if self.used_length > len(self.buffer):
+            raise ValueError(f"{idstr}: used length {self.used_length} exceeds its buffer")
+        if self.used_length % TARGET_PAGE_SIZE:
+            raise ValueError(f"{idstr}: used length {self.used_length} is not page aligned")
+        self.page_size = page_size
+        self.shared = shared
+        self.gpa = gpa
+        self.max_length = self.used_length if max_length is None else max_length
+
+    @classmethod
+    def anonymous(cls, idstr: str, size: int, **kw) -> "RAMBlock":
+        """Private anonymous memory (zero-filled, allocated on first touch)."""
+        return cls(idstr, mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), **kw)
+
+    @classmethod
+    def from_file(cls, idstr: str, path: str, size: Optional[int] = None, *,
+                  shared: bool = True, **kw) -> "RAMBlock":
+        """Map a file. ``shared=False`` maps it copy-on-write: the file is never written."""
+        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        try:
+            if size is None:
+                size = os.fstat(fd).st_size
+            elif shared and os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            m = mmap.mmap(fd, size, flags=flags, prot=prot)
+        finally:
+            os.close(fd)
+        return cls(idstr, m, size, shared=shared, **kw)
+
+    @property
+    def memory(self) -> np.ndarray:
+        """The migrated part of the block as a uint8 array view."""
+        return self.buffer[: self.used_length]
+
+    def page(self, offset: int) -> np.ndarray:
+        return self.buffer[offset : offset + TARGET_PAGE_SIZE]
+
+    def resize(self, new_length: int) -> None:
+        if new_length > min(self.max_length, len(self.buffer)):
+            raise RamStreamError(
+                f"Length mismatch: {self.idstr}: 0x{self.used_length:x} in != "
+                f"0x{new_length:x}: Invalid argument", field="used_length")
+        self.used_length = new_length
+
+    def __repr__(self) -> str:
+        return (f"RAMBlock({self.idstr!r}, used_length=0x{self.used_length:x}, "
+                f"shared={self.shared})")
+
+
+class RAMBlockList:
+    """Blocks in RAM-list order, found by name."""
+
+    def __init__(self, blocks: Iterable[RAMBlock] = ()) -> None:
+        self._blocks: dict[str, RAMBlock] = {}
+        for b in blocks:
+            self.add(b)
+
+    def add(self, block: RAMBlock) -> RAMBlock:
+        if block.idstr in self._blocks:
+            raise ValueError(f"duplicate RAM block {block.idstr!r}")
+        self._blocks[block.idstr] = block
+        return block
+
+    def get(self, idstr: str) -> Optional[RAMBlock]:
+        return self._blocks.get(idstr)
+
+    def __getitem__(self, idstr: str) -> RAMBlock:
+        return self._blocks[idstr]
+
+    def __iter__(self):
+        return iter(self._blocks.values())
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, idstr: str) -> bool:
+        return idstr in self._blocks
+
+    def names(self) -> list[str]:
+        return list(self._blocks)
+
+
+def compress_page(page, level: int = 1) -> bytes:
+    """One page as a complete zlib stream, as QEMU's compression threads make it."""
+    c = zlib.compressobj(level)
+    return c.compress(page) + c.flush(zlib.Z_FINISH)
+
+
+@dataclass
+class RamStats:
+    """Counters in query-migrate's ``ram`` and ``xbzrle-cache`` terms."""
+
+    transferred: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    xbzrle_pages: int = 0
+    xbzrle_bytes: int = 0
+    compressed_pages: int = 0
+    compressed_bytes: int = 0
+
+
+class RamLoader:
+    """Applies a ``ram`` section to RAM blocks (the destination side).
+
+    Args:
+        blocks: the destination's blocks. ``None`` creates anonymous blocks
+            from the incoming setup record (a destination "with no RAM
+            configured").
+        ignore_shared: the destination's x-ignore-shared capability: its
+            shared blocks must then receive no page.
+        compress: the destination's ``compress`` capability; without it a
+            COMPRESS_PAGE record is refused, as QEMU refuses it.
+        strict_lengths: refuse a setup record whose block length differs
+            from a non-resizable local block (QEMU's rule).
+        factory: makes the block for a setup entry when ``blocks`` is None
+            (default: anonymous memory).
+    """
+
+    def __init__(self, blocks: Optional[RAMBlockList] = None, *, ignore_shared: bool = False,
+                 compress: bool = True, strict_lengths: bool = True,
+                 factory=None) -> None:
+        self.create = blocks is None
+        self.factory = factory or (lambda info: RAMBlock.anonymous(
+            info.idstr, info.used_length, gpa=info.gpa or 0))
+        self.blocks = RAMBlockList() if blocks is None else blocks
+        self.ignore_shared = ignore_shared
+        self.compress = compress
+        self.strict_lengths = strict_lengths
+        self._table: list[RAMBlock] = []
+        self._buffers: list[np.ndarray] = []
+        self._xbzrle = None
+        self.pages_loaded = 0
+
+    def on_setup(self, ev: RamSetup) -> None:
+        """Match (or create) the blocks listed by the setup record."""
+        table = []
+        for info in ev.blocks:
+            blk = self.blocks.get(info.idstr)
+            if blk is None:
+                if not self.create:
+                    raise RamStreamError(
+                        f'Unknown ramblock "{info.idstr}", cannot accept migration',
+                        offset=ev.offset, section=ev.section.label, field="idstr")
+                blk = self.blocks.add(self.factory(info))
+            elif blk.used_length != info.used_length:
+                if self.strict_lengths and blk.max_length < info.used_length:
+                    raise RamStreamError(
+                        f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in != "
+                        f"0x{blk.used_length:x}", offset=ev.offset,
+                        section=ev.section.label, field="used_length")
+                blk.resize(info.used_length)
+            table.append(blk)
+        self._table = table
+        self._buffers = [b.buffer for b in table]
+
+    def _ignored(self, blk: RAMBlock) -> bool:
+        return self.ignore_shared and blk.shared
+
+    def on_pages(self, ev: RamPages) -> None:
+        """Apply a batch of page records, in order."""
+        self.apply_range(ev, 0, ev.records.count)
+        self.pages_loaded += ev.records.count
+
+    def apply_range(self, ev: RamPages, first: int, stop: int) -> None:
+        """Apply records ``first..stop-1`` of a batch, in order."""
+        rec = ev.records
+        if self.ignore_shared:
+            self._check_ignored(ev)
+        i = first
+        while i < stop:
+            i = _ramparse.apply_records(rec, i, ev.data, self._buffers, TARGET_PAGE_SIZE, stop)
+            if i >= stop:
+                break
+            self._apply_one(ev, i)
+            i += 1
+
+    def block_of(self, ev: RamPages, i: int) -> RAMBlock:
+        """The block record ``i`` of a batch belongs to."""
+        return self._table[int(ev.records.block[i])]
+
+    def _check_ignored(self, ev: RamPages) -> None:
+        rec = ev.records
+        for b in np.unique(rec.block[: rec.count]):
+            blk = self._table[int(b)]
+            if self._ignored(blk):
+                i = int(np.argmax(rec.block[: rec.count] == b))
+                raise RamStreamError(f"block {blk.idstr} should not be migrated !",
+                                     offset=ev.base + int(rec.start[i]),
+                                     section=ev.section.label, field="block")
+
+    def _apply_one(self, ev: RamPages, i: int) -> None:
+        rec = ev.records
+        blk = self._table[int(rec.block[i])]
+        off = int(rec.offset[i])
+        page = blk.buffer[off : off + TARGET_PAGE_SIZE]
+        if len(page) != TARGET_PAGE_SIZE:
+            raise RamStreamError("record lies outside its RAM block buffer",
+                                 offset=ev.base + int(rec.start[i]), section=ev.section.label)
+        pos, length = int(rec.pos[i]), int(rec.length[i])
+        body = ev.data[pos : pos + length]
+        at = ev.base + int(rec.start[i])
+        if rec.kind[i] == _ramparse.KIND_XBZRLE:
+            if self._xbzrle is None:
+                from qmigx import xbzrle
+
+                self._xbzrle = xbzrle
+            try:
+                self._xbzrle.decode_buffer(body, page)
+            except StreamError:
+                raise
+            except ValueError as exc:
+                raise RamStreamError(f"Failed to load XBZRLE page - decode error! ({exc})",
+                                     offset=at, section=ev.section.label,
+                                     field="xbzrle") from None
+        else:
+            if not self.compress:
+                raise RamStreamError("Received an unexpected compressed page", offset=at,
+                                     section=ev.section.label, field="flags")
+            page[:] = np.frombuffer(decompress_page(body, at, ev.section.label), np.uint8)
+
+
+def decompress_page(body, at: int = 0, section: Optional[str] = None) -> bytes:
+    """Inflate one COMPRESS_PAGE body; it must hold exactly one page."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(body, TARGET_PAGE_SIZE)
+        if not d.eof:
+            out += d.decompress(d.unconsumed_tail, TARGET_PAGE_SIZE - len(out))
+    except zlib.error as exc:
+        raise RamStreamError(f"Failed to decompress page: {exc}", offset=at, section=section,
+                             field="compress") from None
+    if not d.eof or len(out) != TARGET_PAGE_SIZE or d.unconsumed_tail:
+        raise RamStreamError("Failed to decompress page: not exactly one page", offset=at,
+                             section=section, field="compress")
+    return out
+
+
+class RamWriter:
+    """Encodes ``ram`` records, following QEMU's CONTINUE rule.
+
+    The last block written persists across sections (ram.md §2.1), so one
+    writer serves a whole stream.
+    """
+
+    def __init__(self, f: QEMUFile, page_size: int = TARGET_PAGE_SIZE) -> None:
+        self.f = f
+        self.page_size = page_size
+        self.last_block: Optional[str] = None
+        self.stats = RamStats()
+
+    def _header(self, block: str, offset: int, flag: int) -> None:
+        f = self.f
+        if block == self.last_block:
+            f.write(_BE64.pack(offset | flag | RamFlag.CONTINUE))
+            self.stats.transferred += 8
+        else:
+            raw = block.encode()
+            f.write(_BE64.pack(offset | flag) + bytes((len(raw),)) + raw)
+            self.stats.transferred += 9 + len(raw)
+            self.last_block = block
+
+    def setup(self, blocks: Sequence[RamBlockInfo], *, ignore_shared: bool = False) -> None:
+        """The MEM_SIZE record listing ``blocks`` (not followed by EOS)."""
+        total = sum(b.used_length for b in blocks)
+        out = bytearray(_BE64.pack(total | RamFlag.MEM_SIZE))
+        for b in blocks:
+            raw = b.idstr.encode()
+            out += bytes((len(raw),)) + raw + _BE64.pack(b.used_length)
+            if b.page_size is not None:
+                out += _BE64.pack(b.page_size)
+            if ignore_shared:
+                out += _BE64.pack(b.gpa or 0)
+        self.f.write(out)
+        self.stats.transferred += len(out)
+
+    def zero(self, block: str, offset: int, fill: int = 0) -> None:
+        self._header(block, offset, RamFlag.ZERO)
+        self.f.put_u8(fill)
+        self.stats.transferred += 1
+        self.stats.duplicate += 1
+
+    def page(self, block: str, offset: int, data) -> None:
+        self._header(block, offset, RamFlag.PAGE)
+        self.f.write(data)
+        self.stats.transferred += self.page_size
+        self.stats.normal += 1
+
+    def xbzrle(self, block: str, offset: int, delta) -> None:
+        n = len(delta)
+        if not 0 < n <= self.page_size:
+            raise ValueError(f"XBZRLE delta of {n} bytes")
+        named = block != self.last_block
+        self._header(block, offset, RamFlag.XBZRLE)
+        self.f.write(bytes((ENCODING_FLAG_XBZRLE,)) + struct.pack(">H", n))
+        self.f.write(delta)
+        self.stats.transferred += 3 + n
+        self.stats.xbzrle_pages += 1
+        self.stats.xbzrle_bytes += n + 3 + (1 + len(block.encode()) if named else 0)
+
+    def compressed(self, block: str, offset: int, zdata: bytes) -> None:
+        self._header(block, offset, RamFlag.COMPRESS_PAGE)
+        self.f.put_be32(len(zdata))
+        self.f.write(zdata)
+        self.stats.transferred += 4 + len(zdata)
+        self.stats.compressed_pages += 1
+        self.stats.compressed_bytes += len(zdata)
+
+    def pages(self, block: str, memory: np.ndarray, offsets: np.ndarray) -> None:
+        """Many PAGE records of one block in one write (the bulk path)."""
+        n = len(offsets)
+        if n == 0:
+            return
+        ps = self.page_size
+        first = 0
+        if block != self.last_block:
+            self.page(block, int(offsets[0]), memory[int(offsets[0]) : int(offsets[0]) + ps])
+            first = 1
+        if n > first:
+            offs = np.asarray(offsets[first:], dtype=np.uint64)
+            rec = np.empty((len(offs), 8 + ps), np.uint8)
+            rec[:, :8] = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
+                np.uint8).reshape(-1, 8)
+            pages = memory[: len(memory) // ps * ps].reshape(-1, ps)
+            rec[:, 8:] = pages[(offs // np.uint64(ps)).astype(np.intp)]
+            self.f.write(rec.reshape(-1))
+            self.stats.transferred += rec.size
+            self.stats.normal += len(offs)
+
+    def zeros(self, block: str, offsets: np.ndarray) -> None:
+        """Many ZERO records of one block in one write."""
+        n = len(offsets)
+        if n == 0:
+            return
+        first = 0
+        if block != self.last_block:
+            self.zero(block, int(offsets[0]))
+            first = 1
+        if n > first:
+            offs = np.asarray(offsets[first:], dtype=np.uint64)
+            rec = np.zeros((len(offs), 9), np.uint8)
+            rec[:, :8] = (offs | np.uint64(RamFlag.ZERO | RamFlag.CONTINUE)).astype(">u8").view(
+                np.uint8).reshape(-1, 8)
+            self.f.write(rec.reshape(-1))
+            self.stats.transferred += rec.size
+            self.stats.duplicate += len(offs)
+
+    def eos(self) -> None:
+        self.f.put_be64(RamFlag.EOS)
+        self.stats.transferred += 8

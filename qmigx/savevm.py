@@ -1,0 +1,326 @@
+"""Whole streams: read, load, verify and convert (QEMU's savevm.c, file side).
+
+These functions drive :class:`~qmigx.stream.StreamParser` over a file,
+bytes or any readable object, and give the operations the command-line
+tools are made of. Reading is chunked (``readinto`` into the parser's own
+buffer), so memory stays near the size of guest RAM whatever the stream
+size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from qmigx import _backend
+from qmigx.errors import StreamError
+from qmigx.qemufile import QEMUFile
+from qmigx.ram import RAMBlock, RAMBlockList, RamLoader, RamWriter, compress_page
+from qmigx.stream import (
+    Command,
+    Configuration,
+    EndOfState,
+    EndOfStream,
+    Event,
+    RamEOS,
+    RamPages,
+    RamSetup,
+    Section,
+    SectionData,
+    SectionEnd,
+    SectionStart,
+    StreamHeader,
+    StreamParser,
+    StreamWriter,
+    VMDescription,
+    find_vmdesc,
+    parse_vmdesc,
+)
+from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+
+__all__ = [
+    "Source",
+    "StreamReader",
+    "LoadedStream",
+    "load_stream",
+    "verify_stream",
+    "convert_stream",
+    "RAM_ENCODINGS",
+]
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
+
+_CHUNK = 8 << 20
+
+
+class StreamReader:
+    """Iterates the events of a stream read from a path, bytes or a file.
+
+    For a seekable source the vmdesc trailer is located first (as QEMU's
+    analysis script does), so device sections are delimited by their
+    description; otherwise by their footers.
+
+    Args:
+        source: a path, a bytes-like object, or a binary file object.
+        vmdesc: ``"auto"`` (look for it), ``None`` (don't), or a parsed dict.
+        progress: called with the number of bytes consumed so far.
+    """
+
+    def __init__(self, source: Source, *, vmdesc="auto", devices: Optional[dict] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> None:
+        self._source = source
+        self._progress = progress
+        self.vmdesc_text: Optional[bytes] = None
+        self.size: Optional[int] = None
+        if vmdesc == "auto":
+            found = self._locate_vmdesc()
+            self.vmdesc_text = found[1] if found else None
+            self.vmdesc = parse_vmdesc(found[1]) if found else None
+        else:
+            self.vmdesc = vmdesc
+        self.parser = StreamParser(vmdesc=self.vmdesc, devices=devices)
+
+    def _locate_vmdesc(self):
+        src = self._source
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self.size = len(src)
+            return find_vmdesc(src)
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                return self._tail_vmdesc(f)
+        if hasattr(src, "seek") and getattr(src, "seekable", lambda: False)():
+            pos = src.tell()
+            try:
+                return self._tail_vmdesc(src)
+            finally:
+                src.seek(pos)
+        return None
+
+    def _tail_vmdesc(self, f):
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        self.size = size
+        n = min(size, 16 << 20)
+        f.seek(size - n)
+        found = find_vmdesc(f.read(n))
+        if found is None:
+            return None
+        return size - n + found[0], found[1]
+
+    def events(self) -> Iterator[Event]:
+        """Yield every event of the stream, then :class:`EndOfStream`."""
+        src = self._source
+        p = self.parser
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            p.feed(src)
+            p.feed_eof()
+            yield from p.events()
+            return
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb", buffering=0) as f:
+                yield from self._pump(f)
+            return
+        yield from self._pump(src)
+
+    def _pump(self, f) -> Iterator[Event]:
+        p = self.parser
+        readinto = getattr(f, "readinto", None)
+        if readinto is None:
+            def readinto(view, _read=f.read):
+                data = _read(len(view))
+                view[: len(data)] = data
+                return len(data)
+        while True:
+            n = p.fill(readinto, _CHUNK)
+            yield from p.events()
+            if self._progress is not None:
+                self._progress(p.offset)
+            if n == 0:
+                return
+
+
+@dataclass
+class LoadedStream:
+    """What a stream carried, with RAM loaded into blocks."""
+
+    configuration: Optional[Configuration] = None
+    blocks: RAMBlockList = field(default_factory=RAMBlockList)
+    ram_setup: Optional[RamSetup] = None
+    sections: list = field(default_factory=list)  # SectionData of non-RAM sections
+    commands: list = field(default_factory=list)
+    vmdesc: Optional[bytes] = None
+    size: int = 0
+
+
+def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
+                factory: Optional[Callable] = None, progress=None) -> LoadedStream:
+    """Read a whole stream, applying its RAM to ``blocks`` (created if None)."""
+    reader = StreamReader(source, progress=progress)
+    loader = RamLoader(blocks, factory=factory)
+    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            out.ram_setup = ev
+        elif t is SectionData:
+            out.sections.append(ev)
+        elif t is Configuration:
+            out.configuration = ev
+        elif t is Command:
+            out.commands.append(ev)
+        elif t is VMDescription:
+            out.vmdesc = ev.json
+        elif t is EndOfStream:
+            out.size = ev.offset
+    return out
+
+
+def verify_stream(source: Source, progress=None) -> dict:
+    """A full structural check; returns a summary, raises on the first fault.
+
+    Every record is parsed, every page applied to a scratch copy of RAM (so
+    XBZRLE deltas and zlib pages are fully decoded), every device section is
+    delimited by its vmdesc entry when there is one, and the vmdesc must
+    describe each FULL section.
+    """
+    reader = StreamReader(source, progress=progress)
+    loader = RamLoader(None)
+    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0}
+    full: list[Section] = []
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+            summary["pages"] += ev.records.count
+        elif t is RamSetup:
+            loader.on_setup(ev)
+        elif t is SectionStart:
+            summary["sections"] += 1
+            if ev.type == SectionType.SECTION_FULL and ev.section.idstr != "ram":
+                full.append(ev.section)
+        elif t is Command:
+            summary["commands"] += 1
+        elif t is VMDescription:
+            summary["vmdesc"] = True
+            desc = parse_vmdesc(ev.json)
+            described = {(d.get("name"), d.get("instance_id")) for d in desc.get("devices", ())}
+            for sec in full:
+                if (sec.idstr, sec.instance_id) not in described:
+                    raise StreamError("device section missing from the vmdesc",
+                                      offset=ev.offset, section=sec.label)
+        elif t is EndOfStream:
+            summary["bytes"] = ev.offset
+    return summary
+
+
+def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
+                   compress_level: int = 1, progress=None) -> None:
+    """Re-encode a stream's RAM records, keeping everything else as it is.
+
+    ``encoding`` is one of :data:`RAM_ENCODINGS`. With ``keep`` the output is
+    byte-identical to the input. Otherwise the RAM records are re-made, in
+    the same order and sections, from the page contents the input gives at
+    that point: ``page`` sends every page in full, ``zero`` sends all-zero
+    pages as ZERO records (QEMU's default), ``xbzrle`` also sends a page the
+    output already carried as an XBZRLE delta against that earlier copy when
+    the delta is smaller, ``compress`` sends non-zero pages zlib-compressed.
+    """
+    if encoding not in RAM_ENCODINGS:
+        raise ValueError(f"unknown RAM encoding {encoding!r}; choose from {RAM_ENCODINGS}")
+    if encoding == "keep":
+        _copy(source, sink)
+        return
+    from qmigx import xbzrle, zeropage
+
+    reader = StreamReader(source, progress=progress)
+    f = QEMUFile(sink)
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    loader = RamLoader(None)
+    sent: dict[str, np.ndarray] = {}  # per block: pages already in the output
+    delta = np.empty(TARGET_PAGE_SIZE, np.uint8)
+    ps = TARGET_PAGE_SIZE
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            _convert_batch(ev, loader, ram, encoding, compress_level, sent, delta, xbzrle,
+                           zeropage)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            ram.setup(ev.blocks, ignore_shared=reader.parser.ignore_shared)
+            for b in ev.blocks:
+                sent[b.idstr] = np.zeros(b.used_length // ps, bool)
+        elif t is RamEOS:
+            ram.eos()
+        elif t is SectionStart:
+            w.section_header(ev.type, ev.section)
+        elif t is SectionData:
+            f.write(ev.payload)
+        elif t is SectionEnd:
+            if ev.footer:
+                f.put_u8(SectionType.SECTION_FOOTER)
+                f.put_be32(ev.section.section_id)
+        elif t is StreamHeader:
+            w.header()
+        elif t is Configuration:
+            w.raw_configuration(ev.raw)
+        elif t is Command:
+            w.command(ev.cmd, ev.payload, ev.packaged)
+        elif t is EndOfState:
+            w.eof()
+        elif t is VMDescription:
+            w.vmdesc(ev.json)
+    f.flush()
+    f.check()
+
+
+def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:
+    """Re-encode one batch, record by record, from the content each leaves."""
+    rec = ev.records
+    ps = TARGET_PAGE_SIZE
+    old = np.empty(ps, np.uint8)
+    for i in range(rec.count):
+        blk = loader.block_of(ev, i)
+        off = int(rec.offset[i])
+        name = blk.idstr
+        pidx = off // ps
+        page = blk.buffer[off : off + ps]
+        was_sent = sent[name][pidx]
+        if encoding == "xbzrle" and was_sent:
+            old[:] = page
+        loader.apply_range(ev, i, i + 1)
+        if encoding != "page" and zeropage.is_zero(page):
+            ram.zero(name, off)
+        elif encoding == "compress":
+            ram.compressed(name, off, compress_page(page, level))
+        elif encoding == "xbzrle" and was_sent:
+            dlen = xbzrle.encode_buffer(old, page, delta)
+            if dlen > 0:
+                ram.xbzrle(name, off, delta[:dlen])
+            elif dlen < 0:  # the delta would not be smaller: the page goes whole
+                ram.page(name, off, page)
+            # 0: the destination already holds exactly this page: nothing to send
+        else:
+            ram.page(name, off, page)
+        sent[name][pidx] = True
+
+
+def _copy(source: Source, sink: Callable) -> None:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        sink(source)
+        return
+    with open(source, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            sink(chunk)
