@@ -399,7 +399,7 @@ def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int]) -> Opti
 
 # -- the parser ---------------------------------------------------------------
 
-_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_DONE = range(6)
+_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE = range(7)
 
 
 class StreamParser:
@@ -539,6 +539,8 @@ class StreamParser:
             return self._read_footer(cur)
         if st == _S_AFTER_EOF:
             return self._read_after_eof(cur)
+        if st == _S_END:
+            return self._read_end(cur)
         return self._read_record(cur)
 
     def _commit(self, cur: Cursor) -> None:
@@ -841,8 +843,17 @@ class StreamParser:
         n = cur.read_be32()
         text = bytes(cur.read_bytes(n))
         self._commit(cur)
-        self._state = _S_DONE
+        self._state = _S_END
         return [VMDescription(text, at)]
+
+    def _read_end(self, cur: Cursor) -> list:
+        if cur.remaining():
+            raise StreamError(f"{cur.remaining()} unexpected bytes after the vmdesc",
+                              offset=cur.tell())
+        if not self._eof:
+            raise NeedData(cur.base + cur.end)
+        self._state = _S_DONE
+        return [EndOfStream(cur.tell())]
 
 
 # -- the writer ----------------------------------------------------------------

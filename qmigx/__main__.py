@@ -1,0 +1,7 @@
+"""``python -m qmigx``: the same as the ``qmigx`` command."""
+
+import sys
+
+from qmigx.cli import main
+
+sys.exit(main())

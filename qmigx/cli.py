@@ -1,0 +1,180 @@
+"""The ``qmigx`` command line.
+
+Each subcommand is a thin shell over the library; errors from bad input
+become one line, ``qmigx: error: ...``, on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.parse
+from typing import Optional, Sequence
+
+from qmigx.errors import MigrationError
+
+__all__ = ["main", "block_filename"]
+
+
+def block_filename(idstr: str) -> str:
+    """File name of a RAM block in an extract directory."""
+    return urllib.parse.quote(idstr, safe="") + ".bin"
+
+
+def _progress(label: str, path: str):
+    from qmigx.progress import Progress
+
+    try:
+        total = os.path.getsize(path)
+    except OSError:
+        total = None
+    return Progress(label, total)
+
+
+def cmd_analyze(args) -> int:
+    from qmigx import analyze
+
+    if args.extract:
+        return _analyze_extract(args)
+    if args.dump == "desc":
+        print(analyze.dumps(analyze.vmdesc_json(args.file)))
+        return 0
+    if args.dump != "state":
+        raise SystemExit("qmigx: error: Please specify either -x, -d state or -d desc")
+    bar = _progress("analyze", args.file)
+    try:
+        state = analyze.analyze_state(args.file, memory=args.memory, progress=bar.update)
+    finally:
+        bar.close()
+    print(analyze.dumps(state))
+    return 0
+
+
+def _analyze_extract(args) -> int:
+    """``-x``: desc.json, state.json and one file per RAM block, in the cwd."""
+    from qmigx import analyze
+    from qmigx.ram import RamLoader
+
+    desc = analyze.vmdesc_json(args.file)
+    print("desc.json")
+    with open("desc.json", "w") as f:
+        f.write(analyze.dumps(desc))
+    loader = RamLoader(None)
+    state = analyze.analyze_state(args.file, loader=loader)
+    for path in analyze.extract_blocks(loader, ".", lambda idstr: "./" + idstr.lstrip("/")):
+        print(path[2:] if path.startswith("./") else path)
+    print("state.json")
+    with open("state.json", "w") as f:
+        f.write(analyze.dumps(state))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from qmigx import analyze
+    from qmigx.ram import RamLoader
+
+    os.makedirs(args.dir, exist_ok=True)
+    loader = RamLoader(None)
+    bar = _progress("extract", args.file)
+    try:
+        state = analyze.analyze_state(args.file, loader=loader, progress=bar.update)
+    finally:
+        bar.close()
+    analyze.extract_blocks(loader, args.dir, block_filename)
+    with open(os.path.join(args.dir, "state.json"), "w") as f:
+        f.write(analyze.dumps(state))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from qmigx.savevm import verify_stream
+
+    bar = _progress("verify", args.file)
+    try:
+        summary = verify_stream(args.file, progress=bar.update)
+    finally:
+        bar.close()
+    print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
+          f"{summary['pages']} page records, {summary['commands']} commands, "
+          f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from qmigx.savevm import convert_stream
+
+    tmp = args.output + ".part"
+    bar = _progress("convert", args.input)
+    try:
+        with open(tmp, "wb") as out:
+            convert_stream(args.input, out.write, args.ram_encoding,
+                           compress_level=args.compress_level, progress=bar.update)
+        os.replace(tmp, args.output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        bar.close()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from qmigx.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qmigx", description=(
+        "Read, write, check and transform QEMU migration streams; migrate memory live."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="decode a stream as QEMU's analyze-migration.py does")
+    a.add_argument("-f", "--file", required=True, help="migration dump to read from")
+    a.add_argument("-m", "--memory", action="store_true", help="dump RAM contents as well")
+    a.add_argument("-d", "--dump", default="state", help='what to dump ("state" or "desc")')
+    a.add_argument("-x", "--extract", action="store_true",
+                   help="extract contents into individual files")
+    a.set_defaults(func=cmd_analyze)
+
+    e = sub.add_parser("extract", help="write each RAM block and state.json to DIR")
+    e.add_argument("file")
+    e.add_argument("dir")
+    e.set_defaults(func=cmd_extract)
+
+    v = sub.add_parser("verify", help="check a stream's whole structure")
+    v.add_argument("file")
+    v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("convert", help="re-encode a stream's RAM, keeping device state")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--ram-encoding", default="keep",
+                   choices=["keep", "page", "zero", "xbzrle", "compress"])
+    c.add_argument("--compress-level", type=int, default=1, choices=range(10),
+                   metavar="0-9", help="zlib level for --ram-encoding compress (default 1)")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("demo", help="run the main job on built-in defaults")
+    d.add_argument("--ram", default="256M", help="guest RAM size (default 256M)")
+    d.add_argument("--workdir", default=None, help="where to keep the demo's files")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MigrationError as exc:
+        print(f"qmigx: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"qmigx: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qmigx: error: interrupted", file=sys.stderr)
+        return 130
