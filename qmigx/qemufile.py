@@ -178,7 +178,9 @@ class QEMUFile:
         """Append raw bytes (any buffer)."""
         if self.error is not None:
             return
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data).cast("B")
+        n = len(data)
         self.total_transferred += n
         self.rate_limit_used += n
         if n >= self._buffer_size and not self._buf:

@@ -49,6 +49,8 @@ __all__ = [
     "load_stream",
     "verify_stream",
     "convert_stream",
+    "save_stream",
+    "DeviceState",
     "RAM_ENCODINGS",
 ]
 
@@ -324,3 +326,94 @@ def _copy(source: Source, sink: Callable) -> None:
             if not chunk:
                 break
             sink(chunk)
+
+
+@dataclass
+class DeviceState:
+    """One device section to save: identity, payload, and its vmdesc entry.
+
+    ``vmdesc`` is the JSON text of the section's entry in the vmdesc
+    ``devices`` list (QEMU 7.2's text form), or None to leave it out.
+    """
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    payload: bytes
+    vmdesc: Optional[str] = None
+
+
+def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
+                machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
+                ignore_shared: bool = False, compress_level: int = 1,
+                first_section_id: int = 2, vmdesc: bool = True) -> RamWriter:
+    """Write a complete precopy stream of ``blocks`` and ``devices``.
+
+    The shape is QEMU's for a paused guest: header, configuration, ``ram``
+    START (setup), one PART with every page, END, a FULL section per
+    device, EOF and the vmdesc. ``encoding`` is ``page``, ``zero`` or
+    ``compress`` (see :func:`convert_stream`). Returns the RAM writer, whose
+    ``stats`` count what was sent.
+    """
+    from qmigx import zeropage
+    from qmigx.stream import ConfigSubsection, RamBlockInfo
+
+    if encoding not in ("page", "zero", "compress"):
+        raise ValueError(f"save encoding must be page, zero or compress, not {encoding!r}")
+    f = QEMUFile(sink)
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    w.header()
+    subs = []
+    if ignore_shared:
+        name = b"x-ignore-shared"
+        subs.append(ConfigSubsection("configuration/capabilities", 1,
+                                     b"\0\0\0\1" + bytes((len(name),)) + name))
+    w.configuration(machine_type, subs)
+    sec = Section(first_section_id, "ram", 0, 4)
+    infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
+             for b in blocks]
+    w.section_header(SectionType.SECTION_START, sec)
+    ram.setup(infos, ignore_shared=ignore_shared)
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_PART, sec)
+    ps = TARGET_PAGE_SIZE
+    for blk in blocks:
+        if ignore_shared and blk.shared:
+            continue
+        mem = blk.memory
+        zmap = zeropage.zero_page_map(mem, ps)
+        offsets = np.arange(len(zmap), dtype=np.uint64) * np.uint64(ps)
+        if encoding == "page":
+            ram.pages(blk.idstr, mem, offsets)
+            continue
+        # keep page order: alternate runs of zero and non-zero pages
+        edges = np.flatnonzero(np.diff(zmap.astype(np.int8))) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(zmap)]):
+            if zmap[lo]:
+                ram.zeros(blk.idstr, offsets[lo:hi])
+            elif encoding == "compress":
+                for off in offsets[lo:hi]:
+                    o = int(off)
+                    ram.compressed(blk.idstr, o, compress_page(mem[o : o + ps], compress_level))
+            else:
+                ram.pages(blk.idstr, mem, offsets[lo:hi])
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_END, sec)
+    ram.eos()
+    w.footer(sec)
+    entries = []
+    for i, dev in enumerate(devices):
+        dsec = Section(first_section_id + 1 + i, dev.idstr, dev.instance_id, dev.version_id)
+        w.section(SectionType.SECTION_FULL, dsec, dev.payload)
+        if dev.vmdesc is not None:
+            entries.append(dev.vmdesc)
+    w.eof()
+    if vmdesc:
+        text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
+        w.vmdesc(text.encode())
+    f.flush()
+    f.check()
+    return ram
