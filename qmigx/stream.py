@@ -17,7 +17,8 @@ has no record lengths (stream.md §1):
   footer that follows every section in streams of QEMU 2.4 and newer.
 
 Events that refer to parsed bytes (``RamPages``) are views into the
-parser's buffer: use them before the next ``feed``.
+input; with :meth:`StreamParser.fill` that is the parser's own buffer,
+reused by the next ``fill``.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ class RamPages:
     """A batch of page records; see ``qmigx.reference.ramparse.RamRecords``.
 
     ``records.pos``/``records.start`` index into ``data``; ``base`` is the
-    absolute stream offset of ``data[0]``. ``data`` and ``records`` are
-    reused by the parser: consume them before the next ``feed``/``events``.
+    absolute stream offset of ``data[0]``. ``data`` is a view of the input:
+    after :meth:`StreamParser.fill` it is the parser's own buffer, which the
+    next ``fill`` reuses, so consume the event before reading more.
     """
 
     section: Section
@@ -723,6 +725,11 @@ class StreamParser:
         while True:
             i = data.find(marker, search - cur.pos)
             if i < 0:
+                if self._eof:
+                    raise TruncatedStreamError(
+                        "the stream ends before this device section does (no description "
+                        "for it, and no footer followed by a valid record)",
+                        offset=cur.tell(), section=sec.label)
                 raise NeedData(cur.base + cur.end)
             pos = cur.pos + i
             ok = _plausible_record_start(mv, pos + 5, cur.end, known)
@@ -775,7 +782,7 @@ class StreamParser:
             raise
         evs: list = []
         if rec.count:
-            evs.append(RamPages(sec, rec, self._buf, self._base, self._block_names))
+            evs.append(RamPages(sec, rec.copy(), self._buf, self._base, self._block_names))
         cur.pos = pos
         self._commit(cur)
         if status == _ramparse.EOS:

@@ -92,6 +92,15 @@ class RamRecords:
         self.fill = np.zeros(capacity, np.uint8)
         self.start = np.zeros(capacity, np.int64)
 
+    def copy(self):
+        """A batch holding copies of this one's filled rows only."""
+        new = RamRecords.__new__(RamRecords)
+        n = self.count
+        new.capacity = new.count = n
+        for name in ("kind", "block", "offset", "pos", "length", "fill", "start"):
+            setattr(new, name, getattr(self, name)[:n].copy())
+        return new
+
     def clear(self) -> None:
         self.count = 0
 
