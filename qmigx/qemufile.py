@@ -183,7 +183,8 @@ class QEMUFile:
         n = len(data)
         self.total_transferred += n
         self.rate_limit_used += n
-        if n >= self._buffer_size and not self._buf:
+        if n >= self._buffer_size:
+            self.flush()
             self._emit(data)
             return
         self._buf += data

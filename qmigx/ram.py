@@ -314,6 +314,9 @@ class RamWriter:
     writer serves a whole stream.
     """
 
+    #: PAGE records assembled per write by :meth:`pages` (4 MiB of pages).
+    _CHUNK_PAGES = 1024
+
     def __init__(self, f: QEMUFile, page_size: int = TARGET_PAGE_SIZE) -> None:
         self.f = f
         self.page_size = page_size
@@ -387,15 +390,20 @@ class RamWriter:
         if block != self.last_block:
             self.page(block, int(offsets[0]), memory[int(offsets[0]) : int(offsets[0]) + ps])
             first = 1
-        if n > first:
-            offs = np.asarray(offsets[first:], dtype=np.uint64)
-            rec = np.empty((len(offs), 8 + ps), np.uint8)
-            rec[:, :8] = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
+        pages = memory[: len(memory) // ps * ps].reshape(-1, ps)
+        rec = np.empty((min(n - first, self._CHUNK_PAGES), 8 + ps), np.uint8)
+        for lo in range(first, n, self._CHUNK_PAGES):
+            offs = np.asarray(offsets[lo : lo + self._CHUNK_PAGES], dtype=np.uint64)
+            r = rec[: len(offs)]
+            r[:, :8] = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
                 np.uint8).reshape(-1, 8)
-            pages = memory[: len(memory) // ps * ps].reshape(-1, ps)
-            rec[:, 8:] = pages[(offs // np.uint64(ps)).astype(np.intp)]
-            self.f.write(rec.reshape(-1))
-            self.stats.transferred += rec.size
+            idx = (offs // np.uint64(ps)).astype(np.intp)
+            if idx[-1] - idx[0] == len(idx) - 1:  # a run of pages: no gather needed
+                r[:, 8:] = pages[idx[0] : idx[-1] + 1]
+            else:
+                r[:, 8:] = pages[idx]
+            self.f.write(r.reshape(-1))
+            self.stats.transferred += r.size
             self.stats.normal += len(offs)
 
     def zeros(self, block: str, offsets: np.ndarray) -> None:
