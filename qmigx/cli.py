@@ -172,6 +172,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MigrationError as exc:
         print(f"qmigx: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
     except OSError as exc:
         print(f"qmigx: error: {exc}", file=sys.stderr)
         return 1
