@@ -51,6 +51,7 @@ __all__ = [
     "convert_stream",
     "save_stream",
     "DeviceState",
+    "vmstate_device",
     "RAM_ENCODINGS",
 ]
 
@@ -417,3 +418,18 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     f.flush()
     f.check()
     return ram
+
+
+def vmstate_device(idstr: str, instance_id: int, vmsd, obj: dict) -> DeviceState:
+    """A device section saved from a VMState description, with its vmdesc entry."""
+    from qmigx.qjson import JSONWriter
+    from qmigx.vmstate import save_state
+
+    w = JSONWriter()
+    w.start_object(None)
+    w.str("name", idstr)
+    w.int64("instance_id", instance_id)
+    payload = bytearray()
+    save_state(vmsd, obj, payload, vmdesc=w, section=f"{idstr} ({instance_id})")
+    w.end_object()
+    return DeviceState(idstr, instance_id, vmsd.version_id, bytes(payload), w.getvalue())
