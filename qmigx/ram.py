@@ -406,6 +406,26 @@ class RamWriter:
             self.stats.transferred += r.size
             self.stats.normal += len(offs)
 
+    def page_rows(self, block: str, offsets: np.ndarray, rows: np.ndarray) -> None:
+        """PAGE records for pages already copied out (``rows[i]`` at ``offsets[i]``)."""
+        n = len(offsets)
+        if n == 0:
+            return
+        ps = self.page_size
+        first = 0
+        if block != self.last_block:
+            self.page(block, int(offsets[0]), rows[0])
+            first = 1
+        if n > first:
+            offs = np.asarray(offsets[first:], dtype=np.uint64)
+            rec = np.empty((len(offs), 8 + ps), np.uint8)
+            rec[:, :8] = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
+                np.uint8).reshape(-1, 8)
+            rec[:, 8:] = rows[first:n]
+            self.f.write(rec.reshape(-1))
+            self.stats.transferred += rec.size
+            self.stats.normal += len(offs)
+
     def zeros(self, block: str, offsets: np.ndarray) -> None:
         """Many ZERO records of one block in one write."""
         n = len(offsets)

@@ -1,0 +1,271 @@
+"""RAM precopy on the source: which pages to send, and how (QEMU's ram.c).
+
+:class:`RamSaveState` owns, per RAM block, a
+:class:`~qmigx.bitmap.DirtyBitmap` fed by that block's dirty-log source,
+and walks the dirty pages as QEMU does (ram.md §5): blocks in list order,
+pages ascending, resuming where the last call stopped; wrapping to the
+first block completes a round. Each dirty page goes, in QEMU's order of
+decision, as a ZERO record, to a multifd channel, as an XBZRLE delta
+(after the first complete round, with the page cache), zlib-compressed,
+or as a PAGE record. Pages are handled in batches: one bitmap call takes
+up to a batch of dirty pages (clearing their log chunks first), one copy
+snapshots them, one kernel call each detects zero pages, looks them up in
+the cache and encodes them, so no Python runs per page.
+
+It writes through a :class:`~qmigx.ram.RamWriter` and knows nothing of
+sockets, threads or the migration state: the driver in
+:mod:`qmigx.migration` calls :meth:`setup`, :meth:`iterate`,
+:meth:`bitmap_sync` and :meth:`complete`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from qmigx import xbzrle, zeropage
+from qmigx.bitmap import CLEAR_BITMAP_SHIFT_DEFAULT, DirtyBitmap, DirtyLogSource
+from qmigx.page_cache import PageCache
+from qmigx.ram import RAMBlock, RAMBlockList, RamWriter, compress_page
+from qmigx.stream import RamBlockInfo
+from qmigx.wire import TARGET_PAGE_SIZE
+
+__all__ = ["RamSaveState", "MultifdQueue"]
+
+#: Pages taken from a bitmap per batch (1 MiB): small enough for the rate
+#: limit to bite promptly, large enough that per-batch Python is noise.
+BATCH_PAGES = 256
+#: QEMU's MAX_WAIT: an iteration yields after 50 ms even within its budget.
+MAX_WAIT_S = 0.050
+
+
+class MultifdQueue:
+    """What the RAM engine needs from multifd senders (see multifd_channels)."""
+
+    def queue(self, block: RAMBlock, offsets: np.ndarray, pages: np.ndarray) -> int:
+        """Send these pages; return the bytes charged to the main channel."""
+        raise NotImplementedError
+
+    def sync(self) -> int:
+        """Flush and send a SYNC packet on every channel; return bytes charged."""
+        raise NotImplementedError
+
+
+@dataclass
+class _BlockState:
+    block: RAMBlock
+    bitmap: DirtyBitmap
+    base: int  # address of the block in the cache's key space (QEMU's ram_addr)
+    ignored: bool
+
+
+class RamSaveState:
+    """The source side of the ``ram`` section.
+
+    Args:
+        blocks: the guest's RAM blocks, in RAM-list order.
+        dirty_logs: a dirty-log source per block idstr; blocks without one
+            are sent once and never again.
+        xbzrle_cache_size: enables XBZRLE with a page cache of this many
+            bytes (``None``: capability off).
+        compress_level: enables ``compress`` with this zlib level.
+        multifd: a :class:`MultifdQueue` when ``multifd`` is on.
+        ignore_shared: x-ignore-shared: shared blocks are listed, never sent.
+        clear_bitmap_shift: QEMU's ``x-clear-bitmap-shift``.
+    """
+
+    def __init__(self, blocks: RAMBlockList, *, dirty_logs: Optional[dict] = None,
+                 xbzrle_cache_size: Optional[int] = None, compress_level: Optional[int] = None,
+                 multifd: Optional[MultifdQueue] = None, ignore_shared: bool = False,
+                 clear_bitmap_shift: int = CLEAR_BITMAP_SHIFT_DEFAULT) -> None:
+        self.blocks = blocks
+        self.ignore_shared = ignore_shared
+        self.multifd = multifd
+        self.compress_level = compress_level
+        self.cache = PageCache(xbzrle_cache_size) if xbzrle_cache_size else None
+        dirty_logs = dirty_logs or {}
+        self._states: list[_BlockState] = []
+        base = 0
+        for blk in blocks:
+            npages = blk.used_length // TARGET_PAGE_SIZE
+            bm = DirtyBitmap(max(npages, 1), clear_bitmap_shift, source=dirty_logs.get(blk.idstr))
+            self._states.append(_BlockState(blk, bm, base, ignore_shared and blk.shared))
+            base += -(-blk.max_length // (1 << 21)) << 21  # keep blocks 2 MiB apart
+        self.dirty_sync_count = 0
+        self.xbzrle_enabled = False  # set once the first round completes
+        self.last_stage = False
+        self._cursor_block = 0
+        self._cursor_page = 0
+        self._round_start = (0, 0)
+        self._pages = np.empty((BATCH_PAGES, TARGET_PAGE_SIZE), np.uint8)
+        self._taken = np.empty(BATCH_PAGES, np.int64)
+        self._slots = np.empty(BATCH_PAGES, np.int64)
+        self._deltas = np.empty((BATCH_PAGES, TARGET_PAGE_SIZE), np.uint8)
+        self._lengths = np.empty(BATCH_PAGES, np.int32)
+        self.pages_sent = 0
+        self.zero_pages = 0
+        self.normal_pages = 0
+        self.multifd_pages = 0
+        self.xbzrle_pages = 0
+        self.compressed_pages = 0
+        self.skipped_pages = 0
+
+    # -- setup and syncs -----------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Bytes of RAM that migrate (query-migrate ``ram.total``)."""
+        return sum(s.block.used_length for s in self._states if not s.ignored)
+
+    def setup(self, w: RamWriter) -> None:
+        """Write the setup record and mark every page dirty (ram.md §3, §5)."""
+        w.setup([RamBlockInfo(s.block.idstr, s.block.used_length, None,
+                              s.block.gpa if self.ignore_shared else None)
+                 for s in self._states], ignore_shared=self.ignore_shared)
+        for s in self._states:
+            if s.ignored:
+                continue
+            s.bitmap.set_all()
+        self.bitmap_sync()
+
+    def bitmap_sync(self) -> int:
+        """Pull every block's dirty log into its bitmap; count newly dirty pages."""
+        new = 0
+        for s in self._states:
+            if s.ignored:
+                continue
+            if s.bitmap.source is not None:
+                new += s.bitmap.sync_from_source()
+        self.dirty_sync_count += 1
+        return new
+
+    def dirty_pages(self) -> int:
+        return sum(s.bitmap.count() for s in self._states if not s.ignored)
+
+    def pending(self) -> int:
+        """Bytes still dirty (query-migrate ``ram.remaining``)."""
+        return self.dirty_pages() * TARGET_PAGE_SIZE
+
+    # -- sending ------------------------------------------------------------
+    def iterate(self, w: RamWriter, *, over_budget: Callable[[], bool] = lambda: False,
+                max_wait: float = MAX_WAIT_S) -> bool:
+        """Send dirty pages until the budget is spent or none is left.
+
+        Returns True when a whole pass found nothing more to send (QEMU's
+        "done"). ``over_budget`` is polled between batches (the rate limit).
+        """
+        t0 = time.monotonic()
+        empty_blocks = 0
+        nblocks = len(self._states)
+        while empty_blocks <= nblocks:
+            if over_budget():
+                return False
+            s = self._states[self._cursor_block]
+            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, BATCH_PAGES,
+                                                         self._taken)
+            if n == 0:
+                empty_blocks += 1
+                self._cursor_block += 1
+                self._cursor_page = 0
+                if self._cursor_block == nblocks:
+                    self._cursor_block = 0
+                    self.xbzrle_enabled = self.cache is not None
+                continue
+            empty_blocks = 0
+            pages = self._taken[:n]
+            self._cursor_page = int(pages[-1]) + 1
+            self._send(w, s, pages)
+            if time.monotonic() - t0 > max_wait:
+                return False
+        return True
+
+    def complete(self, w: RamWriter) -> None:
+        """The final pass, VM stopped: sync, then send everything dirty."""
+        self.bitmap_sync()
+        self.last_stage = True
+        while not self.iterate(w, max_wait=float("inf")):
+            pass
+
+    def _send(self, w: RamWriter, s: _BlockState, pages: np.ndarray) -> None:
+        blk = s.block
+        ps = TARGET_PAGE_SIZE
+        n = len(pages)
+        rows = self._pages[:n]
+        mem = blk.buffer[: blk.used_length].reshape(-1, ps)
+        np.take(mem, pages, axis=0, out=rows)  # snapshot: what we send is what we cache
+        offsets = pages.astype(np.uint64) * np.uint64(ps)
+        zmap = zeropage.zero_page_map(rows, ps)
+        nz = ~zmap
+        self.pages_sent += n
+        if zmap.any():
+            zoffs = offsets[zmap]
+            w.zeros(blk.idstr, zoffs)
+            self.zero_pages += len(zoffs)
+            if self.xbzrle_enabled and not self.last_stage:
+                for off in zoffs:
+                    self.cache.insert_zero(s.base + int(off), self.dirty_sync_count)
+        if not nz.any():
+            return
+        offs = offsets[nz]
+        data = rows[nz] if not nz.all() else rows
+        if self.multifd is not None:
+            w.stats.transferred += self.multifd.queue(blk, offs, data)
+            self.multifd_pages += len(offs)
+        elif self.xbzrle_enabled:
+            self._send_xbzrle(w, s, offs, data)
+        elif self.compress_level is not None:
+            for off, page in zip(offs, data):
+                w.compressed(blk.idstr, int(off), compress_page(page, self.compress_level))
+            self.compressed_pages += len(offs)
+        else:
+            w.page_rows(blk.idstr, offs, data)
+            self.normal_pages += len(offs)
+
+    def _send_xbzrle(self, w: RamWriter, s: _BlockState, offs: np.ndarray,
+                     data: np.ndarray) -> None:
+        cache = self.cache
+        gen = self.dirty_sync_count
+        n = len(offs)
+        addrs = offs + np.uint64(s.base)
+        slots = self._slots[:n]
+        cache.lookup_batch(addrs, gen, slots)
+        hit = slots >= 0
+        name = s.block.idstr
+        miss = ~hit
+        if miss.any():
+            moffs = offs[miss]
+            mdata = np.ascontiguousarray(data[miss])
+            if not self.last_stage:
+                ins = np.empty(len(moffs), np.int64)
+                cache.insert_batch(addrs[miss], mdata, gen, ins)
+            w.page_rows(name, moffs, mdata)
+            self.normal_pages += len(moffs)
+        if not hit.any():
+            return
+        hslots = slots[hit]
+        new = np.ascontiguousarray(data[hit])
+        old = cache.data[hslots]
+        k = len(hslots)
+        deltas = self._deltas[:k]
+        lengths = self._lengths[:k]
+        xbzrle.encode_pages(old, new, deltas, lengths)
+        hoffs = offs[hit]
+        over = lengths < 0
+        if over.any():
+            for _ in range(int(over.sum())):
+                cache.count_overflow()
+            w.page_rows(name, hoffs[over], np.ascontiguousarray(new[over]))
+            self.normal_pages += int(over.sum())
+        for i in np.flatnonzero(lengths > 0):
+            named = w.last_block != name
+            w.xbzrle(name, int(hoffs[i]), deltas[i, : lengths[i]])
+            cache.count_encoded(int(lengths[i]), len(name.encode()) if named else None)
+        self.xbzrle_pages += int((lengths > 0).sum())
+        self.skipped_pages += int((lengths == 0).sum())
+        if not self.last_stage:
+            changed = lengths != 0
+            if changed.any():
+                cache.data[hslots[changed]] = new[changed]
