@@ -1,0 +1,120 @@
+"""Types of the multifd framing kernel (same API as qmigx.reference.multifd_packet)."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from typing_extensions import Buffer
+
+HEADER_FIXED_SIZE: Final[int]
+INIT_PACKET_SIZE: Final[int]
+DEFAULT_MAX_PAGES: Final[int]
+LAYOUTS: Final[tuple[str, ...]]
+
+_Offsets = npt.NDArray[np.uint64] | Sequence[int]
+_Compression = Literal["none", "zlib", "zstd", 0, 2, 4]
+
+def header_size(pages_alloc: int) -> int: ...
+
+class InitPacket:
+    @property
+    def uuid(self) -> bytes: ...
+    @property
+    def channel_id(self) -> int: ...
+    def __init__(self, uuid: bytes, channel_id: int) -> None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+class _PacketHeaderBase:
+    @property
+    def flags(self) -> int: ...
+    @property
+    def pages_alloc(self) -> int: ...
+    @property
+    def next_packet_size(self) -> int: ...
+    @property
+    def packet_num(self) -> int: ...
+    @property
+    def ramblock(self) -> str: ...
+    @property
+    def offsets(self) -> npt.NDArray[np.uint64]: ...
+    @property
+    def data_size(self) -> int: ...
+    @property
+    def sync(self) -> bool: ...
+    @property
+    def compression_bits(self) -> int: ...
+    @property
+    def header_size(self) -> int: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+class PacketHeader(_PacketHeaderBase):
+    def __init__(
+        self,
+        *,
+        flags: int,
+        pages_alloc: int,
+        normal_pages: int,
+        next_packet_size: int,
+        packet_num: int,
+        ramblock: str,
+        offsets: _Offsets,
+        data_size: int,
+    ) -> None: ...
+    @property
+    def normal_pages(self) -> int: ...
+
+class PacketHeader41(_PacketHeaderBase):
+    def __init__(
+        self,
+        *,
+        flags: int,
+        pages_alloc: int,
+        pages_used: int,
+        next_packet_size: int,
+        packet_num: int,
+        ramblock: str,
+        offsets: _Offsets,
+        data_size: int,
+    ) -> None: ...
+    @property
+    def pages_used(self) -> int: ...
+
+def pack_init_packet(uuid: bytes | None, channel_id: int) -> bytes: ...
+def unpack_init_packet(buf: Buffer, *, channels: int, uuid: bytes | None = None) -> InitPacket: ...
+def pack_packet_header(
+    out: Buffer,
+    *,
+    flags: int,
+    pages_alloc: int,
+    next_packet_size: int,
+    packet_num: int,
+    ramblock: str | bytes,
+    offsets: _Offsets,
+    normal_pages: int | None = None,
+    pages_used: int | None = None,
+) -> int: ...
+def pack_packet(
+    *,
+    flags: int,
+    pages_alloc: int,
+    packet_num: int,
+    ramblock: str | bytes,
+    offsets: _Offsets,
+    data: Buffer = b"",
+    next_packet_size: int | None = None,
+    normal_pages: int | None = None,
+    pages_used: int | None = None,
+) -> bytes: ...
+def unpack_packet_header(
+    buf: Buffer,
+    *,
+    blocks: Mapping[str, int] | None = None,
+    page_size: int = 4096,
+    max_pages: int = 128,
+    compression: _Compression = "none",
+    version: Literal["7.2", "4.1"] = "7.2",
+) -> PacketHeader | PacketHeader41: ...
+def place_pages(packet_data: Buffer, offsets: _Offsets, block_buffer: Buffer, page_size: int) -> int: ...
+def gather_pages(block_buffer: Buffer, offsets: _Offsets, out: Buffer, page_size: int) -> int: ...

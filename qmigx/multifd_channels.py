@@ -1,0 +1,302 @@
+"""Multifd channels: sender and receiver threads (QEMU 7.2's multifd.c).
+
+The byte formats are in :mod:`qmigx.multifd`; this module moves them. A
+:class:`MultifdSender` owns one thread per extra connection: the RAM
+engine hands it batches of pages, each becomes packets of at most
+``pages_alloc`` pages of one block, dealt round-robin; a channel thread
+compresses (zlib and zstd release the GIL, so channels compress in
+parallel) and writes them. ``sync()`` puts a SYNC packet on every channel
+and waits until each has written it, as QEMU does before every RAM EOS.
+
+A :class:`MultifdReceiver` reads each channel in its own thread, checks
+every header, places pages straight into the RAM blocks and, at a SYNC
+packet, waits until the main channel — which has just read a RAM EOS —
+releases all channels together (multifd.md §5).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+
+from qmigx.errors import ChannelError, MigrationError, MultifdPacketError
+from qmigx.multifd import (
+    DEFAULT_MAX_PAGES,
+    HEADER_FIXED_SIZE,
+    INIT_PACKET_SIZE,
+    header_size,
+    pack_init_packet,
+    pack_packet_header,
+    place_pages,
+    recv_stream,
+    send_stream,
+    unpack_init_packet,
+    unpack_packet_header,
+)
+from qmigx.wire import MultifdFlag, TARGET_PAGE_SIZE
+
+__all__ = ["MultifdSender", "MultifdReceiver", "COMPRESSION_FLAGS"]
+
+COMPRESSION_FLAGS = {"none": 0, "zlib": MultifdFlag.ZLIB, "zstd": MultifdFlag.ZSTD}
+
+_STOP = object()
+
+
+class _SendChannel:
+    def __init__(self, owner: "MultifdSender", idx: int, chan) -> None:
+        self.owner = owner
+        self.idx = idx
+        self.chan = chan
+        self.q: "queue.Queue" = queue.Queue(maxsize=4)
+        self.stream = send_stream(owner.compression, owner.level)
+        self.header = np.zeros(header_size(owner.pages_alloc), np.uint8)
+        self.bytes = 0
+        self.thread = threading.Thread(target=self._run, name=f"multifd-send-{idx}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
+            while True:
+                item = self.q.get()
+                if item is _STOP:
+                    return
+                name, offsets, pages, flags, done = item
+                if len(offsets):
+                    data = self.stream.compress_pages(pages)
+                    if self.owner.compression != "none":
+                        flags |= COMPRESSION_FLAGS[self.owner.compression]
+                else:
+                    data = b""
+                n = pack_packet_header(
+                    self.header, flags=flags, pages_alloc=self.owner.pages_alloc,
+                    normal_pages=len(offsets),
+                    next_packet_size=len(data) if len(offsets) else 0,
+                    packet_num=next(self.owner.packet_num), ramblock=name,
+                    offsets=offsets)
+                self.chan.write(memoryview(self.header)[:n])
+                if len(data):
+                    self.chan.write(data)
+                self.bytes += n + len(data)
+                if done is not None:
+                    done.release()
+        except BaseException as exc:  # latched; the engine sees it at the next call
+            self.owner._fail(exc)
+            while True:  # keep draining so producers never block forever
+                item = self.q.get()
+                if item is _STOP:
+                    return
+                if item[-1] is not None:
+                    item[-1].release()
+
+
+class MultifdSender:
+    """Sends pages over extra channels (the source side).
+
+    Args:
+        channels: connected channels (objects with ``write``), one per
+            ``multifd-channels``, already open.
+        compression: ``none``, ``zlib`` or ``zstd`` (``multifd-compression``).
+        level: the zlib or zstd level.
+        uuid: the VM's 16-byte UUID, or None.
+    """
+
+    def __init__(self, channels: list, *, compression: str = "none", level: Optional[int] = None,
+                 uuid: Optional[bytes] = None, pages_alloc: int = DEFAULT_MAX_PAGES,
+                 page_size: int = TARGET_PAGE_SIZE) -> None:
+        if compression not in COMPRESSION_FLAGS:
+            raise ValueError(f"unknown multifd compression {compression!r}")
+        self.compression = compression
+        self.level = level
+        self.uuid = uuid
+        self.pages_alloc = pages_alloc
+        self.page_size = page_size
+        self.packet_num = itertools.count(1)
+        self.error: Optional[BaseException] = None
+        self._chans = [_SendChannel(self, i, c) for i, c in enumerate(channels)]
+        self._next = 0
+        self.bytes_charged = 0
+        for c in self._chans:
+            c.thread.start()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            if isinstance(self.error, MigrationError):
+                raise self.error
+            raise ChannelError(f"multifd channel failed: {self.error}") from self.error
+
+    def queue(self, block, offsets: np.ndarray, pages: np.ndarray) -> int:
+        """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged."""
+        self._check()
+        charged = 0
+        step = self.pages_alloc
+        for lo in range(0, len(offsets), step):
+            offs = np.ascontiguousarray(offsets[lo : lo + step], dtype=np.uint64)
+            rows = np.array(pages[lo : lo + step])  # the caller reuses its buffer
+            ch = self._chans[self._next]
+            self._next = (self._next + 1) % len(self._chans)
+            ch.q.put((block.idstr, offs, rows, 0, None))
+            charged += HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
+        self.bytes_charged += charged
+        return charged
+
+    def sync(self) -> int:
+        """A SYNC packet on every channel, waiting until each is written."""
+        self._check()
+        done = threading.Semaphore(0)
+        empty = np.zeros(0, np.uint64)
+        for ch in self._chans:
+            ch.q.put(("", empty, None, int(MultifdFlag.SYNC), done))
+        for _ in self._chans:
+            done.acquire()
+        self._check()
+        charged = len(self._chans) * header_size(self.pages_alloc)
+        self.bytes_charged += charged
+        return charged
+
+    def close(self, *, wait: bool = True) -> None:
+        for ch in self._chans:
+            ch.q.put(_STOP)
+        if wait:
+            for ch in self._chans:
+                ch.thread.join(timeout=10)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(c.bytes for c in self._chans)
+
+
+class _RecvChannel:
+    def __init__(self, owner: "MultifdReceiver", idx: int, chan) -> None:
+        self.owner = owner
+        self.idx = idx
+        self.chan = chan
+        self.stream = recv_stream(owner.compression)
+        self.synced = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.packets = 0
+        self.pages = 0
+        self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
+
+    def _run(self) -> None:
+        o = self.owner
+        ps = o.page_size
+        fixed = header_size(0)
+        scratch = np.empty((o.max_pages, ps), np.uint8)
+        try:
+            while not o.stopping:
+                head = self.chan.read_exact(fixed)
+                if not head:
+                    return
+                pages_alloc = int.from_bytes(head[12:16], "big")
+                if pages_alloc > o.max_pages:
+                    raise MultifdPacketError(
+                        f"received packet with size {pages_alloc} and expected a size of "
+                        f"{o.max_pages}", field="pages_alloc")
+                rest = self.chan.read_exact(8 * pages_alloc)
+                hdr = unpack_packet_header(bytes(head) + bytes(rest), blocks=o.block_lengths(),
+                                           page_size=ps, max_pages=o.max_pages,
+                                           compression=o.compression)
+                n = hdr.normal_pages
+                if n:
+                    blk = o.block(hdr.ramblock)
+                    if o.compression == "none":
+                        data = self.chan.read_exact(n * ps)
+                    else:
+                        raw = self.chan.read_exact(hdr.next_packet_size)
+                        self.stream.decompress_into(raw, scratch, n, ps)
+                        data = scratch[:n]
+                    place_pages(data, hdr.offsets, blk.buffer[: blk.used_length], ps)
+                    self.pages += n
+                self.packets += 1
+                if hdr.sync:
+                    self.synced.release()
+                    self.release.acquire()
+        except BaseException as exc:
+            o._fail(exc)
+            self.synced.release()
+
+
+class MultifdReceiver:
+    """Receives pages from extra channels (the destination side).
+
+    Args:
+        channels: accepted channels, each positioned after its init packet,
+            in channel-id order (see :meth:`order_channels`).
+        blocks: the destination's :class:`~qmigx.ram.RAMBlockList`, filled by
+            the time pages arrive (the setup record precedes them).
+    """
+
+    def __init__(self, channels: list, blocks, *, compression: str = "none",
+                 max_pages: int = DEFAULT_MAX_PAGES, page_size: int = TARGET_PAGE_SIZE) -> None:
+        self.blocks = blocks
+        self.compression = compression
+        self.max_pages = max_pages
+        self.page_size = page_size
+        self.error: Optional[BaseException] = None
+        self.stopping = False
+        self._chans = [_RecvChannel(self, i, c) for i, c in enumerate(channels)]
+        for c in self._chans:
+            c.thread.start()
+
+    @staticmethod
+    def order_channels(channels: list, *, uuid: Optional[bytes] = None) -> list:
+        """Read each channel's init packet and return them in id order."""
+        slots: list = [None] * len(channels)
+        for ch in channels:
+            pkt = unpack_init_packet(ch.read_exact(INIT_PACKET_SIZE), channels=len(channels),
+                                     uuid=uuid)
+            if slots[pkt.channel_id] is not None:
+                raise MultifdPacketError(f"multifd channel {pkt.channel_id} connected twice",
+                                         field="id")
+            slots[pkt.channel_id] = ch
+        return slots
+
+    def block(self, name: str):
+        blk = self.blocks.get(name)
+        if blk is None:
+            raise MultifdPacketError(f"unknown ram block {name}", field="ramblock")
+        return blk
+
+    def block_lengths(self) -> dict:
+        return {b.idstr: b.used_length for b in self.blocks}
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def wait_sync(self, timeout: Optional[float] = None) -> None:
+        """Wait for every channel's next SYNC packet, then release them all."""
+        for ch in self._chans:
+            if not ch.synced.acquire(timeout=timeout):
+                raise ChannelError(f"multifd channel {ch.idx} did not reach its sync point",
+                                   field="multifd")
+            self._check()
+        for ch in self._chans:
+            ch.release.release()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            if isinstance(self.error, MigrationError):
+                raise self.error
+            raise ChannelError(f"multifd channel failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        self.stopping = True
+        for ch in self._chans:
+            ch.release.release()
+            try:
+                ch.chan.shutdown()
+            except Exception:
+                pass
+
+    @property
+    def pages(self) -> int:
+        return sum(c.pages for c in self._chans)
