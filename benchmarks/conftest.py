@@ -82,8 +82,11 @@ def vs_memcpy(benchmark):
     number of payload bytes one call of ``fn`` processes.
     """
 
-    def run(fn: Callable[[], object], nbytes: int, *, cold: bool):
-        result = benchmark(fn)
+    def run(fn: Callable[[], object], nbytes: int, *, cold: bool, rounds: int = 0):
+        if rounds:  # slow cases: a fixed number of rounds instead of calibration
+            result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+        else:
+            result = benchmark(fn)
         stats = getattr(benchmark, "stats", None)
         if stats is not None and getattr(stats, "stats", None) is not None:
             kernel = stats.stats.median

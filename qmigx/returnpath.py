@@ -1,0 +1,120 @@
+"""The return path: messages from destination to source (stream.md §8).
+
+Sans-IO both ways: :func:`encode` makes a message's bytes, and
+:class:`ReturnPathParser` turns received bytes into :class:`RpMessage`
+values, validating them as QEMU's source does (type, length, block-name
+length). Page requests (postcopy) are parsed here too, so the postcopy
+engine finds them ready.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from qmigx.errors import ReturnPathError
+from qmigx.wire import MAX_RP_MESSAGE_LEN, MIGRATION_RESUME_ACK_VALUE, MigRpMsg
+
+__all__ = ["RpMessage", "encode", "shut", "pong", "req_pages", "ReturnPathParser"]
+
+_FIXED = {MigRpMsg.SHUT: 4, MigRpMsg.PONG: 4, MigRpMsg.REQ_PAGES: 12, MigRpMsg.RESUME_ACK: 4}
+
+
+@dataclass(frozen=True)
+class RpMessage:
+    """One return-path message; ``value`` for SHUT/PONG/RESUME_ACK, pages for requests."""
+
+    type: MigRpMsg
+    payload: bytes
+    offset: int
+    value: Optional[int] = None
+    start: Optional[int] = None
+    length: Optional[int] = None
+    block: Optional[str] = None
+
+
+def encode(msg_type: MigRpMsg, payload: bytes = b"") -> bytes:
+    """A message: be16 type, be16 length, payload."""
+    return struct.pack(">HH", msg_type, len(payload)) + payload
+
+
+def shut(status: int = 0) -> bytes:
+    """SHUT: the destination is done; non-zero means it failed."""
+    return encode(MigRpMsg.SHUT, struct.pack(">I", status))
+
+
+def pong(value: int) -> bytes:
+    return encode(MigRpMsg.PONG, struct.pack(">I", value))
+
+
+def req_pages(start: int, length: int, block: Optional[str] = None) -> bytes:
+    """A postcopy page request; with ``block``, the REQ_PAGES_ID form."""
+    if block is None:
+        return encode(MigRpMsg.REQ_PAGES, struct.pack(">QI", start, length))
+    raw = block.encode()
+    return encode(MigRpMsg.REQ_PAGES_ID, struct.pack(">QIB", start, length, len(raw)) + raw)
+
+
+class ReturnPathParser:
+    """Parses the return-path byte stream, as the source reads it."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._base = 0
+
+    def feed(self, data) -> None:
+        self._buf += data
+
+    def messages(self) -> Iterator[RpMessage]:
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                at = self._base + pos
+                mtype, length = struct.unpack_from(">HH", buf, pos)
+                if mtype == 0 or mtype > max(MigRpMsg):
+                    raise ReturnPathError(f"Received invalid message 0x{mtype:04x}",
+                                          offset=at, field="type")
+                t = MigRpMsg(mtype)
+                if length > MAX_RP_MESSAGE_LEN:
+                    raise ReturnPathError(f"Received {t.name} with bad length {length}",
+                                          offset=at, field="len")
+                want = _FIXED.get(t)
+                if want is not None and length != want:
+                    raise ReturnPathError(
+                        f"Received '{t.name}' message (0x{mtype:04x}) with bad length "
+                        f"{length}, expecting {want}", offset=at, field="len")
+                if len(buf) - pos - 4 < length:
+                    break
+                payload = bytes(buf[pos + 4 : pos + 4 + length])
+                pos += 4 + length
+                yield self._decode(t, payload, at)
+        finally:
+            del buf[:pos]
+            self._base += pos
+
+    @staticmethod
+    def _decode(t: MigRpMsg, payload: bytes, at: int) -> RpMessage:
+        if t in (MigRpMsg.SHUT, MigRpMsg.PONG, MigRpMsg.RESUME_ACK):
+            value = struct.unpack(">I", payload)[0]
+            if t == MigRpMsg.RESUME_ACK and value != MIGRATION_RESUME_ACK_VALUE:
+                raise ReturnPathError(f"illegal resume_ack value {value}", offset=at,
+                                      field="value")
+            return RpMessage(t, payload, at, value=value)
+        if t == MigRpMsg.REQ_PAGES:
+            start, length = struct.unpack(">QI", payload)
+            return RpMessage(t, payload, at, start=start, length=length)
+        if t == MigRpMsg.REQ_PAGES_ID:
+            if len(payload) < 13 or len(payload) != 13 + payload[12]:
+                raise ReturnPathError("Received REQ_PAGES_ID with a bad block name length",
+                                      offset=at, field="len")
+            start, length = struct.unpack(">QI", payload[:12])
+            block = payload[13:].decode("utf-8", "replace")
+            return RpMessage(t, payload, at, start=start, length=length, block=block)
+        if t == MigRpMsg.RECV_BITMAP:
+            if not payload or len(payload) != 1 + payload[0]:
+                raise ReturnPathError("Received RECV_BITMAP with a bad block name length",
+                                      offset=at, field="len")
+            return RpMessage(t, payload, at, block=payload[1:].decode("utf-8", "replace"))
+        return RpMessage(t, payload, at)
