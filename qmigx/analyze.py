@@ -52,14 +52,9 @@ def vmdesc_json(source: Source) -> collections.OrderedDict:
 def analyze_state(source: Source, *, memory: bool = False, progress=None,
                   loader: Optional[RamLoader] = None) -> collections.OrderedDict:
     """The script's ``-d state`` dictionary (``memory``: its ``-m``)."""
-    from qmigx.vmstate import analyze_value, walk_with_vmdesc
+    from qmigx.vmstate import analyze_value
 
-    reader = StreamReader(source, progress=progress)
-    descs = {}
-    if reader.vmdesc is not None:
-        for dev in json.loads(reader.vmdesc_text,
-                              object_pairs_hook=collections.OrderedDict)["devices"]:
-            descs[(dev["name"], dev["instance_id"])] = dev
+    reader = StreamReader(source, progress=progress, ordered=True)
     sections: collections.OrderedDict = collections.OrderedDict()
     sizes = collections.OrderedDict()
     mem = collections.OrderedDict()
@@ -88,17 +83,10 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
         elif t is SectionData:
             if ev.type not in (SectionType.SECTION_START, SectionType.SECTION_FULL):
                 continue
-            desc = descs.get((ev.section.idstr, ev.section.instance_id))
-            if desc is None:
+            if ev.value is not None:
+                value = analyze_value(ev.value)
+            else:  # no description: the raw bytes, as the script shows unknown fields
                 value = " ".join("%02x" % c for c in ev.payload)
-            else:
-                cur = Cursor(ev.payload, base=ev.offset)
-                try:
-                    tree = walk_with_vmdesc(desc, cur, section=ev.section.label)
-                except NeedData:
-                    raise StreamError("device section shorter than its vmdesc entry",
-                                      offset=cur.tell(), section=ev.section.label) from None
-                value = analyze_value(tree)
             sections[ev.section.label] = value
     return sections
 

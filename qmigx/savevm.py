@@ -73,10 +73,12 @@ class StreamReader:
         source: a path, a bytes-like object, or a binary file object.
         vmdesc: ``"auto"`` (look for it), ``None`` (don't), or a parsed dict.
         progress: called with the number of bytes consumed so far.
+        ordered: parse the vmdesc into OrderedDicts (what analyze-migration
+            shows); plain dicts otherwise.
     """
 
     def __init__(self, source: Source, *, vmdesc="auto", devices: Optional[dict] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> None:
+                 progress: Optional[Callable[[int], None]] = None, ordered: bool = False) -> None:
         self._source = source
         self._progress = progress
         self.vmdesc_text: Optional[bytes] = None
@@ -84,7 +86,7 @@ class StreamReader:
         if vmdesc == "auto":
             found = self._locate_vmdesc()
             self.vmdesc_text = found[1] if found else None
-            self.vmdesc = parse_vmdesc(found[1]) if found else None
+            self.vmdesc = parse_vmdesc(found[1], ordered=ordered) if found else None
         else:
             self.vmdesc = vmdesc
         self.parser = StreamParser(vmdesc=self.vmdesc, devices=devices)

@@ -148,12 +148,18 @@ class SectionStart:
 
 @dataclass(frozen=True)
 class SectionData:
-    """A non-RAM section payload, exactly as on the wire."""
+    """A non-RAM section payload, exactly as on the wire.
+
+    ``value`` is the decoded state when the parser had a description for
+    the section: a device loader's result, or the tree
+    :func:`qmigx.vmstate.walk_with_vmdesc` makes from the stream's vmdesc.
+    """
 
     type: SectionType
     section: Section
     payload: bytes
     offset: int
+    value: Any = None
 
 
 @dataclass(frozen=True)
@@ -289,35 +295,16 @@ def find_vmdesc(buf) -> Optional[tuple[int, bytes]]:
     return None
 
 
-def parse_vmdesc(text: bytes) -> dict:
+def parse_vmdesc(text: bytes, *, ordered: bool = False) -> dict:
     """Parse vmdesc JSON into a dict; duplicate keys keep the last value."""
     try:
+        if ordered:
+            import collections
+
+            return json.loads(text, object_pairs_hook=collections.OrderedDict)
         return json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StreamError(f"vmdesc is not valid JSON: {exc}", field="vmdesc") from None
-
-
-def _vmdesc_walk(desc: dict, cur: Cursor, path: str) -> None:
-    """Consume one device payload following its vmdesc entry (§8.1)."""
-    for f in desc.get("fields", ()):
-        count = int(f.get("array_len", 1))
-        for _ in range(count):
-            if f.get("type") == "struct":
-                _vmdesc_walk(f["struct"], cur, f"{path}.{f.get('name')}")
-            else:
-                cur.skip(int(f["size"]))
-    for sub in desc.get("subsections", ()):
-        at = cur.tell()
-        if cur.read_u8() != SectionType.SUBSECTION:
-            raise StreamError(
-                f"subsection {sub.get('vmsd_name')!r} expected", offset=at, field=path)
-        name = cur.read_str8()
-        if name != sub.get("vmsd_name"):
-            raise StreamError(
-                f"subsection {sub.get('vmsd_name')!r} expected, found {name!r}",
-                offset=at, field=path)
-        cur.read_be32()
-        _vmdesc_walk(sub, cur, f"{path}/{name}")
 
 
 def _skip_block_payload(cur: Cursor) -> None:
@@ -691,29 +678,32 @@ class StreamParser:
             self._state = _S_RAM
             return [SectionStart(stype, sec, at)]
         body = cur.pos
-        self._consume_payload(cur, sec, stype)
+        value = self._consume_payload(cur, sec, stype)
         payload = bytes(cur.buf[body : cur.pos])
         if new:
             self._sections[sec.section_id] = sec
-        evs: list = [SectionStart(stype, sec, at), SectionData(stype, sec, payload, body + cur.base)]
+        evs: list = [SectionStart(stype, sec, at),
+                     SectionData(stype, sec, payload, body + cur.base, value)]
         evs.append(self._footer(cur, stype, sec))
         self._commit(cur)
         return evs
 
-    def _consume_payload(self, cur: Cursor, sec: Section, stype: SectionType) -> None:
+    def _consume_payload(self, cur: Cursor, sec: Section, stype: SectionType) -> Any:
+        """Consume one non-RAM payload; return its decoded value, if any."""
         loader = self.devices.get((sec.idstr, sec.instance_id))
         if loader is not None:
-            loader(cur, sec)
-            return
+            return loader(cur, sec)
         live = _LIVE_PARSERS.get(sec.idstr)
         if live is not None:
             live(cur)
-            return
+            return None
         desc = self._vmdesc_index.get((sec.idstr, sec.instance_id))
         if desc is not None:
-            _vmdesc_walk(desc, cur, sec.idstr)
-            return
+            from qmigx.vmstate import walk_with_vmdesc
+
+            return walk_with_vmdesc(desc, cur, section=sec.label, eof=self._eof)
         self._scan_to_footer(cur, sec)
+        return None
 
     def _scan_to_footer(self, cur: Cursor, sec: Section) -> None:
         """Delimit a payload of unknown layout by the footer that ends it."""
