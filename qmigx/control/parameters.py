@@ -1,0 +1,397 @@
+"""Migration parameters: QEMU 7.2's tunables, their defaults and its checks.
+
+``migrate-set-parameters`` may be called at any time, even during a
+migration, and tools rely on both the defaults that
+``query-migrate-parameters`` reports and the exact refusals (control.md
+§3). A request is handled as QEMU handles it: first QMP's own argument
+checks (types, unknown names), then the range and cross checks on the
+full resulting set, and only then is anything changed (all or nothing).
+Error texts are QEMU's, including its use of underscores in names.
+
+One deliberate difference: QEMU 7.2 silently ignores
+``multifd-zlib-level`` / ``multifd-zstd-level`` given to
+``migrate-set-parameters`` (they are missing from its apply code); qmigx
+range-checks and stores them as the schema intends.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional
+
+from qmigx.control._qdict import qdict
+from qmigx.errors import ParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmigx.control.capabilities import Capabilities
+
+__all__ = [
+    "ParamSpec",
+    "PARAMETERS",
+    "DEFAULTS",
+    "MULTIFD_COMPRESSION",
+    "Parameters",
+    "InternalProperties",
+    "CLEAR_BITMAP_SHIFT_MIN",
+    "CLEAR_BITMAP_SHIFT_MAX",
+    "CLEAR_BITMAP_SHIFT_DEFAULT",
+]
+
+U64_MAX = (1 << 64) - 1
+_I64_MIN = -(1 << 63)
+
+MULTIFD_COMPRESSION: tuple[str, ...] = ("none", "zlib", "zstd")
+
+
+class ParamSpec(NamedTuple):
+    """One parameter: QMP name, QAPI type and default."""
+
+    name: str
+    qapi_type: str  # uint8 | uint32 | uint64 | size | bool | StrOrNull | MultiFDCompression | mapping
+    default: Any
+
+    @property
+    def attr(self) -> str:
+        """The Python name (``-`` becomes ``_``)."""
+        return self.name.replace("-", "_")
+
+
+#: Every parameter, in the QAPI schema's member order (QMP visits them so).
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("announce-initial", "size", 50),
+    ParamSpec("announce-max", "size", 550),
+    ParamSpec("announce-rounds", "size", 5),
+    ParamSpec("announce-step", "size", 100),
+    ParamSpec("compress-level", "uint8", 1),
+    ParamSpec("compress-threads", "uint8", 8),
+    ParamSpec("compress-wait-thread", "bool", True),
+    ParamSpec("decompress-threads", "uint8", 2),
+    ParamSpec("throttle-trigger-threshold", "uint8", 50),
+    ParamSpec("cpu-throttle-initial", "uint8", 20),
+    ParamSpec("cpu-throttle-increment", "uint8", 10),
+    ParamSpec("cpu-throttle-tailslow", "bool", False),
+    ParamSpec("tls-creds", "StrOrNull", ""),
+    ParamSpec("tls-hostname", "StrOrNull", ""),
+    ParamSpec("tls-authz", "StrOrNull", None),  # unset; reported as ""
+    ParamSpec("max-bandwidth", "size", 128 << 20),
+    ParamSpec("downtime-limit", "uint64", 300),
+    ParamSpec("x-checkpoint-delay", "uint32", 20000),
+    ParamSpec("block-incremental", "bool", False),
+    ParamSpec("multifd-channels", "uint8", 2),
+    ParamSpec("xbzrle-cache-size", "size", 64 << 20),
+    ParamSpec("max-postcopy-bandwidth", "size", 0),
+    ParamSpec("max-cpu-throttle", "uint8", 99),
+    ParamSpec("multifd-compression", "MultiFDCompression", "none"),
+    ParamSpec("multifd-zlib-level", "uint8", 1),
+    ParamSpec("multifd-zstd-level", "uint8", 1),
+    ParamSpec("block-bitmap-mapping", "mapping", None),  # unset until given
+)
+
+_SPECS = {p.name: p for p in PARAMETERS}
+_BY_ATTR = {p.attr: p for p in PARAMETERS}
+
+#: Defaults by QMP name (``tls-authz`` and ``block-bitmap-mapping`` start unset: None).
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
+
+_UINT_MAX = {"uint8": (0xFF, "uint8_t"), "uint32": (0xFFFFFFFF, "uint32_t")}
+
+# (name, low, high, what) in the order QEMU checks them; low None = cpu-throttle-initial.
+_RANGES: tuple[tuple[str, Optional[int], int, str], ...] = (
+    ("compress-level", 0, 9, "a value between 0 and 9"),
+    ("compress-threads", 1, 255, "a value between 1 and 255"),
+    ("decompress-threads", 1, 255, "a value between 1 and 255"),
+    ("throttle-trigger-threshold", 1, 100, "an integer in the range of 1 to 100"),
+    ("cpu-throttle-initial", 1, 99, "an integer in the range of 1 to 99"),
+    ("cpu-throttle-increment", 1, 99, "an integer in the range of 1 to 99"),
+    ("max-bandwidth", 0, U64_MAX, "an integer in the range of 0 to (18446744073709551615UL) bytes/second"),
+    ("downtime-limit", 0, 2000000, "an integer in the range of 0 to (2000 * 1000) ms"),
+    ("multifd-channels", 1, 255, "a value between 1 and 255"),
+    ("multifd-zlib-level", 0, 9, "a value between 0 and 9"),
+    ("multifd-zstd-level", 0, 20, "a value between 0 and 20"),
+    ("xbzrle-cache-size", 0, U64_MAX, "a power of two no less than the target page size"),
+    ("max-cpu-throttle", None, 99, "an integer in the range of cpu_throttle_initial to 99"),
+    ("announce-initial", 0, 100000, "a value between 0 and 100000"),
+    ("announce-max", 0, 100000, "a value between 0 and 100000"),
+    ("announce-rounds", 0, 1000, "a value between 0 and 1000"),
+    ("announce-step", 1, 10000, "a value between 0 and 10000"),  # sic: QEMU says 0
+)
+
+_NODE_NAME_MAX = 31
+_BITMAP_NAME_MAX = 1023
+_ALIAS_MAX = 255
+
+
+def _err(message: str, name: str) -> ParameterError:
+    return ParameterError(message, field=name)
+
+
+# --- QMP argument checks (QEMU's input visitor) ---------------------------------
+
+
+def _parse_uint(name: str, value: Any, qapi_type: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not _I64_MIN <= value <= U64_MAX:
+        raise _err(f"Parameter '{name}' expects uint64", name)
+    value &= U64_MAX  # QMP accepts negative numbers for unsigned types, two's complement
+    if qapi_type in _UINT_MAX:
+        limit, cname = _UINT_MAX[qapi_type]
+        if value > limit:
+            raise _err(f"Parameter '{name}' expects {cname}", name)
+    return value
+
+
+def _expect(cond: bool, path: str, what: str) -> None:
+    if not cond:
+        raise _err(f"Invalid parameter type for '{path}', expected: {what}", path)
+
+
+def _struct(obj: Any, path: str, members: tuple[tuple[str, str, bool], ...]) -> dict[str, Any]:
+    """Visit a QAPI struct: members (name, kind, required) in schema order, then extras."""
+    _expect(isinstance(obj, Mapping), path, "object")
+    out: dict[str, Any] = {}
+    for key, kind, required in members:
+        sub = f"{path}.{key}"
+        if key not in obj:
+            if required:
+                raise _err(f"Parameter '{sub}' is missing", sub)
+            continue
+        val = obj[key]
+        if kind == "str":
+            _expect(isinstance(val, str), sub, "string")
+        elif kind == "bool":
+            _expect(isinstance(val, bool), sub, "boolean")
+        elif kind == "bitmaps":
+            _expect(isinstance(val, (list, tuple)), sub, "array")
+            val = [_struct(b, f"{sub}[{j}]", _BITMAP_MEMBERS) for j, b in enumerate(val)]
+        elif kind == "transform":
+            val = _struct(val, sub, (("persistent", "bool", False),))
+        out[key] = val
+    known = {m[0] for m in members}
+    for key in obj:
+        if key not in known:
+            raise _err(f"Parameter '{path}.{key}' is unexpected", f"{path}.{key}")
+    return out
+
+
+_BITMAP_MEMBERS = (("name", "str", True), ("alias", "str", True), ("transform", "transform", False))
+_NODE_MEMBERS = (("node-name", "str", True), ("alias", "str", True), ("bitmaps", "bitmaps", True))
+
+
+def _parse_mapping(name: str, value: Any) -> list[dict[str, Any]]:
+    _expect(isinstance(value, (list, tuple)), name, "array")
+    return [_struct(node, f"{name}[{i}]", _NODE_MEMBERS) for i, node in enumerate(value)]
+
+
+def _parse_value(spec: ParamSpec, value: Any) -> Any:
+    name, kind = spec.name, spec.qapi_type
+    if kind in ("uint8", "uint32", "uint64", "size"):
+        return _parse_uint(name, value, kind)
+    if kind == "bool":
+        _expect(isinstance(value, bool), name, "boolean")
+        return value
+    if kind == "StrOrNull":
+        _expect(value is None or isinstance(value, str), name, "StrOrNull")
+        return "" if value is None else value  # null means "" (QEMU rewrites it)
+    if kind == "MultiFDCompression":
+        _expect(isinstance(value, str), name, "string")
+        if value not in MULTIFD_COMPRESSION:
+            raise _err(f"Parameter '{name}' does not accept value '{value}'", name)
+        return value
+    return _parse_mapping(name, value)
+
+
+# --- checks on the full set (QEMU's migrate_params_check) -----------------------
+
+
+def _id_wellformed(raw: bytes) -> bool:
+    if not raw or not (65 <= raw[0] <= 90 or 97 <= raw[0] <= 122):
+        return False
+    return all(chr(c).isascii() and (chr(c).isalnum() or c in b"-._") for c in raw[1:])
+
+
+def _check_alias_map(mapping: list[dict[str, Any]], name_to_alias: bool) -> Optional[str]:
+    seen_nodes: set[str] = set()
+    for node in mapping:
+        node_name, alias = node["node-name"], node["alias"]
+        if not _id_wellformed(alias.encode()):
+            return f"The node alias '{alias}' is not well-formed"
+        if len(alias.encode()) > _ALIAS_MAX:
+            return f"The node alias '{alias}' is longer than {_ALIAS_MAX} bytes"
+        if len(node_name.encode()) > _NODE_NAME_MAX:
+            return f"The node name '{node_name}' is longer than {_NODE_NAME_MAX} bytes"
+        key = node_name if name_to_alias else alias
+        if key in seen_nodes:
+            return (f"The node name '{node_name}' is mapped twice" if name_to_alias
+                    else f"The node alias '{alias}' is used twice")
+        seen_nodes.add(key)
+        seen_bitmaps: set[str] = set()
+        for bm in node["bitmaps"]:
+            if len(bm["alias"].encode()) > _ALIAS_MAX:
+                return f"The bitmap alias '{bm['alias']}' is longer than {_ALIAS_MAX} bytes"
+            if len(bm["name"].encode()) > _BITMAP_NAME_MAX:
+                return f"The bitmap name '{bm['name']}' is longer than {_BITMAP_NAME_MAX} bytes"
+            bkey = bm["name"] if name_to_alias else bm["alias"]
+            if bkey in seen_bitmaps:
+                return (f"The bitmap '{node_name}'/'{bm['name']}' is mapped twice" if name_to_alias
+                        else f"The bitmap alias '{alias}'/'{bm['alias']}' is used twice")
+            seen_bitmaps.add(bkey)
+    return None
+
+
+def _check_full(p: Mapping[str, Any], page_size: int, zero_copy_send: bool) -> None:
+    for name, low, high, what in _RANGES:
+        v = p[name]
+        if name == "xbzrle-cache-size":
+            ok = v >= page_size and v & (v - 1) == 0
+        else:
+            ok = (p["cpu-throttle-initial"] if low is None else low) <= v <= high
+        if not ok:
+            raise _err(f"Parameter '{name.replace('-', '_')}' expects {what}", name)
+    mapping = p["block-bitmap-mapping"]
+    if mapping is not None:
+        problem = _check_alias_map(mapping, True) or _check_alias_map(mapping, False)
+        if problem:
+            raise _err(f"Invalid mapping given for block-bitmap-mapping: {problem}", "block-bitmap-mapping")
+    if zero_copy_send and (p["multifd-compression"] != "none" or p["tls-creds"]):
+        raise _err("Zero copy only available for non-compressed non-TLS multifd migration",
+                   "multifd-compression" if p["multifd-compression"] != "none" else "tls-creds")
+
+
+def _copy_mapping(mapping: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+    return copy.deepcopy(mapping)
+
+
+class Parameters:
+    """One side's migration parameters, starting at QEMU 7.2's defaults.
+
+    Read with :meth:`get` (QMP or Python name) or as attributes with
+    Python names (``params.max_bandwidth``); change only with :meth:`set`.
+
+    Args:
+        page_size: target page size (the ``xbzrle-cache-size`` floor).
+        capabilities: the same side's :class:`Capabilities`; linked both
+            ways so each checks the rules that involve the other
+            (``zero-copy-send`` vs multifd compression and TLS).
+    """
+
+    def __init__(self, *, page_size: int = 4096, capabilities: "Capabilities | None" = None) -> None:
+        self._values: dict[str, Any] = dict(DEFAULTS)
+        self.page_size = page_size
+        self.capabilities = capabilities
+        if capabilities is not None:
+            capabilities.parameters = self
+        self._listeners: list[Callable[[dict[str, Any]], object]] = []
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self._values.items() if v != DEFAULTS[k]}
+        return f"Parameters({changed!r})"
+
+    def get(self, name: str) -> Any:
+        """Value of ``name`` (``"max-bandwidth"`` or ``"max_bandwidth"``)."""
+        spec = _SPECS.get(name) or _BY_ATTR.get(name)
+        if spec is None:
+            raise _err(f"Parameter '{name}' is unexpected", name)
+        value = self._values[spec.name]
+        return _copy_mapping(value) if spec.qapi_type == "mapping" else value
+
+    def __getattr__(self, attr: str) -> Any:
+        spec = _BY_ATTR.get(attr)
+        if spec is None:
+            raise AttributeError(attr)
+        return self.get(spec.name)
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], object]) -> None:
+        """Call ``fn(changes)`` after each successful :meth:`set` (QMP names -> new values)."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[dict[str, Any]], object]) -> None:
+        self._listeners.remove(fn)
+
+    def set(self, values: Optional[Mapping[str, Any]] = None, /, **kwargs: Any) -> dict[str, Any]:
+        """``migrate-set-parameters``: all of it or nothing.
+
+        ``values`` uses QMP names (``{"max-bandwidth": 1 << 30}``),
+        keyword arguments Python names (``max_bandwidth=1 << 30``).
+        ``tls-*`` accept None (≡ ""). Returns the applied values by QMP
+        name. Raises :class:`ParameterError` with QEMU 7.2's text.
+        """
+        request: dict[str, Any] = dict(values or {})
+        for attr, v in kwargs.items():
+            request[attr.replace("_", "-")] = v
+        parsed: dict[str, Any] = {}
+        for spec in PARAMETERS:  # QMP visits members in schema order ...
+            if spec.name in request:
+                parsed[spec.name] = _parse_value(spec, request[spec.name])
+        for key in request:  # ... then complains about the rest
+            if key not in _SPECS:
+                raise _err(f"Parameter '{key}' is unexpected", key)
+        full = dict(self._values)
+        full.update(parsed)
+        zero_copy = self.capabilities is not None and self.capabilities.get("zero-copy-send")
+        _check_full(full, self.page_size, zero_copy)
+        self._values = full
+        changes = {k: _copy_mapping(v) if k == "block-bitmap-mapping" else v for k, v in parsed.items()}
+        for fn in list(self._listeners):
+            fn(dict(changes))
+        return changes
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every parameter by QMP name, schema order, unset ones as None."""
+        return {k: _copy_mapping(v) if k == "block-bitmap-mapping" else v for k, v in self._values.items()}
+
+    def as_qmp(self) -> dict[str, Any]:
+        """``query-migrate-parameters`` as QEMU 7.2 sends it (its key order too)."""
+        out: dict[str, Any] = {}
+        for spec in PARAMETERS:
+            v = self._values[spec.name]
+            if spec.qapi_type == "mapping":
+                if v is None:
+                    continue
+                v = [_mapping_qmp(node) for node in v]
+            elif v is None:
+                v = ""
+            out[spec.name] = v
+        return qdict(out)
+
+
+def _mapping_qmp(node: Mapping[str, Any]) -> dict[str, Any]:
+    bitmaps = []
+    for bm in node["bitmaps"]:
+        entry = {k: bm[k] for k in ("name", "alias")}
+        if "transform" in bm:
+            entry["transform"] = qdict(bm["transform"])
+        bitmaps.append(qdict(entry))
+    return qdict({"node-name": node["node-name"], "alias": node["alias"], "bitmaps": bitmaps})
+
+
+CLEAR_BITMAP_SHIFT_MIN = 6
+CLEAR_BITMAP_SHIFT_MAX = 31
+CLEAR_BITMAP_SHIFT_DEFAULT = 18
+
+
+@dataclasses.dataclass
+class InternalProperties:
+    """Properties of QEMU's migration object that are not QMP parameters.
+
+    Set with ``-global migration.<name>=<value>`` or by machine-type
+    compat (false for old machine types, see control.md §3).
+    """
+
+    store_global_state: bool = True
+    send_configuration: bool = True
+    send_section_footer: bool = True
+    decompress_error_check: bool = True
+    #: ``x-clear-bitmap-shift``: log2 of the pages per dirty-log clear chunk (uint8).
+    clear_bitmap_shift: int = CLEAR_BITMAP_SHIFT_DEFAULT
+    #: ``x-postcopy-preempt-break-huge`` (7.2).
+    postcopy_preempt_break_huge: bool = True
+
+    def __post_init__(self) -> None:
+        v = self.clear_bitmap_shift
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFF:
+            raise _err("Parameter 'x-clear-bitmap-shift' expects uint8_t", "x-clear-bitmap-shift")
+
+    @property
+    def effective_clear_bitmap_shift(self) -> int:
+        """The shift RAM setup uses: QEMU clamps the property to 6 … 31."""
+        return min(max(self.clear_bitmap_shift, CLEAR_BITMAP_SHIFT_MIN), CLEAR_BITMAP_SHIFT_MAX)
