@@ -185,6 +185,15 @@ class _RecvChannel:
         self.pages = 0
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
 
+    def _read_header_start(self, n: int):
+        buf = bytearray(n)
+        got = self.chan.readinto(buf)
+        if got == 0:
+            return None
+        if got < n:
+            self.chan.readinto_exact(memoryview(buf)[got:])
+        return bytes(buf)
+
     def _run(self) -> None:
         o = self.owner
         ps = o.page_size
@@ -192,8 +201,8 @@ class _RecvChannel:
         scratch = np.empty((o.max_pages, ps), np.uint8)
         try:
             while not o.stopping:
-                head = self.chan.read_exact(fixed)
-                if not head:
+                head = self._read_header_start(fixed)
+                if head is None:  # the source closed the channel between packets
                     return
                 pages_alloc = int.from_bytes(head[12:16], "big")
                 if pages_alloc > o.max_pages:

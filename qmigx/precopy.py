@@ -212,7 +212,9 @@ class RamSaveState:
         offs = offsets[nz]
         data = rows[nz] if not nz.all() else rows
         if self.multifd is not None:
-            w.stats.transferred += self.multifd.queue(blk, offs, data)
+            charged = self.multifd.queue(blk, offs, data)
+            w.stats.transferred += charged
+            w.f.rate_limit_used += charged  # 7.2 charges multifd to the main budget
             self.multifd_pages += len(offs)
         elif self.xbzrle_enabled:
             self._send_xbzrle(w, s, offs, data)

@@ -1,0 +1,801 @@
+"""Live migration: the source and destination drivers (QEMU's migration.c).
+
+:class:`MigrationSource` runs QEMU's migration thread: setup (channels,
+header, configuration, return path, the ``ram`` START), iterations (one
+``ram`` PART each, rate-limited to ``max-bandwidth`` in 100 ms windows,
+until the remaining dirty memory could be sent within ``downtime-limit``),
+then completion (guest stopped, final sync, ``ram`` END, device sections,
+EOF, vmdesc, and the destination's SHUT when the return path is open).
+:class:`MigrationDestination` accepts the channels, feeds the stream
+parser, places pages (multifd channels included) and answers on the
+return path.
+
+A failed or cancelled migration loses nothing on the source: its guest
+memory is only ever read, and a guest stopped for completion is started
+again. Both drivers run in a thread of their own, report state changes
+through :class:`~qmigx.control.StateMachine` listeners (the MIGRATION
+event) and answer :meth:`query` at any time.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from qmigx import channels, returnpath
+from qmigx.control import (
+    Capabilities,
+    DirtyRatePeriod,
+    MigrationEvents,
+    MigrationStats,
+    MigrationStatus,
+    Parameters,
+    RateWindow,
+    StateMachine,
+    query_migrate,
+)
+from qmigx.errors import (
+    CapabilityError,
+    ChannelError,
+    MigrationCancelled,
+    MigrationError,
+    StreamError,
+)
+from qmigx.multifd_channels import MultifdReceiver, MultifdSender
+from qmigx.precopy import RamSaveState
+from qmigx.qemufile import QEMUFile
+from qmigx.ram import RAMBlockList, RamLoader, RamWriter
+from qmigx.savevm import DeviceState
+from qmigx.stream import (
+    Command,
+    ConfigSubsection,
+    Configuration,
+    EndOfState,
+    EndOfStream,
+    RamEOS,
+    RamPages,
+    RamSetup,
+    Section,
+    SectionData,
+    StreamParser,
+    StreamWriter,
+    VMDescription,
+)
+from qmigx.wire import MigCmd, MigRpMsg, SectionType
+
+__all__ = ["Guest", "SimpleGuest", "MigrationSource", "MigrationDestination", "IncomingResult"]
+
+S = MigrationStatus
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Guest(Protocol):
+    """What the source needs from the guest whose memory migrates.
+
+    ``stop``/``start`` pause and resume it (completion stops it; a failed
+    or cancelled migration starts it again), ``running`` says whether it
+    runs, ``runstate`` names its state for ``globalstate``, and
+    ``throttle(percent)`` slows it down (auto-converge).
+    """
+
+    running: bool
+
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def runstate(self) -> str: ...
+
+    def throttle(self, percent: int) -> None: ...
+
+
+class SimpleGuest:
+    """A guest with nothing to stop but a flag (memory written by others)."""
+
+    def __init__(self, running: bool = True) -> None:
+        self.running = running
+        self.throttle_percent = 0
+
+    def stop(self) -> None:
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def runstate(self) -> str:
+        return "running" if self.running else "paused"
+
+    def throttle(self, percent: int) -> None:
+        self.throttle_percent = percent
+
+
+class _Controls:
+    """Capabilities, parameters, state, stats and events of one side."""
+
+    def __init__(self, side: str, capabilities: Optional[Capabilities],
+                 parameters: Optional[Parameters]) -> None:
+        self.caps = capabilities if capabilities is not None else Capabilities()
+        self.params = parameters if parameters is not None else Parameters(capabilities=self.caps)
+        self.state = StateMachine(side)
+        self.stats = MigrationStats()
+        self.events = MigrationEvents(self.caps)
+        self.events.attach(self.state)
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            self.stats.error_desc = str(exc)
+
+
+class MigrationSource:
+    """An outgoing migration of ``blocks`` (and device state) to a URI.
+
+    Args:
+        blocks: the guest's RAM blocks, in RAM-list order.
+        devices: device sections to send at completion, in order
+            (:class:`~qmigx.savevm.DeviceState`; or
+            :class:`~qmigx.stream.SectionData` replayed verbatim, ids kept).
+        vmdesc: the vmdesc text to send; default: built from ``devices``.
+        guest: what completion stops (default: a :class:`SimpleGuest`).
+        dirty_logs: a dirty-log source per block idstr (see
+            :mod:`qmigx.dirtylog`); blocks without one are sent once.
+        capabilities, parameters: QEMU's, as set with
+            ``migrate-set-capabilities`` / ``-parameters``.
+        machine_type: sent in the configuration section.
+        configuration: a received :class:`~qmigx.stream.Configuration` to
+            replay instead (keeps its subsections).
+        uuid: the VM's 16-byte UUID (multifd init packets, validate-uuid).
+        clear_bitmap_shift: ``x-clear-bitmap-shift``.
+        globalstate: add a ``globalstate`` section (QEMU's default).
+    """
+
+    def __init__(self, blocks: RAMBlockList, *, devices: list = (), vmdesc: Optional[bytes] = None,
+                 guest: Optional[Guest] = None, dirty_logs: Optional[dict] = None,
+                 capabilities: Optional[Capabilities] = None,
+                 parameters: Optional[Parameters] = None,
+                 machine_type: str = "pc-i440fx-7.2",
+                 configuration: Optional[Configuration] = None, uuid: Optional[bytes] = None,
+                 clear_bitmap_shift: int = 18, globalstate: bool = True,
+                 connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0) -> None:
+        self.blocks = blocks
+        self.devices = list(devices)
+        self.vmdesc = vmdesc
+        self.guest = guest if guest is not None else SimpleGuest()
+        self.dirty_logs = dirty_logs or {}
+        self.c = _Controls("source", capabilities, parameters)
+        self.machine_type = machine_type
+        self.configuration = configuration
+        self.uuid = uuid
+        self.clear_bitmap_shift = clear_bitmap_shift
+        self.globalstate = globalstate
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self._thread: Optional[threading.Thread] = None
+        self._cancel = threading.Event()
+        self._continue = threading.Event()
+        self._chans: list = []
+        self._rp_thread: Optional[threading.Thread] = None
+        self._shut = threading.Event()
+        self._shut_status: Optional[int] = None
+        self._rp_error: Optional[BaseException] = None
+        self.ram: Optional[RamSaveState] = None
+        self.iterations: list[dict] = []  # per-iteration report rows
+        self.on_iteration: Optional[Callable[[dict], None]] = None
+
+    # -- public --------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.c.caps
+
+    @property
+    def parameters(self) -> Parameters:
+        return self.c.params
+
+    @property
+    def state(self) -> StateMachine:
+        return self.c.state
+
+    @property
+    def events(self) -> MigrationEvents:
+        return self.c.events
+
+    @property
+    def stats(self) -> MigrationStats:
+        return self.c.stats
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.c.error
+
+    def migrate(self, uri: str) -> None:
+        """Start migrating to ``uri`` in the background (QMP ``migrate``)."""
+        st = self.c.state
+        if st.is_running():
+            raise MigrationError("There's a migration process in progress")
+        channels.parse_uri(uri)  # bad URIs fail here, before any state change
+        if self.c.caps.get("multifd") and not channels.parse_uri(uri).multi_channel:
+            raise CapabilityError("multifd is not supported by current protocol",
+                                  field="multifd")
+        self.c.error = None
+        self.c.stats.error_desc = None
+        self.c.done.clear()
+        self._cancel.clear()
+        self._continue.clear()
+        self._shut.clear()
+        self.c.stats.reset(_now_ms(), self.c.params.downtime_limit)
+        st.reset_for_new_migration()  # -> setup
+        self._thread = threading.Thread(target=self._run, args=(uri,), name="migration",
+                                        daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: stop now; the guest keeps (or resumes) running."""
+        st = self.c.state
+        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG):
+            if st.try_transition(old, S.CANCELLING):
+                break
+        else:
+            return
+        self._cancel.set()
+        self._continue.set()
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def migrate_continue(self, state: str) -> None:
+        """``migrate-continue``: leave ``pre-switchover``."""
+        cur = self.c.state.state
+        if cur.value != state:
+            raise MigrationError(f"Migration not in expected state: {cur.value}")
+        self._continue.set()
+
+    def wait(self, timeout: Optional[float] = None) -> MigrationStatus:
+        """Wait until the migration ended; return the final state."""
+        self.c.done.wait(timeout)
+        return self.c.state.state
+
+    def query(self) -> dict:
+        """QEMU's ``query-migrate`` reply for this side."""
+        self._refresh_stats()
+        return query_migrate(self.c.state, self.c.stats, self.c.caps,
+                             xbzrle_cache_size=self.c.params.xbzrle_cache_size)
+
+    # -- the migration thread -------------------------------------------------
+    def _refresh_stats(self) -> None:
+        ram = self.ram
+        if ram is None:
+            return
+        s = self.c.stats
+        s.total = ram.total
+        if self.c.state.state not in (S.COMPLETED,):
+            s.remaining = ram.pending()
+        if ram.cache is not None:
+            cs = ram.cache.stats()
+            s.xbzrle_cache_miss = cs["cache-miss"]
+            s.xbzrle_overflow = cs["overflow"]
+            s.xbzrle_bytes = cs["bytes"]
+            s.xbzrle_pages = cs["pages"]
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    def _run(self, uri: str) -> None:
+        st = self.c.state
+        caps, params, stats = self.c.caps, self.c.params, self.c.stats
+        guest_was_running = self.guest.running
+        stopped_by_us = False
+        sender = None
+        main = None
+        try:
+            main = channels.connect(uri, timeout=self.connect_timeout)
+            self._chans.append(main)
+            main.set_timeout(self.io_timeout)
+            self._check_cancel()
+            if caps.get("multifd"):
+                extra = []
+                for _ in range(params.multifd_channels):
+                    ch = channels.connect_extra(uri, timeout=self.connect_timeout)
+                    ch.set_timeout(self.io_timeout)
+                    self._chans.append(ch)
+                    extra.append(ch)
+                comp = params.multifd_compression
+                level = {"zlib": params.multifd_zlib_level,
+                         "zstd": params.multifd_zstd_level}.get(comp)
+                sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid)
+            f = QEMUFile(main.write)
+            w = StreamWriter(f)
+            rw = RamWriter(f)
+            ignore_shared = bool(caps.get("x-ignore-shared"))
+            ram = RamSaveState(
+                self.blocks, dirty_logs=self.dirty_logs,
+                xbzrle_cache_size=params.xbzrle_cache_size if caps.get("xbzrle") else None,
+                compress_level=params.compress_level if caps.get("compress") else None,
+                multifd=sender, ignore_shared=ignore_shared,
+                clear_bitmap_shift=self.clear_bitmap_shift)
+            self.ram = ram
+            period = DirtyRatePeriod()
+            # -- setup
+            w.header()
+            if self.configuration is not None:
+                w.raw_configuration(self.configuration.raw)
+            else:
+                w.configuration(self.machine_type, self._config_subsections(ignore_shared))
+            rp = bool(caps.get("return-path"))
+            if rp:
+                if not main.has_return_path:
+                    raise ChannelError("return path not available on this transport",
+                                       field="return-path")
+                w.command(MigCmd.OPEN_RETURN_PATH)
+                w.command(MigCmd.PING, struct.pack(">I", 1))
+                self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
+                                                   name="return-path", daemon=True)
+                self._rp_thread.start()
+            sec = Section(2, "ram", 0, 4)
+            w.section_header(SectionType.SECTION_START, sec)
+            pass_no = period.begin_sync(stats, _now_ms())
+            ram.setup(rw)
+            self.c.events.dirty_pass(pass_no)
+            self._ram_eos(rw, sender, w, sec)
+            f.flush()
+            f.check()
+            stats.setup_time = _now_ms() - stats.start_time
+            if not st.try_transition(S.SETUP, S.ACTIVE):
+                self._check_cancel()
+            window = RateWindow()
+            f.rate_limit_max = params.max_bandwidth // 10
+            window.start(stats, _now_ms(), f.total_transferred + self._multifd_bytes(sender))
+            # -- iterations
+            while True:
+                self._check_cancel()
+                f.check()
+                self._rp_check()
+                pending = ram.pending()
+                if pending < window.threshold_size:
+                    self._sync(ram, period, stats)
+                    pending = ram.pending()
+                if not pending or pending < window.threshold_size:
+                    break
+                t0 = time.monotonic()
+                w.section_header(SectionType.SECTION_PART, sec)
+                sent_before = f.total_transferred
+                ram.iterate(rw, over_budget=f.rate_limit_exceeded)
+                self._ram_eos(rw, sender, w, sec)
+                f.flush()
+                f.check()
+                self._account(ram, rw, stats, f, sender)
+                self._report_iteration(ram, f.total_transferred - sent_before, t0)
+                now = _now_ms()
+                f.rate_limit_max = params.max_bandwidth // 10
+                if window.update(stats, now, f.total_transferred + self._multifd_bytes(sender),
+                                 params.downtime_limit):
+                    f.rate_limit_reset()
+                elif f.rate_limit_exceeded():
+                    # budget spent: wait for the window to end (QEMU's migration_rate_limit)
+                    delay = (window.start_ms + RateWindow.BUFFER_DELAY_MS - now) / 1000
+                    if delay > 0 and self._cancel.wait(delay):
+                        self._check_cancel()
+            # -- completion
+            self._check_cancel()
+            runstate = self.guest.runstate()
+            stats.downtime_start = _now_ms()
+            if self.guest.running:
+                self.guest.stop()
+                stopped_by_us = True
+            if caps.get("pause-before-switchover"):
+                st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER)
+                while not self._continue.wait(0.1):
+                    self._check_cancel()
+                self._check_cancel()
+                st.try_transition(S.PRE_SWITCHOVER, S.DEVICE)
+            f.rate_limit_max = 0
+            w.section_header(SectionType.SECTION_END, sec)
+            pass_no = period.begin_sync(stats, _now_ms())
+            ram.complete(rw)
+            self.c.events.dirty_pass(pass_no)
+            self._ram_eos(rw, sender, w, sec)
+            self._write_devices(w, runstate, first_id=3)
+            w.eof()
+            f.flush()
+            f.check()
+            self._account(ram, rw, stats, f, sender)
+            if rp:
+                self._wait_shut()
+            stats.remaining = 0
+            stats.complete(_now_ms(), f.total_transferred + self._multifd_bytes(sender))
+            if not (st.try_transition(S.ACTIVE, S.COMPLETED)
+                    or st.try_transition(S.DEVICE, S.COMPLETED)):
+                self._check_cancel()
+        except BaseException as exc:  # noqa: BLE001 - every failure ends in a state
+            self._finish_failure(exc)
+            if stopped_by_us and guest_was_running:
+                self.guest.start()
+        finally:
+            if sender is not None:
+                sender.close(wait=False)
+            for ch in self._chans:
+                try:
+                    ch.close(timeout=2)
+                except Exception:
+                    pass
+            self._chans.clear()
+            self.c.done.set()
+
+    def _finish_failure(self, exc: BaseException) -> None:
+        st = self.c.state
+        if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
+            st.try_transition(S.CANCELLING, S.CANCELLED)
+            return
+        self.c.fail(exc)
+        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG):
+            if st.try_transition(old, S.FAILED):
+                break
+
+    def _config_subsections(self, ignore_shared: bool) -> list:
+        subs = []
+        if ignore_shared:
+            name = b"x-ignore-shared"
+            subs.append(ConfigSubsection("configuration/capabilities", 1,
+                                         struct.pack(">I", 1) + bytes((len(name),)) + name))
+        if self.c.caps.get("validate-uuid") and self.uuid is not None:
+            subs.append(ConfigSubsection("configuration/uuid", 1, bytes(self.uuid)))
+        return subs
+
+    @staticmethod
+    def _multifd_bytes(sender) -> int:
+        return 0 if sender is None else sender.bytes_charged
+
+    def _ram_eos(self, rw: RamWriter, sender, w: StreamWriter, sec: Section) -> None:
+        if sender is not None:
+            charged = sender.sync()
+            rw.stats.transferred += charged
+        rw.eos()
+        w.footer(sec)
+
+    def _sync(self, ram: RamSaveState, period: DirtyRatePeriod, stats: MigrationStats) -> None:
+        pass_no = period.begin_sync(stats, _now_ms())
+        new = ram.bitmap_sync()
+        self.c.events.dirty_pass(pass_no)
+        period.end_sync(stats, _now_ms(), dirty_pages=new, target_pages=ram.pages_sent,
+                        xbzrle=ram.cache is not None, compress=ram.compress_level is not None)
+        stats.dirty_sync_count = max(stats.dirty_sync_count, ram.dirty_sync_count)
+
+    def _account(self, ram: RamSaveState, rw: RamWriter, stats: MigrationStats, f: QEMUFile,
+                 sender) -> None:
+        stats.transferred = rw.stats.transferred
+        stats.duplicate = ram.zero_pages
+        stats.normal = ram.normal_pages + ram.multifd_pages
+        stats.compression_pages = ram.compressed_pages
+        stats.multifd_bytes = self._multifd_bytes(sender)
+        if self.guest.running:
+            stats.precopy_bytes = rw.stats.transferred - stats.downtime_bytes
+        else:
+            stats.downtime_bytes = rw.stats.transferred - stats.precopy_bytes
+        self._refresh_stats()
+
+    def _report_iteration(self, ram: RamSaveState, nbytes: int, t0: float) -> None:
+        row = {"dirty_sync_count": ram.dirty_sync_count, "bytes": nbytes,
+               "seconds": time.monotonic() - t0, "remaining": ram.pending(),
+               "zero": ram.zero_pages, "normal": ram.normal_pages,
+               "xbzrle": ram.xbzrle_pages, "compressed": ram.compressed_pages,
+               "multifd": ram.multifd_pages}
+        self.iterations.append(row)
+        if self.on_iteration is not None:
+            self.on_iteration(row)
+
+    def _write_devices(self, w: StreamWriter, runstate: str, first_id: int) -> None:
+        from qmigx.savevm import vmstate_device
+        from qmigx.vmstate import VMSTATE_GLOBALSTATE, globalstate
+
+        entries = []
+        next_id = first_id
+        devices = list(self.devices)
+        if self.globalstate and not any(
+                getattr(getattr(d, "section", d), "idstr", None) == "globalstate"
+                for d in devices):
+            devices.append(vmstate_device("globalstate", 0, VMSTATE_GLOBALSTATE,
+                                          globalstate(runstate)))
+        for dev in devices:
+            if isinstance(dev, SectionData):
+                w.section(SectionType.SECTION_FULL, dev.section, dev.payload)
+                continue
+            sec = Section(next_id, dev.idstr, dev.instance_id, dev.version_id)
+            next_id += 1
+            w.section(SectionType.SECTION_FULL, sec, dev.payload)
+            if dev.vmdesc is not None:
+                entries.append(dev.vmdesc)
+        text = self.vmdesc
+        if text is None:
+            text = ('{"page_size": 4096, "devices": [%s]}' % ", ".join(entries)).encode()
+        self._vmdesc_text = text
+        self._pending_vmdesc = True
+        w.eof()
+        w.vmdesc(text)
+        # EOF is written above, before the vmdesc; the caller's eof() is a no-op
+        w.eof = lambda: None  # type: ignore[method-assign]
+
+    # -- return path ----------------------------------------------------------
+    def _rp_reader(self, ch) -> None:
+        parser = returnpath.ReturnPathParser()
+        buf = bytearray(4096)
+        try:
+            while True:
+                n = ch.readinto(buf)
+                if n == 0:
+                    if not self._shut.is_set():
+                        raise ChannelError("return path closed before SHUT", field="return-path")
+                    return
+                parser.feed(memoryview(buf)[:n])
+                for msg in parser.messages():
+                    if msg.type == MigRpMsg.SHUT:
+                        self._shut_status = msg.value
+                        self._shut.set()
+                        return
+                    if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
+                        raise StreamError("postcopy page request during precopy",
+                                          offset=msg.offset, field="return-path")
+        except BaseException as exc:
+            if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
+                self._rp_error = exc
+            self._shut.set()
+
+    def _rp_check(self) -> None:
+        if self._rp_error is not None:
+            raise self._rp_error
+
+    def _wait_shut(self) -> None:
+        deadline = time.monotonic() + (self.io_timeout or 3600)
+        while not self._shut.wait(0.1):
+            self._check_cancel()
+            if time.monotonic() > deadline:
+                raise ChannelError("timed out waiting for the destination's SHUT",
+                                   field="return-path")
+        self._rp_check()
+        if self._shut_status:
+            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
+
+
+@dataclass
+class IncomingResult:
+    """What an incoming migration received, besides RAM."""
+
+    configuration: Optional[Configuration] = None
+    setup: Optional[RamSetup] = None
+    sections: list = field(default_factory=list)
+    commands: list = field(default_factory=list)
+    vmdesc: Optional[bytes] = None
+    return_path: bool = False
+
+
+class MigrationDestination:
+    """An incoming migration into ``blocks`` (QEMU's ``-incoming``).
+
+    Args:
+        blocks: the destination's RAM; None creates blocks from the
+            incoming setup record ("a destination with no RAM configured").
+        capabilities, parameters: this side's (``multifd``, ``compress``,
+            ``x-ignore-shared``, ``multifd-channels``,
+            ``multifd-compression`` must match the source's).
+        machine_type: check the configuration's machine type as QEMU does
+            (a prefix comparison); None accepts any.
+        uuid: this VM's UUID, compared with multifd init packets.
+    """
+
+    def __init__(self, blocks: Optional[RAMBlockList] = None, *,
+                 capabilities: Optional[Capabilities] = None,
+                 parameters: Optional[Parameters] = None, machine_type: Optional[str] = None,
+                 uuid: Optional[bytes] = None, accept_timeout: Optional[float] = None,
+                 io_timeout: Optional[float] = 60.0) -> None:
+        self.c = _Controls("destination", capabilities, parameters)
+        self.loader_blocks = blocks
+        self.machine_type = machine_type
+        self.uuid = uuid
+        self.accept_timeout = accept_timeout
+        self.io_timeout = io_timeout
+        self.result = IncomingResult()
+        self.loader: Optional[RamLoader] = None
+        self._listener = None
+        self._chans: list = []
+        self._thread: Optional[threading.Thread] = None
+        self._started = False
+        self.socket_address: Optional[list] = None
+        self.t_first_byte: Optional[float] = None
+        self.t_done: Optional[float] = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.c.caps
+
+    @property
+    def parameters(self) -> Parameters:
+        return self.c.params
+
+    @property
+    def state(self) -> StateMachine:
+        return self.c.state
+
+    @property
+    def events(self) -> MigrationEvents:
+        return self.c.events
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.c.error
+
+    @property
+    def blocks(self) -> RAMBlockList:
+        return self.loader.blocks if self.loader is not None else (self.loader_blocks or RAMBlockList())
+
+    def incoming(self, uri: str) -> None:
+        """Start listening on ``uri`` and load in the background (``migrate-incoming``)."""
+        if self._started:
+            raise MigrationError("The incoming migration has already been started")
+        nchan = 1 + (self.c.params.multifd_channels if self.c.caps.get("multifd") else 0)
+        parsed = channels.parse_uri(uri, incoming=True)
+        if self.c.caps.get("multifd") and not parsed.multi_channel:
+            raise CapabilityError("multifd is not supported by current protocol",
+                                  field="multifd")
+        self._listener = channels.listen(uri, channels=nchan)
+        if self._listener.multi_channel:
+            self.socket_address = self._listener.socket_address
+        self._started = True
+        self.c.events.incoming_setup()
+        self._thread = threading.Thread(target=self._run, args=(nchan,), name="incoming",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def connect_uri(self) -> str:
+        """A URI the source can use (the real port when listening on port 0)."""
+        return self._listener.connect_uri
+
+    def cancel(self) -> None:
+        if self._listener is not None:
+            self._listener.shutdown()
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def wait(self, timeout: Optional[float] = None) -> MigrationStatus:
+        self.c.done.wait(timeout)
+        return self.c.state.state
+
+    def query(self) -> dict:
+        return query_migrate(self.c.state, self.c.stats, self.c.caps,
+                             socket_address=self.socket_address)
+
+    def _run(self, nchan: int) -> None:
+        st = self.c.state
+        receiver = None
+        main = None
+        try:
+            main = self._listener.accept(self.accept_timeout)
+            self._chans.append(main)
+            main.set_timeout(self.io_timeout)
+            extra = []
+            for _ in range(nchan - 1):
+                ch = self._listener.accept(self.io_timeout)
+                ch.set_timeout(self.io_timeout)
+                self._chans.append(ch)
+                extra.append(ch)
+            st.transition(S.ACTIVE)
+            caps = self.c.caps
+            self.loader = RamLoader(self.loader_blocks,
+                                    ignore_shared=bool(caps.get("x-ignore-shared")),
+                                    compress=bool(caps.get("compress")))
+            if extra:
+                ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
+                receiver = MultifdReceiver(ordered, self.loader.blocks,
+                                           compression=self.c.params.multifd_compression)
+            self._load(main, receiver)
+            st.transition(S.COMPLETED)
+        except BaseException as exc:  # noqa: BLE001
+            self.c.fail(exc)
+            if st.state == S.ACTIVE:
+                st.transition(S.FAILED)
+            elif st.state == S.NONE:
+                st.transition(S.ACTIVE)
+                st.transition(S.FAILED)
+            if self.result.return_path and main is not None:
+                try:
+                    main.write(returnpath.shut(1))
+                except Exception:
+                    pass
+        finally:
+            self.t_done = time.monotonic()
+            if receiver is not None:
+                receiver.close()
+            for ch in self._chans:
+                try:
+                    ch.close(timeout=2)
+                except Exception:
+                    pass
+            if self._listener is not None:
+                self._listener.close()
+            self.c.done.set()
+
+    def _load(self, main, receiver) -> None:
+        parser = StreamParser()
+        res = self.result
+        loader = self.loader
+        assert loader is not None
+        finished = False
+        while not finished:
+            n = parser.fill(main.readinto)
+            if self.t_first_byte is None and n:
+                self.t_first_byte = time.monotonic()
+            for ev in parser.events():
+                t = type(ev)
+                if t is RamPages:
+                    loader.on_pages(ev)
+                elif t is RamEOS:
+                    if receiver is not None:
+                        receiver.wait_sync(self.io_timeout)
+                elif t is RamSetup:
+                    loader.on_setup(ev)
+                    res.setup = ev
+                elif t is SectionData:
+                    res.sections.append(ev)
+                elif t is Configuration:
+                    self._check_configuration(ev)
+                    res.configuration = ev
+                elif t is Command:
+                    self._command(ev, main)
+                elif t is VMDescription:
+                    res.vmdesc = ev.json
+                    finished = True
+                    break
+                elif t is EndOfStream:
+                    finished = True
+                    break
+            if n == 0 and not finished:
+                raise StreamError("the stream ended before its EOF", offset=parser.offset)
+        if receiver is not None:
+            receiver._check()
+        if res.return_path:
+            main.write(returnpath.shut(0))
+
+    def _check_configuration(self, cfg: Configuration) -> None:
+        mt = self.machine_type
+        if mt is not None and not mt.startswith(cfg.machine_type):
+            raise StreamError(f"Machine type received is '{cfg.machine_type}' and local is '{mt}'",
+                              offset=cfg.offset, section="configuration", field="machine_type")
+        received = set(cfg.capabilities)
+        for name in received - {"x-ignore-shared"}:
+            raise StreamError(f"Received unknown capability {name}", offset=cfg.offset,
+                              section="configuration", field="capabilities")
+        mine = bool(self.c.caps.get("x-ignore-shared"))
+        theirs = "x-ignore-shared" in received
+        if mine != theirs:
+            raise StreamError(
+                f"Capability x-ignore-shared is {'on' if mine else 'off'}, "
+                f"but received capability is {'on' if theirs else 'off'}",
+                offset=cfg.offset, section="configuration", field="capabilities")
+
+    def _command(self, ev: Command, main) -> None:
+        res = self.result
+        res.commands.append(ev)
+        if ev.cmd == MigCmd.OPEN_RETURN_PATH:
+            res.return_path = True
+        elif ev.cmd == MigCmd.PING:
+            if not res.return_path:
+                raise StreamError("PING without an open return path", offset=ev.offset,
+                                  field="command")
+            main.write(returnpath.pong(struct.unpack(">I", ev.payload)[0]))
+        elif ev.cmd in (MigCmd.POSTCOPY_LISTEN, MigCmd.POSTCOPY_RUN, MigCmd.POSTCOPY_RAM_DISCARD,
+                        MigCmd.PACKAGED, MigCmd.ENABLE_COLO, MigCmd.POSTCOPY_RESUME,
+                        MigCmd.RECV_BITMAP):
+            raise StreamError(f"{ev.cmd.name}: postcopy and COLO are not supported yet",
+                              offset=ev.offset, field="command")
