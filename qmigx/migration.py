@@ -155,6 +155,7 @@ class MigrationSource:
         uuid: the VM's 16-byte UUID (multifd init packets, validate-uuid).
         clear_bitmap_shift: ``x-clear-bitmap-shift``.
         globalstate: add a ``globalstate`` section (QEMU's default).
+        ram_section_id: the ``ram`` section's id (replayed streams keep theirs).
     """
 
     def __init__(self, blocks: RAMBlockList, *, devices: list = (), vmdesc: Optional[bytes] = None,
@@ -164,6 +165,7 @@ class MigrationSource:
                  machine_type: str = "pc-i440fx-7.2",
                  configuration: Optional[Configuration] = None, uuid: Optional[bytes] = None,
                  clear_bitmap_shift: int = 18, globalstate: bool = True,
+                 ram_section_id: int = 2,
                  connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0) -> None:
         self.blocks = blocks
         self.devices = list(devices)
@@ -176,6 +178,7 @@ class MigrationSource:
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
         self.globalstate = globalstate
+        self.ram_section_id = ram_section_id
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self._thread: Optional[threading.Thread] = None
@@ -341,7 +344,7 @@ class MigrationSource:
                 self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
-            sec = Section(2, "ram", 0, 4)
+            sec = Section(self.ram_section_id, "ram", 0, 4)
             w.section_header(SectionType.SECTION_START, sec)
             pass_no = period.begin_sync(stats, _now_ms())
             ram.setup(rw)
@@ -404,7 +407,7 @@ class MigrationSource:
             ram.complete(rw)
             self.c.events.dirty_pass(pass_no)
             self._ram_eos(rw, sender, w, sec)
-            self._write_devices(w, runstate, first_id=3)
+            self._write_devices(w, runstate, first_id=self.ram_section_id + 1)
             w.eof()
             f.flush()
             f.check()

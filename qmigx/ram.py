@@ -186,12 +186,14 @@ class RamLoader:
             from a non-resizable local block (QEMU's rule).
         factory: makes the block for a setup entry when ``blocks`` is None
             (default: anonymous memory).
+        create_missing: with ``blocks`` given, still create the blocks the
+            setup record names that are not among them.
     """
 
     def __init__(self, blocks: Optional[RAMBlockList] = None, *, ignore_shared: bool = False,
                  compress: bool = True, strict_lengths: bool = True,
-                 factory=None) -> None:
-        self.create = blocks is None
+                 factory=None, create_missing: bool = False) -> None:
+        self.create = blocks is None or create_missing
         self.factory = factory or (lambda info: RAMBlock.anonymous(
             info.idstr, info.used_length, gpa=info.gpa or 0))
         self.blocks = RAMBlockList() if blocks is None else blocks

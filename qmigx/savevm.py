@@ -349,7 +349,8 @@ class DeviceState:
 def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
                 machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
                 ignore_shared: bool = False, compress_level: int = 1,
-                first_section_id: int = 2, vmdesc: bool = True) -> RamWriter:
+                first_section_id: int = 2, vmdesc=True,
+                configuration: Optional[Configuration] = None) -> RamWriter:
     """Write a complete precopy stream of ``blocks`` and ``devices``.
 
     The shape is QEMU's for a paused guest: header, configuration, ``ram``
@@ -357,6 +358,12 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     device, EOF and the vmdesc. ``encoding`` is ``page``, ``zero`` or
     ``compress`` (see :func:`convert_stream`). Returns the RAM writer, whose
     ``stats`` count what was sent.
+
+    ``devices`` holds :class:`DeviceState` values, or received
+    :class:`~qmigx.stream.SectionData` written back verbatim with their
+    section ids. ``vmdesc`` is True (built from the DeviceState entries),
+    False (none) or the bytes of a whole vmdesc document to write as is.
+    ``configuration`` replays a received configuration section.
     """
     from qmigx import zeropage
     from qmigx.stream import ConfigSubsection, RamBlockInfo
@@ -367,12 +374,15 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     w = StreamWriter(f)
     ram = RamWriter(f)
     w.header()
-    subs = []
-    if ignore_shared:
-        name = b"x-ignore-shared"
-        subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                     b"\0\0\0\1" + bytes((len(name),)) + name))
-    w.configuration(machine_type, subs)
+    if configuration is not None:
+        w.raw_configuration(configuration.raw)
+    else:
+        subs = []
+        if ignore_shared:
+            name = b"x-ignore-shared"
+            subs.append(ConfigSubsection("configuration/capabilities", 1,
+                                         b"\0\0\0\1" + bytes((len(name),)) + name))
+        w.configuration(machine_type, subs)
     sec = Section(first_section_id, "ram", 0, 4)
     infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
              for b in blocks]
@@ -409,12 +419,17 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     w.footer(sec)
     entries = []
     for i, dev in enumerate(devices):
+        if isinstance(dev, SectionData):
+            w.section(SectionType.SECTION_FULL, dev.section, dev.payload)
+            continue
         dsec = Section(first_section_id + 1 + i, dev.idstr, dev.instance_id, dev.version_id)
         w.section(SectionType.SECTION_FULL, dsec, dev.payload)
         if dev.vmdesc is not None:
             entries.append(dev.vmdesc)
     w.eof()
-    if vmdesc:
+    if isinstance(vmdesc, (bytes, bytearray)):
+        w.vmdesc(bytes(vmdesc))
+    elif vmdesc:
         text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
         w.vmdesc(text.encode())
     f.flush()
