@@ -127,6 +127,23 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cap", metavar="NAME=on|off", action="append", default=[],
+                   help="a migration capability (QEMU's names), repeatable")
+    p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
+                   help="a migration parameter (QEMU's names), repeatable")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report of the migration")
+
+
+def _live(name: str):
+    def run(args):
+        from qmigx import live_cli
+
+        return getattr(live_cli, name)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qmigx", description=(
         "Read, write, check and transform QEMU migration streams; migrate memory live."))
@@ -157,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compress-level", type=int, default=1, choices=range(10),
                    metavar="0-9", help="zlib level for --ram-encoding compress (default 1)")
     c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("incoming", help="accept one incoming migration (from QEMU or qmigx)")
+    i.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
+    i.add_argument("--save", metavar="FILE", help="write the received state as a plain stream")
+    i.add_argument("--ram-dir", metavar="DIR", help="write each RAM block as extract names them")
+    i.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
+                   help="map PATH privately (copy-on-write) as block IDSTR (x-ignore-shared)")
+    _settings_args(i)
+    i.set_defaults(func=_live("cmd_incoming"))
+
+    s = sub.add_parser("send", help="live-migrate a saved state to a destination")
+    s.add_argument("file", help="a stream file (e.g. from qmigx incoming --save)")
+    s.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
+    s.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
+                   help="back block IDSTR with PATH, shared (x-ignore-shared skips it)")
+    s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
+    _settings_args(s)
+    s.set_defaults(func=_live("cmd_send"))
 
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
     d.add_argument("--ram", default="256M", help="guest RAM size (default 256M)")

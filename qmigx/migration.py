@@ -607,6 +607,8 @@ class MigrationDestination:
         self.io_timeout = io_timeout
         self.result = IncomingResult()
         self.loader: Optional[RamLoader] = None
+        #: with ``blocks`` given, also create the blocks it lacks
+        self.loader_create_missing = False
         self._listener = None
         self._chans: list = []
         self._thread: Optional[threading.Thread] = None
@@ -697,7 +699,8 @@ class MigrationDestination:
             caps = self.c.caps
             self.loader = RamLoader(self.loader_blocks,
                                     ignore_shared=bool(caps.get("x-ignore-shared")),
-                                    compress=bool(caps.get("compress")))
+                                    compress=bool(caps.get("compress")),
+                                    create_missing=self.loader_create_missing)
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,

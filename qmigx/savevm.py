@@ -164,10 +164,15 @@ class LoadedStream:
 
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
-                factory: Optional[Callable] = None, progress=None) -> LoadedStream:
-    """Read a whole stream, applying its RAM to ``blocks`` (created if None)."""
+                factory: Optional[Callable] = None, progress=None,
+                create_missing: bool = False) -> LoadedStream:
+    """Read a whole stream, applying its RAM to ``blocks`` (created if None).
+
+    With ``create_missing``, blocks the stream names that ``blocks`` lacks
+    are created too.
+    """
     reader = StreamReader(source, progress=progress)
-    loader = RamLoader(blocks, factory=factory)
+    loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
     out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
     for ev in reader.events():
         t = type(ev)

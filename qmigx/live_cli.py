@@ -1,0 +1,202 @@
+"""The live-migration subcommands: ``incoming`` and ``send``.
+
+Both build QEMU's capabilities and parameters from ``--cap NAME=on|off``
+and ``--param NAME=VALUE`` (QEMU's names and checks), run one migration,
+draw progress on a terminal and exit 0 only when it completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+from qmigx.control import Capabilities, MigrationStatus, Parameters
+from qmigx.errors import MigrationError, ParameterError
+from qmigx.progress import Progress
+from qmigx.ram import RAMBlock, RAMBlockList
+
+__all__ = ["settings_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
+
+
+def _bool(text: str, name: str) -> bool:
+    t = text.strip().lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    raise ParameterError(f"capability {name}: expected on or off, not {text!r}", field=name)
+
+
+def settings_from_args(caps: list, params: list, *, incoming: bool) -> tuple:
+    """Capabilities and Parameters from ``NAME=on|off`` and ``NAME=VALUE`` lists."""
+    c = Capabilities()
+    changes = []
+    for item in caps or ():
+        name, _, value = item.partition("=")
+        changes.append((name, _bool(value or "on", name)))
+    if changes:
+        c.set_many(changes, incoming=incoming)
+    p = Parameters(capabilities=c)
+    values = {}
+    for item in params or ():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ParameterError(f"--param {item!r}: expected NAME=VALUE", field=name)
+        values[name] = _parse_value(value)
+    if values:
+        p.set(values)
+    return c, p
+
+
+def _parse_value(text: str):
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    if text.lower() in ("true", "false", "on", "off"):
+        return text.lower() in ("true", "on")
+    if text and text[-1].upper() in "KMGT" and text[:-1].isdigit():
+        return int(text[:-1]) << {"K": 10, "M": 20, "G": 30, "T": 40}[text[-1].upper()]
+    return text
+
+
+def _shared_ram(items: list, *, private: bool) -> RAMBlockList:
+    blocks = RAMBlockList()
+    for item in items or ():
+        idstr, sep, path = item.partition("=")
+        if not sep:
+            raise ParameterError(f"--shared-ram {item!r}: expected IDSTR=PATH", field="shared-ram")
+        blocks.add(RAMBlock.from_file(idstr, path, shared=not private))
+    return blocks
+
+
+def info_migrate(q: dict) -> str:
+    """A ``query-migrate`` reply laid out like HMP's ``info migrate``."""
+    lines = [f"Migration status: {q.get('status', 'none')}"]
+    for key in ("total-time", "setup-time", "downtime", "expected-downtime"):
+        if key in q:
+            lines.append(f"{key.replace('-', ' ')}: {q[key]} ms")
+    ram = q.get("ram")
+    if ram:
+        kib = lambda n: f"{n >> 10} kbytes"  # noqa: E731
+        lines += [
+            f"transferred ram: {kib(ram['transferred'])}",
+            f"throughput: {ram['mbps']:.2f} mbps",
+            f"remaining ram: {kib(ram.get('remaining', 0))}",
+            f"total ram: {kib(ram['total'])}",
+            f"duplicate: {ram['duplicate']} pages",
+            f"skipped: {ram.get('skipped', 0)} pages",
+            f"normal: {ram['normal']} pages",
+            f"normal bytes: {kib(ram['normal-bytes'])}",
+            f"dirty sync count: {ram['dirty-sync-count']}",
+            f"page size: {ram['page-size'] >> 10} kbytes",
+            f"multifd bytes: {kib(ram.get('multifd-bytes', 0))}",
+            f"pages-per-second: {int(ram.get('pages-per-second', 0))}",
+        ]
+    x = q.get("xbzrle-cache")
+    if x:
+        lines += [
+            f"cache size: {x['cache-size']} bytes",
+            f"xbzrle transferred: {x['bytes'] >> 10} kbytes",
+            f"xbzrle pages: {x['pages']} pages",
+            f"xbzrle cache miss: {x['cache-miss']} pages",
+            f"xbzrle cache miss rate: {x['cache-miss-rate']:.2f}",
+            f"xbzrle encoding rate: {x.get('encoding-rate', 0):.2f}",
+            f"xbzrle overflow: {x['overflow']}",
+        ]
+    if "error-desc" in q:
+        lines.append(f"error description: {q['error-desc']}")
+    return "\n".join(lines)
+
+
+def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus:
+    bar = Progress(label, total)
+    try:
+        while not mig.c.done.wait(0.1):
+            bar.update(done_bytes(), mig.state.state.value)
+    finally:
+        bar.close()
+    return mig.state.state
+
+
+def cmd_incoming(args) -> int:
+    from qmigx.cli import block_filename
+    from qmigx.migration import MigrationDestination
+    from qmigx.savevm import save_stream
+
+    caps, params = settings_from_args(args.cap, args.param, incoming=True)
+    t_start = time.monotonic()
+    given = _shared_ram(args.shared_ram, private=True)
+    dst = MigrationDestination(given if len(given) else None, capabilities=caps,
+                               parameters=params)
+    if len(given):
+        dst.loader_create_missing = True
+    dst.incoming(args.uri)
+    t_listen = time.monotonic()
+    state = _watch(dst, "incoming", None,
+                   lambda: dst.loader.pages_loaded * 4096 if dst.loader else 0)
+    t_end = dst.t_done or time.monotonic()
+    if state != MigrationStatus.COMPLETED:
+        raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
+            f"incoming migration {state.value}: {dst.error}")
+    res = dst.result
+    if args.save:
+        with open(args.save, "wb") as f:
+            save_stream(f.write, dst.blocks, res.sections, configuration=res.configuration,
+                        vmdesc=res.vmdesc if res.vmdesc is not None else False,
+                        first_section_id=res.setup.section.section_id if res.setup else 2,
+                        ignore_shared=False)
+    if args.ram_dir:
+        os.makedirs(args.ram_dir, exist_ok=True)
+        for blk in dst.blocks:
+            with open(os.path.join(args.ram_dir, block_filename(blk.idstr)), "wb") as f:
+                f.write(memoryview(blk.memory))
+    if args.report:
+        from qmigx.report import write_report
+
+        write_report(args.report, side="destination", query=dst.query(), iterations=[],
+                     timings={"listen_s": t_listen - t_start,
+                              "first_byte_s": (dst.t_first_byte or t_end) - t_listen,
+                              "migration_s": t_end - (dst.t_first_byte or t_end)})
+    return 0
+
+
+def cmd_send(args) -> int:
+    from qmigx.migration import MigrationSource
+    from qmigx.savevm import load_stream
+
+    caps, params = settings_from_args(args.cap, args.param, incoming=False)
+    shared = _shared_ram(args.shared_ram, private=False)
+    t = time.monotonic()
+    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
+    setup = loaded.ram_setup
+    blocks = RAMBlockList()
+    for info in (setup.blocks if setup else ()):
+        blk = loaded.blocks[info.idstr]
+        if info.gpa is not None:
+            blk.gpa = info.gpa
+        blocks.add(blk)
+    machine = loaded.configuration.machine_type if loaded.configuration else "pc-i440fx-7.2"
+    src = MigrationSource(
+        blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
+        capabilities=caps, parameters=params, globalstate=False,
+        ram_section_id=setup.section.section_id if setup else 2)
+    src.guest.running = False  # replaying a recorded state: nothing runs
+    src.migrate(args.uri)
+    total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
+    state = _watch(src, "send", total, lambda: src.stats.transferred)
+    q = src.query()
+    if sys.stdout.isatty() or args.verbose:
+        print(info_migrate(q))
+    if args.report:
+        from qmigx.report import write_report
+
+        write_report(args.report, side="source", query=q, iterations=src.iterations,
+                     timings={"load_file_s": 0.0})
+    if state != MigrationStatus.COMPLETED:
+        raise src.error if isinstance(src.error, MigrationError) else MigrationError(
+            f"migration {state.value}: {src.error}")
+    return 0
