@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
     d.add_argument("--ram", default="256M", help="guest RAM size (default 256M)")
     d.add_argument("--workdir", default=None, help="where to keep the demo's files")
+    d.add_argument("--offline", action="store_true",
+                   help="save to a stream file and load it back instead of migrating live")
     d.set_defaults(func=cmd_demo)
     return p
 
