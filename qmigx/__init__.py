@@ -11,6 +11,7 @@ command line starts fast):
   :class:`UffdWriteProtectLog`, :func:`best_dirty_log`);
 * devices: :mod:`qmigx.vmstate` (:class:`VMStateDescription` and the
   ``vmstate_*`` field helpers), :class:`DeviceState`, :func:`vmstate_device`;
+* live migration of plain memory: :func:`migrate_memory`, :func:`receive_memory`;
 * live migration: :class:`MigrationSource`, :class:`MigrationDestination`,
   :class:`Capabilities`, :class:`Parameters`, :class:`MigrationStatus`;
 * errors: everything in :mod:`qmigx.errors`.
@@ -45,6 +46,7 @@ _LAZY = {
     "QEMUFile": "qmigx.qemufile",
     "RAMBlock": "qmigx.ram",
     "RAMBlockList": "qmigx.ram",
+    "aligned_array": "qmigx.ram",
     "DirtyBitmap": "qmigx.bitmap",
     "DirtyLogSource": "qmigx.bitmap",
     "PageCache": "qmigx.page_cache",
@@ -59,6 +61,8 @@ _LAZY = {
     "Parameters": "qmigx.control",
     "MigrationStatus": "qmigx.control",
     "analyze_state": "qmigx.analyze",
+    "migrate_memory": "qmigx.memory",
+    "receive_memory": "qmigx.memory",
 }
 
 __all__ = ["backend", "__version__", *_errors_all, *_LAZY]
@@ -82,10 +86,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from qmigx.bitmap import DirtyBitmap, DirtyLogSource
     from qmigx.control import Capabilities, MigrationStatus, Parameters
     from qmigx.dirtylog import ExplicitDirtyLog, UffdWriteProtectLog, best_dirty_log
+    from qmigx.memory import migrate_memory, receive_memory
     from qmigx.migration import MigrationDestination, MigrationSource, SimpleGuest
     from qmigx.page_cache import PageCache
     from qmigx.qemufile import QEMUFile
-    from qmigx.ram import RAMBlock, RAMBlockList
+    from qmigx.ram import RAMBlock, RAMBlockList, aligned_array
     from qmigx.savevm import (
         DeviceState,
         LoadedStream,

@@ -121,6 +121,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from qmigx.plot import plot_report
+
+    plot_report(args.report, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from qmigx.demo import run_demo
 
@@ -192,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))
+
+    pl = sub.add_parser("plot", help="draw a migration report (needs matplotlib)")
+    pl.add_argument("report", help="a JSON report written with --report")
+    pl.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
+    pl.set_defaults(func=cmd_plot)
 
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
     d.add_argument("--ram", default="256M", help="guest RAM size (default 256M)")

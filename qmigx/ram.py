@@ -28,7 +28,8 @@ from qmigx.qemufile import QEMUFile
 from qmigx.stream import RamBlockInfo, RamPages, RamSetup
 from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag
 
-__all__ = ["RAMBlock", "RAMBlockList", "RamLoader", "RamWriter", "RamStats", "compress_page"]
+__all__ = ["RAMBlock", "RAMBlockList", "RamLoader", "RamWriter", "RamStats", "compress_page",
+           "aligned_array"]
 
 _ramparse = _backend.load("ramparse")
 
@@ -43,6 +44,20 @@ def _as_u8(buf) -> np.ndarray:
             raise ValueError("RAM block buffers must be C-contiguous")
         return arr
     return np.frombuffer(buf, np.uint8)
+
+
+def aligned_array(shape, dtype=np.uint8) -> np.ndarray:
+    """A zeroed numpy array on its own anonymous mapping (page aligned).
+
+    Kernel dirty tracking (userfaultfd) needs memory that starts on a page
+    boundary; ``np.zeros`` of a large size usually does not.
+    """
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape)) if np.ndim(shape) else int(shape)
+    nbytes = max(count * dt.itemsize, 1)
+    m = mmap.mmap(-1, -(-nbytes // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE,
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(m, dt, count).reshape(shape)
 
 
 class RAMBlock:
