@@ -35,7 +35,7 @@ def guest():
     chunk = rng.integers(0, 256, 64 << 20, dtype=np.uint8)
     for lo in range(0, GIB, len(chunk)):
         mem[lo : lo + len(chunk)] = chunk
-        mem[lo : lo + 8] = lo >> 20  # make the chunks differ
+        mem[lo : lo + 8] = (lo >> 20) & 0xFF  # make the chunks differ
     mem.reshape(-1, 4096)[::64] = 0
     return RAMBlockList([RAMBlock("pc.ram", mem)])
 
