@@ -1,0 +1,25 @@
+"""Type stub for the compiled XBZRLE kernel ``qmigx._core.xbzrle``."""
+
+from typing import Final
+
+from typing_extensions import Buffer
+
+__all__ = [
+    "MAX_PAGE_SIZE",
+    "encode_buffer",
+    "decode_buffer",
+    "encode_pages",
+    "decode_pages",
+    "simd",
+]
+
+MAX_PAGE_SIZE: Final[int]
+simd: str
+
+def encode_buffer(old: Buffer, new: Buffer, out: Buffer) -> int: ...
+def decode_buffer(src: Buffer, dst: Buffer) -> int: ...
+def encode_pages(old: Buffer, new: Buffer, out: Buffer, lengths: Buffer) -> None: ...
+def decode_pages(deltas: Buffer, lengths: Buffer, pages: Buffer) -> None: ...
+def _encode_pages_baseline(old: Buffer, new: Buffer, out: Buffer, lengths: Buffer) -> None: ...
+def _available_simd() -> tuple[str, ...]: ...
+def _set_simd(name: str) -> str: ...
