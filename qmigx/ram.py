@@ -109,6 +109,25 @@ class RAMBlock:
         return cls(idstr, m, **kw)
 
     @classmethod
+    def memfd(cls, idstr: str, size: int, **kw) -> "RAMBlock":
+        """Shared memory on a memfd (another process can map ``block.fd``).
+
+        Marked shared, so x-ignore-shared leaves it to be mapped by the
+        destination rather than copied.
+        """
+        fd = os.memfd_create(idstr.replace("/", "_")[:200], os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        blk = cls(idstr, m, size, shared=True, **kw)
+        blk.fd = fd
+        return blk
+
+    @classmethod
     def from_file(cls, idstr: str, path: str, size: Optional[int] = None, *,
                   shared: bool = True, **kw) -> "RAMBlock":
         """Map a file. ``shared=False`` maps it copy-on-write: the file is never written."""

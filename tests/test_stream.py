@@ -307,3 +307,24 @@ def test_cli_reports_bad_input_on_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qmigx: error: ")
     assert "offset 0x" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_ram_block_backings():
+    import mmap
+    import os
+
+    from qmigx.ram import RAMBlock, aligned_array
+
+    blk = RAMBlock.memfd("pc.ram", 1 << 20)
+    blk.memory[:4] = 9
+    other = mmap.mmap(blk.fd, 1 << 20)  # what another process mapping the fd sees
+    assert other[:4] == b"\t\t\t\t" and blk.shared
+    anon = RAMBlock.anonymous("a", 1 << 20, hugepages=True)
+    assert not anon.shared and anon.used_length == 1 << 20
+    arr = aligned_array((256, 4096))
+    assert arr.ctypes.data % 4096 == 0 and not arr.any()
+    np_block = RAMBlock("n", np.zeros((16, 4096), np.uint8))
+    assert np_block.used_length == 16 * 4096
+    with pytest.raises(ValueError):
+        RAMBlock("bad", bytearray(1000))  # not page aligned in size
+    os.close(blk.fd)
