@@ -15,12 +15,8 @@ import json
 import os
 from typing import Optional
 
-import numpy as np
-
 from qmigx.errors import StreamError
-from qmigx.qemufile import Cursor, NeedData
-from qmigx.ram import RamLoader
-from qmigx.savevm import Source, StreamReader
+from qmigx.reader import Source, StreamReader
 from qmigx.stream import (
     EndOfStream,
     RamPages,
@@ -50,16 +46,25 @@ def vmdesc_json(source: Source) -> collections.OrderedDict:
 
 
 def analyze_state(source: Source, *, memory: bool = False, progress=None,
-                  loader: Optional[RamLoader] = None) -> collections.OrderedDict:
-    """The script's ``-d state`` dictionary (``memory``: its ``-m``)."""
+                  loader=None) -> collections.OrderedDict:
+    """The script's ``-d state`` dictionary (``memory``: its ``-m``).
+
+    ``loader``: a :class:`~qmigx.ram.RamLoader` to apply the pages to (the
+    ``-m`` dump and extraction need the final RAM); without it only record
+    headers are read.
+    """
     from qmigx.vmstate import analyze_value
 
-    reader = StreamReader(source, progress=progress, ordered=True)
+    # headers only, unless pages are wanted: map the file instead of reading it
+    reader = StreamReader(source, progress=progress, ordered=True,
+                          use_mmap=not memory and loader is None)
     sections: collections.OrderedDict = collections.OrderedDict()
     sizes = collections.OrderedDict()
     mem = collections.OrderedDict()
     ram_value = None
     if loader is None and memory:
+        from qmigx.ram import RamLoader
+
         loader = RamLoader(None)
     for ev in reader.events():
         t = type(ev)
@@ -91,7 +96,7 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
     return sections
 
 
-def _dump_pages(ev: RamPages, loader: RamLoader, mem: dict) -> None:
+def _dump_pages(ev: RamPages, loader, mem: dict) -> None:
     rec = ev.records
     for i in range(rec.count):
         blk = loader.block_of(ev, i)
@@ -103,7 +108,7 @@ def _dump_pages(ev: RamPages, loader: RamLoader, mem: dict) -> None:
             mem[key] = " ".join("%02x" % c for c in blk.buffer[off : off + TARGET_PAGE_SIZE])
 
 
-def extract_blocks(loader: RamLoader, directory: str, name_of) -> list[str]:
+def extract_blocks(loader, directory: str, name_of) -> list[str]:
     """Write each loaded block's used bytes to ``directory/name_of(idstr)``."""
     written = []
     for blk in loader.blocks:

@@ -299,10 +299,11 @@ class RamLoader:
 
     def _check_ignored(self, ev: RamPages) -> None:
         rec = ev.records
-        for b in np.unique(rec.block[: rec.count]):
+        used = np.frombuffer(rec.block, np.int32, rec.count)
+        for b in np.unique(used):
             blk = self._table[int(b)]
             if self._ignored(blk):
-                i = int(np.argmax(rec.block[: rec.count] == b))
+                i = int(np.argmax(used == b))
                 raise RamStreamError(f"block {blk.idstr} should not be migrated !",
                                      offset=ev.base + int(rec.start[i]),
                                      section=ev.section.label, field="block")

@@ -9,14 +9,12 @@ size.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 
-from qmigx import _backend
 from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlock, RAMBlockList, RamLoader, RamWriter, compress_page
@@ -40,6 +38,7 @@ from qmigx.stream import (
     find_vmdesc,
     parse_vmdesc,
 )
+from qmigx.reader import Source, StreamReader
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
 __all__ = [
@@ -55,99 +54,7 @@ __all__ = [
     "RAM_ENCODINGS",
 ]
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
-
 RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
-
-_CHUNK = 8 << 20
-
-
-class StreamReader:
-    """Iterates the events of a stream read from a path, bytes or a file.
-
-    For a seekable source the vmdesc trailer is located first (as QEMU's
-    analysis script does), so device sections are delimited by their
-    description; otherwise by their footers.
-
-    Args:
-        source: a path, a bytes-like object, or a binary file object.
-        vmdesc: ``"auto"`` (look for it), ``None`` (don't), or a parsed dict.
-        progress: called with the number of bytes consumed so far.
-        ordered: parse the vmdesc into OrderedDicts (what analyze-migration
-            shows); plain dicts otherwise.
-    """
-
-    def __init__(self, source: Source, *, vmdesc="auto", devices: Optional[dict] = None,
-                 progress: Optional[Callable[[int], None]] = None, ordered: bool = False) -> None:
-        self._source = source
-        self._progress = progress
-        self.vmdesc_text: Optional[bytes] = None
-        self.size: Optional[int] = None
-        if vmdesc == "auto":
-            found = self._locate_vmdesc()
-            self.vmdesc_text = found[1] if found else None
-            self.vmdesc = parse_vmdesc(found[1], ordered=ordered) if found else None
-        else:
-            self.vmdesc = vmdesc
-        self.parser = StreamParser(vmdesc=self.vmdesc, devices=devices)
-
-    def _locate_vmdesc(self):
-        src = self._source
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            self.size = len(src)
-            return find_vmdesc(src)
-        if isinstance(src, (str, os.PathLike)):
-            with open(src, "rb") as f:
-                return self._tail_vmdesc(f)
-        if hasattr(src, "seek") and getattr(src, "seekable", lambda: False)():
-            pos = src.tell()
-            try:
-                return self._tail_vmdesc(src)
-            finally:
-                src.seek(pos)
-        return None
-
-    def _tail_vmdesc(self, f):
-        f.seek(0, io.SEEK_END)
-        size = f.tell()
-        self.size = size
-        n = min(size, 16 << 20)
-        f.seek(size - n)
-        found = find_vmdesc(f.read(n))
-        if found is None:
-            return None
-        return size - n + found[0], found[1]
-
-    def events(self) -> Iterator[Event]:
-        """Yield every event of the stream, then :class:`EndOfStream`."""
-        src = self._source
-        p = self.parser
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            p.feed(src)
-            p.feed_eof()
-            yield from p.events()
-            return
-        if isinstance(src, (str, os.PathLike)):
-            with open(src, "rb", buffering=0) as f:
-                yield from self._pump(f)
-            return
-        yield from self._pump(src)
-
-    def _pump(self, f) -> Iterator[Event]:
-        p = self.parser
-        readinto = getattr(f, "readinto", None)
-        if readinto is None:
-            def readinto(view, _read=f.read):
-                data = _read(len(view))
-                view[: len(data)] = data
-                return len(data)
-        while True:
-            n = p.fill(readinto, _CHUNK)
-            yield from p.events()
-            if self._progress is not None:
-                self._progress(p.offset)
-            if n == 0:
-                return
 
 
 @dataclass
@@ -330,7 +237,7 @@ def _copy(source: Source, sink: Callable) -> None:
         return
     with open(source, "rb") as f:
         while True:
-            chunk = f.read(_CHUNK)
+            chunk = f.read(8 << 20)
             if not chunk:
                 break
             sink(chunk)

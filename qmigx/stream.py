@@ -28,8 +28,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-import numpy as np
-
 from qmigx import _backend
 from qmigx.errors import (
     BadHeaderError,
@@ -421,7 +419,7 @@ class StreamParser:
             for dev in vmdesc.get("devices", ()):
                 self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
         self._buf = memoryview(b"")
-        self._own: Optional[np.ndarray] = None
+        self._own: Optional[bytearray] = None
         self._pos = 0
         self._base = 0
         self._eof = False
@@ -453,9 +451,9 @@ class StreamParser:
             self._base += len(self._buf)
             self._buf = mv
         else:
-            merged = np.empty(pending + len(mv), np.uint8)
-            merged[:pending] = np.frombuffer(self._buf, np.uint8, pending, self._pos)
-            merged[pending:] = np.frombuffer(mv, np.uint8)
+            merged = bytearray(pending + len(mv))
+            merged[:pending] = self._buf[self._pos :]
+            merged[pending:] = mv
             self._base += self._pos
             self._buf = memoryview(merged)
         self._pos = 0
@@ -472,9 +470,9 @@ class StreamParser:
         cap = max(size, 4 * pending, 1 << 16)
         own = self._own
         if own is None or len(own) < cap:
-            own = np.empty(cap, np.uint8)
+            own = bytearray(cap)
         if pending:
-            own[:pending] = np.frombuffer(self._buf, np.uint8, pending, self._pos)
+            own[:pending] = self._buf[self._pos :]
         self._own = own
         n = readinto(memoryview(own)[pending:]) or 0
         self._base += self._pos
@@ -483,6 +481,26 @@ class StreamParser:
         if n == 0:
             self.feed_eof()
         return n
+
+    def set_window(self, view, base: int, *, last: bool = False) -> None:
+        """Parse from ``view``, whose first byte is at absolute offset ``base``.
+
+        For input that is already in memory (successive ``mmap`` windows of a
+        file): nothing is copied. The window must hold every byte not yet
+        parsed: ``base <= offset <= base + len(view)``. ``last`` declares
+        that the input ends with this window.
+        """
+        mv = view if isinstance(view, memoryview) else memoryview(view)
+        if mv.format != "B":
+            mv = mv.cast("B")
+        cur = self.offset
+        if not base <= cur <= base + len(mv):
+            raise ValueError(f"window 0x{base:x}+0x{len(mv):x} misses offset 0x{cur:x}")
+        self._buf = mv
+        self._base = base
+        self._pos = cur - base
+        if last:
+            self._eof = True
 
     def feed_eof(self) -> None:
         """Declare the input complete."""

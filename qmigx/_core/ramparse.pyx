@@ -6,15 +6,14 @@ to look up a block name (rare: once per block switch), when the batch is
 full, at EOS, at a setup record, at the end of the input, or on an error.
 """
 
-import numpy as np
-cimport numpy as cnp
+from array import array
+from itertools import accumulate
 from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int32_t
 
 from qmigx.errors import RamStreamError
 
-cnp.import_array()
 
 KIND_ZERO = 0
 KIND_PAGE = 1
@@ -68,7 +67,7 @@ cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
 
 
 class RamRecords:
-    """A batch of scanned page records, as parallel numpy arrays.
+    """A batch of scanned page records, as parallel typed arrays.
 
     Same layout as the reference twin: ``kind``, ``block``, ``offset``,
     ``pos``, ``length``, ``fill``, ``start`` and ``count``.
@@ -77,13 +76,13 @@ class RamRecords:
     def __init__(self, capacity=65536):
         self.capacity = capacity
         self.count = 0
-        self.kind = np.zeros(capacity, np.uint8)
-        self.block = np.zeros(capacity, np.int32)
-        self.offset = np.zeros(capacity, np.uint64)
-        self.pos = np.zeros(capacity, np.int64)
-        self.length = np.zeros(capacity, np.int32)
-        self.fill = np.zeros(capacity, np.uint8)
-        self.start = np.zeros(capacity, np.int64)
+        self.kind = array("B", bytes(capacity))
+        self.block = array("i", bytes(4 * capacity))
+        self.offset = array("Q", bytes(8 * capacity))
+        self.pos = array("q", bytes(8 * capacity))
+        self.length = array("i", bytes(4 * capacity))
+        self.fill = array("B", bytes(capacity))
+        self.start = array("q", bytes(8 * capacity))
 
     def copy(self):
         """A batch holding copies of this one's filled rows only."""
@@ -91,7 +90,7 @@ class RamRecords:
         n = self.count
         new.capacity = new.count = n
         for name in ("kind", "block", "offset", "pos", "length", "fill", "start"):
-            setattr(new, name, getattr(self, name)[:n].copy())
+            setattr(new, name, getattr(self, name)[:n])
         return new
 
     def clear(self):
@@ -128,12 +127,12 @@ cdef class RamScanner:
     def set_blocks(self, names, lengths):
         """Replace the block table (after a setup record)."""
         self.names = [bytes(n) for n in names]
-        self.lengths = np.ascontiguousarray(list(lengths), dtype=np.int64)
+        self.lengths = array("q", [int(n) for n in lengths])
         if len(self.lengths) != len(self.names):
             raise ValueError("names and lengths differ in length")
         self._lengths = self.lengths
         self._blob = b"".join(self.names) + b"\0"
-        self._name_off_arr = np.cumsum([0] + [len(nm) for nm in self.names], dtype=np.int64)
+        self._name_off_arr = array("q", [0] + list(accumulate(map(len, self.names))))
         self._name_off = self._name_off_arr
 
     def reset_last_block(self):
@@ -173,6 +172,8 @@ cdef class RamScanner:
         cdef uint8_t fill
         if end > mv.shape[0] or pos < 0 or pos > end:
             raise ValueError("scan range outside the buffer")
+        if self._name_off_arr is None or len(self._name_off_arr) != nblocks + 1:
+            raise ValueError("the block table is not set")
         with nogil:
             while True:
                 if count >= cap:

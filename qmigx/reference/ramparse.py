@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import struct
 
+from array import array
+
 import numpy as np
 
 from qmigx.errors import RamStreamError
@@ -71,7 +73,7 @@ def compress_bound(n: int) -> int:
 
 
 class RamRecords:
-    """A batch of scanned page records, as parallel numpy arrays.
+    """A batch of scanned page records, as parallel typed arrays (``array.array``).
 
     Row ``i`` describes one record: ``kind``, ``block`` (index into the
     scanner's block table), ``offset`` (byte offset of the page inside the
@@ -84,13 +86,13 @@ class RamRecords:
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
         self.count = 0
-        self.kind = np.zeros(capacity, np.uint8)
-        self.block = np.zeros(capacity, np.int32)
-        self.offset = np.zeros(capacity, np.uint64)
-        self.pos = np.zeros(capacity, np.int64)
-        self.length = np.zeros(capacity, np.int32)
-        self.fill = np.zeros(capacity, np.uint8)
-        self.start = np.zeros(capacity, np.int64)
+        self.kind = array("B", bytes(capacity))
+        self.block = array("i", bytes(4 * capacity))
+        self.offset = array("Q", bytes(8 * capacity))
+        self.pos = array("q", bytes(8 * capacity))
+        self.length = array("i", bytes(4 * capacity))
+        self.fill = array("B", bytes(capacity))
+        self.start = array("q", bytes(8 * capacity))
 
     def copy(self):
         """A batch holding copies of this one's filled rows only."""
@@ -98,7 +100,7 @@ class RamRecords:
         n = self.count
         new.capacity = new.count = n
         for name in ("kind", "block", "offset", "pos", "length", "fill", "start"):
-            setattr(new, name, getattr(self, name)[:n].copy())
+            setattr(new, name, getattr(self, name)[:n])
         return new
 
     def clear(self) -> None:
@@ -125,7 +127,7 @@ class RamScanner:
         """Replace the block table (after a setup record)."""
         self.names = [bytes(n) for n in names]
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.lengths = np.asarray(list(lengths), dtype=np.int64)
+        self.lengths = array("q", [int(n) for n in lengths])
 
     def reset_last_block(self) -> None:
         self.last_block = -1

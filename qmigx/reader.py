@@ -1,0 +1,158 @@
+"""Reading a stream from a path, bytes or a file object (no numpy needed).
+
+:class:`StreamReader` drives the sans-IO :class:`~qmigx.stream.StreamParser`
+over real input: it finds the vmdesc trailer first when the input can
+seek (as QEMU's analysis script does), then feeds the parser chunk by
+chunk through ``readinto`` into the parser's own buffer, or maps a file
+window by window when most of the data need not be looked at.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from typing import BinaryIO, Callable, Iterator, Optional, Union
+
+from qmigx.stream import Event, StreamParser, find_vmdesc, parse_vmdesc
+
+__all__ = ["Source", "StreamReader"]
+
+_CHUNK = 8 << 20
+_WINDOW = 64 << 20
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+
+
+class StreamReader:
+    """Iterates the events of a stream read from a path, bytes or a file.
+
+    For a seekable source the vmdesc trailer is located first (as QEMU's
+    analysis script does), so device sections are delimited by their
+    description; otherwise by their footers.
+
+    Args:
+        source: a path, a bytes-like object, or a binary file object.
+        vmdesc: ``"auto"`` (look for it), ``None`` (don't), or a parsed dict.
+        progress: called with the number of bytes consumed so far.
+        ordered: parse the vmdesc into OrderedDicts (what analyze-migration
+            shows); plain dicts otherwise.
+        use_mmap: read a regular file through mmap windows instead of
+            copying it in: much faster when most page data is never looked
+            at (analysis); when every page is copied out anyway (loading),
+            reading is as fast and keeps the page cache out of RSS.
+    """
+
+    def __init__(self, source: Source, *, vmdesc="auto", devices: Optional[dict] = None,
+                 progress: Optional[Callable[[int], None]] = None, ordered: bool = False,
+                 use_mmap: bool = False) -> None:
+        self._source = source
+        self._progress = progress
+        self._use_mmap = use_mmap
+        self.vmdesc_text: Optional[bytes] = None
+        self.size: Optional[int] = None
+        if vmdesc == "auto":
+            found = self._locate_vmdesc()
+            self.vmdesc_text = found[1] if found else None
+            self.vmdesc = parse_vmdesc(found[1], ordered=ordered) if found else None
+        else:
+            self.vmdesc = vmdesc
+        self.parser = StreamParser(vmdesc=self.vmdesc, devices=devices)
+
+    def _locate_vmdesc(self):
+        src = self._source
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self.size = len(src)
+            return find_vmdesc(src)
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                return self._tail_vmdesc(f)
+        if hasattr(src, "seek") and getattr(src, "seekable", lambda: False)():
+            pos = src.tell()
+            try:
+                return self._tail_vmdesc(src)
+            finally:
+                src.seek(pos)
+        return None
+
+    def _tail_vmdesc(self, f):
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        self.size = size
+        n = min(size, 16 << 20)
+        f.seek(size - n)
+        found = find_vmdesc(f.read(n))
+        if found is None:
+            return None
+        return size - n + found[0], found[1]
+
+    def events(self) -> Iterator[Event]:
+        """Yield every event of the stream, then :class:`EndOfStream`."""
+        src = self._source
+        p = self.parser
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            p.feed(src)
+            p.feed_eof()
+            yield from p.events()
+            return
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if self._use_mmap and size and os.path.isfile(src):
+                    yield from self._pump_mmap(f.fileno(), size)
+                else:
+                    yield from self._pump(f)
+            return
+        yield from self._pump(src)
+
+    def _pump_mmap(self, fd: int, size: int) -> Iterator[Event]:
+        """Parse a regular file through read-only mmap windows, copying nothing.
+
+        Each window starts at the first unparsed byte (rounded down to the
+        mapping granularity), so a record cut by one window's end is whole
+        in the next; a record longer than a window doubles it. One window
+        is mapped at a time.
+        """
+        p = self.parser
+        gran = mmap.ALLOCATIONGRANULARITY
+        window = _WINDOW
+        while True:
+            start = p.offset - p.offset % gran
+            length = min(window, size - start)
+            if length <= 0:
+                p.feed_eof()
+                yield from p.events()
+                return
+            last = start + length >= size
+            before = p.offset
+            with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start) as m:
+                view = memoryview(m)
+                try:
+                    p.set_window(view, start, last=last)
+                    yield from p.events()
+                finally:
+                    p.set_window(memoryview(bytes(view[p.offset - start:])), p.offset)
+                    view.release()
+            if self._progress is not None:
+                self._progress(p.offset)
+            if last:
+                return
+            window = window * 2 if p.offset == before else _WINDOW
+
+    def _pump(self, f) -> Iterator[Event]:
+        p = self.parser
+        readinto = getattr(f, "readinto", None)
+        if readinto is None:
+            def readinto(view, _read=f.read):
+                data = _read(len(view))
+                view[: len(data)] = data
+                return len(data)
+        while True:
+            n = p.fill(readinto, _CHUNK)
+            yield from p.events()
+            if self._progress is not None:
+                self._progress(p.offset)
+            if n == 0:
+                return
