@@ -21,9 +21,8 @@ __all__ = ["Source", "StreamReader"]
 _CHUNK = 8 << 20
 _WINDOW = 64 << 20
 
+#: What a stream can be read from: a path, bytes, or a binary file object.
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
-
-
 
 
 class StreamReader:
