@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
     pl.set_defaults(func=cmd_plot)
 
+    from qmigx.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
     d.add_argument("--ram", default="256M", help="guest RAM size (default 256M)")
     d.add_argument("--workdir", default=None, help="where to keep the demo's files")

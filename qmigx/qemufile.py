@@ -151,6 +151,9 @@ class QEMUFile:
     ``rate_limit_reset()`` starts the next window. ``0`` means unlimited.
     """
 
+    #: writes at least this large skip the buffer (page batches, packets)
+    _PASS_THROUGH = 64 << 10
+
     def __init__(self, sink: Callable[[memoryview], object], buffer_size: int = 1 << 20) -> None:
         self._sink = sink
         self._buf = bytearray()
@@ -183,7 +186,7 @@ class QEMUFile:
         n = len(data)
         self.total_transferred += n
         self.rate_limit_used += n
-        if n >= self._buffer_size:
+        if n >= self._PASS_THROUGH:  # big writes go straight out: no extra copy
             self.flush()
             self._emit(data)
             return

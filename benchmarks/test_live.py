@@ -1,0 +1,427 @@
+"""Live migration throughput, as a ratio to memcpy of the guest RAM's bytes.
+
+* qmigx -> qmigx, 1 GiB of mostly non-zero RAM (``qmigx.synthetic``'s
+  fill: 1 page in 7 zero, 1 in 11 a byte run, the rest random): source
+  and destination threads in one process (the Python API) over unix, TCP
+  and 4-channel multifd over TCP; and a ``qmigx incoming`` process as the
+  destination over TCP (its peak memory recorded). ``max-bandwidth`` is
+  100 GiB/s so the rate limit never binds. Targets, not asserted: 0.3x over
+  unix, 0.25x over TCP. ``test_loopback_limit`` measures, in the same run,
+  what one socket alone allows (unix 0.49x, TCP 0.31x on an idle machine;
+  much less when other work shares the two cores).
+* The same 512 MiB paused QEMU 7.2 test guest migrated QEMU -> QEMU,
+  QEMU -> ``qmigx incoming`` and qmigx -> QEMU over unix, in the same
+  run; ``extra_info["vs_qemu_to_qemu"]`` is each ratio divided by QEMU ->
+  QEMU's (target: >= 1, a qmigx peer at least as fast as a QEMU one).
+  ``qmigx incoming``'s peak RSS is recorded against guest RAM + 64 MiB.
+
+A round is timed from the migrate command to the end of the migration;
+the ``return-path`` capability is on, so a source completes only after
+its destination loaded everything and answered SHUT. Starting a
+destination (a QEMU process or ``qmigx incoming``, which take longer than
+the migration itself) happens in each round's untimed setup.
+
+Run: ``python -m pytest benchmarks/test_live.py --benchmark-enable -q -s``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from qmigx.control import Capabilities, Parameters
+from qmigx.migration import MigrationDestination, MigrationSource, SimpleGuest
+from qmigx.ram import RAMBlock, RAMBlockList
+from qmigx.synthetic import fill_pages
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from qemu_support.guest import build_guest  # noqa: E402
+from qemu_support.harness import Qemu, qemu_binary  # noqa: E402
+from qemu_support.live import QmigxIncoming, Uris, first_difference  # noqa: E402
+
+GIB = 1 << 30
+MIB = 1 << 20
+QEMU_RAM = 512 * MIB
+BANDWIDTH = 100 << 30
+ROUNDS = 3
+#: guest RAM files and received blocks live in memory, as a destination's RAM does
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+#: ratio of each QEMU-peer case, by test name, for the quotients
+RATIOS: dict[str, float] = {}
+
+needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+
+
+def settings(caps: dict[str, bool], params: dict[str, Any]) -> tuple[Capabilities, Parameters]:
+    c = Capabilities()
+    if caps:
+        c.set_many(list(caps.items()))
+    p = Parameters(capabilities=c)
+    p.set({"max-bandwidth": BANDWIDTH, **params})
+    return c, p
+
+
+def with_setup(benchmark, monkeypatch, setup: Callable[[], Any], teardown: Callable[..., None]) -> None:
+    """Make ``vs_memcpy``'s ``benchmark.pedantic`` run ``setup``/``teardown`` untimed around each round.
+
+    The shared fixture has no setup hook (see the report); pytest-benchmark's
+    pedantic has, and ``setup`` may return the round's ``(args, kwargs)``.
+    With benchmarks disabled pedantic runs one round and skips ``teardown``;
+    it is run here then, so no destination is left behind.
+    """
+    pedantic = benchmark.pedantic
+    pending: list = []
+
+    def tracked_setup():
+        args = setup()
+        pending.append(args)
+        return args
+
+    def tracked_teardown(*args, **kwargs):
+        pending.pop()
+        teardown(*args, **kwargs)
+
+    def patched(target, **kw):
+        try:
+            return pedantic(target, setup=tracked_setup, teardown=tracked_teardown, **kw)
+        finally:
+            while pending:
+                a, k = pending.pop()
+                teardown(*a, **k)
+
+    monkeypatch.setattr(benchmark, "pedantic", patched)
+
+
+def record_ratio(benchmark, name: str) -> float:
+    ratio = benchmark.extra_info.get("ratio_to_memcpy")
+    if ratio is not None:
+        RATIOS[name] = ratio
+        base = RATIOS.get("qemu_to_qemu")
+        if base and name != "qemu_to_qemu":
+            benchmark.extra_info["vs_qemu_to_qemu"] = round(ratio / base, 3)
+            print(f"{name}: {ratio / base:.2f}x QEMU -> QEMU ({ratio:.3f} vs {base:.3f})")
+    return ratio
+
+
+@pytest.fixture(scope="module")
+def uris():
+    u = Uris()
+    yield u
+    u.close()
+
+
+# --- qmigx -> qmigx, 1 GiB ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guest() -> RAMBlockList:
+    mem = np.empty(GIB, np.uint8)
+    fill_pages(mem, seed=11)
+    return RAMBlockList([RAMBlock("pc.ram", mem)])
+
+
+@pytest.fixture(scope="module")
+def target() -> RAMBlockList:
+    mem = np.zeros(GIB, np.uint8)
+    mem[:] = 0xA5  # touch every page now, not during the first round
+    return RAMBlockList([RAMBlock("pc.ram", mem)])
+
+
+def qmigx_pair(vs_memcpy, benchmark, monkeypatch, guest, target, make_uri: Callable[[], str], caps: dict,
+               params: dict) -> None:
+    def setup():
+        target["pc.ram"].memory[::4096] = 0xA5  # a stale round cannot pass for a good one
+        c, p = settings(caps, params)
+        dst = MigrationDestination(target, capabilities=c, parameters=p)
+        dst.incoming(make_uri())
+        c, p = settings(caps, params)
+        src = MigrationSource(guest, capabilities=c, parameters=p, guest=SimpleGuest(running=True))
+        return (src, dst), {}
+
+    def migrate(src: MigrationSource, dst: MigrationDestination) -> None:
+        src.migrate(dst.connect_uri)
+        assert src.wait(120).value == "completed", src.error
+        assert dst.wait(120).value == "completed", dst.error
+
+    def teardown(src: MigrationSource, dst: MigrationDestination) -> None:
+        assert dst.state.state.value == "completed", dst.error
+
+    with_setup(benchmark, monkeypatch, setup, teardown)
+    vs_memcpy(migrate, GIB, cold=True, rounds=ROUNDS)
+    assert np.array_equal(target["pc.ram"].memory, guest["pc.ram"].memory)
+
+
+def test_qmigx_to_qmigx_unix(vs_memcpy, benchmark, monkeypatch, guest, target, uris):
+    qmigx_pair(vs_memcpy, benchmark, monkeypatch, guest, target, lambda: uris.make("unix"), {}, {})
+
+
+def test_qmigx_to_qmigx_tcp(vs_memcpy, benchmark, monkeypatch, guest, target):
+    qmigx_pair(vs_memcpy, benchmark, monkeypatch, guest, target, lambda: "tcp:127.0.0.1:0", {}, {})
+
+
+def test_qmigx_to_qmigx_tcp_multifd4(vs_memcpy, benchmark, monkeypatch, guest, target):
+    qmigx_pair(vs_memcpy, benchmark, monkeypatch, guest, target, lambda: "tcp:127.0.0.1:0",
+               {"multifd": True}, {"multifd-channels": 4})
+
+
+def test_qmigx_to_qmigx_incoming_process_tcp(vs_memcpy, benchmark, monkeypatch, guest, uris, tmp_path):
+    """Two processes: the API source here, ``qmigx incoming`` (fresh memory each round) there."""
+    caps = {"return-path": True}
+    peaks: list[int] = []
+    rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=SHM))
+
+    def setup():
+        shutil.rmtree(rd, ignore_errors=True)
+        uri = uris.make("tcp")
+        inc = QmigxIncoming(uri, tmp_path, caps=caps, peak_file=tmp_path / "peak", ram_dir=rd).start()
+        c, p = settings(caps, {})
+        return (MigrationSource(guest, capabilities=c, parameters=p), inc), {}
+
+    def migrate(src: MigrationSource, inc: QmigxIncoming) -> None:
+        src.migrate(inc.uri)
+        assert src.wait(120).value == "completed", src.error
+
+    def teardown(src: MigrationSource, inc: QmigxIncoming) -> None:
+        rc, err = inc.wait(120)
+        assert rc == 0, err
+        peaks.append(inc.peak_bytes())
+
+    try:
+        with_setup(benchmark, monkeypatch, setup, teardown)
+        vs_memcpy(migrate, GIB, cold=True, rounds=ROUNDS)
+        got = np.fromfile(rd / "pc.ram.bin", np.uint8)
+        assert np.array_equal(got, guest["pc.ram"].memory)
+        del got
+    finally:
+        shutil.rmtree(rd, ignore_errors=True)
+    peak = max(peaks)
+    benchmark.extra_info.update(dest_peak_rss_mib=round(peak / MIB, 1),
+                                dest_peak_vs_ram_plus_64mib=round(peak / (GIB + 64 * MIB), 3))
+    print(f"qmigx incoming peak RSS {peak / MIB:.0f} MiB for {GIB // MIB} MiB of guest RAM")
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_loopback_limit(vs_memcpy, family, guest, target, uris):
+    """The transport alone: 1 GiB through one socket (sendall / recv_into, 1 MiB at a time).
+
+    Measured in the same run as the migrations, so their ratios can be read
+    against what the loopback allows on this machine at this moment.
+    """
+    import socket
+    import threading
+
+    src = memoryview(guest["pc.ram"].memory)
+    dst = memoryview(target["pc.ram"].memory)
+    chunk = 1 << 20
+
+    def once() -> None:
+        if family == "unix":
+            ls = socket.socket(socket.AF_UNIX)
+            ls.bind(uris.make("unix")[5:])
+        else:
+            ls = socket.socket(socket.AF_INET)
+            ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+
+        def receive() -> None:
+            conn, _ = ls.accept()
+            got = 0
+            with conn:
+                while got < GIB:
+                    n = conn.recv_into(dst[got:got + chunk])
+                    assert n, "sender closed early"
+                    got += n
+
+        rx = threading.Thread(target=receive)
+        rx.start()
+        with socket.socket(ls.family) as s:
+            s.connect(ls.getsockname())
+            for lo in range(0, GIB, chunk):
+                s.sendall(src[lo:lo + chunk])
+        rx.join()
+        ls.close()
+
+    vs_memcpy(once, GIB, cold=True, rounds=ROUNDS)
+    assert dst[:4096] == src[:4096] and dst[-4096:] == src[-4096:]
+
+
+# --- with a QEMU 7.2 peer, 512 MiB ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qemu_source(tmp_path_factory):
+    """A paused 512 MiB test guest (RAM in /dev/shm, as the destinations'), return-path on."""
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    d = tmp_path_factory.mktemp("qemu-src")
+    shm = Path(SHM) if SHM else d
+    mem = shm / f"qmigx-bench-{os.getpid()}-src.ram"
+    mem.unlink(missing_ok=True)
+    kernel = d / "guest.bin"
+    kernel.write_bytes(build_guest(0xBE4C, QEMU_RAM, dirty=False))
+    try:
+        with Qemu(ram=QEMU_RAM, kernel=kernel, mem_path=mem, workdir=d, name="src", timeout=60) as vm:
+            vm.wait_guest_ready(120)
+            vm.stop()
+            vm.set_capabilities({"return-path": True})
+            vm.set_parameters({"max-bandwidth": BANDWIDTH})
+            yield SimpleNamespace(vm=vm, image=mem.read_bytes(), shm=shm)
+    finally:
+        mem.unlink(missing_ok=True)
+
+
+def wait_completed(vm: Qemu, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        q = vm.qmp.execute("query-migrate")
+        if q.get("status") == "completed":
+            return q
+        assert q.get("status") not in ("failed", "cancelled"), q
+        assert time.monotonic() < deadline, q
+        time.sleep(0.002)
+
+
+def rearm(vm: Qemu) -> None:
+    """QEMU 7.2 refuses to migrate a VM paused by a finished migration; a halted guest may run a moment."""
+    vm.cont()
+    vm.stop()
+
+
+@needs_qemu
+def test_qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
+    src, vm = qemu_source, qemu_source.vm
+    dst_mem = src.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
+
+    def setup():
+        dst_mem.unlink(missing_ok=True)
+        uri = uris.make("unix")
+        dst = Qemu(ram=QEMU_RAM, mem_path=dst_mem, paused=True, incoming=True, workdir=tmp_path,
+                   name="dst", timeout=60).start()
+        dst.set_capabilities({"return-path": True})
+        dst.migrate_incoming(uri)
+        return (dst, uri), {}
+
+    def migrate(dst: Qemu, uri: str) -> None:
+        vm.migrate(uri)
+        wait_completed(vm)
+
+    def teardown(dst: Qemu, uri: str) -> None:
+        try:
+            assert dst.wait_migration(60)["status"] == "completed"
+            diff = first_difference(dst_mem.read_bytes(), src.image)
+            assert diff is None, diff
+        finally:
+            dst.close()
+            dst_mem.unlink(missing_ok=True)
+            rearm(vm)
+
+    with_setup(benchmark, monkeypatch, setup, teardown)
+    vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+    record_ratio(benchmark, "qemu_to_qemu")
+
+
+@needs_qemu
+def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
+    src, vm = qemu_source, qemu_source.vm
+    peaks: list[int] = []
+    rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=src.shm))
+
+    def setup():
+        uri = uris.make("unix")
+        inc = QmigxIncoming(uri, tmp_path, caps={"return-path": True}, ram_dir=rd,
+                            peak_file=tmp_path / "peak").start()
+        return (inc,), {}
+
+    def migrate(inc: QmigxIncoming) -> None:
+        vm.migrate(inc.uri)
+        wait_completed(vm)
+
+    def teardown(inc: QmigxIncoming) -> None:
+        try:
+            rc, err = inc.wait(120)
+            assert rc == 0, err
+            peaks.append(inc.peak_bytes())
+            diff = first_difference((rd / "mem0.bin").read_bytes(), src.image)
+            assert diff is None, diff
+        finally:
+            shutil.rmtree(rd, ignore_errors=True)
+            rearm(vm)
+
+    try:
+        with_setup(benchmark, monkeypatch, setup, teardown)
+        vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+    finally:
+        shutil.rmtree(rd, ignore_errors=True)
+    peak = max(peaks)
+    benchmark.extra_info.update(dest_peak_rss_mib=round(peak / MIB, 1),
+                                dest_peak_vs_ram_plus_64mib=round(peak / (QEMU_RAM + 64 * MIB), 3))
+    print(f"qmigx incoming peak RSS {peak / MIB:.0f} MiB for {QEMU_RAM // MIB} MiB of guest RAM")
+    record_ratio(benchmark, "qemu_to_qmigx")
+
+
+@pytest.fixture(scope="module")
+def qemu_state(qemu_source, uris, tmp_path_factory):
+    """The QEMU source's state (RAM and devices) as received by ``qmigx incoming --save``, loaded."""
+    from qmigx.savevm import load_stream
+
+    vm = qemu_source.vm
+    d = tmp_path_factory.mktemp("qemu-state")
+    uri = uris.make("unix")
+    with QmigxIncoming(uri, d, caps={"return-path": True}, save=d / "state.mig") as inc:
+        vm.migrate(uri)
+        wait_completed(vm)
+        rc, err = inc.wait(120)
+    rearm(vm)
+    assert rc == 0, err
+    return load_stream(str(d / "state.mig"))
+
+
+@needs_qemu
+def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, uris, tmp_path):
+    image = qemu_source.image
+    loaded = qemu_state
+    blocks = RAMBlockList()
+    for info in loaded.ram_setup.blocks:
+        blocks.add(loaded.blocks[info.idstr])
+    dst_mem = qemu_source.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
+    caps = {"return-path": True}
+
+    def setup():
+        dst_mem.unlink(missing_ok=True)
+        uri = uris.make("unix")
+        dst = Qemu(ram=QEMU_RAM, mem_path=dst_mem, paused=True, incoming=True, workdir=tmp_path,
+                   name="dst", timeout=60).start()
+        dst.set_capabilities(caps)
+        dst.migrate_incoming(uri)
+        c, p = settings(caps, {})
+        src = MigrationSource(blocks, devices=loaded.sections, vmdesc=loaded.vmdesc,
+                              machine_type=loaded.configuration.machine_type, capabilities=c,
+                              parameters=p, globalstate=False, guest=SimpleGuest(running=False),
+                              ram_section_id=loaded.ram_setup.section.section_id)
+        return (src, dst, uri), {}
+
+    def migrate(src: MigrationSource, dst: Qemu, uri: str) -> None:
+        src.migrate(uri)
+        assert src.wait(120).value == "completed", src.error
+
+    def teardown(src: MigrationSource, dst: Qemu, uri: str) -> None:
+        try:
+            assert dst.wait_migration(60)["status"] == "completed"
+            diff = first_difference(dst_mem.read_bytes(), image)
+            assert diff is None, diff
+        finally:
+            dst.close()
+            dst_mem.unlink(missing_ok=True)
+
+    with_setup(benchmark, monkeypatch, setup, teardown)
+    vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+    record_ratio(benchmark, "qmigx_to_qemu")
