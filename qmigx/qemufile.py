@@ -145,6 +145,8 @@ class QEMUFile:
             whole chunk or raise.
         buffer_size: bytes collected before the sink is called (QEMU uses
             32 KiB; larger chunks cost fewer system calls).
+        sink_v: optionally, a gathering writer taking a list of buffers
+            (``Channel.writev``); :meth:`writev` then copies nothing.
 
     The rate limit follows QEMU: ``rate_limit_max`` bytes may be written per
     window; ``rate_limit_exceeded()`` tells the sender to stop for now and
@@ -154,8 +156,10 @@ class QEMUFile:
     #: writes at least this large skip the buffer (page batches, packets)
     _PASS_THROUGH = 64 << 10
 
-    def __init__(self, sink: Callable[[memoryview], object], buffer_size: int = 1 << 20) -> None:
+    def __init__(self, sink: Callable[[memoryview], object], buffer_size: int = 1 << 20,
+                 *, sink_v: Optional[Callable[[list], object]] = None) -> None:
         self._sink = sink
+        self._sink_v = sink_v
         self._buf = bytearray()
         self._buffer_size = buffer_size
         self.total_transferred = 0
@@ -193,6 +197,27 @@ class QEMUFile:
         self._buf += data
         if len(self._buf) >= self._buffer_size:
             self.flush()
+
+    def writev(self, buffers: list) -> None:
+        """Append several buffers; with a gathering sink, without copying them."""
+        if self.error is not None:
+            return
+        views = [b if isinstance(b, (bytes, bytearray)) else memoryview(b).cast("B")
+                 for b in buffers]
+        n = sum(len(v) for v in views)
+        self.total_transferred += n
+        self.rate_limit_used += n
+        if self._sink_v is None:
+            for v in views:
+                self._buf += v
+            if len(self._buf) >= self._buffer_size:
+                self.flush()
+            return
+        self.flush()
+        try:
+            self._sink_v(views)
+        except Exception as exc:
+            self.set_error(exc)
 
     def put_u8(self, v: int) -> None:
         self.write(bytes((v,)))

@@ -466,12 +466,20 @@ class RamWriter:
             first = 1
         if n > first:
             offs = np.asarray(offsets[first:], dtype=np.uint64)
-            rec = np.empty((len(offs), 8 + ps), np.uint8)
-            rec[:, :8] = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
+            hdrs = (offs | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8").view(
                 np.uint8).reshape(-1, 8)
-            rec[:, 8:] = rows[first:n]
-            self.f.write(rec.reshape(-1))
-            self.stats.transferred += rec.size
+            if self.f._sink_v is not None:  # (header, page) pairs, gathered by the kernel
+                iov: list = []
+                for k in range(len(offs)):
+                    iov.append(hdrs[k])
+                    iov.append(rows[first + k])
+                self.f.writev(iov)
+            else:
+                rec = np.empty((len(offs), 8 + ps), np.uint8)
+                rec[:, :8] = hdrs
+                rec[:, 8:] = rows[first:n]
+                self.f.write(rec.reshape(-1))
+            self.stats.transferred += len(offs) * (8 + ps)
             self.stats.normal += len(offs)
 
     def zeros(self, block: str, offsets: np.ndarray) -> None:
