@@ -347,6 +347,32 @@ class Channel:
             self.bytes_read += n
             return n
 
+    def readinto_available(self, buf) -> int:
+        """Block for the first bytes, then take whatever else has arrived.
+
+        A socket hands over a few hundred KiB per read; a bulk reader (the
+        destination's stream parser) wants its buffer as full as it can be
+        without waiting, so this keeps reading while data is ready. 0 means
+        end of stream.
+        """
+        mv = _byteview(buf, writable=True)
+        got = self.readinto(mv)
+        if got == 0 or self._sock is None:
+            return got
+        total = len(mv)
+        while got < total:
+            try:
+                k = self._sock.recv_into(mv[got:], total - got, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # the next blocking read reports it
+            if k == 0:
+                break
+            self.bytes_read += k
+            got += k
+        return got
+
     def readinto_exact(self, buf) -> None:
         """Fill ``buf`` completely; ChannelError if the stream ends first."""
         mv = _byteview(buf, writable=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -93,14 +94,21 @@ class RAMBlock:
         self.max_length = self.used_length if max_length is None else max_length
 
     @classmethod
-    def anonymous(cls, idstr: str, size: int, *, hugepages: bool = False, **kw) -> "RAMBlock":
+    def anonymous(cls, idstr: str, size: int, *, hugepages: bool = False,
+                  populate: bool = False, **kw) -> "RAMBlock":
         """Private anonymous memory (zero-filled, allocated on first touch).
 
-        ``hugepages`` asks for transparent huge pages: a destination filling
-        fresh memory takes a fault per 2 MiB instead of per 4 KiB, about
-        twice as fast to load.
+        ``populate`` allocates every page up front (MAP_POPULATE): a
+        destination about to fill the block then copies into ready memory
+        instead of taking a fault per page (measured: 0.42 s per GiB in all
+        against 0.5-0.7 s). ``hugepages`` asks for transparent huge pages,
+        whose speed depends on the host's compaction (0.23 s to 2.5 s per
+        GiB seen on one machine).
         """
-        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(-1, size, flags=flags)
         if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 m.madvise(mmap.MADV_HUGEPAGE)
@@ -197,6 +205,43 @@ class RAMBlockList:
         return list(self._blocks)
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _populate_in_background(m: mmap.mmap, size: int, chunk: int = 32 << 20) -> None:
+    """Fault a fresh mapping in, ahead of the loader, from another thread.
+
+    The kernel zeroes pages in this thread (the madvise call releases the
+    GIL) while the loader copies pages in; the loader then mostly finds
+    memory ready instead of faulting on every page. Kernels without
+    MADV_POPULATE_WRITE just skip it.
+    """
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    base = np.frombuffer(m, np.uint8).ctypes.data  # ctypes drops the GIL; mmap.madvise doesn't
+
+    def run() -> None:
+        for off in range(0, size, chunk):
+            if madvise(ctypes.c_void_p(base + off), min(chunk, size - off),
+                       _MADV_POPULATE_WRITE) != 0:
+                return
+
+    threading.Thread(target=run, name="ram-populate", daemon=True).start()
+
+
+def _fresh_block(info: RamBlockInfo) -> "RAMBlock":
+    """A destination block made from a setup entry, populated in the background."""
+    blk = RAMBlock.anonymous(info.idstr, info.used_length, gpa=info.gpa or 0)
+    if info.used_length >= 16 << 20:
+        _populate_in_background(blk._backing, info.used_length)
+    return blk
+
+
 def compress_page(page, level: int = 1) -> bytes:
     """One page as a complete zlib stream, as QEMU's compression threads make it."""
     c = zlib.compressobj(level)
@@ -239,8 +284,7 @@ class RamLoader:
                  compress: bool = True, strict_lengths: bool = True,
                  factory=None, create_missing: bool = False) -> None:
         self.create = blocks is None or create_missing
-        self.factory = factory or (lambda info: RAMBlock.anonymous(
-            info.idstr, info.used_length, gpa=info.gpa or 0, hugepages=True))
+        self.factory = factory or _fresh_block
         self.blocks = RAMBlockList() if blocks is None else blocks
         self.ignore_shared = ignore_shared
         self.compress = compress

@@ -415,3 +415,65 @@ def apply_records(records, Py_ssize_t first, data, list blocks, Py_ssize_t page_
     finally:
         free(bases)
         free(sizes)
+
+
+cdef inline void _put_be64(uint8_t* p, uint64_t v) noexcept nogil:
+    cdef int k
+    for k in range(8):
+        p[k] = <uint8_t>(v >> (56 - 8 * k))
+
+
+def encode_pages(mem, pages, out, Py_ssize_t page_size=4096):
+    """Encode pages of one block as CONTINUE records, zero pages as ZERO.
+
+    ``mem`` is the block's memory, ``pages`` an int64 array of page
+    numbers, ``out`` a writable buffer of at least ``len(pages) * (8 +
+    page_size)`` bytes. Each page becomes ``be64(offset | ZERO | CONTINUE)
+    + 0x00`` if all its bytes are zero, else ``be64(offset | PAGE |
+    CONTINUE) + page``, copied straight from ``mem`` (one pass, without the
+    GIL). The caller writes a record naming the block first when the block
+    changes (ram.md §2.1). Returns ``(nbytes, zero_pages, normal_pages)``.
+    """
+    cdef const uint8_t[::1] m = mem
+    cdef const int64_t[::1] pg = pages
+    cdef uint8_t[::1] o = out
+    cdef Py_ssize_t n = pg.shape[0]
+    cdef Py_ssize_t npages_mem = m.shape[0] // page_size if page_size > 0 else 0
+    cdef Py_ssize_t i, w = 0, zeros = 0
+    cdef int64_t p
+    cdef const uint8_t* src
+    cdef const uint64_t* words
+    cdef Py_ssize_t k, nwords = page_size // 8
+    cdef bint zero
+    if page_size <= 0 or page_size % 8:
+        raise ValueError(f"bad page size {page_size}")
+    if o.shape[0] < n * (8 + page_size):
+        raise ValueError(f"out has {o.shape[0]} bytes; {n} pages need {n * (8 + page_size)}")
+    for i in range(n):
+        if pg[i] < 0 or pg[i] >= npages_mem:
+            raise ValueError(f"page {pg[i]} outside the block ({npages_mem} pages)")
+    if n == 0:
+        return 0, 0, 0
+    with nogil:
+        for i in range(n):
+            p = pg[i]
+            src = &m[p * page_size]
+            zero = True
+            if (<const uint64_t*>src)[0] == 0 and (<const uint64_t*>(src + page_size - 8))[0] == 0:
+                words = <const uint64_t*>src
+                for k in range(nwords):
+                    if words[k]:
+                        zero = False
+                        break
+            else:
+                zero = False
+            if zero:
+                _put_be64(&o[w], <uint64_t>(p * page_size) | F_ZERO | F_CONTINUE)
+                o[w + 8] = 0
+                w += 9
+                zeros += 1
+            else:
+                _put_be64(&o[w], <uint64_t>(p * page_size) | F_PAGE | F_CONTINUE)
+                memcpy(&o[w + 8], src, page_size)
+                w += 8 + page_size
+    return w, zeros, n - zeros

@@ -274,3 +274,34 @@ def apply_records(records: RamRecords, first: int, data, blocks: list, page_size
             page[:] = records.fill[i]
         i += 1
     return i
+
+
+def encode_pages(mem, pages, out, page_size: int = 4096) -> tuple[int, int, int]:
+    """Encode pages of one block as CONTINUE records, zero pages as ZERO.
+
+    See the compiled twin; returns ``(nbytes, zero_pages, normal_pages)``.
+    """
+    if page_size <= 0 or page_size % 8:
+        raise ValueError(f"bad page size {page_size}")
+    m = memoryview(mem).cast("B")
+    o = memoryview(out).cast("B")
+    pg = [int(p) for p in pages]
+    npages_mem = len(m) // page_size
+    if len(o) < len(pg) * (8 + page_size):
+        raise ValueError(f"out has {len(o)} bytes; {len(pg)} pages need "
+                         f"{len(pg) * (8 + page_size)}")
+    for p in pg:
+        if p < 0 or p >= npages_mem:
+            raise ValueError(f"page {p} outside the block ({npages_mem} pages)")
+    w = zeros = 0
+    for p in pg:
+        page = m[p * page_size : (p + 1) * page_size]
+        if not any(page):
+            o[w : w + 9] = _BE64.pack(p * page_size | _F_ZERO | _F_CONTINUE) + b"\0"
+            w += 9
+            zeros += 1
+        else:
+            o[w : w + 8] = _BE64.pack(p * page_size | _F_PAGE | _F_CONTINUE)
+            o[w + 8 : w + 8 + page_size] = page
+            w += 8 + page_size
+    return w, zeros, len(pg) - zeros
