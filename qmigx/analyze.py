@@ -18,6 +18,8 @@ from typing import Optional
 from qmigx.errors import StreamError
 from qmigx.reader import Source, StreamReader
 from qmigx.stream import (
+    Command,
+    StreamParser,
     EndOfStream,
     RamPages,
     RamSetup,
@@ -86,14 +88,25 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
             for b in ev.blocks:
                 sizes[b.idstr] = "0x%016x" % b.used_length
         elif t is SectionData:
-            if ev.type not in (SectionType.SECTION_START, SectionType.SECTION_FULL):
-                continue
-            if ev.value is not None:
-                value = analyze_value(ev.value)
-            else:  # no description: the raw bytes, as the script shows unknown fields
-                value = " ".join("%02x" % c for c in ev.payload)
-            sections[ev.section.label] = value
+            _device(ev, sections, analyze_value)
+        elif t is Command and ev.packaged is not None:
+            # postcopy packs the device sections into a PACKAGED command
+            sub = StreamParser(header=False, vmdesc=reader.vmdesc)
+            sub.feed(ev.packaged)
+            sub.feed_eof()
+            for inner in sub.events():
+                if type(inner) is SectionData:
+                    _device(inner, sections, analyze_value)
     return sections
+
+
+def _device(ev: SectionData, sections: dict, analyze_value) -> None:
+    if ev.type not in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+        return
+    if ev.value is not None:
+        sections[ev.section.label] = analyze_value(ev.value)
+    else:  # no description: the raw bytes, as the script shows unknown fields
+        sections[ev.section.label] = " ".join("%02x" % c for c in ev.payload)
 
 
 def _dump_pages(ev: RamPages, loader, mem: dict) -> None:

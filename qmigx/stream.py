@@ -399,7 +399,8 @@ class StreamParser:
             consumes one device payload (e.g. a VMState loader); optional.
         page_size: the target page size.
         header: whether the input starts with the file header (COLO
-            checkpoints and PACKAGED blobs do not).
+            checkpoints and PACKAGED blobs do not). Without it the input
+            may also end at any record boundary, as a package does.
         batch: capacity of a RAM record batch.
     """
 
@@ -424,6 +425,7 @@ class StreamParser:
         self._base = 0
         self._eof = False
         self._state = _S_HEADER if header else _S_TOP
+        self._package = not header
         self._sections: dict[int, Section] = {}
         self._cur_type: Optional[SectionType] = None
         self._cur: Optional[Section] = None
@@ -515,6 +517,11 @@ class StreamParser:
         (``feed_eof``) inside a record.
         """
         while self._state != _S_DONE:
+            if (self._package and self._eof and self._state == _S_TOP
+                    and self._pos == len(self._buf)):
+                self._state = _S_DONE
+                yield EndOfStream(self.offset)
+                return
             start = self._pos
             cur = Cursor(self._buf, self._pos, base=self._base)
             try:

@@ -328,3 +328,27 @@ def test_ram_block_backings():
     with pytest.raises(ValueError):
         RAMBlock("bad", bytearray(1000))  # not page aligned in size
     os.close(blk.fd)
+
+
+def test_analyze_decodes_device_sections_inside_a_package():
+    """Postcopy streams carry their devices in MIG_CMD_PACKAGED (postcopy.md)."""
+    from qmigx.analyze import analyze_state
+    from qmigx.qemufile import BytesSink, QEMUFile
+    from qmigx.stream import Section, StreamWriter
+    from qmigx.wire import SectionType
+
+    inner = BytesSink()
+    iw = StreamWriter(QEMUFile(inner))
+    iw.section(SectionType.SECTION_FULL, Section(7, "dev0", 0, 1), b"\x00\x05\x00\x00\x00\x06")
+    iw.f.flush()
+    out = BytesSink()
+    w = StreamWriter(QEMUFile(out))
+    w.header()
+    w.configuration("pc-i440fx-7.2")
+    blob = bytes(inner.data)
+    w.command(MigCmd.PACKAGED, struct.pack(">I", len(blob)), blob)
+    w.eof()
+    w.vmdesc(('{"page_size": 4096, "devices": [%s]}' % DEV_DESC).encode())
+    w.f.flush()
+    state = analyze_state(bytes(out.data))
+    assert state["dev0 (7)"] == {"x": "0x0005", "y": "0x00000006"}
