@@ -88,7 +88,7 @@ def test_explicit_tracking_with_marks(tmp_path):
 
     def writer():
         rng = np.random.default_rng(3)
-        while not stop.is_set():
+        while not stop.wait(0.001):  # a writer that leaves the migration some time
             for i in rng.integers(0, len(buf), 64):
                 buf[i] += 1
                 logs["buf"].mark_dirty(int(i), 1)
