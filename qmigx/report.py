@@ -39,3 +39,49 @@ def write_report(path: str, *, side: str, query: dict, iterations: list,
         json.dump(report, f, indent=2)
         f.write("\n")
     return report
+
+
+class IterationLog:
+    """Per-iteration rows for a report, from the RAM engine's running totals.
+
+    Each :meth:`row` call closes an iteration: it takes the differences
+    of the counters since the previous call, so a row says what that
+    iteration sent, found dirty and cost.
+    """
+
+    KINDS = ("zero", "normal", "xbzrle", "compressed", "multifd")
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._prev: dict = {}
+        self._t0: Optional[float] = None
+
+    def row(self, *, now: float, seconds: float, nbytes: int, pages: dict, dirty_found: int,
+            dirty_pages_rate: int, remaining: int, throttle: int, xbzrle_hits: int = 0,
+            xbzrle_overflow: int = 0, dirty_sync_count: int = 0,
+            page_size: int = 4096) -> dict:
+        if self._t0 is None:
+            self._t0 = now - seconds
+        delta = {k: int(pages.get(k, 0)) - int(self._prev.get(k, 0)) for k in self.KINDS}
+        hits = xbzrle_hits - self._prev.get("_hits", 0)
+        over = xbzrle_overflow - self._prev.get("_over", 0)
+        self._prev = {**{k: int(pages.get(k, 0)) for k in self.KINDS}, "_hits": xbzrle_hits,
+                      "_over": xbzrle_overflow}
+        r = {
+            "iteration": len(self.rows) + 1,
+            "time": round(now - self._t0, 6),
+            "seconds": round(seconds, 6),
+            "bytes": nbytes,
+            "pages": delta,
+            "dirty_sync_count": dirty_sync_count,
+            "dirty_pages_found": dirty_found,
+            "dirty_pages_rate": dirty_pages_rate,
+            "dirty_rate_mbps": dirty_pages_rate * page_size * 8 / 1e6,
+            "throughput_mbps": nbytes * 8 / max(seconds, 1e-9) / 1e6,
+            "remaining": remaining,
+            "throttle": throttle,
+            "xbzrle_hits": hits,
+            "xbzrle_overflow": over,
+        }
+        self.rows.append(r)
+        return r
