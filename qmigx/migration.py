@@ -42,6 +42,7 @@ from qmigx.errors import (
     ChannelError,
     MigrationCancelled,
     MigrationError,
+    RamStreamError,
     StreamError,
 )
 from qmigx.multifd_channels import MultifdReceiver, MultifdSender
@@ -227,9 +228,15 @@ class MigrationSource:
         if self.c.caps.get("multifd") and not channels.parse_uri(uri).multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
+        prev = self._thread
+        if prev is not None and prev is not threading.current_thread():
+            prev.join(timeout=30)  # the last run is idle but may still be cleaning up
         self.c.error = None
         self.c.stats.error_desc = None
         self.c.done.clear()
+        self._rp_error = None
+        self._shut_status = None
+        self._rp_thread = None
         self._cancel.clear()
         self._continue.clear()
         self._shut.clear()
@@ -293,6 +300,19 @@ class MigrationSource:
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
 
+    def _lost_transition(self) -> None:
+        """A ``try_transition`` found another state: only cancel moves it under us."""
+        if self._cancel.is_set() or self.c.state.state is S.CANCELLING:
+            raise MigrationCancelled("migration cancelled")
+        raise MigrationError(f"unexpected migration state {self.c.state.state.value}",
+                             field="status")
+
+    def _add_channel(self, ch) -> None:
+        self._chans.append(ch)
+        if self._cancel.is_set():  # cancel() may have shut the others down before this one
+            ch.shutdown()
+            self._check_cancel()
+
     def _run(self, uri: str) -> None:
         st = self.c.state
         caps, params, stats = self.c.caps, self.c.params, self.c.stats
@@ -300,23 +320,23 @@ class MigrationSource:
         stopped_by_us = False
         sender = None
         main = None
+        failure: Optional[BaseException] = None
         try:
             main = channels.connect(uri, timeout=self.connect_timeout)
-            self._chans.append(main)
             main.set_timeout(self.io_timeout)
-            self._check_cancel()
+            self._add_channel(main)
             if caps.get("multifd"):
                 extra = []
                 for _ in range(params.multifd_channels):
                     ch = channels.connect_extra(uri, timeout=self.connect_timeout)
                     ch.set_timeout(self.io_timeout)
-                    self._chans.append(ch)
+                    self._add_channel(ch)
                     extra.append(ch)
                 comp = params.multifd_compression
                 level = {"zlib": params.multifd_zlib_level,
                          "zstd": params.multifd_zstd_level}.get(comp)
                 sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid)
-            f = QEMUFile(main.write)
+            f = QEMUFile(main.write, sink_v=main.writev)
             w = StreamWriter(f)
             rw = RamWriter(f)
             ignore_shared = bool(caps.get("x-ignore-shared"))
@@ -354,7 +374,7 @@ class MigrationSource:
             f.check()
             stats.setup_time = _now_ms() - stats.start_time
             if not st.try_transition(S.SETUP, S.ACTIVE):
-                self._check_cancel()
+                self._lost_transition()
             window = RateWindow()
             f.rate_limit_max = params.max_bandwidth // 10
             window.start(stats, _now_ms(), f.total_transferred + self._multifd_bytes(sender))
@@ -396,11 +416,13 @@ class MigrationSource:
                 self.guest.stop()
                 stopped_by_us = True
             if caps.get("pause-before-switchover"):
-                st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER)
+                if not st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER):
+                    self._lost_transition()
                 while not self._continue.wait(0.1):
                     self._check_cancel()
                 self._check_cancel()
-                st.try_transition(S.PRE_SWITCHOVER, S.DEVICE)
+                if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
+                    self._lost_transition()
             f.rate_limit_max = 0
             w.section_header(SectionType.SECTION_END, sec)
             pass_no = period.begin_sync(stats, _now_ms())
@@ -418,25 +440,49 @@ class MigrationSource:
             stats.complete(_now_ms(), f.total_transferred + self._multifd_bytes(sender))
             if not (st.try_transition(S.ACTIVE, S.COMPLETED)
                     or st.try_transition(S.DEVICE, S.COMPLETED)):
-                self._check_cancel()
+                self._lost_transition()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a state
-            self._finish_failure(exc)
-            if stopped_by_us and guest_was_running:
-                self.guest.start()
+            failure = exc
         finally:
-            if sender is not None:
-                sender.close(wait=False)
-            for ch in self._chans:
+            # Free everything before the final state is visible: whoever sees
+            # failed/cancelled may start the next migration at once.
+            try:
+                self._cleanup(sender)
+            finally:
+                if failure is not None:
+                    if stopped_by_us and guest_was_running:
+                        self.guest.start()
+                    self._finish_failure(failure)
+                self.c.done.set()
+
+    def _cleanup(self, sender) -> None:
+        """Stop this run's threads and close its channels (success or not)."""
+        chans, self._chans = self._chans, []
+        failed = self.c.state.state is not S.COMPLETED
+        if failed:
+            for ch in chans:  # unblock threads stuck on a stalled or dead peer
                 try:
-                    ch.close(timeout=2)
+                    ch.shutdown()
                 except Exception:
                     pass
-            self._chans.clear()
-            self.c.done.set()
+        if sender is not None:
+            sender.close(wait=True, timeout=5)
+        rp = self._rp_thread
+        if rp is not None and rp is not threading.current_thread():
+            if rp.is_alive() and not failed:
+                for ch in chans[:1]:
+                    ch.shutdown()
+            rp.join(timeout=5)
+        for ch in chans:
+            try:
+                ch.close(timeout=2)
+            except Exception:
+                pass
 
     def _finish_failure(self, exc: BaseException) -> None:
         st = self.c.state
-        if self._cancel.is_set() or isinstance(exc, MigrationCancelled):
+        if (self._cancel.is_set() or isinstance(exc, MigrationCancelled)
+                or st.state is S.CANCELLING):
             st.try_transition(S.CANCELLING, S.CANCELLED)
             return
         self.c.fail(exc)
@@ -533,7 +579,15 @@ class MigrationSource:
         buf = bytearray(4096)
         try:
             while True:
-                n = ch.readinto(buf)
+                try:
+                    n = ch.readinto(buf)
+                except ChannelError as exc:
+                    # Between PONG and SHUT the return path is idle for as long as
+                    # the migration runs: the channel's I/O timeout, meant for a
+                    # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
+                    if "timed out" in exc.message and not self._cancel.is_set():
+                        continue
+                    raise
                 if n == 0:
                     if not self._shut.is_set():
                         raise ChannelError("return path closed before SHUT", field="return-path")
@@ -555,6 +609,8 @@ class MigrationSource:
     def _rp_check(self) -> None:
         if self._rp_error is not None:
             raise self._rp_error
+        if self._shut_status:  # a failed destination says so before it closes
+            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
 
     def _wait_shut(self) -> None:
         deadline = time.monotonic() + (self.io_timeout or 3600)
@@ -613,6 +669,7 @@ class MigrationDestination:
         self._chans: list = []
         self._thread: Optional[threading.Thread] = None
         self._started = False
+        self._cancelled = False
         self.socket_address: Optional[list] = None
         self.t_first_byte: Optional[float] = None
         self.t_done: Optional[float] = None
@@ -665,6 +722,8 @@ class MigrationDestination:
         return self._listener.connect_uri
 
     def cancel(self) -> None:
+        """Stop the incoming migration now: it ends ``failed`` (a destination has no cancelled)."""
+        self._cancelled = True
         if self._listener is not None:
             self._listener.shutdown()
         for ch in list(self._chans):
@@ -681,19 +740,24 @@ class MigrationDestination:
         return query_migrate(self.c.state, self.c.stats, self.c.caps,
                              socket_address=self.socket_address)
 
+    def _add_channel(self, ch) -> None:
+        ch.set_timeout(self.io_timeout)
+        self._chans.append(ch)
+        if self._cancelled:  # cancel() may have run between accept and here
+            ch.shutdown()
+
     def _run(self, nchan: int) -> None:
         st = self.c.state
         receiver = None
         main = None
+        failure: Optional[BaseException] = None
         try:
             main = self._listener.accept(self.accept_timeout)
-            self._chans.append(main)
-            main.set_timeout(self.io_timeout)
+            self._add_channel(main)
             extra = []
             for _ in range(nchan - 1):
                 ch = self._listener.accept(self.io_timeout)
-                ch.set_timeout(self.io_timeout)
-                self._chans.append(ch)
+                self._add_channel(ch)
                 extra.append(ch)
             st.transition(S.ACTIVE)
             caps = self.c.caps
@@ -708,29 +772,41 @@ class MigrationDestination:
             self._load(main, receiver)
             st.transition(S.COMPLETED)
         except BaseException as exc:  # noqa: BLE001
+            if self._cancelled and isinstance(exc, ChannelError):
+                exc = MigrationCancelled("incoming migration cancelled")
+            failure = exc
             self.c.fail(exc)
-            if st.state == S.ACTIVE:
-                st.transition(S.FAILED)
-            elif st.state == S.NONE:
-                st.transition(S.ACTIVE)
-                st.transition(S.FAILED)
             if self.result.return_path and main is not None:
                 try:
                     main.write(returnpath.shut(1))
                 except Exception:
                     pass
         finally:
+            # Free everything before the final state is visible.
             self.t_done = time.monotonic()
-            if receiver is not None:
-                receiver.close()
-            for ch in self._chans:
-                try:
-                    ch.close(timeout=2)
-                except Exception:
-                    pass
-            if self._listener is not None:
-                self._listener.close()
-            self.c.done.set()
+            try:
+                if failure is not None:
+                    for ch in list(self._chans):
+                        try:
+                            ch.shutdown()
+                        except Exception:
+                            pass
+                if receiver is not None:
+                    receiver.close()
+                for ch in self._chans:
+                    try:
+                        ch.close(timeout=2)
+                    except Exception:
+                        pass
+                if self._listener is not None:
+                    self._listener.close()
+            finally:
+                if failure is not None:
+                    if st.state == S.NONE:
+                        st.transition(S.ACTIVE)
+                    if st.state == S.ACTIVE:
+                        st.transition(S.FAILED)
+                self.c.done.set()
 
     def _load(self, main, receiver) -> None:
         parser = StreamParser()
@@ -739,7 +815,7 @@ class MigrationDestination:
         assert loader is not None
         finished = False
         while not finished:
-            n = parser.fill(main.readinto)
+            n = parser.fill(main.readinto_available)
             if self.t_first_byte is None and n:
                 self.t_first_byte = time.monotonic()
             for ev in parser.events():
@@ -750,7 +826,7 @@ class MigrationDestination:
                     if receiver is not None:
                         receiver.wait_sync(self.io_timeout)
                 elif t is RamSetup:
-                    loader.on_setup(ev)
+                    self._setup_blocks(loader, ev)
                     res.setup = ev
                 elif t is SectionData:
                     res.sections.append(ev)
@@ -772,6 +848,18 @@ class MigrationDestination:
             receiver._check()
         if res.return_path:
             main.write(returnpath.shut(0))
+
+    @staticmethod
+    def _setup_blocks(loader: RamLoader, ev: RamSetup) -> None:
+        """Match or create the blocks; an allocation the peer's sizes make fail is its fault."""
+        try:
+            loader.on_setup(ev)
+        except MigrationError:
+            raise
+        except (OSError, ValueError, OverflowError, MemoryError) as exc:
+            raise RamStreamError(f"cannot create the RAM blocks of the setup record: {exc}",
+                                 offset=ev.offset, section=ev.section.label,
+                                 field="used_length") from exc
 
     def _check_configuration(self, cfg: Configuration) -> None:
         mt = self.machine_type

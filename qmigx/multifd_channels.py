@@ -58,9 +58,11 @@ class _SendChannel:
         self.thread = threading.Thread(target=self._run, name=f"multifd-send-{idx}", daemon=True)
 
     def _run(self) -> None:
+        item = None
         try:
             self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
             while True:
+                item = None  # a failing get() must not release the previous item's SYNC again
                 item = self.q.get()
                 if item is _STOP:
                     return
@@ -85,6 +87,8 @@ class _SendChannel:
                     done.release()
         except BaseException as exc:  # latched; the engine sees it at the next call
             self.owner._fail(exc)
+            if item is not None and item is not _STOP and item[-1] is not None:
+                item[-1].release()  # the SYNC being written when it failed: sync() waits on it
             while True:  # keep draining so producers never block forever
                 item = self.q.get()
                 if item is _STOP:
@@ -161,12 +165,21 @@ class MultifdSender:
         self.bytes_charged += charged
         return charged
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """Stop the channel threads once their queues are written (or failed).
+
+        A thread blocked writing to a stalled peer keeps its queue full, so
+        shut its channel down first (the migration driver does) or this
+        waits up to ``timeout`` for room in the queue.
+        """
         for ch in self._chans:
-            ch.q.put(_STOP)
+            try:
+                ch.q.put(_STOP, timeout=timeout)
+            except queue.Full:
+                pass
         if wait:
             for ch in self._chans:
-                ch.thread.join(timeout=10)
+                ch.thread.join(timeout=timeout)
 
     @property
     def bytes_sent(self) -> int:
@@ -181,6 +194,7 @@ class _RecvChannel:
         self.stream = recv_stream(owner.compression)
         self.synced = threading.Semaphore(0)
         self.release = threading.Semaphore(0)
+        self.ended = False  # the source closed the channel
         self.packets = 0
         self.pages = 0
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
@@ -203,6 +217,9 @@ class _RecvChannel:
             while not o.stopping:
                 head = self._read_header_start(fixed)
                 if head is None:  # the source closed the channel between packets
+                    # fine after the last sync; wait_sync fails if one is still due
+                    self.ended = True
+                    self.synced.release()
                     return
                 pages_alloc = int.from_bytes(head[12:16], "big")
                 if pages_alloc > o.max_pages:
@@ -288,6 +305,9 @@ class MultifdReceiver:
                 raise ChannelError(f"multifd channel {ch.idx} did not reach its sync point",
                                    field="multifd")
             self._check()
+            if ch.ended:
+                raise ChannelError(f"multifd channel {ch.idx} closed before its sync point",
+                                   field="multifd")
         for ch in self._chans:
             ch.release.release()
 
@@ -297,7 +317,8 @@ class MultifdReceiver:
                 raise self.error
             raise ChannelError(f"multifd channel failed: {self.error}") from self.error
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the channel threads and wait for them (the channels stay open: shut down only)."""
         self.stopping = True
         for ch in self._chans:
             ch.release.release()
@@ -305,6 +326,8 @@ class MultifdReceiver:
                 ch.chan.shutdown()
             except Exception:
                 pass
+        for ch in self._chans:
+            ch.thread.join(timeout=timeout)
 
     @property
     def pages(self) -> int:
