@@ -45,10 +45,12 @@ from qmigx.errors import (
     RamStreamError,
     StreamError,
 )
+from qmigx.autoconverge import AutoConverge
 from qmigx.multifd_channels import MultifdReceiver, MultifdSender
 from qmigx.precopy import RamSaveState
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlockList, RamLoader, RamWriter
+from qmigx.report import IterationLog
 from qmigx.savevm import DeviceState
 from qmigx.stream import (
     Command,
@@ -193,6 +195,9 @@ class MigrationSource:
         self.ram: Optional[RamSaveState] = None
         self.iterations: list[dict] = []  # per-iteration report rows
         self.on_iteration: Optional[Callable[[dict], None]] = None
+        self._log = IterationLog()
+        self._converge = AutoConverge()
+        self._dirty_found = 0
 
     # -- public --------------------------------------------------------------
     @property
@@ -240,6 +245,11 @@ class MigrationSource:
         self._cancel.clear()
         self._continue.clear()
         self._shut.clear()
+        self.iterations = []
+        self._log = IterationLog()
+        self._converge.reset()
+        if self.guest.running and hasattr(self.guest, "throttle"):
+            self.guest.throttle(0)
         self.c.stats.reset(_now_ms(), self.c.params.downtime_limit)
         st.reset_for_new_migration()  # -> setup
         self._thread = threading.Thread(target=self._run, args=(uri,), name="migration",
@@ -514,10 +524,22 @@ class MigrationSource:
     def _sync(self, ram: RamSaveState, period: DirtyRatePeriod, stats: MigrationStats) -> None:
         pass_no = period.begin_sync(stats, _now_ms())
         new = ram.bitmap_sync()
+        self._dirty_found = new
         self.c.events.dirty_pass(pass_no)
-        period.end_sync(stats, _now_ms(), dirty_pages=new, target_pages=ram.pages_sent,
-                        xbzrle=ram.cache is not None, compress=ram.compress_level is not None)
+        sample = period.end_sync(stats, _now_ms(), dirty_pages=new, target_pages=ram.pages_sent,
+                                 xbzrle=ram.cache is not None,
+                                 compress=ram.compress_level is not None)
         stats.dirty_sync_count = max(stats.dirty_sync_count, ram.dirty_sync_count)
+        if sample is not None and self.c.caps.get("auto-converge"):
+            p = self.c.params
+            if self._converge.update(sample[0], sample[1],
+                                     threshold_pct=p.throttle_trigger_threshold,
+                                     initial=p.cpu_throttle_initial,
+                                     increment=p.cpu_throttle_increment,
+                                     maximum=p.max_cpu_throttle,
+                                     tailslow=p.cpu_throttle_tailslow):
+                stats.cpu_throttle_percentage = self._converge.percentage
+                self.guest.throttle(self._converge.percentage)
 
     def _account(self, ram: RamSaveState, rw: RamWriter, stats: MigrationStats, f: QEMUFile,
                  sender) -> None:
@@ -533,14 +555,27 @@ class MigrationSource:
         self._refresh_stats()
 
     def _report_iteration(self, ram: RamSaveState, nbytes: int, t0: float) -> None:
-        row = {"dirty_sync_count": ram.dirty_sync_count, "bytes": nbytes,
-               "seconds": time.monotonic() - t0, "remaining": ram.pending(),
-               "zero": ram.zero_pages, "normal": ram.normal_pages,
-               "xbzrle": ram.xbzrle_pages, "compressed": ram.compressed_pages,
-               "multifd": ram.multifd_pages}
+        cache = ram.cache.stats() if ram.cache is not None else {}
+        row = self._log.row(
+            now=time.monotonic(), seconds=time.monotonic() - t0, nbytes=nbytes,
+            pages={"zero": ram.zero_pages, "normal": ram.normal_pages,
+                   "xbzrle": ram.xbzrle_pages, "compressed": ram.compressed_pages,
+                   "multifd": ram.multifd_pages},
+            dirty_found=self._dirty_found, dirty_pages_rate=self.c.stats.dirty_pages_rate,
+            remaining=ram.pending(), throttle=self._converge.percentage,
+            xbzrle_hits=cache.get("pages", 0), xbzrle_overflow=cache.get("overflow", 0),
+            dirty_sync_count=ram.dirty_sync_count)
+        self._dirty_found = 0
         self.iterations.append(row)
         if self.on_iteration is not None:
             self.on_iteration(row)
+
+    def report(self, path: str, *, timings: Optional[dict] = None) -> dict:
+        """Write this migration's JSON report (see :mod:`qmigx.report`)."""
+        from qmigx.report import write_report
+
+        return write_report(path, side="source", query=self.query(),
+                            iterations=self.iterations, timings=timings)
 
     def _write_devices(self, w: StreamWriter, runstate: str, first_id: int) -> None:
         from qmigx.savevm import vmstate_device
