@@ -92,6 +92,8 @@ class RAMBlock:
         self.shared = shared
         self.gpa = gpa
         self.max_length = self.used_length if max_length is None else max_length
+        #: QEMU's RAM_RESIZEABLE: the setup record may change used_length
+        self.resizable = max_length is not None
 
     @classmethod
     def anonymous(cls, idstr: str, size: int, *, hugepages: bool = False,
@@ -306,7 +308,10 @@ class RamLoader:
                         offset=ev.offset, section=ev.section.label, field="idstr")
                 blk = self.blocks.add(self.factory(info))
             elif blk.used_length != info.used_length:
-                if self.strict_lengths and blk.max_length < info.used_length:
+                # QEMU resizes only resizable blocks (ACPI tables, ROM blobs),
+                # and never past their maximum; any other mismatch is fatal
+                resizable = blk.max_length > blk.used_length or blk.resizable
+                if self.strict_lengths and (not resizable or blk.max_length < info.used_length):
                     raise RamStreamError(
                         f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in != "
                         f"0x{blk.used_length:x}", offset=ev.offset,

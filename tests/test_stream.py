@@ -352,3 +352,19 @@ def test_analyze_decodes_device_sections_inside_a_package():
     w.f.flush()
     state = analyze_state(bytes(out.data))
     assert state["dev0 (7)"] == {"x": "0x0005", "y": "0x00000006"}
+
+
+def test_destination_refuses_a_length_change_of_a_fixed_block():
+    from qmigx.errors import RamStreamError as RSE
+    from qmigx.ram import RAMBlock, RAMBlockList
+
+    small = RAMBlockList([RAMBlock("pc.ram", np.zeros(8 * 4096, np.uint8)),
+                          RAMBlock("pc.rom", np.zeros(2 * 4096, np.uint8))])
+    with pytest.raises(RSE) as ei:  # the stream's pc.ram is 6 pages: QEMU says no
+        load_stream(STREAM, small)
+    assert "Length mismatch: pc.ram" in str(ei.value)
+    resizable = RAMBlockList([RAMBlock("pc.ram", np.zeros(8 * 4096, np.uint8),
+                                       max_length=8 * 4096),
+                              RAMBlock("pc.rom", np.zeros(2 * 4096, np.uint8))])
+    loaded = load_stream(STREAM, resizable)  # a resizable block (ACPI tables) adapts
+    assert loaded.blocks["pc.ram"].used_length == 6 * 4096
