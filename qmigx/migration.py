@@ -138,7 +138,37 @@ class _Controls:
             self.stats.error_desc = str(exc)
 
 
-class MigrationSource:
+class _Side:
+    """What both ends expose: QEMU's settings, state, counters and events."""
+
+    c: _Controls
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.c.caps
+
+    @property
+    def parameters(self) -> Parameters:
+        return self.c.params
+
+    @property
+    def state(self) -> StateMachine:
+        return self.c.state
+
+    @property
+    def events(self) -> MigrationEvents:
+        return self.c.events
+
+    @property
+    def stats(self) -> MigrationStats:
+        return self.c.stats
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.c.error
+
+
+class MigrationSource(_Side):
     """An outgoing migration of ``blocks`` (and device state) to a URI.
 
     Args:
@@ -200,30 +230,6 @@ class MigrationSource:
         self._dirty_found = 0
 
     # -- public --------------------------------------------------------------
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.c.caps
-
-    @property
-    def parameters(self) -> Parameters:
-        return self.c.params
-
-    @property
-    def state(self) -> StateMachine:
-        return self.c.state
-
-    @property
-    def events(self) -> MigrationEvents:
-        return self.c.events
-
-    @property
-    def stats(self) -> MigrationStats:
-        return self.c.stats
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        return self.c.error
-
     def migrate(self, uri: str) -> None:
         """Start migrating to ``uri`` in the background (QMP ``migrate``)."""
         st = self.c.state
@@ -671,7 +677,7 @@ class IncomingResult:
     return_path: bool = False
 
 
-class MigrationDestination:
+class MigrationDestination(_Side):
     """An incoming migration into ``blocks`` (QEMU's ``-incoming``).
 
     Args:
@@ -708,26 +714,6 @@ class MigrationDestination:
         self.socket_address: Optional[list] = None
         self.t_first_byte: Optional[float] = None
         self.t_done: Optional[float] = None
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.c.caps
-
-    @property
-    def parameters(self) -> Parameters:
-        return self.c.params
-
-    @property
-    def state(self) -> StateMachine:
-        return self.c.state
-
-    @property
-    def events(self) -> MigrationEvents:
-        return self.c.events
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        return self.c.error
 
     @property
     def blocks(self) -> RAMBlockList:

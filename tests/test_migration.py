@@ -140,14 +140,16 @@ class Pair:
         _LEFTOVERS.append(self.src.cancel)
         _LEFTOVERS.append(self.dst.cancel)
 
-    def migrate(self, *, iterations: int = 0) -> None:
-        """Migrate; with ``iterations``, keep it from converging until that many ran."""
+    def migrate(self, *, iterations: int = 0, until=None) -> None:
+        """Migrate; with ``iterations``, keep it from converging until that many ran
+        (and ``until()`` holds, when given)."""
         if iterations:
             self.src.parameters.set({"downtime-limit": 1})
         self.src.migrate(self.dst.connect_uri)
         if iterations:
-            wait_for(lambda: len(self.src.iterations) >= iterations or self.src.c.done.is_set(),
-                     "iterations")
+            wait_for(lambda: (len(self.src.iterations) >= iterations
+                              and (until is None or until()))
+                     or self.src.c.done.is_set(), "iterations")
             self.src.parameters.set({"downtime-limit": 2000})
         assert self.src.wait(WAIT) is S.COMPLETED, self.src.error
         assert self.dst.wait(WAIT) is S.COMPLETED, self.dst.error
@@ -178,7 +180,12 @@ CONFIGS = {
 def test_live_migration(tmp_path, config, transport):
     caps, params = CONFIGS[config]
     pair = Pair(tmp_path, *caps, transport=transport, max_bandwidth=16 << 20, **params)
-    pair.migrate(iterations=5)
+
+    def xbzrle_sent() -> bool:  # a re-dirtied page must have gone out as a delta
+        ram = pair.src.ram
+        return ram is not None and ram.xbzrle_pages > 0
+
+    pair.migrate(iterations=5, until=xbzrle_sent if "xbzrle" in caps else None)
     assert pair.guest.writes > 0 and not pair.guest.running
     pair.assert_equal_memory()
     src = pair.src
