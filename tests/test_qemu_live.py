@@ -375,7 +375,7 @@ def test_qmigx_api_xbzrle_to_qemu(tmp_path, uris):
     def on_iteration(row: dict) -> None:
         # the writer may not get the GIL between two syncs, which would let the
         # migration converge: also dirty once per iteration until XBZRLE was used
-        if row["xbzrle"] > 0 and row["dirty_sync_count"] >= 4:
+        if src.ram is not None and src.ram.xbzrle_pages > 0 and row["dirty_sync_count"] >= 4:
             release.set()
         if not release.is_set():
             guest.write(touch)
