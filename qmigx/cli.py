@@ -63,8 +63,9 @@ def _analyze_extract(args) -> int:
         f.write(analyze.dumps(desc))
     loader = RamLoader(None)
     state = analyze.analyze_state(args.file, loader=loader)
-    for path in analyze.extract_blocks(loader, ".", lambda idstr: "./" + idstr.lstrip("/")):
-        print(path[2:] if path.startswith("./") else path)
+    analyze.extract_blocks(loader, ".", lambda idstr: "./" + idstr.lstrip("/"))
+    for blk in loader.blocks:  # the script prints each block's name as it creates it
+        print(blk.idstr)
     print("state.json")
     with open("state.json", "w") as f:
         f.write(analyze.dumps(state))

@@ -368,3 +368,25 @@ def test_destination_refuses_a_length_change_of_a_fixed_block():
                               RAMBlock("pc.rom", np.zeros(2 * 4096, np.uint8))])
     loaded = load_stream(STREAM, resizable)  # a resizable block (ACPI tables) adapts
     assert loaded.blocks["pc.ram"].used_length == 6 * 4096
+
+
+def test_analyze_memory_dump_and_extract_flags(tmp_path):
+    """``-m`` lists every page as the script would; ``-x`` writes files to the cwd."""
+    path = tmp_path / "s.mig"
+    path.write_bytes(STREAM)
+    r = subprocess.run([sys.executable, "-m", "qmigx", "analyze", "-f", str(path), "-m"],
+                       capture_output=True, text=True, check=True)
+    mem = json.loads(r.stdout)["ram (2)"]["memory"]
+    exp = expected_memory()
+    assert mem["pc.ram (0x0000000000000000)"] == "Filled with 0x00"
+    # the page XBZRLE changed shows its final content
+    assert mem["pc.ram (0x0000000000001000)"] == " ".join(
+        "%02x" % c for c in exp["pc.ram"][4096:8192])
+    assert len(mem) == 8  # 6 + 2 pages, each listed once
+    work = tmp_path / "x"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "qmigx", "analyze", "-f", str(path), "-x"],
+                       capture_output=True, text=True, check=True, cwd=work)
+    assert (work / "desc.json").exists() and (work / "state.json").exists()
+    assert (work / "pc.ram").read_bytes() == exp["pc.ram"].tobytes()
+    assert set(r.stdout.split()) >= {"desc.json", "state.json", "pc.ram", "pc.rom"}
