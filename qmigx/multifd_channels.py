@@ -136,14 +136,20 @@ class MultifdSender:
                 raise self.error
             raise ChannelError(f"multifd channel failed: {self.error}") from self.error
 
-    def queue(self, block, offsets: np.ndarray, pages: np.ndarray) -> int:
-        """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged."""
+    def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False) -> int:
+        """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged.
+
+        ``owned``: the caller hands ``pages`` over and will not touch them
+        again, so they need not be copied before the channel thread sends.
+        """
         self._check()
         charged = 0
         step = self.pages_alloc
         for lo in range(0, len(offsets), step):
             offs = np.ascontiguousarray(offsets[lo : lo + step], dtype=np.uint64)
-            rows = np.array(pages[lo : lo + step])  # the caller reuses its buffer
+            rows = pages[lo : lo + step]
+            if not owned:
+                rows = np.array(rows)  # the caller reuses its buffer
             ch = self._chans[self._next]
             self._next = (self._next + 1) % len(self._chans)
             ch.q.put((block.idstr, offs, rows, 0, None))
@@ -233,8 +239,9 @@ class _RecvChannel:
                 n = hdr.normal_pages
                 if n:
                     blk = o.block(hdr.ramblock)
-                    if o.compression == "none":
-                        data = self.chan.read_exact(n * ps)
+                    if o.compression == "none":  # straight into a reused buffer
+                        self.chan.readinto_exact(scratch.reshape(-1)[: n * ps])
+                        data = scratch[:n]
                     else:
                         raw = self.chan.read_exact(hdr.next_packet_size)
                         self.stream.decompress_into(raw, scratch, n, ps)

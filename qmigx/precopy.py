@@ -48,8 +48,12 @@ MAX_WAIT_S = 0.050
 class MultifdQueue:
     """What the RAM engine needs from multifd senders (see multifd_channels)."""
 
-    def queue(self, block: RAMBlock, offsets: np.ndarray, pages: np.ndarray) -> int:
-        """Send these pages; return the bytes charged to the main channel."""
+    def queue(self, block: RAMBlock, offsets: np.ndarray, pages: np.ndarray, *,
+              owned: bool = False) -> int:
+        """Send these pages; return the bytes charged to the main channel.
+
+        ``owned``: ``pages`` is the caller's to give away (no copy needed).
+        """
         raise NotImplementedError
 
     def sync(self) -> int:
@@ -201,9 +205,12 @@ class RamSaveState:
         blk = s.block
         ps = TARGET_PAGE_SIZE
         n = len(pages)
-        rows = self._pages[:n]
         mem = blk.buffer[: blk.used_length].reshape(-1, ps)
-        np.take(mem, pages, axis=0, out=rows)  # snapshot: what we send is what we cache
+        if self.multifd is not None:  # a fresh copy the channel threads may keep
+            rows = np.take(mem, pages, axis=0)
+        else:
+            rows = self._pages[:n]
+            np.take(mem, pages, axis=0, out=rows)  # snapshot: what we send is what we cache
         offsets = pages.astype(np.uint64) * np.uint64(ps)
         zmap = zeropage.zero_page_map(rows, ps)
         nz = ~zmap
@@ -220,7 +227,7 @@ class RamSaveState:
         offs = offsets[nz]
         data = rows[nz] if not nz.all() else rows
         if self.multifd is not None:
-            charged = self.multifd.queue(blk, offs, data)
+            charged = self.multifd.queue(blk, offs, data, owned=True)
             w.stats.transferred += charged
             w.f.rate_limit_used += charged  # 7.2 charges multifd to the main budget
             self.multifd_pages += len(offs)
