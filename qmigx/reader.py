@@ -80,12 +80,15 @@ class StreamReader:
         f.seek(0, io.SEEK_END)
         size = f.tell()
         self.size = size
-        n = min(size, 16 << 20)
-        f.seek(size - n)
-        found = find_vmdesc(f.read(n))
-        if found is None:
-            return None
-        return size - n + found[0], found[1]
+        for tail in (1 << 20, 16 << 20):  # a vmdesc is ~100 KiB; read more only if needed
+            n = min(size, tail)
+            f.seek(size - n)
+            found = find_vmdesc(f.read(n))
+            if found is not None:
+                return size - n + found[0], found[1]
+            if n == size:
+                break
+        return None
 
     def events(self) -> Iterator[Event]:
         """Yield every event of the stream, then :class:`EndOfStream`."""

@@ -356,13 +356,19 @@ _LIVE_PARSERS["block"] = _skip_block_payload
 _LIVE_PARSERS["dirty-bitmap"] = _skip_dirty_bitmap_payload
 
 
-def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int]) -> Optional[bool]:
+def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int],
+                            eof: bool = False) -> Optional[bool]:
     """Could a top-level record start at ``pos``? None: need more bytes."""
     if pos >= end:
         return None
     t = mv[pos]
     if t == SectionType.EOF:
-        return True
+        # EOF is followed by the vmdesc (0x06, be32 length, "{") or by nothing
+        if eof and pos + 1 == end:
+            return True
+        if end - pos < 7:
+            return None
+        return mv[pos + 1] == SectionType.VMDESCRIPTION and mv[pos + 6] == 0x7B
     if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
         if end - pos < 6:
             return None
@@ -372,7 +378,10 @@ def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int]) -> Opti
         if end - pos < 6 + n + 8:
             return None
         name = bytes(mv[pos + 6 : pos + 6 + n])
-        return all(32 <= c < 127 for c in name)
+        sid, inst, ver = struct.unpack_from(">III", mv, pos + 1)[0], *struct.unpack_from(
+            ">II", mv, pos + 6 + n)
+        return (all(32 <= c < 127 for c in name) and sid not in known_ids
+                and inst < 1 << 16 and ver < 1 << 16)
     if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
         if end - pos < 5:
             return None
@@ -474,7 +483,10 @@ class StreamParser:
         if own is None or len(own) < cap:
             own = bytearray(cap)
         if pending:
-            own[:pending] = self._buf[self._pos :]
+            src = self._buf[self._pos :]
+            if getattr(self._buf, "obj", None) is own and self._pos < pending:
+                src = bytes(src)  # an overlapping move within the buffer: copy out first
+            own[:pending] = src
         self._own = own
         n = readinto(memoryview(own)[pending:]) or 0
         self._base += self._pos
@@ -727,8 +739,35 @@ class StreamParser:
             from qmigx.vmstate import walk_with_vmdesc
 
             return walk_with_vmdesc(desc, cur, section=sec.label, eof=self._eof)
+        if not self._vmdesc_index and self._vmdesc_arrived(cur):
+            return self._consume_payload(cur, sec, stype)
         self._scan_to_footer(cur, sec)
         return None
+
+    def _vmdesc_arrived(self, cur: Cursor) -> bool:
+        """Look for the vmdesc at the end of what has arrived; use it if there.
+
+        A live destination sees the device sections before the vmdesc that
+        describes them, and QEMU keeps the connection open afterwards (it
+        waits for SHUT), so the parser waits for the vmdesc to complete the
+        buffered data — a ``0x06`` record whose JSON parses and ends exactly
+        at the end of the input — and then delimits every device section by
+        it. Only a stream with no vmdesc at all falls back to footers.
+        """
+        found = find_vmdesc(cur.buf[cur.pos : cur.end])
+        if found is not None:
+            try:
+                desc = parse_vmdesc(found[1])
+            except StreamError:
+                desc = None
+            if desc is not None:
+                for dev in desc.get("devices", ()):
+                    self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
+                if self._vmdesc_index:
+                    return True
+        if not self._eof:
+            raise NeedData(cur.base + cur.end)
+        return False
 
     def _scan_to_footer(self, cur: Cursor, sec: Section) -> None:
         """Delimit a payload of unknown layout by the footer that ends it."""
@@ -747,7 +786,7 @@ class StreamParser:
                         offset=cur.tell(), section=sec.label)
                 raise NeedData(cur.base + cur.end)
             pos = cur.pos + i
-            ok = _plausible_record_start(mv, pos + 5, cur.end, known)
+            ok = _plausible_record_start(mv, pos + 5, cur.end, known, self._eof)
             if ok is None:
                 if self._eof:
                     ok = pos + 5 == cur.end

@@ -41,7 +41,9 @@ def summary(events) -> list:
     """Events as comparable tuples (RAM batches flattened to records)."""
     out = []
     for ev in events:
-        if isinstance(ev, RamPages):
+        if isinstance(ev, SectionData):
+            out.append(("data", ev.type, ev.section, ev.payload, ev.offset))
+        elif isinstance(ev, RamPages):
             r = ev.records
             for i in range(r.count):
                 body = bytes(ev.data[r.pos[i] : r.pos[i] + r.length[i]])
@@ -172,10 +174,10 @@ def test_unknown_section_type():
     with pytest.raises(errors.UnknownSectionError) as ei:
         parse_all(data, vmdesc={"devices": [json.loads(DEV_DESC)]})
     assert ei.value.offset == eof and "type 9" in str(ei.value)
-    # without a description, the device section's end can't be found
-    with pytest.raises(errors.StreamError) as ei:
+    # without one given, the parser finds the vmdesc at the end of the input
+    with pytest.raises(errors.UnknownSectionError) as ei:
         parse_all(data)
-    assert ei.value.section == "dev0 (3)"
+    assert ei.value.offset == eof
 
 
 def test_unknown_section_id():
@@ -390,3 +392,34 @@ def test_analyze_memory_dump_and_extract_flags(tmp_path):
     assert (work / "desc.json").exists() and (work / "state.json").exists()
     assert (work / "pc.ram").read_bytes() == exp["pc.ram"].tobytes()
     assert set(r.stdout.split()) >= {"desc.json", "state.json", "pc.ram", "pc.rom"}
+
+
+def test_a_fake_footer_inside_device_state_does_not_cut_the_section():
+    """Device bytes may contain ``7E <section id> 00``; a destination that has no
+    vmdesc yet must not take it for the section's end (it waits for the vmdesc
+    that follows EOF, as the data arrives in pieces)."""
+    from qmigx.qemufile import BytesSink, QEMUFile
+    from qmigx.stream import Section, StreamWriter
+    from qmigx.wire import SectionType
+
+    payload = b"\x12\x34" + b"\x7e\x00\x00\x00\x03" + b"\x00\x00\x00\x00\x00\x05"  # 13 bytes
+    desc = ('{"name": "dev0", "instance_id": 0, "vmsd_name": "dev0", "version": 1, '
+            '"fields": [{"name": "blob", "type": "buffer", "size": 13}]}')
+    out = BytesSink()
+    w = StreamWriter(QEMUFile(out))
+    w.header()
+    w.configuration("pc-i440fx-7.2")
+    w.section(SectionType.SECTION_FULL, Section(3, "dev0", 0, 1), payload)
+    w.eof()
+    w.vmdesc(('{"page_size": 4096, "devices": [%s]}' % desc).encode())
+    w.f.flush()
+    data = bytes(out.data)
+    for step in (1, 5, 17, len(data)):
+        p = StreamParser()
+        got = []
+        for i in range(0, len(data), step):
+            p.feed(data[i : i + step])
+            got += [e.payload for e in p.events() if isinstance(e, SectionData)]
+        p.feed_eof()
+        got += [e.payload for e in p.events() if isinstance(e, SectionData)]
+        assert got == [payload], step
