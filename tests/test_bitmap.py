@@ -472,3 +472,11 @@ def test_large_bitmap_sync_find_count(path):
     assert (got[npages:] == 0).all()
     first = int(np.flatnonzero(got[5000:])[0]) + 5000
     assert b.find_next(5000) == first
+
+
+def test_empty_sync_at_the_block_end_arms_nothing():
+    """A sync of zero pages overlaps no chunk (found by the twins disagreeing)."""
+    for mod in (compiled, reference):
+        b = mod.DirtyBitmap(64, 7)
+        assert b.sync(b"", start=64) == 0
+        assert not b.is_armed(0)

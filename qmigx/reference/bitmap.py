@@ -159,8 +159,9 @@ class DirtyBitmap:
                 if not self._dirty.get(start + i):
                     newly += 1
                     self._dirty.put(start + i, True)
-        for chunk in range(start // self.chunk_pages, (start + n - 1) // self.chunk_pages + 1):
-            self._armed.put(chunk, True)
+        if n:  # an empty range overlaps no chunk
+            for chunk in range(start // self.chunk_pages, (start + n - 1) // self.chunk_pages + 1):
+                self._armed.put(chunk, True)
         return newly
 
     def sync_from_source(self) -> int:
