@@ -446,7 +446,6 @@ class MigrationSource(_Side):
             self.c.events.dirty_pass(pass_no)
             self._ram_eos(rw, sender, w, sec)
             self._write_devices(w, runstate, first_id=self.ram_section_id + 1)
-            w.eof()
             f.flush()
             f.check()
             self._account(ram, rw, stats, f, sender)
@@ -607,12 +606,8 @@ class MigrationSource(_Side):
         text = self.vmdesc
         if text is None:
             text = ('{"page_size": 4096, "devices": [%s]}' % ", ".join(entries)).encode()
-        self._vmdesc_text = text
-        self._pending_vmdesc = True
         w.eof()
         w.vmdesc(text)
-        # EOF is written above, before the vmdesc; the caller's eof() is a no-op
-        w.eof = lambda: None  # type: ignore[method-assign]
 
     # -- return path ----------------------------------------------------------
     def _rp_reader(self, ch) -> None:

@@ -375,7 +375,7 @@ class RamLoader:
                 self._xbzrle = xbzrle
             try:
                 self._xbzrle.decode_buffer(body, page)
-            except StreamError:
+            except StreamError:  # already says where (a subclass of ValueError)
                 raise
             except ValueError as exc:
                 raise RamStreamError(f"Failed to load XBZRLE page - decode error! ({exc})",
