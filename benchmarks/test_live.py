@@ -371,7 +371,7 @@ def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp
 @pytest.fixture(scope="module")
 def qemu_state(qemu_source, uris, tmp_path_factory):
     """The QEMU source's state (RAM and devices) as received by ``qmigx incoming --save``, loaded."""
-    from qmigx.savevm import load_stream
+    from qmigx.tools.streams import load_stream
 
     vm = qemu_source.vm
     d = tmp_path_factory.mktemp("qemu-state")

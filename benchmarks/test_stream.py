@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from qmigx.ram import RAMBlock, RAMBlockList
-from qmigx.savevm import load_stream, save_stream
+from qmigx.tools.streams import load_stream, save_stream
 
 GIB = 1 << 30
 
@@ -120,7 +120,7 @@ def test_peak_memory_while_loading(stream_file, benchmark):
     """Peak RSS of a process loading the stream, against guest RAM + 64 MiB."""
     # VmHWM, not ru_maxrss: a child forked from this big process would
     # inherit the parent's high-water mark in ru_maxrss
-    code = ("import sys; from qmigx.savevm import load_stream; "
+    code = ("import sys; from qmigx.tools.streams import load_stream; "
             "load_stream(sys.argv[1]); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     rss_kib = benchmark.pedantic(

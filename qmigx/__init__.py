@@ -32,14 +32,16 @@ from qmigx.errors import __all__ as _errors_all
 __version__ = "0.1.0"
 
 _LAZY = {
-    "StreamReader": "qmigx.savevm",
-    "LoadedStream": "qmigx.savevm",
-    "load_stream": "qmigx.savevm",
-    "save_stream": "qmigx.savevm",
-    "convert_stream": "qmigx.savevm",
-    "verify_stream": "qmigx.savevm",
+    "StreamReader": "qmigx.tools.streams",
+    "LoadedStream": "qmigx.tools.streams",
+    "load_stream": "qmigx.tools.streams",
+    "save_stream": "qmigx.tools.streams",
+    "convert_stream": "qmigx.tools.streams",
+    "verify_stream": "qmigx.tools.streams",
     "DeviceState": "qmigx.savevm",
     "vmstate_device": "qmigx.savevm",
+    "SaveVMHandler": "qmigx.savevm",
+    "SaveVMRegistry": "qmigx.savevm",
     "StreamParser": "qmigx.stream",
     "StreamWriter": "qmigx.stream",
     "Section": "qmigx.stream",
@@ -60,7 +62,7 @@ _LAZY = {
     "Capabilities": "qmigx.control",
     "Parameters": "qmigx.control",
     "MigrationStatus": "qmigx.control",
-    "analyze_state": "qmigx.analyze",
+    "analyze_state": "qmigx.tools.analyze",
     "migrate_memory": "qmigx.memory",
     "receive_memory": "qmigx.memory",
 }
@@ -82,7 +84,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from qmigx.analyze import analyze_state
+    from qmigx.tools.analyze import analyze_state
     from qmigx.bitmap import DirtyBitmap, DirtyLogSource
     from qmigx.control import Capabilities, MigrationStatus, Parameters
     from qmigx.dirtylog import ExplicitDirtyLog, UffdWriteProtectLog, best_dirty_log
@@ -91,15 +93,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from qmigx.page_cache import PageCache
     from qmigx.qemufile import QEMUFile
     from qmigx.ram import RAMBlock, RAMBlockList, aligned_array
-    from qmigx.savevm import (
-        DeviceState,
+    from qmigx.savevm import DeviceState, SaveVMHandler, SaveVMRegistry, vmstate_device
+    from qmigx.tools.streams import (
         LoadedStream,
         StreamReader,
         convert_stream,
         load_stream,
         save_stream,
         verify_stream,
-        vmstate_device,
     )
     from qmigx.stream import Section, StreamParser, StreamWriter
     from qmigx.vmstate import VMStateDescription

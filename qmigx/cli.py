@@ -34,7 +34,7 @@ def _progress(label: str, path: str):
 
 
 def cmd_analyze(args) -> int:
-    from qmigx import analyze
+    from qmigx.tools import analyze
 
     if args.extract:
         return _analyze_extract(args)
@@ -54,7 +54,7 @@ def cmd_analyze(args) -> int:
 
 def _analyze_extract(args) -> int:
     """``-x``: desc.json, state.json and one file per RAM block, in the cwd."""
-    from qmigx import analyze
+    from qmigx.tools import analyze
     from qmigx.ram import RamLoader
 
     desc = analyze.vmdesc_json(args.file)
@@ -73,7 +73,7 @@ def _analyze_extract(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from qmigx import analyze
+    from qmigx.tools import analyze
     from qmigx.ram import RamLoader
 
     os.makedirs(args.dir, exist_ok=True)
@@ -90,7 +90,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from qmigx.savevm import verify_stream
+    from qmigx.tools.streams import verify_stream
 
     bar = _progress("verify", args.file)
     try:
@@ -104,7 +104,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from qmigx.savevm import convert_stream
+    from qmigx.tools.streams import convert_stream
 
     tmp = args.output + ".part"
     bar = _progress("convert", args.input)

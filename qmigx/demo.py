@@ -118,7 +118,7 @@ def _run_live(ram_bytes: int, workdir: str) -> int:
     from qmigx.live_cli import info_migrate
     from qmigx.migration import MigrationSource
     from qmigx.progress import Progress
-    from qmigx.savevm import load_stream, vmstate_device
+    from qmigx.tools.streams import load_stream, vmstate_device
     from qmigx.synthetic import synthetic_blocks, synthetic_devices
 
     sock = os.path.join(workdir, "migrate.sock")

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from qmigx.analyze import analyze_state
+from qmigx.tools.analyze import analyze_state
 from qmigx.errors import MigrationError
 from qmigx.qemufile import Cursor
-from qmigx.savevm import load_stream, save_stream, verify_stream, vmstate_device
+from qmigx.tools.streams import load_stream, save_stream, verify_stream, vmstate_device
 from qmigx.synthetic import synthetic_blocks, synthetic_devices
 from qmigx.vmstate import load_state
 

@@ -125,7 +125,7 @@ def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus
 def cmd_incoming(args) -> int:
     from qmigx.cli import block_filename
     from qmigx.migration import MigrationDestination
-    from qmigx.savevm import save_stream
+    from qmigx.tools.streams import save_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
     t_start = time.monotonic()
@@ -166,7 +166,7 @@ def cmd_incoming(args) -> int:
 
 def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
-    from qmigx.savevm import load_stream
+    from qmigx.tools.streams import load_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
     shared = _shared_ram(args.shared_ram, private=False)

@@ -174,7 +174,7 @@ class MigrationSource(_Side):
     Args:
         blocks: the guest's RAM blocks, in RAM-list order.
         devices: device sections to send at completion, in order
-            (:class:`~qmigx.savevm.DeviceState`; or
+            (:class:`~qmigx.tools.streams.DeviceState`; or
             :class:`~qmigx.stream.SectionData` replayed verbatim, ids kept).
         vmdesc: the vmdesc text to send; default: built from ``devices``.
         guest: what completion stops (default: a :class:`SimpleGuest`).

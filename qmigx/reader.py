@@ -44,7 +44,7 @@ class StreamReader:
             reading is as fast and keeps the page cache out of RSS.
     """
 
-    def __init__(self, source: Source, *, vmdesc="auto", devices: Optional[dict] = None,
+    def __init__(self, source: Source, *, vmdesc="auto", registry=None,
                  progress: Optional[Callable[[int], None]] = None, ordered: bool = False,
                  use_mmap: bool = False) -> None:
         self._source = source
@@ -58,7 +58,7 @@ class StreamReader:
             self.vmdesc = parse_vmdesc(found[1], ordered=ordered) if found else None
         else:
             self.vmdesc = vmdesc
-        self.parser = StreamParser(vmdesc=self.vmdesc, devices=devices)
+        self.parser = StreamParser(vmdesc=self.vmdesc, registry=registry)
 
     def _locate_vmdesc(self):
         src = self._source

@@ -1,246 +1,260 @@
-"""Whole streams: read, load, verify and convert (QEMU's savevm.c, file side).
+"""Section handlers and their registry (QEMU's SaveStateEntry list, savevm.c).
 
-These functions drive :class:`~qmigx.stream.StreamParser` over a file,
-bytes or any readable object, and give the operations the command-line
-tools are made of. Reading is chunked (``readinto`` into the parser's own
-buffer), so memory stays near the size of guest RAM whatever the stream
-size.
+Every section of a stream belongs to a handler registered under an idstr
+and an instance id, and the parser, the source and the destination all
+dispatch through one :class:`SaveVMRegistry`:
+
+* a **live** handler (``ram``, ``block``, ``dirty-bitmap``) has QEMU's
+  SaveVMHandlers shape: ``save_setup`` writes the START payload,
+  ``save_live_iterate`` one PART payload, ``save_pending`` says how much is
+  left, ``save_complete_precopy`` writes the END payload, and
+  ``save_cleanup`` runs whatever happened. Its record grammar,
+  ``read_record``, is sans-IO: it consumes one record from a
+  :class:`~qmigx.qemufile.Cursor` and returns it, so the same handler class
+  delimits the section for ``analyze`` and applies it on a destination
+  (``load_setup`` / ``load_record`` / ``load_cleanup``).
+* a **device** handler (:class:`VMStateHandler`) is a VMState description
+  with its state: one FULL section, loaded whole.
+
+The registry finds the handler for an incoming section as QEMU's
+``find_se`` does (idstr and instance id, or the bare VMSD name for
+streams from QEMUs that did not prefix qdev paths), refuses versions a
+device cannot load, and gives the source its handlers in QEMU's order.
+Section ids are handed out in registration order, as QEMU numbers
+``savevm_state.global_section_id``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Iterator, Optional
 
-import numpy as np
-
-from qmigx.errors import StreamError
-from qmigx.qemufile import QEMUFile
-from qmigx.ram import RAMBlock, RAMBlockList, RamLoader, RamWriter, compress_page
-from qmigx.stream import (
-    Command,
-    Configuration,
-    EndOfState,
-    EndOfStream,
-    Event,
-    RamEOS,
-    RamPages,
-    RamSetup,
-    Section,
-    SectionData,
-    SectionEnd,
-    SectionStart,
-    StreamHeader,
-    StreamParser,
-    StreamWriter,
-    VMDescription,
-    find_vmdesc,
-    parse_vmdesc,
-)
-from qmigx.reader import Source, StreamReader
-from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+from qmigx.errors import UnknownSectionError, VMStateError
+from qmigx.qemufile import Cursor, QEMUFile
 
 __all__ = [
-    "Source",
-    "StreamReader",
-    "LoadedStream",
-    "load_stream",
-    "verify_stream",
-    "convert_stream",
-    "save_stream",
+    "Section",
+    "SaveVMHandler",
+    "VMStateHandler",
+    "SaveVMRegistry",
     "DeviceState",
     "vmstate_device",
-    "RAM_ENCODINGS",
 ]
 
-RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
+
+@dataclass(frozen=True)
+class Section:
+    """Identity of a section as introduced by its START or FULL header."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+    @property
+    def label(self) -> str:
+        """``idstr (id)`` as QEMU's error messages and the analyze script name it."""
+        return f"{self.idstr} ({self.section_id})"
+
+
+class SaveVMHandler:
+    """A live section's handlers; subclasses override what they implement.
+
+    Source side, in the order the migration thread calls them:
+    ``is_active`` (is the section in this migration at all), ``save_setup``
+    (START payload), then per iteration ``save_pending`` and, while
+    ``is_active_iterate``, ``save_live_iterate`` (PART payload; returns
+    True once the current stage is done, as QEMU's ``ret > 0``), then
+    ``save_complete_precopy`` (END payload) and ``save_cleanup``.
+
+    Destination side: ``load_setup`` once the section first appears,
+    ``load_record`` for every record ``read_record`` produced, and
+    ``load_cleanup(ok)`` at the end of the incoming migration.
+
+    Payload methods write the section body only: the driver writes the
+    section header before and the footer after.
+    """
+
+    idstr: str = ""
+    instance_id: int = 0
+    version_id: int = 1
+    #: live sections are START/PART/END; others are one FULL section
+    live: bool = True
+
+    # -- the record grammar (sans-IO, every side) ------------------------------
+    def read_record(self, cur: Cursor, section: Section) -> tuple[Any, bool]:
+        """Consume exactly one record of a payload from ``cur``.
+
+        Returns ``(record, last)``; ``last`` is True for the record that
+        ends the payload (an EOS). Cursor reads raise ``NeedData`` when the
+        input stops short: the parser rewinds and calls again with more
+        input, so this must not change any state. Bad input raises a
+        :class:`~qmigx.errors.StreamError` naming the offset and field.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no record grammar")
+
+    def describe(self, record: Any) -> Any:
+        """A JSON-able view of one record, for ``analyze``."""
+        return repr(record)
+
+    # -- source ------------------------------------------------------------------
+    def is_active(self) -> bool:
+        return True
+
+    def is_active_iterate(self) -> bool:
+        return True
+
+    def save_setup(self, f: QEMUFile) -> None:
+        pass
+
+    def save_pending(self) -> tuple[int, int]:
+        """Bytes left to send: ``(precopy_only, postcopy_compatible)``."""
+        return (0, 0)
+
+    def save_live_iterate(self, f: QEMUFile) -> bool:
+        return True
+
+    def save_complete_precopy(self, f: QEMUFile) -> None:
+        pass
+
+    def save_cleanup(self) -> None:
+        pass
+
+    # -- destination ------------------------------------------------------------
+    def load_setup(self) -> None:
+        pass
+
+    def load_record(self, record: Any, section: Section) -> None:
+        pass
+
+    def load_cleanup(self, ok: bool) -> None:
+        pass
 
 
 @dataclass
-class LoadedStream:
-    """What a stream carried, with RAM loaded into blocks."""
+class VMStateHandler:
+    """One registered device: identity, description and live state."""
 
-    configuration: Optional[Configuration] = None
-    blocks: RAMBlockList = field(default_factory=RAMBlockList)
-    ram_setup: Optional[RamSetup] = None
-    sections: list = field(default_factory=list)  # SectionData of non-RAM sections
-    commands: list = field(default_factory=list)
-    vmdesc: Optional[bytes] = None
-    size: int = 0
+    idstr: str
+    instance_id: int
+    vmsd: object
+    state: dict = field(default_factory=dict)
+    order: int = 0
+    live = False
 
+    @property
+    def compat_idstr(self) -> str:
+        """The bare VMSD name that older streams use for a qdev-path idstr."""
+        return self.vmsd.name
 
-def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
-                factory: Optional[Callable] = None, progress=None,
-                create_missing: bool = False) -> LoadedStream:
-    """Read a whole stream, applying its RAM to ``blocks`` (created if None).
+    @property
+    def version_id(self) -> int:
+        return self.vmsd.version_id
 
-    With ``create_missing``, blocks the stream names that ``blocks`` lacks
-    are created too.
-    """
-    reader = StreamReader(source, progress=progress)
-    loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
-    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            loader.on_pages(ev)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            out.ram_setup = ev
-        elif t is SectionData:
-            out.sections.append(ev)
-        elif t is Configuration:
-            out.configuration = ev
-        elif t is Command:
-            out.commands.append(ev)
-        elif t is VMDescription:
-            out.vmdesc = ev.json
-        elif t is EndOfStream:
-            out.size = ev.offset
-    return out
+    def load(self, cur: Cursor, sec: Section) -> dict:
+        """Load a FULL payload into ``state`` with QEMU's version checks."""
+        from qmigx.vmstate import load_state
+
+        vmsd = self.vmsd
+        if sec.version_id > vmsd.version_id:
+            raise VMStateError(
+                f"savevm: unsupported version {sec.version_id} for '{sec.idstr}' "
+                f"v{vmsd.version_id}", offset=cur.tell(), section=sec.label, field="version_id")
+        if sec.version_id < vmsd.minimum_version_id:
+            raise VMStateError(
+                f"{vmsd.name}: incoming version_id {sec.version_id} is too old for local "
+                f"minimum_version_id {vmsd.minimum_version_id}",
+                offset=cur.tell(), section=sec.label, field="version_id")
+        return load_state(vmsd, cur, sec.version_id, section=sec.label, obj=self.state)
+
+    def device_state(self) -> "DeviceState":
+        return vmstate_device(self.idstr, self.instance_id, self.vmsd, self.state)
 
 
-def verify_stream(source: Source, progress=None) -> dict:
-    """A full structural check; returns a summary, raises on the first fault.
+class SaveVMRegistry:
+    """Handlers by (idstr, instance id); see the module docstring."""
 
-    Every record is parsed, every page applied to a scratch copy of RAM (so
-    XBZRLE deltas and zlib pages are fully decoded), every device section is
-    delimited by its vmdesc entry when there is one, and the vmdesc must
-    describe each FULL section.
-    """
-    reader = StreamReader(source, progress=progress)
-    loader = RamLoader(None)
-    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0}
-    full: list[Section] = []
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            loader.on_pages(ev)
-            summary["pages"] += ev.records.count
-        elif t is RamSetup:
-            loader.on_setup(ev)
-        elif t is SectionStart:
-            summary["sections"] += 1
-            if ev.type == SectionType.SECTION_FULL and ev.section.idstr != "ram":
-                full.append(ev.section)
-        elif t is Command:
-            summary["commands"] += 1
-        elif t is VMDescription:
-            summary["vmdesc"] = True
-            desc = parse_vmdesc(ev.json)
-            described = {(d.get("name"), d.get("instance_id")) for d in desc.get("devices", ())}
-            for sec in full:
-                if (sec.idstr, sec.instance_id) not in described:
-                    raise StreamError("device section missing from the vmdesc",
-                                      offset=ev.offset, section=sec.label)
-        elif t is EndOfStream:
-            summary["bytes"] = ev.offset
-    return summary
+    def __init__(self, handlers=()) -> None:
+        self._entries: dict[tuple[str, int], Any] = {}
+        self._order: dict[tuple[str, int], int] = {}
+        for h in handlers:
+            self.add(h)
 
+    # -- registration -------------------------------------------------------------
+    def add(self, handler) -> Any:
+        """Register a handler object (a :class:`SaveVMHandler` or :class:`VMStateHandler`)."""
+        key = (handler.idstr, handler.instance_id)
+        if key in self._entries:
+            raise ValueError(f"handler {key[0]!r} instance {key[1]} already registered")
+        self._order[key] = len(self._entries)
+        self._entries[key] = handler
+        return handler
 
-def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
-                   compress_level: int = 1, progress=None) -> None:
-    """Re-encode a stream's RAM records, keeping everything else as it is.
+    def register(self, idstr: str, vmsd, state: Optional[dict] = None, *,
+                 instance_id: Optional[int] = None) -> VMStateHandler:
+        """Add a VMState device; ``instance_id`` None takes the next free one for ``idstr``."""
+        if instance_id is None:
+            instance_id = 1 + max((i for (n, i) in self._entries if n == idstr), default=-1)
+        h = VMStateHandler(idstr, instance_id, vmsd, {} if state is None else state,
+                           order=len(self._entries))
+        return self.add(h)
 
-    ``encoding`` is one of :data:`RAM_ENCODINGS`. With ``keep`` the output is
-    byte-identical to the input. Otherwise the RAM records are re-made, in
-    the same order and sections, from the page contents the input gives at
-    that point: ``page`` sends every page in full, ``zero`` sends all-zero
-    pages as ZERO records (QEMU's default), ``xbzrle`` also sends a page the
-    output already carried as an XBZRLE delta against that earlier copy when
-    the delta is smaller, ``compress`` sends non-zero pages zlib-compressed.
-    """
-    if encoding not in RAM_ENCODINGS:
-        raise ValueError(f"unknown RAM encoding {encoding!r}; choose from {RAM_ENCODINGS}")
-    if encoding == "keep":
-        _copy(source, sink)
-        return
-    from qmigx import xbzrle, zeropage
+    def remove(self, idstr: str, instance_id: int = 0) -> None:
+        self._entries.pop((idstr, instance_id), None)
 
-    reader = StreamReader(source, progress=progress)
-    f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    loader = RamLoader(None)
-    sent: dict[str, np.ndarray] = {}  # per block: pages already in the output
-    delta = np.empty(TARGET_PAGE_SIZE, np.uint8)
-    ps = TARGET_PAGE_SIZE
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            _convert_batch(ev, loader, ram, encoding, compress_level, sent, delta, xbzrle,
-                           zeropage)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            ram.setup(ev.blocks, ignore_shared=reader.parser.ignore_shared)
-            for b in ev.blocks:
-                sent[b.idstr] = np.zeros(b.used_length // ps, bool)
-        elif t is RamEOS:
-            ram.eos()
-        elif t is SectionStart:
-            w.section_header(ev.type, ev.section)
-        elif t is SectionData:
-            f.write(ev.payload)
-        elif t is SectionEnd:
-            if ev.footer:
-                f.put_u8(SectionType.SECTION_FOOTER)
-                f.put_be32(ev.section.section_id)
-        elif t is StreamHeader:
-            w.header()
-        elif t is Configuration:
-            w.raw_configuration(ev.raw)
-        elif t is Command:
-            w.command(ev.cmd, ev.payload, ev.packaged)
-        elif t is EndOfState:
-            w.eof()
-        elif t is VMDescription:
-            w.vmdesc(ev.json)
-    f.flush()
-    f.check()
+    # -- lookup -------------------------------------------------------------------
+    def find(self, idstr: str, instance_id: int):
+        h = self._entries.get((idstr, instance_id))
+        if h is not None:
+            return h
+        for cand in self._entries.values():  # compat: "dev/vmsd" saved as "vmsd"
+            if (isinstance(cand, VMStateHandler) and "/" in cand.idstr
+                    and cand.compat_idstr == idstr and cand.instance_id == instance_id):
+                return cand
+        return None
 
+    def live(self, idstr: str) -> Optional[SaveVMHandler]:
+        """The live handler whose grammar delimits sections named ``idstr``."""
+        for (name, _), h in self._entries.items():
+            if name == idstr and getattr(h, "live", False):
+                return h
+        return None
 
-def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:
-    """Re-encode one batch, record by record, from the content each leaves."""
-    rec = ev.records
-    ps = TARGET_PAGE_SIZE
-    old = np.empty(ps, np.uint8)
-    for i in range(rec.count):
-        blk = loader.block_of(ev, i)
-        off = int(rec.offset[i])
-        name = blk.idstr
-        pidx = off // ps
-        page = blk.buffer[off : off + ps]
-        was_sent = sent[name][pidx]
-        if encoding == "xbzrle" and was_sent:
-            old[:] = page
-        loader.apply_range(ev, i, i + 1)
-        if encoding != "page" and zeropage.is_zero(page):
-            ram.zero(name, off)
-        elif encoding == "compress":
-            ram.compressed(name, off, compress_page(page, level))
-        elif encoding == "xbzrle" and was_sent:
-            dlen = xbzrle.encode_buffer(old, page, delta)
-            if dlen > 0:
-                ram.xbzrle(name, off, delta[:dlen])
-            elif dlen < 0:  # the delta would not be smaller: the page goes whole
-                ram.page(name, off, page)
-            # 0: the destination already holds exactly this page: nothing to send
-        else:
-            ram.page(name, off, page)
-        sent[name][pidx] = True
+    def section_id(self, handler) -> int:
+        """The section id QEMU would give ``handler``: its registration index."""
+        return self._order[(handler.idstr, handler.instance_id)]
 
+    def live_handlers(self) -> list[SaveVMHandler]:
+        """Live handlers in registration order (QEMU's iteration order)."""
+        return [h for h in self._entries.values() if getattr(h, "live", False)]
 
-def _copy(source: Source, sink: Callable) -> None:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        sink(source)
-        return
-    with open(source, "rb") as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            sink(chunk)
+    def devices(self) -> list[VMStateHandler]:
+        """VMState devices in save order: higher VMSD priority first, then registration."""
+        devs = [h for h in self._entries.values() if isinstance(h, VMStateHandler)]
+        return sorted(devs, key=lambda h: (-int(getattr(h.vmsd, "priority", 0)), h.order))
+
+    def __iter__(self) -> Iterator:
+        return iter(self.devices())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return tuple(key) in self._entries
+
+    # -- loading ------------------------------------------------------------------
+    def load(self, cur: Cursor, sec: Section) -> Any:
+        """Load a FULL device payload into its handler's state."""
+        h = self.find(sec.idstr, sec.instance_id)
+        if h is None or not isinstance(h, VMStateHandler):
+            raise UnknownSectionError(
+                f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}",
+                offset=cur.tell(), section=sec.label, field="idstr")
+        return h.load(cur, sec)
+
+    def device_states(self) -> list["DeviceState"]:
+        """DeviceState sections to save, in order, with vmdesc entries."""
+        return [h.device_state() for h in self.devices()]
 
 
 @dataclass
@@ -256,97 +270,6 @@ class DeviceState:
     version_id: int
     payload: bytes
     vmdesc: Optional[str] = None
-
-
-def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
-                machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
-                ignore_shared: bool = False, compress_level: int = 1,
-                first_section_id: int = 2, vmdesc=True,
-                configuration: Optional[Configuration] = None) -> RamWriter:
-    """Write a complete precopy stream of ``blocks`` and ``devices``.
-
-    The shape is QEMU's for a paused guest: header, configuration, ``ram``
-    START (setup), one PART with every page, END, a FULL section per
-    device, EOF and the vmdesc. ``encoding`` is ``page``, ``zero`` or
-    ``compress`` (see :func:`convert_stream`). Returns the RAM writer, whose
-    ``stats`` count what was sent.
-
-    ``devices`` holds :class:`DeviceState` values, or received
-    :class:`~qmigx.stream.SectionData` written back verbatim with their
-    section ids. ``vmdesc`` is True (built from the DeviceState entries),
-    False (none) or the bytes of a whole vmdesc document to write as is.
-    ``configuration`` replays a received configuration section.
-    """
-    from qmigx import zeropage
-    from qmigx.stream import ConfigSubsection, RamBlockInfo
-
-    if encoding not in ("page", "zero", "compress"):
-        raise ValueError(f"save encoding must be page, zero or compress, not {encoding!r}")
-    f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    w.header()
-    if configuration is not None:
-        w.raw_configuration(configuration.raw)
-    else:
-        subs = []
-        if ignore_shared:
-            name = b"x-ignore-shared"
-            subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         b"\0\0\0\1" + bytes((len(name),)) + name))
-        w.configuration(machine_type, subs)
-    sec = Section(first_section_id, "ram", 0, 4)
-    infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
-             for b in blocks]
-    w.section_header(SectionType.SECTION_START, sec)
-    ram.setup(infos, ignore_shared=ignore_shared)
-    ram.eos()
-    w.footer(sec)
-    w.section_header(SectionType.SECTION_PART, sec)
-    ps = TARGET_PAGE_SIZE
-    for blk in blocks:
-        if ignore_shared and blk.shared:
-            continue
-        mem = blk.memory
-        zmap = zeropage.zero_page_map(mem, ps)
-        offsets = np.arange(len(zmap), dtype=np.uint64) * np.uint64(ps)
-        if encoding == "page":
-            ram.pages(blk.idstr, mem, offsets)
-            continue
-        # keep page order: alternate runs of zero and non-zero pages
-        edges = np.flatnonzero(np.diff(zmap.astype(np.int8))) + 1
-        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(zmap)]):
-            if zmap[lo]:
-                ram.zeros(blk.idstr, offsets[lo:hi])
-            elif encoding == "compress":
-                for off in offsets[lo:hi]:
-                    o = int(off)
-                    ram.compressed(blk.idstr, o, compress_page(mem[o : o + ps], compress_level))
-            else:
-                ram.pages(blk.idstr, mem, offsets[lo:hi])
-    ram.eos()
-    w.footer(sec)
-    w.section_header(SectionType.SECTION_END, sec)
-    ram.eos()
-    w.footer(sec)
-    entries = []
-    for i, dev in enumerate(devices):
-        if isinstance(dev, SectionData):
-            w.section(SectionType.SECTION_FULL, dev.section, dev.payload)
-            continue
-        dsec = Section(first_section_id + 1 + i, dev.idstr, dev.instance_id, dev.version_id)
-        w.section(SectionType.SECTION_FULL, dsec, dev.payload)
-        if dev.vmdesc is not None:
-            entries.append(dev.vmdesc)
-    w.eof()
-    if isinstance(vmdesc, (bytes, bytearray)):
-        w.vmdesc(bytes(vmdesc))
-    elif vmdesc:
-        text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
-        w.vmdesc(text.encode())
-    f.flush()
-    f.check()
-    return ram
 
 
 def vmstate_device(idstr: str, instance_id: int, vmsd, obj: dict) -> DeviceState:

@@ -71,7 +71,7 @@ def _machine(args):
         raise ParameterError("--dirty-rate must not be negative", field="dirty-rate")
     loaded = None
     if args.load:
-        from qmigx.savevm import load_stream
+        from qmigx.tools.streams import load_stream
 
         loaded = load_stream(args.load, create_missing=True)
     m = Machine(ram_bytes=parse_size(args.ram) if args.ram else None,

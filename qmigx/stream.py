@@ -36,7 +36,10 @@ from qmigx.errors import (
     TruncatedStreamError,
     UnknownSectionError,
 )
+from qmigx.block import BlockHandler
+from qmigx.block_dirty_bitmap import DirtyBitmapHandler
 from qmigx.qemufile import Cursor, NeedData, QEMUFile
+from qmigx.savevm import SaveVMRegistry, Section
 from qmigx.wire import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -62,7 +65,9 @@ __all__ = [
     "EndOfState",
     "VMDescription",
     "EndOfStream",
+    "SectionRecord",
     "Event",
+    "default_registry",
     "StreamParser",
     "StreamWriter",
     "find_vmdesc",
@@ -72,21 +77,6 @@ __all__ = [
 _ramparse = _backend.load("ramparse")
 
 # -- events ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Section:
-    """Identity of a section as introduced by its START or FULL header."""
-
-    section_id: int
-    idstr: str
-    instance_id: int
-    version_id: int
-
-    @property
-    def label(self) -> str:
-        """``"<idstr> (<section_id>)"``, the key analyze-migration uses."""
-        return f"{self.idstr} ({self.section_id})"
 
 
 @dataclass(frozen=True)
@@ -240,6 +230,20 @@ class VMDescription:
 
 
 @dataclass(frozen=True)
+class SectionRecord:
+    """One record of a live section other than ``ram`` (``block``, ``dirty-bitmap``).
+
+    ``record`` is what the section's handler read (its ``read_record``);
+    ``raw`` is the record's bytes as they stood in the stream.
+    """
+
+    section: Section
+    record: Any
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class EndOfStream:
     """The input ended cleanly (only after ``feed_eof``)."""
 
@@ -248,7 +252,7 @@ class EndOfStream:
 
 Event = Union[
     StreamHeader, Configuration, SectionStart, SectionData, RamSetup, RamPages,
-    RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream,
+    RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream, SectionRecord,
 ]
 
 # -- helpers ---------------------------------------------------------------
@@ -264,7 +268,11 @@ _CMD_LEN = {
     MigCmd.POSTCOPY_RESUME: 0,
 }
 
-_LIVE_PARSERS: dict[str, Callable[[Cursor], None]] = {}
+
+
+def default_registry() -> SaveVMRegistry:
+    """The grammars every reader knows without being told: ``block`` and ``dirty-bitmap``."""
+    return SaveVMRegistry([BlockHandler(), DirtyBitmapHandler()])
 
 
 def find_vmdesc(buf) -> Optional[tuple[int, bytes]]:
@@ -303,57 +311,6 @@ def parse_vmdesc(text: bytes, *, ordered: bool = False) -> dict:
         return json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StreamError(f"vmdesc is not valid JSON: {exc}", field="vmdesc") from None
-
-
-def _skip_block_payload(cur: Cursor) -> None:
-    """Consume a ``block`` section payload up to its EOS (other.md §2)."""
-    while True:
-        at = cur.tell()
-        hdr = cur.read_be64()
-        flags = hdr & 0x1FF
-        if flags & 0x01:  # DEVICE_BLOCK
-            cur.read_str8_bytes()
-            if not flags & 0x08:
-                cur.skip(1 << 20)
-        elif flags & 0x02:  # EOS
-            return
-        elif flags & 0x04:  # PROGRESS
-            pass
-        else:
-            raise StreamError(f"Unknown block migration flags: 0x{flags:x}",
-                              offset=at, field="flags")
-
-
-def _skip_dirty_bitmap_payload(cur: Cursor) -> None:
-    """Consume a ``dirty-bitmap`` section payload up to EOS (other.md §3)."""
-    while True:
-        at = cur.tell()
-        flags = cur.read_u8()
-        if flags & 0x80:
-            raise StreamError("dirty-bitmap extra flags are not supported",
-                              offset=at, field="flags")
-        if flags & 0x08:
-            cur.read_str8_bytes()
-        if flags & 0x04:
-            cur.read_str8_bytes()
-        if flags & 0x10:
-            cur.skip(5)
-        elif flags & 0x40:
-            cur.skip(12)
-            if not flags & 0x02:
-                bufsize = cur.read_be64()
-                if bufsize > 10240:
-                    raise StreamError(f"dirty-bitmap chunk too large: {bufsize}",
-                                      offset=at, field="bufsize")
-                cur.skip(bufsize)
-        if flags & 0x01:
-            return
-        if not flags & 0x7F:
-            raise StreamError("dirty-bitmap record with no flags", offset=at, field="flags")
-
-
-_LIVE_PARSERS["block"] = _skip_block_payload
-_LIVE_PARSERS["dirty-bitmap"] = _skip_dirty_bitmap_payload
 
 
 def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int],
@@ -395,7 +352,7 @@ def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int],
 
 # -- the parser ---------------------------------------------------------------
 
-_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE = range(7)
+_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE, _S_LIVE = range(8)
 
 
 class StreamParser:
@@ -404,8 +361,9 @@ class StreamParser:
     Args:
         vmdesc: the stream's parsed vmdesc (from :func:`find_vmdesc`), used to
             delimit device sections; optional.
-        devices: ``(idstr, instance_id) -> callable(cursor, section)`` that
-            consumes one device payload (e.g. a VMState loader); optional.
+        registry: the section handlers (:class:`~qmigx.savevm.SaveVMRegistry`):
+            live handlers delimit their sections record by record, VMState
+            handlers load device payloads; default: :func:`default_registry`.
         page_size: the target page size.
         header: whether the input starts with the file header (COLO
             checkpoints and PACKAGED blobs do not). Without it the input
@@ -417,13 +375,14 @@ class StreamParser:
         self,
         *,
         vmdesc: Optional[dict] = None,
-        devices: Optional[dict] = None,
+        registry: Optional[SaveVMRegistry] = None,
         page_size: int = TARGET_PAGE_SIZE,
         header: bool = True,
         batch: int = 65536,
     ) -> None:
         self.page_size = page_size
-        self.devices = dict(devices or {})
+        self.registry = registry if registry is not None else default_registry()
+        self._live = None
         self._vmdesc_index: dict[tuple[str, int], dict] = {}
         if vmdesc is not None:
             for dev in vmdesc.get("devices", ()):
@@ -551,7 +510,8 @@ class StreamParser:
                 offset=self.offset)
 
     def _truncated(self, nd: NeedData) -> TruncatedStreamError:
-        where = self._cur.label if self._cur is not None and self._state in (_S_RAM, _S_FOOTER) else None
+        where = (self._cur.label if self._cur is not None
+                 and self._state in (_S_RAM, _S_FOOTER, _S_LIVE) else None)
         return TruncatedStreamError(
             "unexpected end of stream", offset=self._base + self._pos, section=where)
 
@@ -561,6 +521,8 @@ class StreamParser:
             return self._read_header(cur)
         if st == _S_RAM:
             return self._read_ram(cur)
+        if st == _S_LIVE:
+            return self._read_live(cur)
         if st == _S_FOOTER:
             return self._read_footer(cur)
         if st == _S_AFTER_EOF:
@@ -601,8 +563,6 @@ class StreamParser:
             version = cur.read_be32()
             sec = Section(sid, idstr, instance, version)
             stype = SectionType(t)
-            if stype == SectionType.SECTION_FULL and (idstr in _LIVE_PARSERS or idstr == "ram"):
-                pass  # legal (e.g. background snapshots) and parsed alike
             return self._begin_payload(cur, stype, sec, at, new=True)
         if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
             sid = cur.read_be32()
@@ -714,6 +674,14 @@ class StreamParser:
             self._cur, self._cur_type = sec, stype
             self._state = _S_RAM
             return [SectionStart(stype, sec, at)]
+        live = self.registry.live(sec.idstr)
+        if live is not None:
+            if new:
+                self._sections[sec.section_id] = sec
+            self._commit(cur)
+            self._cur, self._cur_type, self._live = sec, stype, live
+            self._state = _S_LIVE
+            return [SectionStart(stype, sec, at)]
         body = cur.pos
         value = self._consume_payload(cur, sec, stype)
         payload = bytes(cur.buf[body : cur.pos])
@@ -727,13 +695,9 @@ class StreamParser:
 
     def _consume_payload(self, cur: Cursor, sec: Section, stype: SectionType) -> Any:
         """Consume one non-RAM payload; return its decoded value, if any."""
-        loader = self.devices.get((sec.idstr, sec.instance_id))
-        if loader is not None:
-            return loader(cur, sec)
-        live = _LIVE_PARSERS.get(sec.idstr)
-        if live is not None:
-            live(cur)
-            return None
+        dev = self.registry.find(sec.idstr, sec.instance_id)
+        if dev is not None and not dev.live:
+            return dev.load(cur, sec)
         desc = self._vmdesc_index.get((sec.idstr, sec.instance_id))
         if desc is not None:
             from qmigx.vmstate import walk_with_vmdesc
@@ -818,6 +782,20 @@ class StreamParser:
         self._commit(cur)
         self._state = _S_TOP
         self._cur = self._cur_type = None
+        return [ev]
+
+    def _read_live(self, cur: Cursor) -> list:
+        """One record of a live section, by its handler's grammar."""
+        sec = self._cur
+        assert sec is not None and self._live is not None
+        at = cur.tell()
+        start = cur.pos
+        record, last = self._live.read_record(cur, sec)
+        ev = SectionRecord(sec, record, at, bytes(cur.buf[start : cur.pos]))
+        self._commit(cur)
+        if last:
+            self._state = _S_FOOTER
+            self._live = None
         return [ev]
 
     # -- RAM ----------------------------------------------------------------

@@ -140,3 +140,46 @@ MIGRATION_RESUME_ACK_VALUE = 1
 GLOBALSTATE_RUNSTATE_LEN = 100
 #: The source reads at most this much of one return-path message.
 MAX_RP_MESSAGE_LEN = 512
+
+
+class BlockFlag(enum.IntFlag):
+    """Flags in the low 9 bits of a ``block`` record header (other.md §2)."""
+
+    DEVICE_BLOCK = 0x01
+    EOS = 0x02
+    PROGRESS = 0x04
+    ZERO_BLOCK = 0x08
+
+
+#: ``block`` records carry sector numbers shifted left by this many bits.
+BDRV_SECTOR_BITS = 9
+BDRV_SECTOR_SIZE = 1 << BDRV_SECTOR_BITS
+#: One ``block`` chunk: 1 MiB = 2048 sectors.
+BLK_MIG_BLOCK_SIZE = 1 << 20
+BLK_MIG_SECTORS_PER_BLOCK = BLK_MIG_BLOCK_SIZE >> BDRV_SECTOR_BITS
+
+
+class DirtyBitmapFlag(enum.IntFlag):
+    """Flags of a ``dirty-bitmap`` record header (other.md §3)."""
+
+    EOS = 0x01
+    ZEROES = 0x02
+    BITMAP_NAME = 0x04
+    DEVICE_NAME = 0x08
+    START = 0x10
+    COMPLETE = 0x20
+    BITS = 0x40
+    EXTRA_FLAGS = 0x80
+
+
+class DirtyBitmapStartFlag(enum.IntFlag):
+    """The u8 of a ``dirty-bitmap`` START record body."""
+
+    ENABLED = 0x01
+    PERSISTENT = 0x02
+    AUTOLOAD = 0x04  #: ignored (old "autoload")
+    RESERVED = 0xF8
+
+
+#: A destination refuses ``dirty-bitmap`` BITS payloads larger than this.
+DIRTY_BITMAP_MAX_BUFSIZE = 10240

@@ -7,9 +7,9 @@ import io
 import pytest
 
 from qmigx.errors import UnknownSectionError, VMStateError
-from qmigx.handlers import HandlerRegistry
+from qmigx.savevm import SaveVMRegistry as HandlerRegistry
 from qmigx.ram import RAMBlockList
-from qmigx.savevm import StreamReader, save_stream
+from qmigx.tools.streams import StreamReader, save_stream
 from qmigx.stream import SectionData
 from qmigx.vmstate import VMStateDescription, vmstate_uint16, vmstate_uint32
 
@@ -25,7 +25,7 @@ def stream_of(registry: HandlerRegistry) -> bytes:
 
 
 def load_into(data: bytes, registry: HandlerRegistry) -> list:
-    reader = StreamReader(data, vmdesc=None, devices=registry.parser_devices())
+    reader = StreamReader(data, vmdesc=None, registry=registry)
     return [ev for ev in reader.events() if isinstance(ev, SectionData)]
 
 

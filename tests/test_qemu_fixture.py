@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qmigx.analyze import analyze_state, dumps, vmdesc_json
-from qmigx.savevm import convert_stream, load_stream, verify_stream
+from qmigx.tools.analyze import analyze_state, dumps, vmdesc_json
+from qmigx.tools.streams import convert_stream, load_stream, verify_stream
 
 DATA = Path(__file__).parent / "data"
 

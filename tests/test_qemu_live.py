@@ -336,7 +336,7 @@ def test_qmigx_api_xbzrle_to_qemu(tmp_path, uris):
     from qmigx.dirtylog import ExplicitDirtyLog
     from qmigx.migration import MigrationSource
     from qmigx.ram import RAMBlockList
-    from qmigx.savevm import load_stream
+    from qmigx.tools.streams import load_stream
 
     info = streams.get_stream("pc-paused")
     loaded = load_stream(info.stream)

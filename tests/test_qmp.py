@@ -548,7 +548,7 @@ def test_live_migration_between_served_instances(serve, sockdir):
 
 def test_legacy_client_saves_and_restores_a_paused_guest(serve, sockdir):
     """QEMUMonitorProtocol (sync): -S guest to file:, then -incoming from it."""
-    from qmigx.savevm import load_stream
+    from qmigx.tools.streams import load_stream
     from qmigx.synthetic import synthetic_blocks
 
     path = os.path.join(sockdir, "saved.mig")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmigx import errors
-from qmigx.savevm import load_stream, verify_stream
+from qmigx.tools.streams import load_stream, verify_stream
 from qmigx.stream import (
     Command,
     EndOfStream,
@@ -334,7 +334,7 @@ def test_ram_block_backings():
 
 def test_analyze_decodes_device_sections_inside_a_package():
     """Postcopy streams carry their devices in MIG_CMD_PACKAGED (postcopy.md)."""
-    from qmigx.analyze import analyze_state
+    from qmigx.tools.analyze import analyze_state
     from qmigx.qemufile import BytesSink, QEMUFile
     from qmigx.stream import Section, StreamWriter
     from qmigx.wire import SectionType

@@ -15,7 +15,7 @@ import pytest
 
 from qmigx._backend import load_compiled, load_reference
 from qmigx.ram import RamLoader
-from qmigx.savevm import StreamReader
+from qmigx.tools.streams import StreamReader
 from qmigx.stream import RamPages, RamSetup
 
 from qemu_support.harness import qemu_binary

@@ -56,7 +56,7 @@ SYNTHETIC_ROM_BYTES = 128 * 1024
 class GuestImage:
     """What ``migrate`` sends: RAM blocks in RAM-list order and device sections.
 
-    ``devices`` holds :class:`~qmigx.savevm.DeviceState` (saved here) or
+    ``devices`` holds :class:`~qmigx.tools.streams.DeviceState` (saved here) or
     :class:`~qmigx.stream.SectionData` (replayed with their section ids).
     ``globalstate`` asks the engine to add a ``globalstate`` section; a
     replayed one is instead rewritten with the runstate at completion.
@@ -114,7 +114,7 @@ def _image(blocks: RAMBlockList, setup, sections: list, vmdesc, configuration) -
 
 
 def image_from_stream(loaded) -> GuestImage:
-    """A :class:`GuestImage` replaying a :class:`~qmigx.savevm.LoadedStream`."""
+    """A :class:`GuestImage` replaying a :class:`~qmigx.tools.streams.LoadedStream`."""
     return _image(loaded.blocks, loaded.ram_setup, loaded.sections, loaded.vmdesc,
                   loaded.configuration)
 
@@ -165,7 +165,7 @@ class Machine:
             :func:`~qmigx.synthetic.synthetic_devices`).
         dirty_rate: pages per second a vCPU thread dirties while running
             (marked through :class:`~qmigx.dirtylog.ExplicitDirtyLog`).
-        load: a saved state (:class:`~qmigx.savevm.LoadedStream`) instead.
+        load: a saved state (:class:`~qmigx.tools.streams.LoadedStream`) instead.
         incoming: ``"defer"`` or a URI: wait for an incoming migration
             (``-incoming``); the URI is listened on at :meth:`start`.
         paused: QEMU's ``-S``: do not start the guest (``prelaunch``), and

@@ -24,6 +24,7 @@ from qmigx.stream import (
     RamPages,
     RamSetup,
     SectionData,
+    SectionRecord,
     SectionStart,
     VMDescription,
     parse_vmdesc,
@@ -89,6 +90,10 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
                 sizes[b.idstr] = "0x%016x" % b.used_length
         elif t is SectionData:
             _device(ev, sections, analyze_value)
+        elif t is SectionRecord:
+            handler = reader.parser.registry.live(ev.section.idstr)
+            if not ev.record.is_eos:
+                sections.setdefault(ev.section.label, []).append(handler.describe(ev.record))
         elif t is Command and ev.packaged is not None:
             # postcopy packs the device sections into a PACKAGED command
             sub = StreamParser(header=False, vmdesc=reader.vmdesc)

@@ -1,0 +1,1 @@
+"""Stream tools: load, verify, convert, extract and analyze saved migration streams."""

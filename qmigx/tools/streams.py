@@ -1,0 +1,338 @@
+"""Whole streams: read, load, verify and convert (QEMU's savevm.c, file side).
+
+These functions drive :class:`~qmigx.stream.StreamParser` over a file,
+bytes or any readable object, and give the operations the command-line
+tools are made of. Reading is chunked (``readinto`` into the parser's own
+buffer), so memory stays near the size of guest RAM whatever the stream
+size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from qmigx.errors import StreamError
+from qmigx.qemufile import QEMUFile
+from qmigx.ram import RAMBlock, RAMBlockList, RamLoader, RamWriter, compress_page
+from qmigx.stream import (
+    Command,
+    Configuration,
+    EndOfState,
+    EndOfStream,
+    Event,
+    RamEOS,
+    RamPages,
+    RamSetup,
+    Section,
+    SectionData,
+    SectionEnd,
+    SectionRecord,
+    SectionStart,
+    StreamHeader,
+    StreamParser,
+    StreamWriter,
+    VMDescription,
+    find_vmdesc,
+    parse_vmdesc,
+)
+from qmigx.reader import Source, StreamReader
+from qmigx.savevm import DeviceState, vmstate_device
+from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+
+__all__ = [
+    "Source",
+    "StreamReader",
+    "LoadedStream",
+    "load_stream",
+    "verify_stream",
+    "convert_stream",
+    "save_stream",
+    "DeviceState",
+    "vmstate_device",
+    "RAM_ENCODINGS",
+]
+
+RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
+
+
+@dataclass
+class LoadedStream:
+    """What a stream carried, with RAM loaded into blocks."""
+
+    configuration: Optional[Configuration] = None
+    blocks: RAMBlockList = field(default_factory=RAMBlockList)
+    ram_setup: Optional[RamSetup] = None
+    sections: list = field(default_factory=list)  # SectionData of non-RAM sections
+    commands: list = field(default_factory=list)
+    vmdesc: Optional[bytes] = None
+    size: int = 0
+
+
+def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
+                factory: Optional[Callable] = None, progress=None,
+                create_missing: bool = False) -> LoadedStream:
+    """Read a whole stream, applying its RAM to ``blocks`` (created if None).
+
+    With ``create_missing``, blocks the stream names that ``blocks`` lacks
+    are created too.
+    """
+    reader = StreamReader(source, progress=progress)
+    loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
+    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            out.ram_setup = ev
+        elif t is SectionData:
+            out.sections.append(ev)
+        elif t is Configuration:
+            out.configuration = ev
+        elif t is Command:
+            out.commands.append(ev)
+        elif t is VMDescription:
+            out.vmdesc = ev.json
+        elif t is EndOfStream:
+            out.size = ev.offset
+    return out
+
+
+def verify_stream(source: Source, progress=None) -> dict:
+    """A full structural check; returns a summary, raises on the first fault.
+
+    Every record is parsed, every page applied to a scratch copy of RAM (so
+    XBZRLE deltas and zlib pages are fully decoded), every device section is
+    delimited by its vmdesc entry when there is one, and the vmdesc must
+    describe each FULL section.
+    """
+    reader = StreamReader(source, progress=progress)
+    loader = RamLoader(None)
+    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0}
+    full: list[Section] = []
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+            summary["pages"] += ev.records.count
+        elif t is RamSetup:
+            loader.on_setup(ev)
+        elif t is SectionStart:
+            summary["sections"] += 1
+            if ev.type == SectionType.SECTION_FULL and ev.section.idstr != "ram":
+                full.append(ev.section)
+        elif t is Command:
+            summary["commands"] += 1
+        elif t is VMDescription:
+            summary["vmdesc"] = True
+            desc = parse_vmdesc(ev.json)
+            described = {(d.get("name"), d.get("instance_id")) for d in desc.get("devices", ())}
+            for sec in full:
+                if (sec.idstr, sec.instance_id) not in described:
+                    raise StreamError("device section missing from the vmdesc",
+                                      offset=ev.offset, section=sec.label)
+        elif t is EndOfStream:
+            summary["bytes"] = ev.offset
+    return summary
+
+
+def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
+                   compress_level: int = 1, progress=None) -> None:
+    """Re-encode a stream's RAM records, keeping everything else as it is.
+
+    ``encoding`` is one of :data:`RAM_ENCODINGS`. With ``keep`` the output is
+    byte-identical to the input. Otherwise the RAM records are re-made, in
+    the same order and sections, from the page contents the input gives at
+    that point: ``page`` sends every page in full, ``zero`` sends all-zero
+    pages as ZERO records (QEMU's default), ``xbzrle`` also sends a page the
+    output already carried as an XBZRLE delta against that earlier copy when
+    the delta is smaller, ``compress`` sends non-zero pages zlib-compressed.
+    """
+    if encoding not in RAM_ENCODINGS:
+        raise ValueError(f"unknown RAM encoding {encoding!r}; choose from {RAM_ENCODINGS}")
+    if encoding == "keep":
+        _copy(source, sink)
+        return
+    from qmigx import xbzrle, zeropage
+
+    reader = StreamReader(source, progress=progress)
+    f = QEMUFile(sink)
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    loader = RamLoader(None)
+    sent: dict[str, np.ndarray] = {}  # per block: pages already in the output
+    delta = np.empty(TARGET_PAGE_SIZE, np.uint8)
+    ps = TARGET_PAGE_SIZE
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            _convert_batch(ev, loader, ram, encoding, compress_level, sent, delta, xbzrle,
+                           zeropage)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            ram.setup(ev.blocks, ignore_shared=reader.parser.ignore_shared)
+            for b in ev.blocks:
+                sent[b.idstr] = np.zeros(b.used_length // ps, bool)
+        elif t is RamEOS:
+            ram.eos()
+        elif t is SectionStart:
+            w.section_header(ev.type, ev.section)
+        elif t is SectionData:
+            f.write(ev.payload)
+        elif t is SectionRecord:
+            f.write(ev.raw)
+        elif t is SectionEnd:
+            if ev.footer:
+                f.put_u8(SectionType.SECTION_FOOTER)
+                f.put_be32(ev.section.section_id)
+        elif t is StreamHeader:
+            w.header()
+        elif t is Configuration:
+            w.raw_configuration(ev.raw)
+        elif t is Command:
+            w.command(ev.cmd, ev.payload, ev.packaged)
+        elif t is EndOfState:
+            w.eof()
+        elif t is VMDescription:
+            w.vmdesc(ev.json)
+    f.flush()
+    f.check()
+
+
+def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:
+    """Re-encode one batch, record by record, from the content each leaves."""
+    rec = ev.records
+    ps = TARGET_PAGE_SIZE
+    old = np.empty(ps, np.uint8)
+    for i in range(rec.count):
+        blk = loader.block_of(ev, i)
+        off = int(rec.offset[i])
+        name = blk.idstr
+        pidx = off // ps
+        page = blk.buffer[off : off + ps]
+        was_sent = sent[name][pidx]
+        if encoding == "xbzrle" and was_sent:
+            old[:] = page
+        loader.apply_range(ev, i, i + 1)
+        if encoding != "page" and zeropage.is_zero(page):
+            ram.zero(name, off)
+        elif encoding == "compress":
+            ram.compressed(name, off, compress_page(page, level))
+        elif encoding == "xbzrle" and was_sent:
+            dlen = xbzrle.encode_buffer(old, page, delta)
+            if dlen > 0:
+                ram.xbzrle(name, off, delta[:dlen])
+            elif dlen < 0:  # the delta would not be smaller: the page goes whole
+                ram.page(name, off, page)
+            # 0: the destination already holds exactly this page: nothing to send
+        else:
+            ram.page(name, off, page)
+        sent[name][pidx] = True
+
+
+def _copy(source: Source, sink: Callable) -> None:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        sink(source)
+        return
+    with open(source, "rb") as f:
+        while True:
+            chunk = f.read(8 << 20)
+            if not chunk:
+                break
+            sink(chunk)
+
+
+def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
+                machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
+                ignore_shared: bool = False, compress_level: int = 1,
+                first_section_id: int = 2, vmdesc=True,
+                configuration: Optional[Configuration] = None) -> RamWriter:
+    """Write a complete precopy stream of ``blocks`` and ``devices``.
+
+    The shape is QEMU's for a paused guest: header, configuration, ``ram``
+    START (setup), one PART with every page, END, a FULL section per
+    device, EOF and the vmdesc. ``encoding`` is ``page``, ``zero`` or
+    ``compress`` (see :func:`convert_stream`). Returns the RAM writer, whose
+    ``stats`` count what was sent.
+
+    ``devices`` holds :class:`DeviceState` values, or received
+    :class:`~qmigx.stream.SectionData` written back verbatim with their
+    section ids. ``vmdesc`` is True (built from the DeviceState entries),
+    False (none) or the bytes of a whole vmdesc document to write as is.
+    ``configuration`` replays a received configuration section.
+    """
+    from qmigx import zeropage
+    from qmigx.stream import ConfigSubsection, RamBlockInfo
+
+    if encoding not in ("page", "zero", "compress"):
+        raise ValueError(f"save encoding must be page, zero or compress, not {encoding!r}")
+    f = QEMUFile(sink)
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    w.header()
+    if configuration is not None:
+        w.raw_configuration(configuration.raw)
+    else:
+        subs = []
+        if ignore_shared:
+            name = b"x-ignore-shared"
+            subs.append(ConfigSubsection("configuration/capabilities", 1,
+                                         b"\0\0\0\1" + bytes((len(name),)) + name))
+        w.configuration(machine_type, subs)
+    sec = Section(first_section_id, "ram", 0, 4)
+    infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
+             for b in blocks]
+    w.section_header(SectionType.SECTION_START, sec)
+    ram.setup(infos, ignore_shared=ignore_shared)
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_PART, sec)
+    ps = TARGET_PAGE_SIZE
+    for blk in blocks:
+        if ignore_shared and blk.shared:
+            continue
+        mem = blk.memory
+        zmap = zeropage.zero_page_map(mem, ps)
+        offsets = np.arange(len(zmap), dtype=np.uint64) * np.uint64(ps)
+        if encoding == "page":
+            ram.pages(blk.idstr, mem, offsets)
+            continue
+        # keep page order: alternate runs of zero and non-zero pages
+        edges = np.flatnonzero(np.diff(zmap.astype(np.int8))) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(zmap)]):
+            if zmap[lo]:
+                ram.zeros(blk.idstr, offsets[lo:hi])
+            elif encoding == "compress":
+                for off in offsets[lo:hi]:
+                    o = int(off)
+                    ram.compressed(blk.idstr, o, compress_page(mem[o : o + ps], compress_level))
+            else:
+                ram.pages(blk.idstr, mem, offsets[lo:hi])
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_END, sec)
+    ram.eos()
+    w.footer(sec)
+    entries = []
+    for i, dev in enumerate(devices):
+        if isinstance(dev, SectionData):
+            w.section(SectionType.SECTION_FULL, dev.section, dev.payload)
+            continue
+        dsec = Section(first_section_id + 1 + i, dev.idstr, dev.instance_id, dev.version_id)
+        w.section(SectionType.SECTION_FULL, dsec, dev.payload)
+        if dev.vmdesc is not None:
+            entries.append(dev.vmdesc)
+    w.eof()
+    if isinstance(vmdesc, (bytes, bytearray)):
+        w.vmdesc(bytes(vmdesc))
+    elif vmdesc:
+        text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
+        w.vmdesc(text.encode())
+    f.flush()
+    f.check()
+    return ram
