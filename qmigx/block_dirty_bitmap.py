@@ -16,7 +16,8 @@ from typing import Any, Optional
 from qmigx.errors import StreamError
 from qmigx.qemufile import Cursor
 from qmigx.savevm import SaveVMHandler, Section
-from qmigx.wire import DIRTY_BITMAP_MAX_BUFSIZE, DirtyBitmapFlag as F
+from qmigx.wire import DIRTY_BITMAP_MAX_BUFSIZE
+from qmigx.wire import DirtyBitmapFlag as F
 
 __all__ = ["DirtyBitmapRecord", "DirtyBitmapHandler"]
 

@@ -40,6 +40,8 @@ __all__ = [
     "ParameterError",
     "StateError",
     "ChannelError",
+    "ChannelTimeout",
+    "ChannelClosed",
     "MigrationCancelled",
 ]
 
@@ -148,3 +150,11 @@ class ChannelError(MigrationError, OSError):
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled by request."""
+
+
+class ChannelTimeout(ChannelError):
+    """A channel made no progress within its timeout (a stalled peer or an idle wait)."""
+
+
+class ChannelClosed(ChannelError):
+    """A channel or listener was shut down (cancel) and can no longer be used."""

@@ -9,7 +9,6 @@ size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,13 +16,12 @@ import numpy as np
 
 from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
-from qmigx.ram import RAMBlock, RAMBlockList, RamLoader, RamWriter, compress_page
+from qmigx.ram import RAMBlockList, RamLoader, RamWriter, compress_page
 from qmigx.stream import (
     Command,
     Configuration,
     EndOfState,
     EndOfStream,
-    Event,
     RamEOS,
     RamPages,
     RamSetup,
@@ -33,13 +31,11 @@ from qmigx.stream import (
     SectionRecord,
     SectionStart,
     StreamHeader,
-    StreamParser,
     StreamWriter,
     VMDescription,
-    find_vmdesc,
     parse_vmdesc,
 )
-from qmigx.reader import Source, StreamReader
+from qmigx.stream.reader import Source, StreamReader
 from qmigx.savevm import DeviceState, vmstate_device
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 

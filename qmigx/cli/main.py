@@ -7,24 +7,17 @@ become one line, ``qmigx: error: ...``, on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import urllib.parse
 from typing import Optional, Sequence
 
 from qmigx.errors import MigrationError
 
-__all__ = ["main", "block_filename"]
-
-
-def block_filename(idstr: str) -> str:
-    """File name of a RAM block in an extract directory."""
-    return urllib.parse.quote(idstr, safe="") + ".bin"
+__all__ = ["main"]
 
 
 def _progress(label: str, path: str):
-    from qmigx.progress import Progress
+    from qmigx.cli.progress import Progress
 
     try:
         total = os.path.getsize(path)
@@ -83,7 +76,7 @@ def cmd_extract(args) -> int:
         state = analyze.analyze_state(args.file, loader=loader, progress=bar.update)
     finally:
         bar.close()
-    analyze.extract_blocks(loader, args.dir, block_filename)
+    analyze.extract_blocks(loader, args.dir, analyze.block_filename)
     with open(os.path.join(args.dir, "state.json"), "w") as f:
         f.write(analyze.dumps(state))
     return 0
@@ -123,14 +116,14 @@ def cmd_convert(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from qmigx.plot import plot_report
+    from qmigx.cli.plot import plot_report
 
     plot_report(args.report, args.out)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from qmigx.demo import run_demo
+    from qmigx.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -145,7 +138,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 
 def _live(name: str):
     def run(args):
-        from qmigx import live_cli
+        from qmigx.cli import live as live_cli
 
         return getattr(live_cli, name)(args)
 
@@ -206,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
     pl.set_defaults(func=cmd_plot)
 
-    from qmigx.serve_cli import add_serve_parser
+    from qmigx.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
 

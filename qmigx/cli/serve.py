@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine(args):
-    from qmigx.demo import parse_size
+    from qmigx.cli.demo import parse_size
     from qmigx.errors import ParameterError
-    from qmigx.live_cli import settings_from_args
+    from qmigx.cli.live import settings_from_args
     from qmigx.qmp import Machine
 
     if args.load and args.incoming:
@@ -99,7 +99,7 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``qmigx serve`` on its own (``python -m qmigx.serve_cli ...``)."""
+    """``qmigx serve`` on its own (``python -m qmigx.cli.serve ...``)."""
     from qmigx.errors import MigrationError
 
     args = build_parser().parse_args(argv)

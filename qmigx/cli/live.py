@@ -7,16 +7,16 @@ draw progress on a terminal and exit 0 only when it completed.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from typing import Optional
 
+from qmigx.cli.progress import Progress
 from qmigx.control import Capabilities, MigrationStatus, Parameters
 from qmigx.errors import MigrationError, ParameterError
-from qmigx.progress import Progress
 from qmigx.ram import RAMBlock, RAMBlockList
+from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = ["settings_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
 
@@ -123,8 +123,8 @@ def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus
 
 
 def cmd_incoming(args) -> int:
-    from qmigx.cli import block_filename
     from qmigx.migration import MigrationDestination
+    from qmigx.tools.analyze import block_filename
     from qmigx.tools.streams import save_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
@@ -137,7 +137,7 @@ def cmd_incoming(args) -> int:
     dst.incoming(args.uri)
     t_listen = time.monotonic()
     state = _watch(dst, "incoming", None,
-                   lambda: dst.loader.pages_loaded * 4096 if dst.loader else 0)
+                   lambda: dst.loader.pages_loaded * TARGET_PAGE_SIZE if dst.loader else 0)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
@@ -170,7 +170,6 @@ def cmd_send(args) -> int:
 
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
     shared = _shared_ram(args.shared_ram, private=False)
-    t = time.monotonic()
     loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
