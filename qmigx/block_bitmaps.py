@@ -504,7 +504,26 @@ class DirtyBitmapSet:
             raise BitmapError(f"{path}: not JSON: {exc}", field=path) from None
         return cls.from_json(obj)
 
+    def dumps(self) -> str:
+        """The file's text: one node, bitmap and range per line."""
+        lines = ["{"]
+        nodes = list(self.nodes.items())
+        for i, (node, bitmaps) in enumerate(nodes):
+            lines.append(f" {json.dumps(node)}: {{")
+            for j, (name, bm) in enumerate(bitmaps.items()):
+                head = {k: v for k, v in bm.to_json().items() if k != "dirty"}
+                ranges = bm.dirty_ranges()
+                body = json.dumps(head)[:-1]
+                if ranges:
+                    body += ', "dirty": [\n' + ",\n".join(f"   {json.dumps(r)}" for r in ranges)
+                    body += "]}"
+                else:
+                    body += ', "dirty": []}'
+                lines.append(f"  {json.dumps(name)}: {body}" + ("," if j < len(bitmaps) - 1 else ""))
+            lines.append(" }" + ("," if i < len(nodes) - 1 else ""))
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
     def save(self, path: str) -> None:
         with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
+            f.write(self.dumps())
