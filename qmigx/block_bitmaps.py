@@ -48,6 +48,7 @@ __all__ = [
     "CHUNK_GRANULES",
     "CHUNK_WORDS",
     "check_granularity",
+    "wire_name",
     "serialization_words",
     "align_bufsize",
 ]
@@ -65,6 +66,11 @@ _MAX_GRANULARITY = 1 << 31
 #: byte offsets must stay below this (QEMU keeps disk lengths in int64)
 _MAX_BYTES = 1 << 63
 _KEYS = {"granularity", "size", "persistent", "enabled", "dirty"}
+
+
+def wire_name(name: str) -> bytes:
+    """A node or bitmap name as bytes: names from a stream need not be UTF-8, and keep their bytes."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def check_granularity(granularity: Any, *, field: str = "granularity") -> int:
@@ -139,7 +145,7 @@ class BlockDirtyBitmap:
                  persistent: bool = False, enabled: bool = True) -> None:
         if not isinstance(name, str) or not name:
             raise BitmapError("Bitmap name cannot be empty", field="name")
-        if len(name.encode()) > BITMAP_NAME_MAX:
+        if len(wire_name(name)) > BITMAP_NAME_MAX:
             raise BitmapError(f"Bitmap name too long: {name}", field="name")
         self.name = name
         self.granularity = check_granularity(granularity)

@@ -41,6 +41,7 @@ from qmigx.block_bitmaps import (
     DirtyBitmapSet,
     align_bufsize,
     serialization_words,
+    wire_name,
 )
 from qmigx.errors import BitmapError, DirtyBitmapError
 from qmigx.qemufile import Cursor, QEMUFile
@@ -277,6 +278,9 @@ class DirtyBitmapSource(DirtyBitmapHandler):
             if node_alias.startswith("#"):
                 raise self._refuse(f"Bitmap '{first}' in a node with auto-generated name "
                                    f"'{node_alias}' can't be migrated", node)
+            if len(wire_name(node_alias)) > _ALIAS_MAX:  # QEMU's node names cannot be this long
+                raise self._refuse(f"Cannot migrate bitmaps of node '{node_alias}': "
+                                   f"Name is longer than {_ALIAS_MAX} bytes", node)
             for name, bm in bitmaps.items():
                 entry = None
                 if bitmap_aliases is not None:
@@ -284,7 +288,7 @@ class DirtyBitmapSource(DirtyBitmapHandler):
                     if entry is None:
                         continue  # bitmaps without an alias stay behind
                     alias = entry["alias"]
-                elif len(name.encode()) > _ALIAS_MAX:
+                elif len(wire_name(name)) > _ALIAS_MAX:
                     raise self._refuse(f"Cannot migrate bitmap '{name}' on node '{node}': "
                                        f"Name is longer than {_ALIAS_MAX} bytes", f"{node}/{name}")
                 else:
@@ -314,9 +318,9 @@ class DirtyBitmapSource(DirtyBitmapHandler):
             flags |= F.BITMAP_NAME
         f.put_u8(flags)
         if flags & F.DEVICE_NAME:
-            f.put_str8(st.node_alias)
+            f.put_str8(wire_name(st.node_alias))
         if flags & F.BITMAP_NAME:
-            f.put_str8(st.bitmap_alias)
+            f.put_str8(wire_name(st.bitmap_alias))
 
     def _send_bits(self, f: QEMUFile, st: _SaveBitmapState, first: int, nr: int) -> None:
         buf = st.bitmap.serialize_chunk(first, nr)

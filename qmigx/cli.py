@@ -97,9 +97,12 @@ def cmd_verify(args) -> int:
         summary = verify_stream(args.file, progress=bar.update)
     finally:
         bar.close()
+    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
-          f"{summary['pages']} page records, {summary['commands']} commands, "
+          f"{summary['pages']} page records, {summary['commands']} commands{bitmaps}, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
+    for message in summary.get("bitmap_warnings", ()):
+        print(f"{args.file}: dirty bitmaps would be dropped: {message}")
     return 0
 
 

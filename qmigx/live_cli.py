@@ -52,10 +52,16 @@ def settings_from_args(caps: list, params: list, *, incoming: bool) -> tuple:
 
 
 def _parse_value(text: str):
+    """A ``--param`` value: integer, boolean, size (``64M``), JSON list/object, else text."""
     try:
         return int(text, 0)
     except ValueError:
         pass
+    if text[:1] in ("[", "{"):  # block-bitmap-mapping
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ParameterError(f"--param value is not valid JSON: {text!r}") from None
     if text.lower() in ("true", "false", "on", "off"):
         return text.lower() in ("true", "on")
     if text and text[-1].upper() in "KMGT" and text[:-1].isdigit():

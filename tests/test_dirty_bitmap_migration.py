@@ -1,0 +1,500 @@
+"""Dirty-bitmap migration (the ``dirty-bitmap`` section), without and with QEMU 7.2.
+
+Without QEMU: the bitmap model against a naive per-granule oracle, the
+source's bytes against a stored real QEMU 7.2 section (dirty_bitmap_vector.py),
+the destination's handling of every kind of bad record (what QEMU treats as
+fatal raises a typed error; what QEMU treats as "cancel the bitmaps, keep
+loading" drops them with QEMU's message), aliases, the bitmaps file, the
+stream tools, and qmigx -> qmigx through the command line.
+
+With QEMU 7.2 (a virtio-blk raw disk, 64 MiB of guest RAM, no guest
+kernel): bitmaps QEMU made and dirtied with ``qemu-io`` arrive in
+``qmigx incoming --bitmaps`` with exactly the ranges the writes imply;
+bitmaps ``qmigx send --bitmaps`` sends show, in a QEMU destination, the
+granularity, count and SHA-256 of the same bitmaps made directly in a
+second QEMU; and ``block-bitmap-mapping`` both ways, including a bitmap
+dropped for want of a mapping. Expected bitmaps always come from the
+writes (qemu_support.bitmaps.expected_bitmaps) or from QEMU, never from qmigx.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dirty_bitmap_vector as vector
+from qemu_support.bitmaps import expected_bitmaps, expected_ranges
+from qemu_support.harness import qemu_binary
+from qemu_support.live import REPO, QmigxIncoming, Uris, cap_args, param_args, qmigx_argv, qmigx_env
+from qmigx.block_bitmaps import BlockDirtyBitmap, DirtyBitmapSet
+from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapHandler, DirtyBitmapSource
+from qmigx.control import Capabilities, Parameters
+from qmigx.errors import BitmapError, DirtyBitmapError, ParameterError, StreamError
+from qmigx.qemufile import BytesSink, Cursor, NeedData, QEMUFile
+from qmigx.savevm import Section
+
+SECTION = Section(3, "dirty-bitmap", 0, 1)
+DATA = Path(__file__).resolve().parent / "data"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def bitmap_set(spec: dict) -> DirtyBitmapSet:
+    return DirtyBitmapSet.from_json(json.loads(json.dumps(spec)))
+
+
+def sent(source: DirtyBitmapSource, parts: int = 1) -> tuple[bytes, list[bytes], bytes]:
+    """START, PART and END payloads as the source writes them."""
+    sink = BytesSink()
+    f = QEMUFile(sink)
+    out = []
+    for step in [source.save_setup] + [source.save_live_iterate] * parts + [source.save_complete_precopy]:
+        step(f)
+        f.flush()
+        out.append(bytes(sink.data))
+        sink.data.clear()
+    return out[0], out[1:-1], out[-1]
+
+
+def records(payload: bytes, section: Section = SECTION) -> list:
+    """Read one payload with the grammar, to its EOS (which must end it exactly)."""
+    cur = Cursor(payload)
+    grammar = DirtyBitmapHandler()
+    out = []
+    while True:
+        rec, last = grammar.read_record(cur, section)
+        out.append(rec)
+        if last:
+            assert cur.remaining() == 0, "bytes after EOS"
+            return out
+
+
+def load(dst: DirtyBitmapDestination, *payloads: bytes, section: Section = SECTION) -> None:
+    dst.load_setup()
+    for p in payloads:
+        for rec in records(p, section):
+            dst.load_record(rec, section)
+
+
+def roundtrip(spec: dict, **dst_kw) -> DirtyBitmapDestination:
+    start, parts, end = sent(DirtyBitmapSource(bitmap_set(spec)))
+    dst = DirtyBitmapDestination(**dst_kw)
+    load(dst, start, *parts, end)
+    dst.load_cleanup(True)
+    return dst
+
+
+# raw records, written from the format description (not with the source)
+def start_rec(flags=0x1C, node=b"d0", bitmap=b"b", gran=65536, bflags=1) -> bytes:
+    out = bytes([flags])
+    if flags & 0x08:
+        out += bytes([len(node)]) + node
+    if flags & 0x04:
+        out += bytes([len(bitmap)]) + bitmap
+    return out + struct.pack(">IB", gran, bflags)
+
+
+def bits_rec(first, nr, buf=None, flags=0x40, node=None, bitmap=None) -> bytes:
+    out = bytes([flags | (0x08 if node else 0) | (0x04 if bitmap else 0) | (0 if buf is not None else 0x02)])
+    if node:
+        out += bytes([len(node)]) + node
+    if bitmap:
+        out += bytes([len(bitmap)]) + bitmap
+    out += struct.pack(">QI", first, nr)
+    if buf is not None:
+        out += struct.pack(">Q", len(buf)) + buf
+    return out
+
+
+EOS = b"\x01"
+COMPLETE = b"\x20"
+
+
+def words(*granules: int, n: int = 4) -> bytes:
+    w = np.zeros(n, "<u8")
+    for g in granules:
+        w[g // 64] |= np.uint64(1) << np.uint64(g % 64)
+    return w.tobytes()
+
+
+# --- the bitmap model -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ranges_mark_exactly_the_granules_they_touch(seed):
+    rnd = random.Random(seed)
+    gran = 512 << rnd.randrange(8)
+    size = rnd.randrange(0, 24 << 20) // 512 * 512
+    writes = []
+    for _ in range(rnd.randrange(12)):
+        if not size:
+            break
+        off = rnd.randrange(size)
+        writes.append([off, rnd.randrange(min(size - off, rnd.choice([700, 1 << 16, 1 << 24])) + 1)])
+    bm = BlockDirtyBitmap("b", gran, size)
+    bm.set_dirty(writes[::2])
+    bm.set_dirty(writes[1::2])
+    want = expected_ranges(writes, gran, size)
+    assert bm.dirty_ranges() == want
+    assert bm.dirty_granules() == sum(-(-n // gran) for _, n in want)
+
+
+def test_sha256_is_qemus_for_the_vector():
+    """QEMU's x-debug-block-dirty-bitmap-sha256 of bitmaps rebuilt from the writes alone."""
+    v = vector.load()
+    sizes = {dev: size for dev, _, size in v["disks"]}
+    for dev, bitmaps in expected_bitmaps(v["steps"], sizes).items():
+        for name, spec in bitmaps.items():
+            bm = BlockDirtyBitmap.from_json(name, spec)
+            q = v["query"][dev][name]
+            assert bm.sha256() == q["sha256"], (dev, name)
+            assert bm.dirty_granules() * bm.granularity == q["count"], (dev, name)
+
+
+def test_runs_do_not_bridge_chunks_that_were_never_written():
+    bm = BlockDirtyBitmap("b", 512, 512 * 8192 * 4)
+    bm.set_dirty([[512 * 8191, 512], [512 * 8192 * 3, 1024]])  # last granule of chunk 0, first of chunk 3
+    assert bm.chunk_indices() == [0, 3]
+    assert bm.dirty_ranges() == [[512 * 8191, 512], [512 * 8192 * 3, 1024]]
+
+
+def test_bits_past_the_end_never_count():
+    bm = BlockDirtyBitmap("b", 512, 512 * 70)
+    bm.write_words(0, np.array([0, 0xFFFF_FFFF_FFFF_FFFF], np.uint64))
+    assert bm.dirty_ranges() == [[64 * 512, 6 * 512]]
+
+
+def test_zeroes_over_an_exabyte_allocate_nothing():
+    bm = BlockDirtyBitmap("b", 512, None)
+    bm.write_words(1 << 40, np.array([5], np.uint64))
+    bm.clear_words(0, 1 << 50)
+    assert bm.chunk_indices() == [(1 << 40) // 128] and bm.dirty_granules() == 0
+
+
+# --- wire: the source against QEMU 7.2 ---------------------------------------------------------------
+
+
+def vector_bitmaps() -> DirtyBitmapSet:
+    v = vector.load()
+    return bitmap_set(expected_bitmaps(v["steps"], {d: s for d, _, s in v["disks"]}))
+
+
+def test_source_writes_qemus_bytes():
+    v = vector.load()
+    start, parts, end = sent(DirtyBitmapSource(vector_bitmaps()), parts=2)
+    assert start.hex() == v["start"]
+    assert [p.hex() for p in parts] == [v["part"]] * 2
+    assert end.hex() == v["end"]
+
+
+def test_destination_reads_qemus_bytes():
+    v = vector.load()
+    dst = DirtyBitmapDestination(nodes={d: s for d, _, s in v["disks"]})
+    load(dst, bytes.fromhex(v["start"]), bytes.fromhex(v["part"]), bytes.fromhex(v["end"]))
+    dst.load_cleanup(True)
+    assert dst.cancelled is None and not dst.warnings
+    got = dst.result
+    assert got == vector_bitmaps()
+    for dev, name in [("disk0", "fine"), ("disk0", "mid"), ("disk1", "solo"), ("disk1", "coarse")]:
+        assert got.get(dev, name).sha256() == v["query"][dev][name]["sha256"]
+        assert got.get(dev, name).enabled == v["query"][dev][name]["recording"]
+
+
+def test_size_is_learnt_from_the_records_as_qemu_sends_them():
+    v = vector.load()
+    dst = DirtyBitmapDestination()
+    load(dst, bytes.fromhex(v["start"]), bytes.fromhex(v["end"]))
+    assert {(n, bm.name): bm.size for n, bm in dst.result} == {
+        ("disk0", "fine"): v["disks"][0][2], ("disk0", "mid"): v["disks"][0][2],
+        ("disk1", "solo"): v["disks"][1][2], ("disk1", "coarse"): v["disks"][1][2]}
+
+
+def test_no_bitmaps_is_one_eos_and_then_inactive():
+    src = DirtyBitmapSource(DirtyBitmapSet())
+    assert src.is_active()
+    sink = BytesSink()
+    src.save_setup(QEMUFile(sink, buffer_size=1))
+    assert bytes(sink.data) == EOS and not src.is_active() and not src.is_active_iterate()
+
+
+def test_parts_only_while_the_guest_is_stopped_and_pending_counts_granules():
+    running = [True]
+    src = DirtyBitmapSource(bitmap_set({"d": {"b": {"granularity": 4096, "size": 1 << 20}}}),
+                            running=lambda: running[0])
+    src.save_setup(QEMUFile(BytesSink()))
+    assert not src.is_active_iterate()
+    running[0] = False
+    assert src.is_active_iterate()
+    assert src.save_pending() == (0, 256)
+    src.save_complete_precopy(QEMUFile(BytesSink()))
+    assert src.save_pending() == (0, 0)
+
+
+def test_the_capability_decides_whether_the_section_exists():
+    caps = Capabilities()
+    src = DirtyBitmapSource(vector_bitmaps(), capabilities=caps)
+    assert not src.is_active()
+    caps.set_many([("dirty-bitmaps", True)], incoming=False)
+    assert src.is_active()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_roundtrip_random_bitmaps(seed):
+    rnd = random.Random(1000 + seed)
+    spec: dict = {}
+    for n in range(rnd.randrange(1, 4)):
+        size = rnd.randrange(1, 64 << 20) // 512 * 512 or 512
+        node = spec.setdefault(f"node{n}", {})
+        for b in range(rnd.randrange(1, 4)):
+            gran = 512 << rnd.randrange(10)
+            ranges = [[o, rnd.randrange(1, min(size - o, 1 << 22) + 1)]
+                      for o in (rnd.randrange(size) for _ in range(rnd.randrange(30)))]
+            node[f"bm{b}"] = {"granularity": gran, "size": size, "enabled": rnd.random() < 0.5,
+                              "persistent": rnd.random() < 0.5, "dirty": ranges}
+    want = bitmap_set(spec)
+    assert roundtrip(spec).result == want
+    sizes = {n: next(iter(b.values()))["size"] for n, b in spec.items()}
+    assert roundtrip(spec, nodes=sizes).result == want
+
+
+# --- source refusals (QEMU's init_dirty_bitmap_migration) -------------------------------------------
+
+
+@pytest.mark.parametrize(("node", "name", "mapping", "text"), [
+    ("", "b", None, "Bitmap 'b' in unnamed node can't be migrated"),
+    ("#block123", "b", None, "Bitmap 'b' in a node with auto-generated name '#block123' can't be migrated"),
+    ("d", "x" * 256, None, f"Cannot migrate bitmap '{'x' * 256}' on node 'd': Name is longer than 255 bytes"),
+    ("n" * 256, "b", None, f"Cannot migrate bitmaps of node '{'n' * 256}': Name is longer than 255 bytes"),
+])
+def test_source_refuses_what_qemu_refuses(node, name, mapping, text):
+    src = DirtyBitmapSource(bitmap_set({node: {name: {"granularity": 512, "size": 512}}}), mapping=mapping)
+    with pytest.raises(BitmapError) as ei:
+        src.save_setup(QEMUFile(BytesSink()))
+    assert ei.value.message == f"Failed to initialize dirty tracking bitmap for blocks: {text}"
+
+
+def test_mapping_sends_only_mapped_bitmaps_under_their_aliases():
+    bitmaps = bitmap_set({"d0": {"a": {"granularity": 512, "size": 4096, "dirty": [[0, 1]]},
+                                 "b": {"granularity": 512, "size": 4096}},
+                          "d1": {"c": {"granularity": 512, "size": 4096}}})
+    mapping = [{"node-name": "d0", "alias": "vol", "bitmaps": [
+        {"name": "a", "alias": "first", "transform": {"persistent": True}}]}]
+    start, _, end = sent(DirtyBitmapSource(bitmaps, mapping=mapping))
+    recs = records(start)
+    assert [(r.node, r.bitmap, r.bitmap_flags) for r in recs[:-1]] == [("vol", "first", 0x03)]
+    # the destination maps it back, under a name of its own
+    back = [{"node-name": "disk", "alias": "vol", "bitmaps": [{"name": "mine", "alias": "first"}]}]
+    dst = DirtyBitmapDestination(mapping=back)
+    load(dst, start, end)
+    got = dst.result
+    assert [(n, b.name, b.persistent, b.dirty_ranges()) for n, b in got] == [("disk", "mine", True, [[0, 512]])]
+
+
+def test_mapping_is_checked_as_qemu_checks_it():
+    with pytest.raises(ParameterError) as ei:
+        DirtyBitmapSource(DirtyBitmapSet(), mapping=[
+            {"node-name": "a", "alias": "x", "bitmaps": []},
+            {"node-name": "a", "alias": "y", "bitmaps": []}]).save_setup(QEMUFile(BytesSink()))
+    assert str(ei.value).startswith("Invalid mapping given for block-bitmap-mapping: "
+                                    "The node name 'a' is mapped twice")
+
+
+def test_parameters_carry_the_mapping_to_both_ends():
+    p = Parameters()
+    p.set({"block-bitmap-mapping": [{"node-name": "d0", "alias": "vol",
+                                     "bitmaps": [{"name": "a", "alias": "z"}]}]})
+    assert p.as_qmp()["block-bitmap-mapping"][0]["alias"] == "vol"
+    bitmaps = bitmap_set({"d0": {"a": {"granularity": 512, "size": 512}}})
+    start, _, end = sent(DirtyBitmapSource(bitmaps, parameters=p))
+    assert records(start)[0].node == "vol"
+    dst = DirtyBitmapDestination(parameters=p)
+    load(dst, start, end)
+    assert [(n, b.name) for n, b in dst.result] == [("d0", "a")]
+
+
+# --- destination: bad input -----------------------------------------------------------------------
+
+
+def loaded(*payloads: bytes, section: Section = SECTION, **kw) -> DirtyBitmapDestination:
+    dst = DirtyBitmapDestination(**kw)
+    load(dst, *payloads, section=section)
+    return dst
+
+
+def fatal(*payloads: bytes, **kw) -> DirtyBitmapError:
+    dst = DirtyBitmapDestination(**kw)
+    with pytest.raises(DirtyBitmapError) as ei:
+        load(dst, *payloads)
+    assert ei.value.section == "dirty-bitmap (3)"
+    assert ei.value.offset is not None
+    assert len(dst.result) == 0 and not list(dst.bitmaps), "a fatal error keeps no bitmap"
+    return ei.value
+
+
+GOOD_START = start_rec() + EOS
+
+
+def test_a_complete_minimal_migration_loads():
+    dst = loaded(start_rec(gran=512) + EOS, bits_rec(0, 8192, words(0, 65, 8191, n=128)) + COMPLETE + EOS)
+    assert [(n, b.name, b.size, b.dirty_ranges()) for n, b in dst.result] == [
+        ("d0", "b", 8192 * 512, [[0, 512], [65 * 512, 512], [8191 * 512, 512]])]
+
+
+def test_duplicate_start_is_fatal():
+    err = fatal(GOOD_START, start_rec(flags=0x14) + EOS)
+    assert err.message == "Bitmap with the same name ('b') already exists on destination"
+    assert (err.offset, err.field) == (0, "bitmap")  # offsets count from the payload given
+
+
+def test_start_without_names_repeats_the_previous_bitmap_and_is_fatal():
+    err = fatal(start_rec() + start_rec(flags=0x10) + EOS)
+    assert "already exists" in err.message and err.offset == len(start_rec())
+
+
+def test_reserved_start_flags_are_fatal():
+    err = fatal(start_rec(bflags=0x09) + EOS)
+    assert err.message == "Unknown flags in migrated dirty bitmap header: 9"
+    assert err.field == "bitmap_flags"
+
+
+@pytest.mark.parametrize("gran", [0, 256, 3 * 512, 65537])
+def test_a_granularity_qemu_could_not_create_is_fatal(gran):
+    assert fatal(start_rec(gran=gran) + EOS).field == "granularity"
+
+
+def test_extra_flag_bytes_are_refused():
+    with pytest.raises(DirtyBitmapError) as ei:
+        records(b"\x81\x00" + EOS)
+    assert ei.value.field == "flags"
+
+
+def test_empty_names_are_fatal_as_in_qemu():
+    with pytest.raises(DirtyBitmapError) as ei:
+        records(b"\x1c\x00")
+    assert ei.value.message == "Unable to read node alias string" and ei.value.offset == 1
+
+
+def test_oversized_bufsize_is_fatal_even_after_a_cancel():
+    huge = bytes([0x40]) + struct.pack(">QIQ", 0, 8192, 10241)
+    with pytest.raises(DirtyBitmapError) as ei:
+        records(huge + bytes(10241) + EOS)
+    assert ei.value.field == "bufsize" and ei.value.offset == 13
+    # a cancelled migration still reads (and checks) every record
+    dst = loaded(bits_rec(0, 1, words(0), node=b"d0", bitmap=b"nope") + EOS)
+    assert dst.cancelled is not None
+    with pytest.raises(DirtyBitmapError):
+        load(dst, huge + bytes(10241) + EOS)
+
+
+@pytest.mark.parametrize(("first", "nr", "why"), [
+    (8192, 8192, "past the bitmap"),        # starts at the end
+    (0, 8192 + 128, "past the bitmap"),     # runs past it
+    (32, 64, "not aligned"),                # not on a 64-granule boundary
+    (0, 100, "neither aligned nor"),        # ends mid-word, not at the end
+    (1 << 60, 8192, "beyond any disk"),     # byte offsets that overflow 64 bits
+])
+def test_ranges_outside_the_bitmap_are_fatal_and_write_nothing(first, nr, why):
+    size = 8192 * 512  # one chunk of 512-byte granules
+    err = fatal(start_rec(gran=512) + EOS, bits_rec(first, nr, bytes(1024)) + EOS, nodes={"d0": size})
+    assert why in err.message and err.field == "first_sector"
+
+
+def test_bits_before_any_start_cancel_with_qemus_message():
+    warned = []
+    dst = loaded(bits_rec(0, 8, words(0), node=b"d0", bitmap=b"ghost") + EOS, warn=warned.append)
+    assert warned == ["Error: unknown dirty bitmap 'ghost' for block device 'd0'"]
+    assert isinstance(dst.cancelled, DirtyBitmapError) and dst.cancelled.field == "bitmap"
+    assert dst.cancelled.offset == 0 and dst.cancelled.section == "dirty-bitmap (3)"
+
+
+def test_records_without_any_names_cancel():
+    dst = loaded(bits_rec(0, 8, words(0)) + EOS)
+    assert dst.cancelled.message == "Error: block device name is not set"
+
+
+def test_a_cancel_drops_every_bitmap_and_ignores_the_rest():
+    dst = loaded(start_rec(gran=512) + start_rec(flags=0x14, bitmap=b"c", gran=512) + EOS,
+                 bits_rec(0, 8192, words(1, n=128), bitmap=b"b")
+                 + bits_rec(0, 8192, bytes(8), bitmap=b"c")  # needs 1024 bytes: QEMU cancels
+                 + bits_rec(0, 8192, words(2, n=128), bitmap=b"b")
+                 + start_rec(flags=0x14, bitmap=b"late") + b"\x24\x01b" + b"\x24\x01c" + EOS)
+    assert "granularity doesn't match the destination bitmap 'c'" in dst.cancelled.message
+    assert len(dst.result) == 0 and not list(dst.bitmaps)
+    assert len(dst.warnings) == 1
+
+
+def test_a_bufsize_that_does_not_fit_the_range_cancels():
+    good = words(0, n=128)
+    start = start_rec(gran=512) + EOS
+    for buf in (good[:-8], good + bytes(32)):  # one word short, one alignment step too long
+        dst = loaded(start, bits_rec(0, 8192, buf) + EOS)
+        assert dst.cancelled is not None and dst.cancelled.field == "bufsize"
+    dst = loaded(start, bits_rec(0, 8192, good) + COMPLETE + EOS)
+    assert dst.cancelled is None and len(dst.result) == 1
+
+
+def test_unknown_nodes_cancel_when_the_nodes_are_known():
+    dst = loaded(GOOD_START, nodes={"other": None})
+    assert dst.cancelled.message == "Cannot find device='d0' nor node-name='d0'"
+
+
+def test_an_unmapped_alias_is_dropped_with_qemus_message():
+    mapping = [{"node-name": "real", "alias": "known", "bitmaps": [{"name": "x", "alias": "b"}]}]
+    dst = loaded(GOOD_START, bits_rec(0, 8192, words(0)) + COMPLETE + EOS, mapping=mapping)
+    assert dst.cancelled.message == "Error: Unknown node alias 'd0'" and len(dst.result) == 0
+    dst = loaded(start_rec(node=b"known", bitmap=b"zz") + EOS, mapping=mapping)
+    assert dst.cancelled.message == "Error: Unknown bitmap alias 'zz' on node 'real' (alias 'known')"
+
+
+def test_other_section_versions_are_refused():
+    with pytest.raises(DirtyBitmapError) as ei:
+        load(DirtyBitmapDestination(), GOOD_START, section=Section(3, "dirty-bitmap", 0, 2))
+    assert ei.value.field == "version_id"
+
+
+def test_an_unaligned_end_fixes_the_learnt_size():
+    dst = loaded(start_rec(gran=512) + EOS, bits_rec(0, 100, words(99, n=4)) + COMPLETE + EOS)
+    assert [b.size for _, b in dst.result] == [100 * 512]
+    err = fatal(start_rec(gran=512) + EOS, bits_rec(0, 100, words(1, n=4))
+                + bits_rec(0, 8192, bytes(1024)) + EOS)
+    assert "past the bitmap" in err.message
+
+
+def test_bitmaps_that_never_complete_are_not_kept():
+    dst = loaded(GOOD_START, bits_rec(0, 8192, words(3)) + EOS)
+    dst.load_cleanup(True)
+    assert len(dst.result) == 0 and "did not complete" in dst.warnings[0]
+
+
+def test_mutated_sections_raise_typed_errors_or_load_within_bounds():
+    """Whatever the bytes, a typed error or bitmaps inside their sizes; never anything else."""
+    v = vector.load()
+    payloads = [bytes.fromhex(v["start"]), bytes.fromhex(v["end"])]
+    rnd = random.Random(7)
+    outcomes = set()
+    for _ in range(300):
+        which = rnd.randrange(2)
+        data = bytearray(payloads[which])
+        for _ in range(rnd.randrange(1, 4)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        if rnd.random() < 0.2:
+            data = data[: rnd.randrange(len(data))]
+        dst = DirtyBitmapDestination(nodes={d: s for d, _, s in v["disks"]})
+        try:
+            load(dst, *(payloads[:which] + [bytes(data)] + payloads[which + 1 :]))
+            outcomes.add("cancelled" if dst.cancelled else "loaded")
+        except (StreamError, NeedData, AssertionError) as exc:
+            outcomes.add(type(exc).__name__)
+            continue
+        for node, bm in dst.result:
+            assert all(o + n <= bm.size for o, n in bm.dirty_ranges())
+    assert {"DirtyBitmapError", "loaded"} <= outcomes
