@@ -226,7 +226,7 @@ def test_no_bitmaps_is_one_eos_and_then_inactive():
     assert bytes(sink.data) == EOS and not src.is_active() and not src.is_active_iterate()
 
 
-def test_parts_only_while_the_guest_is_stopped_and_pending_counts_granules():
+def test_parts_only_while_the_guest_is_stopped_and_nothing_holds_convergence_back():
     running = [True]
     src = DirtyBitmapSource(bitmap_set({"d": {"b": {"granularity": 4096, "size": 1 << 20}}}),
                             running=lambda: running[0])
@@ -234,9 +234,9 @@ def test_parts_only_while_the_guest_is_stopped_and_pending_counts_granules():
     assert not src.is_active_iterate()
     running[0] = False
     assert src.is_active_iterate()
-    assert src.save_pending() == (0, 256)
-    src.save_complete_precopy(QEMUFile(BytesSink()))
-    assert src.save_pending() == (0, 0)
+    sink = BytesSink()
+    assert src.save_live_iterate(QEMUFile(sink, buffer_size=1)) is False and bytes(sink.data) == EOS
+    assert src.save_pending() == (0, 0)  # precopy iterations cannot send bits (QEMU counts them)
 
 
 def test_the_capability_decides_whether_the_section_exists():
@@ -498,3 +498,244 @@ def test_mutated_sections_raise_typed_errors_or_load_within_bounds():
         for node, bm in dst.result:
             assert all(o + n <= bm.size for o, n in bm.dirty_ranges())
     assert {"DirtyBitmapError", "loaded"} <= outcomes
+
+
+# --- through the engine and the stream tools ---------------------------------------------------------
+
+
+def migrate_api(tmp_path: Path, bitmaps: DirtyBitmapSet, **dst_kw) -> DirtyBitmapDestination:
+    from qmigx import MigrationDestination, MigrationSource, MigrationStatus, RAMBlock, RAMBlockList
+
+    caps = Capabilities()
+    caps.set_many([("dirty-bitmaps", True)], incoming=False)
+    loader = DirtyBitmapDestination(**dst_kw)
+    dst = MigrationDestination(handlers=[loader])
+    dst.incoming(f"unix:{tmp_path}/m.sock")
+    src = MigrationSource(RAMBlockList([RAMBlock.anonymous("pc.ram", 1 << 20)]), capabilities=caps,
+                          handlers=[DirtyBitmapSource(bitmaps, capabilities=caps)])
+    src.migrate(f"unix:{tmp_path}/m.sock")
+    assert src.wait(30) == MigrationStatus.COMPLETED, src.error
+    assert dst.wait(30) == MigrationStatus.COMPLETED, dst.error
+    return loader
+
+
+def test_bitmaps_travel_with_ram_through_the_engine(tmp_path):
+    bitmaps = vector_bitmaps()
+    assert migrate_api(tmp_path, bitmaps).result == bitmaps
+
+
+def test_a_fatal_bitmap_error_fails_the_incoming_migration(tmp_path):
+    from qmigx import MigrationDestination, MigrationSource, MigrationStatus, RAMBlock, RAMBlockList
+
+    class Twice(DirtyBitmapSource):  # a broken peer: START twice
+        def save_setup(self, f):
+            sink = BytesSink()
+            inner = QEMUFile(sink)
+            super().save_setup(inner)
+            inner.flush()
+            f.write(bytes(sink.data[:-1]) + start_rec(flags=0x10) + EOS)
+
+    caps = Capabilities()
+    caps.set_many([("dirty-bitmaps", True)], incoming=False)
+    loader = DirtyBitmapDestination()
+    dst = MigrationDestination(handlers=[loader])
+    dst.incoming(f"unix:{tmp_path}/m.sock")
+    src = MigrationSource(RAMBlockList([RAMBlock.anonymous("pc.ram", 1 << 20)]), capabilities=caps,
+                          handlers=[Twice(vector_bitmaps(), capabilities=caps)])
+    src.migrate(f"unix:{tmp_path}/m.sock")
+    src.wait(30)
+    assert dst.wait(30) == MigrationStatus.FAILED
+    assert isinstance(dst.error, DirtyBitmapError) and "already exists" in dst.error.message
+    assert len(loader.result) == 0
+
+
+@pytest.fixture(scope="module")
+def bitmap_stream(tmp_path_factory) -> Path:
+    """A whole stream with a dirty-bitmap section, written by the qmigx source to a file."""
+    from qmigx import MigrationSource, MigrationStatus, RAMBlock, RAMBlockList
+
+    path = tmp_path_factory.mktemp("stream") / "bitmaps.mig"
+    caps = Capabilities()
+    caps.set_many([("dirty-bitmaps", True)], incoming=False)
+    blocks = RAMBlockList([RAMBlock.anonymous("pc.ram", 1 << 20)])
+    blocks["pc.ram"].memory[::4096] = 3
+    src = MigrationSource(blocks, capabilities=caps,
+                          handlers=[DirtyBitmapSource(vector_bitmaps(), capabilities=caps)])
+    src.migrate(f"file:{path}")
+    assert src.wait(30) == MigrationStatus.COMPLETED, src.error
+    return path
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(qmigx_argv(*args), capture_output=True, text=True, env=qmigx_env(),
+                          cwd=REPO, timeout=120)
+
+
+def test_analyze_decodes_the_records(bitmap_stream):
+    r = run_cli("analyze", "-f", bitmap_stream)
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(r.stdout)["dirty-bitmap (3)"]
+    starts = [x for x in recs if x["type"] == "start"]
+    assert [(x.get("node"), x["bitmap"], x["granularity"], x["enabled"]) for x in starts] == [
+        ("disk0", "mid", 4096, False), (None, "fine", 512, True),  # newest first, as QEMU lists them
+        ("disk1", "coarse", 131072, True), (None, "solo", 65536, True)]
+    bits = [x for x in recs if x["type"] == "bits"]
+    assert sum(x.get("dirty_bits", 0) for x in bits) == sum(
+        b.dirty_granules() for _, b in vector_bitmaps())
+    assert any(x["zeroes"] for x in bits) and [x["type"] for x in recs].count("complete") == 4
+
+
+def test_verify_loads_the_bitmaps_and_convert_keeps_them(bitmap_stream, tmp_path):
+    r = run_cli("verify", bitmap_stream)
+    assert r.returncode == 0 and "4 dirty bitmaps" in r.stdout, r.stdout + r.stderr
+    out = tmp_path / "compressed.mig"
+    assert run_cli("convert", bitmap_stream, out, "--ram-encoding", "compress").returncode == 0
+    from qmigx.tools.streams import StreamReader
+    from qmigx.stream import SectionRecord
+
+    def raw(path):
+        return b"".join(ev.raw for ev in StreamReader(str(path)).events()
+                        if isinstance(ev, SectionRecord))
+
+    assert raw(out) == raw(bitmap_stream) and out.stat().st_size < bitmap_stream.stat().st_size
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and "4 dirty bitmaps" in r.stdout
+
+
+def test_verify_reports_a_stream_whose_bitmaps_qemu_would_drop(bitmap_stream, tmp_path):
+    data = bitmap_stream.read_bytes()
+    bad = tmp_path / "bad.mig"
+    bad.write_bytes(data.replace(b"\x04fine", b"\x04fin_", 1))  # renamed in its START only
+    r = run_cli("verify", bad)
+    assert r.returncode == 0, r.stderr
+    assert "would be dropped: Error: unknown dirty bitmap 'fine' for block device 'disk0'" in r.stdout
+
+
+# --- the bitmaps file ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ([], ""),
+    ({"d": []}, "d"),
+    ({"d": {"b": {"granularity": 4096}}}, "d/b/size"),
+    ({"d": {"b": {"granularity": 1000, "size": 4096}}}, "d/b/granularity"),
+    ({"d": {"b": {"granularity": 4096, "size": 1000}}}, "d/b/size"),
+    ({"d": {"b": {"granularity": 4096, "size": 4096, "dirty": [[4000, 200]]}}}, "d/b/dirty[0]"),
+    ({"d": {"b": {"granularity": 4096, "size": 4096, "dirty": [[0, -1]]}}}, "d/b/dirty[0]"),
+    ({"d": {"b": {"granularity": 4096, "size": 4096, "dirty": [[0, True]]}}}, "d/b/dirty"),
+    ({"d": {"b": {"granularity": 4096, "size": 4096, "enabled": 1}}}, "d/b/enabled"),
+    ({"d": {"b": {"granularity": 4096, "size": 4096, "colour": "red"}}}, "d/b"),
+    ({"d": {"": {"granularity": 4096, "size": 4096}}}, "d//name"),
+    ({"d": {"a": {"granularity": 512, "size": 4096}, "b": {"granularity": 512, "size": 8192}}}, "d"),
+])
+def test_bad_bitmaps_files_say_where(spec, field, tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(BitmapError) as ei:
+        DirtyBitmapSet.load(str(path))
+    assert ei.value.field == field
+
+
+def test_the_file_holds_merged_sorted_ranges_and_reads_back(tmp_path):
+    spec = {"d": {"b": {"granularity": 4096, "size": 1 << 20, "persistent": True, "enabled": False,
+                        "dirty": [[9000, 1], [0, 10], [4096, 4096], [1048575, 1]]}}}
+    path = tmp_path / "b.json"
+    bitmap_set(spec).save(str(path))
+    text = json.loads(path.read_text())
+    assert text == {"d": {"b": {"granularity": 4096, "size": 1 << 20, "persistent": True,
+                                "enabled": False, "dirty": expected_ranges(
+                                    spec["d"]["b"]["dirty"], 4096, 1 << 20)}}}
+    assert DirtyBitmapSet.load(str(path)) == bitmap_set(spec)
+
+
+# --- qmigx -> qmigx, as a user runs it --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replay_stream(tmp_path_factory) -> Path:
+    """A QEMU 7.2 stream to replay with ``qmigx send`` (kept in tests/data)."""
+    path = tmp_path_factory.mktemp("replay") / "pc-paused.mig"
+    with gzip.open(DATA / "qemu72-pc-paused.mig.gz") as f:
+        path.write_bytes(f.read())
+    return path
+
+
+def send_cli(stream, uri, *, caps=None, params=None, bitmaps=None) -> subprocess.CompletedProcess:
+    args = ["send", stream, uri] + (["--bitmaps", bitmaps] if bitmaps else [])
+    return subprocess.run(qmigx_argv(*args) + cap_args(caps) + param_args(params),
+                          capture_output=True, text=True, timeout=120, env=qmigx_env(), cwd=REPO)
+
+
+def incoming_cli(uri, tmp_path, out, *, params=None, name="inc", extra=()) -> QmigxIncoming:
+    inc = QmigxIncoming(uri, tmp_path, params=params, report=tmp_path / f"{name}.json", name=name)
+    inc.argv += ["--bitmaps", str(out), *extra]
+    return inc
+
+
+def test_qmigx_to_qmigx_with_aliases(tmp_path, replay_stream):
+    spec = {"d0": {"fine": {"granularity": 512, "size": 8 << 20, "dirty": [[100, 1], [6 << 20, 70000]]},
+                   "keep": {"granularity": 65536, "size": 8 << 20, "enabled": False,
+                            "dirty": [[0, 1 << 20]]}},
+            "d1": {"x": {"granularity": 4096, "size": 1 << 20, "dirty": []}}}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    out_mapping = json.dumps([{"node-name": "d0", "alias": "vol", "bitmaps": [
+        {"name": "fine", "alias": "f", "transform": {"persistent": True}},
+        {"name": "keep", "alias": "k"}]}])
+    in_mapping = json.dumps([{"node-name": "disk", "alias": "vol", "bitmaps": [
+        {"name": "fine2", "alias": "f"}, {"name": "keep", "alias": "k"}]}])
+    uris = Uris()
+    try:
+        uri = uris.make("unix")
+        with incoming_cli(uri, tmp_path, tmp_path / "out.json",
+                          params={"block-bitmap-mapping": in_mapping}) as inc:
+            r = send_cli(replay_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json",
+                         params={"block-bitmap-mapping": out_mapping})
+            assert r.returncode == 0, r.stderr
+            rc, err = inc.wait(60)
+        assert rc == 0, err
+    finally:
+        uris.close()
+    got = json.loads((tmp_path / "out.json").read_text())
+    want = {"disk": {
+        "fine2": {**spec["d0"]["fine"], "persistent": True, "enabled": True,
+                  "dirty": expected_ranges(spec["d0"]["fine"]["dirty"], 512, 8 << 20)},
+        "keep": {**spec["d0"]["keep"], "persistent": False,
+                 "dirty": expected_ranges(spec["d0"]["keep"]["dirty"], 65536, 8 << 20)}}}
+    assert got == want
+    report = json.loads((tmp_path / "inc.json").read_text())
+    assert report["dirty-bitmaps"]["warnings"] == [] and report["dirty-bitmaps"]["cancelled"] is None
+
+
+def test_qmigx_to_qmigx_drops_an_unmapped_alias_with_a_warning(tmp_path, replay_stream):
+    spec = {"d0": {"b": {"granularity": 512, "size": 1 << 20, "dirty": [[0, 1]]}}}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    mapping = json.dumps([{"node-name": "elsewhere", "alias": "other", "bitmaps": []}])
+    uris = Uris()
+    try:
+        uri = uris.make("unix")
+        with incoming_cli(uri, tmp_path, tmp_path / "out.json",
+                          params={"block-bitmap-mapping": mapping}) as inc:
+            r = send_cli(replay_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json")
+            assert r.returncode == 0, r.stderr
+            rc, err = inc.wait(60)
+    finally:
+        uris.close()
+    assert rc == 0, err
+    assert "qmigx: warning: Error: Unknown node alias 'd0'" in err.splitlines()
+    assert json.loads((tmp_path / "out.json").read_text()) == {}
+    report = json.loads((tmp_path / "inc.json").read_text())["dirty-bitmaps"]
+    assert report["cancelled"] == "Error: Unknown node alias 'd0'" and report["received"] == []
+
+
+def test_send_refuses_bitmaps_without_the_capability(tmp_path, replay_stream):
+    (tmp_path / "in.json").write_text("{}")
+    r = send_cli(replay_stream, f"file:{tmp_path}/x.mig", bitmaps=tmp_path / "in.json")
+    assert r.returncode == 1 and "dirty-bitmaps capability" in r.stderr
+
+
+def test_send_names_a_bad_bitmaps_file(tmp_path, replay_stream):
+    (tmp_path / "in.json").write_text(json.dumps({"d": {"b": {"granularity": 3, "size": 512}}}))
+    r = send_cli(replay_stream, f"file:{tmp_path}/x.mig", caps={"dirty-bitmaps": True},
+                 bitmaps=tmp_path / "in.json")
+    assert r.returncode == 1
+    assert r.stderr.startswith("qmigx: error: d/b: Granularity must be power of 2"), r.stderr
