@@ -739,3 +739,184 @@ def test_send_names_a_bad_bitmaps_file(tmp_path, replay_stream):
                  bitmaps=tmp_path / "in.json")
     assert r.returncode == 1
     assert r.stderr.startswith("qmigx: error: d/b: Granularity must be power of 2"), r.stderr
+
+
+# --- with QEMU 7.2 --------------------------------------------------------------------------------------
+
+#: a disk that ends 3 sectors into a 64 KiB granule, and bitmaps of four granularities
+DISK_SIZE = (8 << 20) + 1536
+STEPS = [
+    ["add", "disk0", "fine", 512],
+    ["add", "disk0", "wide", 1 << 20],
+    ["write", "disk0", 0, 4096],
+    ["write", "disk0", 3 << 20, 70000],
+    ["add", "disk0", "late", 65536],  # sees only what follows
+    ["write", "disk0", 4190208, 8192],  # across the first 4 MiB chunk of "fine"
+    ["write", "disk0", 123456, 1],
+    ["disable", "disk0", "wide"],
+    ["add", "disk0", "mid", 4096],
+    ["write", "disk0", DISK_SIZE - 512, 512],  # the last, partial granule
+]
+MAPPING_OUT = [{"node-name": "node0", "alias": "vol", "bitmaps": [
+    {"name": "fine", "alias": "f", "transform": {"persistent": True}},
+    {"name": "late", "alias": "l"}]}]
+
+
+@pytest.fixture(scope="module")
+def uris():
+    u = Uris()
+    yield u
+    u.close()
+
+
+def qemu_vm(workdir: Path, name: str, *, paused: bool = False, incoming: bool = False):
+    from qemu_support.bitmaps import Disk
+    from qemu_support.harness import Qemu
+
+    disk = Disk(workdir / f"{name}.raw", DISK_SIZE).create()
+    return Qemu(ram="64M", paused=paused, incoming=incoming, workdir=workdir, name=name,
+                extra=disk.args())
+
+
+def want_bitmaps(steps=STEPS) -> dict:
+    return expected_bitmaps(steps, {"disk0": DISK_SIZE})
+
+
+@pytest.fixture(scope="module")
+def base_stream(tmp_path_factory) -> Path:
+    """A paused QEMU 7.2 with the test disk, saved without bitmaps: what ``qmigx send`` replays."""
+    from qemu_support.bitmaps import migrate_to_file
+
+    d = tmp_path_factory.mktemp("base")
+    with qemu_vm(d, "base", paused=True) as vm:
+        migrate_to_file(vm, d / "base.mig")
+    return d / "base.mig"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The bitmaps of :data:`STEPS` as a QEMU that made them itself reports them."""
+    from qemu_support.bitmaps import query_bitmaps, run_steps
+
+    d = tmp_path_factory.mktemp("reference")
+    with qemu_vm(d, "ref", paused=True) as vm:
+        run_steps(vm, STEPS)
+        return query_bitmaps(vm)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_stored_vector_is_what_qemu_sends(tmp_path):
+    v = vector.load()
+    got = vector.capture(tmp_path)
+    for key in ("start", "part", "end", "query"):
+        assert got[key] == v[key], key
+
+
+def qemu_to_qmigx(tmp_path, uris, *, src_params=None, dst_params=None, name="inc"):
+    """QEMU (running, :data:`STEPS` applied) -> ``qmigx incoming --bitmaps``; (out, stderr, report, qemu's view)."""
+    from qemu_support.bitmaps import query_bitmaps, run_steps
+
+    uri = uris.make("unix")
+    out = tmp_path / f"{name}.out.json"
+    with qemu_vm(tmp_path, f"{name}-src") as vm:
+        run_steps(vm, STEPS)
+        before = query_bitmaps(vm)
+        with incoming_cli(uri, tmp_path, out, params=dst_params, name=name) as inc:
+            vm.set_capabilities({"dirty-bitmaps": True})
+            vm.set_parameters(src_params or {})
+            vm.migrate(uri)
+            vm.wait_migration(60)
+            rc, err = inc.wait(60)
+        assert rc == 0, err
+        assert vm.status() == "postmigrate"
+        assert query_bitmaps(vm) == before, "the source keeps its bitmaps"
+    return json.loads(out.read_text()), err, json.loads((tmp_path / f"{name}.json").read_text()), before
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qemu_bitmaps_arrive_in_qmigx_exactly(tmp_path, uris):
+    got, err, report, qemu_view = qemu_to_qmigx(tmp_path, uris)
+    assert got == want_bitmaps()
+    assert list(got["disk0"]) == ["mid", "late", "wide", "fine"]  # QEMU's order: newest first
+    for name, bm in DirtyBitmapSet.from_json(got).nodes["disk0"].items():
+        q = qemu_view["disk0"][name]
+        assert (bm.sha256(), bm.dirty_granules() * bm.granularity) == (q["sha256"], q["count"]), name
+    assert not report["dirty-bitmaps"]["warnings"]
+    assert len(report["dirty-bitmaps"]["received"]) == 4
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qemu_mapping_to_qmigx_mapping(tmp_path, uris):
+    back = [{"node-name": "mydisk", "alias": "vol", "bitmaps": [
+        {"name": "fine-copy", "alias": "f"}, {"name": "late", "alias": "l"}]}]
+    got, _, report, _ = qemu_to_qmigx(tmp_path, uris, src_params={"block-bitmap-mapping": MAPPING_OUT},
+                                      dst_params={"block-bitmap-mapping": json.dumps(back)})
+    want = want_bitmaps()["disk0"]
+    assert got == {"mydisk": {"late": want["late"],
+                              "fine-copy": {**want["fine"], "persistent": True}}}
+    assert report["dirty-bitmaps"]["cancelled"] is None
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qemu_aliased_bitmaps_without_a_matching_mapping_are_dropped(tmp_path, uris):
+    elsewhere = [{"node-name": "mydisk", "alias": "other", "bitmaps": []}]
+    got, err, report, _ = qemu_to_qmigx(tmp_path, uris, src_params={"block-bitmap-mapping": MAPPING_OUT},
+                                        dst_params={"block-bitmap-mapping": json.dumps(elsewhere)})
+    assert got == {}
+    assert "qmigx: warning: Error: Unknown node alias 'vol'" in err.splitlines()
+    assert report["dirty-bitmaps"]["warnings"] == ["Error: Unknown node alias 'vol'"]
+    assert report["status"] == "completed"
+
+
+def qmigx_to_qemu(tmp_path, uris, base_stream, bitmaps: dict, *, src_params=None, dst_params=None):
+    """``qmigx send --bitmaps`` -> a paused QEMU (-incoming defer); its bitmaps and its log."""
+    from qemu_support.bitmaps import query_bitmaps
+
+    (tmp_path / "in.json").write_text(json.dumps(bitmaps))
+    uri = uris.make("unix")
+    with qemu_vm(tmp_path, "dst", paused=True, incoming=True) as dst:
+        dst.set_parameters(dst_params or {})
+        dst.migrate_incoming(uri)
+        r = send_cli(base_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json",
+                     params={k: json.dumps(v) for k, v in (src_params or {}).items()})
+        assert r.returncode == 0, f"{r.stderr}\n{dst.log_tail()}"
+        assert dst.wait_migration(60)["status"] == "completed"
+        return query_bitmaps(dst), dst.log_path.read_text()
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qmigx_bitmaps_in_qemu_equal_bitmaps_qemu_made(tmp_path, uris, base_stream, reference):
+    got, _ = qmigx_to_qemu(tmp_path, uris, base_stream, want_bitmaps())
+    assert got == reference
+    assert {n: b["granularity"] for n, b in got["disk0"].items()} == {
+        "fine": 512, "wide": 1 << 20, "late": 65536, "mid": 4096}
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qmigx_mapping_to_qemu_mapping(tmp_path, uris, base_stream, reference):
+    bitmaps = {"mine": want_bitmaps()["disk0"]}  # any node name: the mapping gives the alias
+    out = [{"node-name": "mine", "alias": "vol", "bitmaps": [
+        {"name": "fine", "alias": "f"}, {"name": "mid", "alias": "m"}]}]
+    back = [{"node-name": "node0", "alias": "vol", "bitmaps": [
+        {"name": "fine-copy", "alias": "f", "transform": {"persistent": True}},
+        {"name": "mid", "alias": "m"}]}]
+    got, _ = qmigx_to_qemu(tmp_path, uris, base_stream, bitmaps,
+                           src_params={"block-bitmap-mapping": out}, dst_params={"block-bitmap-mapping": back})
+    assert got == {"disk0": {"fine-copy": {**reference["disk0"]["fine"], "persistent": True},
+                             "mid": reference["disk0"]["mid"]}}
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_qmigx_aliases_unknown_to_qemu_are_dropped_by_qemu(tmp_path, uris, base_stream):
+    out = [{"node-name": "disk0", "alias": "vol", "bitmaps": [{"name": "fine", "alias": "f"}]}]
+    got, log = qmigx_to_qemu(tmp_path, uris, base_stream, want_bitmaps(),
+                             src_params={"block-bitmap-mapping": out})
+    assert got == {}
+    assert "Cannot find device='vol' nor node-name='vol'" in log
