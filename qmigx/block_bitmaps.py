@@ -269,7 +269,7 @@ class BlockDirtyBitmap:
         self._trim()
 
     def write_words(self, first: int, words: np.ndarray) -> None:
-        """Overwrite words ``first...`` with ``words`` (a deserialized BITS buffer)."""
+        """Overwrite words ``first...`` with ``words`` (a deserialized BITS buffer, copied)."""
         pos, n = 0, len(words)
         while pos < n:
             key, col = divmod(first + pos, CHUNK_WORDS)
@@ -278,19 +278,25 @@ class BlockDirtyBitmap:
             have = self._chunks.get(key)
             if have is not None:
                 have[col : col + take] = part
+            elif take == CHUNK_WORDS:  # stored as sent: memory stays within what arrived
+                self._chunks[key] = part.astype(np.uint64)
             elif part.any():
                 have = self._chunks[key] = np.zeros(CHUNK_WORDS, np.uint64)
                 have[col : col + take] = part
             pos += take
-        self._trim()
+        if self.size is not None and (first + n) * 64 > self.granules:
+            self._trim()
 
     def clear_words(self, first: int, count: int) -> None:
         """Zero words ``[first, first + count)`` (a ZEROES record), touching only stored chunks."""
         if count <= 0:
             return
         end = first + count
-        for key in [k for k in self._chunks
-                    if first < (k + 1) * CHUNK_WORDS and k * CHUNK_WORDS < end]:
+        lo, hi = first // CHUNK_WORDS, (end - 1) // CHUNK_WORDS
+        span = range(lo, hi + 1)
+        if len(span) > len(self._chunks):  # a huge range: look only at what is stored
+            span = [k for k in self._chunks if lo <= k <= hi]
+        for key in [k for k in span if k in self._chunks]:
             base = key * CHUNK_WORDS
             self._chunks[key][max(first - base, 0) : min(end - base, CHUNK_WORDS)] = 0
 
@@ -317,6 +323,9 @@ class BlockDirtyBitmap:
         """The BITS buffer QEMU's sender makes for these sectors: words, zero-padded to 32 bytes."""
         start, count = first_sector * BDRV_SECTOR_SIZE, nr_sectors * BDRV_SECTOR_SIZE
         first, n = serialization_words(self.granularity, start, count)
+        if n == CHUNK_WORDS and not first % CHUNK_WORDS:  # a whole chunk, as the source sends them
+            have = self._chunks.get(first // CHUNK_WORDS)
+            return bytes(DIRTY_BITMAP_CHUNK_SIZE) if have is None else have.astype(_U64).tobytes()
         out = np.zeros(align_bufsize(n * 8) // 8, _U64)
         pos = 0
         while pos < n:
@@ -517,11 +526,12 @@ class DirtyBitmapSet:
         for i, (node, bitmaps) in enumerate(nodes):
             lines.append(f" {json.dumps(node)}: {{")
             for j, (name, bm) in enumerate(bitmaps.items()):
-                head = {k: v for k, v in bm.to_json().items() if k != "dirty"}
+                head = {"granularity": bm.granularity, "size": bm.size,
+                        "persistent": bm.persistent, "enabled": bm.enabled}
                 ranges = bm.dirty_ranges()
                 body = json.dumps(head)[:-1]
                 if ranges:
-                    body += ', "dirty": [\n' + ",\n".join(f"   {json.dumps(r)}" for r in ranges)
+                    body += ', "dirty": [\n' + ",\n".join(f"   [{o}, {n}]" for o, n in ranges)
                     body += "]}"
                 else:
                     body += ', "dirty": []}'
