@@ -52,6 +52,8 @@ from qmigx.wire import (
     BDRV_SECTOR_SIZE,
     DIRTY_BITMAP_MAX_BUFSIZE,
     DirtyBitmapFlag,
+)
+from qmigx.wire import (
     DirtyBitmapStartFlag as SF,
 )
 

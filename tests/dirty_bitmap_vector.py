@@ -21,8 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qemu_support.bitmaps import Disk, migrate_to_file, query_bitmaps, run_steps  # noqa: E402
-from qemu_support.harness import Qemu, qemu_binary  # noqa: E402
+from qemu_support.bitmaps import Disk, migrate_to_file, query_bitmaps, run_steps
+from qemu_support.harness import Qemu, qemu_binary
 
 PATH = Path(__file__).resolve().parent / "data" / "qemu72-dirty-bitmap.json"
 

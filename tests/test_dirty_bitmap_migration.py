@@ -22,108 +22,40 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
+import dirty_bitmap_vector as vector
 import numpy as np
 import pytest
-
-import dirty_bitmap_vector as vector
+from dirty_bitmap_helpers import (
+    COMPLETE,
+    EOS,
+    SECTION,
+    bitmap_set,
+    bits_rec,
+    incoming_cli,
+    load,
+    records,
+    roundtrip,
+    run_cli,
+    send_cli,
+    sent,
+    start_rec,
+    words,
+)
 from qemu_support.bitmaps import expected_bitmaps, expected_ranges
 from qemu_support.harness import qemu_binary
-from qemu_support.live import REPO, QmigxIncoming, Uris, cap_args, param_args, qmigx_argv, qmigx_env
+from qemu_support.live import Uris
+
 from qmigx.block_bitmaps import BlockDirtyBitmap, DirtyBitmapSet
-from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapHandler, DirtyBitmapSource
+from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapSource
 from qmigx.control import Capabilities, Parameters
 from qmigx.errors import BitmapError, DirtyBitmapError, ParameterError, StreamError
-from qmigx.qemufile import BytesSink, Cursor, NeedData, QEMUFile
+from qmigx.qemufile import BytesSink, NeedData, QEMUFile
 from qmigx.savevm import Section
 
-SECTION = Section(3, "dirty-bitmap", 0, 1)
 DATA = Path(__file__).resolve().parent / "data"
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def bitmap_set(spec: dict) -> DirtyBitmapSet:
-    return DirtyBitmapSet.from_json(json.loads(json.dumps(spec)))
-
-
-def sent(source: DirtyBitmapSource, parts: int = 1) -> tuple[bytes, list[bytes], bytes]:
-    """START, PART and END payloads as the source writes them."""
-    sink = BytesSink()
-    f = QEMUFile(sink)
-    out = []
-    for step in [source.save_setup] + [source.save_live_iterate] * parts + [source.save_complete_precopy]:
-        step(f)
-        f.flush()
-        out.append(bytes(sink.data))
-        sink.data.clear()
-    return out[0], out[1:-1], out[-1]
-
-
-def records(payload: bytes, section: Section = SECTION) -> list:
-    """Read one payload with the grammar, to its EOS (which must end it exactly)."""
-    cur = Cursor(payload)
-    grammar = DirtyBitmapHandler()
-    out = []
-    while True:
-        rec, last = grammar.read_record(cur, section)
-        out.append(rec)
-        if last:
-            assert cur.remaining() == 0, "bytes after EOS"
-            return out
-
-
-def load(dst: DirtyBitmapDestination, *payloads: bytes, section: Section = SECTION) -> None:
-    dst.load_setup()
-    for p in payloads:
-        for rec in records(p, section):
-            dst.load_record(rec, section)
-
-
-def roundtrip(spec: dict, **dst_kw) -> DirtyBitmapDestination:
-    start, parts, end = sent(DirtyBitmapSource(bitmap_set(spec)))
-    dst = DirtyBitmapDestination(**dst_kw)
-    load(dst, start, *parts, end)
-    dst.load_cleanup(True)
-    return dst
-
-
-# raw records, written from the format description (not with the source)
-def start_rec(flags=0x1C, node=b"d0", bitmap=b"b", gran=65536, bflags=1) -> bytes:
-    out = bytes([flags])
-    if flags & 0x08:
-        out += bytes([len(node)]) + node
-    if flags & 0x04:
-        out += bytes([len(bitmap)]) + bitmap
-    return out + struct.pack(">IB", gran, bflags)
-
-
-def bits_rec(first, nr, buf=None, flags=0x40, node=None, bitmap=None) -> bytes:
-    out = bytes([flags | (0x08 if node else 0) | (0x04 if bitmap else 0) | (0 if buf is not None else 0x02)])
-    if node:
-        out += bytes([len(node)]) + node
-    if bitmap:
-        out += bytes([len(bitmap)]) + bitmap
-    out += struct.pack(">QI", first, nr)
-    if buf is not None:
-        out += struct.pack(">Q", len(buf)) + buf
-    return out
-
-
-EOS = b"\x01"
-COMPLETE = b"\x20"
-
-
-def words(*granules: int, n: int = 4) -> bytes:
-    w = np.zeros(n, "<u8")
-    for g in granules:
-        w[g // 64] |= np.uint64(1) << np.uint64(g % 64)
-    return w.tobytes()
 
 
 # --- the bitmap model -------------------------------------------------------------------------------
@@ -504,7 +436,13 @@ def test_mutated_sections_raise_typed_errors_or_load_within_bounds():
 
 
 def migrate_api(tmp_path: Path, bitmaps: DirtyBitmapSet, **dst_kw) -> DirtyBitmapDestination:
-    from qmigx import MigrationDestination, MigrationSource, MigrationStatus, RAMBlock, RAMBlockList
+    from qmigx import (
+        MigrationDestination,
+        MigrationSource,
+        MigrationStatus,
+        RAMBlock,
+        RAMBlockList,
+    )
 
     caps = Capabilities()
     caps.set_many([("dirty-bitmaps", True)], incoming=False)
@@ -525,7 +463,13 @@ def test_bitmaps_travel_with_ram_through_the_engine(tmp_path):
 
 
 def test_a_fatal_bitmap_error_fails_the_incoming_migration(tmp_path):
-    from qmigx import MigrationDestination, MigrationSource, MigrationStatus, RAMBlock, RAMBlockList
+    from qmigx import (
+        MigrationDestination,
+        MigrationSource,
+        MigrationStatus,
+        RAMBlock,
+        RAMBlockList,
+    )
 
     class Twice(DirtyBitmapSource):  # a broken peer: START twice
         def save_setup(self, f):
@@ -566,11 +510,6 @@ def bitmap_stream(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(qmigx_argv(*args), capture_output=True, text=True, env=qmigx_env(),
-                          cwd=REPO, timeout=120)
-
-
 def test_analyze_decodes_the_records(bitmap_stream):
     r = run_cli("analyze", "-f", bitmap_stream)
     assert r.returncode == 0, r.stderr
@@ -590,8 +529,8 @@ def test_verify_loads_the_bitmaps_and_convert_keeps_them(bitmap_stream, tmp_path
     assert r.returncode == 0 and "4 dirty bitmaps" in r.stdout, r.stdout + r.stderr
     out = tmp_path / "compressed.mig"
     assert run_cli("convert", bitmap_stream, out, "--ram-encoding", "compress").returncode == 0
-    from qmigx.tools.streams import StreamReader
     from qmigx.stream import SectionRecord
+    from qmigx.tools.streams import StreamReader
 
     def raw(path):
         return b"".join(ev.raw for ev in StreamReader(str(path)).events()
@@ -658,18 +597,6 @@ def replay_stream(tmp_path_factory) -> Path:
     with gzip.open(DATA / "qemu72-pc-paused.mig.gz") as f:
         path.write_bytes(f.read())
     return path
-
-
-def send_cli(stream, uri, *, caps=None, params=None, bitmaps=None) -> subprocess.CompletedProcess:
-    args = ["send", stream, uri] + (["--bitmaps", bitmaps] if bitmaps else [])
-    return subprocess.run(qmigx_argv(*args) + cap_args(caps) + param_args(params),
-                          capture_output=True, text=True, timeout=120, env=qmigx_env(), cwd=REPO)
-
-
-def incoming_cli(uri, tmp_path, out, *, params=None, name="inc", extra=()) -> QmigxIncoming:
-    inc = QmigxIncoming(uri, tmp_path, params=params, report=tmp_path / f"{name}.json", name=name)
-    inc.argv += ["--bitmaps", str(out), *extra]
-    return inc
 
 
 def test_qmigx_to_qmigx_with_aliases(tmp_path, replay_stream):
@@ -837,7 +764,7 @@ def qemu_to_qmigx(tmp_path, uris, *, src_params=None, dst_params=None, name="inc
 @pytest.mark.qemu
 @pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_bitmaps_arrive_in_qmigx_exactly(tmp_path, uris):
-    got, err, report, qemu_view = qemu_to_qmigx(tmp_path, uris)
+    got, _, report, qemu_view = qemu_to_qmigx(tmp_path, uris)
     assert got == want_bitmaps()
     assert list(got["disk0"]) == ["mid", "late", "wide", "fine"]  # QEMU's order: newest first
     for name, bm in DirtyBitmapSet.from_json(got).nodes["disk0"].items():
