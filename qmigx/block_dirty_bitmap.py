@@ -436,6 +436,9 @@ class DirtyBitmapDestination(DirtyBitmapHandler):
                  parameters: Any = None, mapping: Optional[list] = None,
                  warn: Optional[Callable[[str], None]] = None) -> None:
         self.nodes = dict(nodes) if nodes is not None else None
+        for name, size in (self.nodes or {}).items():
+            if size is not None:
+                BlockDirtyBitmap("check", BDRV_SECTOR_SIZE, size)  # refuses what no disk can be
         self.parameters = parameters
         self.mapping = mapping
         self.warn = warn
@@ -470,12 +473,12 @@ class DirtyBitmapDestination(DirtyBitmapHandler):
                field: str) -> DirtyBitmapError:
         return DirtyBitmapError(message, offset=rec.offset, section=section.label, field=field)
 
-    def _cancel(self, err: Optional[DirtyBitmapError] = None) -> None:
+    def _cancel(self, err: Optional[DirtyBitmapError] = None, *, log: bool = True) -> None:
         """QEMU's cancel_incoming: drop every bitmap this migration made, ignore the rest."""
-        if err is not None and self.cancelled is None:
-            self._log(err.message)
         if self.cancelled is not None:
             return
+        if err is not None and log:
+            self._log(err.message)
         self.cancelled = err or DirtyBitmapError("bitmap migration cancelled")
         self._node = None
         self._bitmap = None
@@ -486,7 +489,7 @@ class DirtyBitmapDestination(DirtyBitmapHandler):
     def _fatal(self, message: str, rec: DirtyBitmapRecord, section: Section,
                field: str) -> DirtyBitmapError:
         err = self._error(message, rec, section, field)
-        self._cancel(None)
+        self._cancel(err, log=False)  # raised, not logged
         return err
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -629,14 +632,14 @@ class DirtyBitmapDestination(DirtyBitmapHandler):
         start = rec.first_sector * BDRV_SECTOR_SIZE
         count = rec.nr_sectors * BDRV_SECTOR_SIZE
         end = start + count
-        if count and bm.size is None and end % (64 << bm.shift):
+        problem = bm.check_range(start, count)
+        if not problem and count and bm.size is None and end % (64 << bm.shift):
             # an unaligned end can only be the bitmap's end: that fixes its size
             if end < st.extent:
                 raise self._fatal(f"range ending at byte {end} is not on a 64-granule boundary, "
                                   f"yet earlier ranges reached byte {st.extent}",
                                   rec, section, "nr_sectors")
             bm.set_size(end)
-        problem = bm.check_range(start, count)
         if problem:
             raise self._fatal(f"bitmap '{bm.name}': {problem}", rec, section, "first_sector")
         st.extent = max(st.extent, end)

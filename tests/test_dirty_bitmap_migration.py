@@ -282,6 +282,11 @@ def test_a_complete_minimal_migration_loads():
 
 
 def test_duplicate_start_is_fatal():
+    dst = DirtyBitmapDestination()
+    with pytest.raises(DirtyBitmapError) as ei:
+        load(dst, GOOD_START, start_rec(flags=0x14) + EOS)
+    err = ei.value
+    assert dst.cancelled is err and not dst.warnings, "raised, and not also logged"
     err = fatal(GOOD_START, start_rec(flags=0x14) + EOS)
     assert err.message == "Bitmap with the same name ('b') already exists on destination"
     assert (err.offset, err.field) == (0, "bitmap")  # offsets count from the payload given
@@ -391,6 +396,18 @@ def test_other_section_versions_are_refused():
     with pytest.raises(DirtyBitmapError) as ei:
         load(DirtyBitmapDestination(), GOOD_START, section=Section(3, "dirty-bitmap", 0, 2))
     assert ei.value.field == "version_id"
+
+
+@pytest.mark.parametrize("first", [1 << 54, (1 << 64) - 128])
+def test_ranges_beyond_any_disk_are_fatal_when_the_size_is_learnt(first):
+    err = fatal(start_rec(gran=512) + EOS, bits_rec(first, 100) + EOS)
+    assert "beyond any disk" in err.message
+
+
+def test_node_sizes_must_be_disk_sizes():
+    with pytest.raises(BitmapError) as ei:
+        DirtyBitmapDestination(nodes={"d0": 1000})
+    assert ei.value.field == "size"
 
 
 def test_an_unaligned_end_fixes_the_learnt_size():
