@@ -864,3 +864,47 @@ def test_qmigx_aliases_unknown_to_qemu_are_dropped_by_qemu(tmp_path, uris, base_
                              src_params={"block-bitmap-mapping": out})
     assert got == {}
     assert "Cannot find device='vol' nor node-name='vol'" in log
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_a_running_source_sends_no_parts_and_the_engine_writes_qemus_sections(tmp_path):
+    """QEMU (guest running) -> file, and qmigx's engine (guest running) -> file: same sections."""
+    from qemu_support.bitmaps import migrate_to_file, run_steps
+
+    from qmigx import MigrationSource, MigrationStatus, RAMBlock, RAMBlockList, SimpleGuest
+
+    with qemu_vm(tmp_path, "src") as vm:
+        run_steps(vm, STEPS)
+        vm.set_capabilities({"dirty-bitmaps": True})
+        migrate_to_file(vm, tmp_path / "qemu.mig")
+    theirs = vector.sections((tmp_path / "qemu.mig").read_bytes())
+    caps = Capabilities()
+    caps.set_many([("dirty-bitmaps", True)], incoming=False)
+    guest = SimpleGuest(running=True)
+    handler = DirtyBitmapSource(bitmap_set(want_bitmaps()), capabilities=caps,
+                                running=lambda: guest.running)
+    src = MigrationSource(RAMBlockList([RAMBlock.anonymous("pc.ram", 1 << 20)]), guest=guest,
+                          capabilities=caps, handlers=[handler])
+    src.migrate(f"file:{tmp_path}/qmigx.mig")
+    assert src.wait(30) == MigrationStatus.COMPLETED, src.error
+    ours = vector.sections((tmp_path / "qmigx.mig").read_bytes())
+    assert theirs["part"] == [] and ours == theirs
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_a_bitmap_that_exists_on_the_qemu_destination_fails_the_migration(tmp_path, uris, base_stream):
+    """QEMU treats a START for an existing bitmap as fatal, as qmigx's destination does."""
+    from qemu_support.bitmaps import add_bitmap
+
+    (tmp_path / "in.json").write_text(json.dumps(want_bitmaps()))
+    uri = uris.make("unix")
+    with qemu_vm(tmp_path, "dst", paused=True, incoming=True) as dst:
+        add_bitmap(dst, "disk0", "mid", 4096)
+        dst.migrate_incoming(uri)
+        send_cli(base_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json")
+        dst.proc.wait(30)  # a QEMU destination exits when loading fails
+        log = dst.log_path.read_text()
+    assert "Bitmap with the same name ('mid') already exists on destination" in log
+    assert dst.proc.returncode != 0
