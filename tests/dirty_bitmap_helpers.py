@@ -1,4 +1,4 @@
-"""Helpers for the dirty-bitmap tests: the source's output, the grammar, raw records, the CLI.
+"""Helpers for the dirty-bitmap tests: the source's output, the grammar, raw records, the CLI, QEMU peers.
 
 Raw records (:func:`start_rec`, :func:`bits_rec`) are written from the
 format description with ``struct``, never with qmigx's source, so
@@ -10,23 +10,15 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
-from qemu_support.live import (
-    REPO,
-    QmigxIncoming,
-    cap_args,
-    param_args,
-    qmigx_argv,
-    qmigx_env,
-)
 
+from qemu_support.bitmaps import Disk, expected_bitmaps, query_bitmaps, run_steps
+from qemu_support.harness import Qemu
+from qemu_support.live import REPO, QmigxIncoming, cap_args, param_args, qmigx_argv, qmigx_env
 from qmigx.block_bitmaps import DirtyBitmapSet
-from qmigx.block_dirty_bitmap import (
-    DirtyBitmapDestination,
-    DirtyBitmapHandler,
-    DirtyBitmapSource,
-)
+from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapHandler, DirtyBitmapSource
 from qmigx.qemufile import BytesSink, Cursor, QEMUFile
 from qmigx.savevm import Section
 
@@ -126,3 +118,67 @@ def incoming_cli(uri, tmp_path, out, *, params=None, name="inc", extra=()) -> Qm
     inc = QmigxIncoming(uri, tmp_path, params=params, report=tmp_path / f"{name}.json", name=name)
     inc.argv += ["--bitmaps", str(out), *extra]
     return inc
+
+
+# --- QEMU 7.2 peers (qemu_support does the work) ---------------------------------------------
+
+#: a disk that ends 3 sectors into a 64 KiB granule, and bitmaps of four granularities
+DISK_SIZE = (8 << 20) + 1536
+STEPS = [
+    ["add", "disk0", "fine", 512],
+    ["add", "disk0", "wide", 1 << 20],
+    ["write", "disk0", 0, 4096],
+    ["write", "disk0", 3 << 20, 70000],
+    ["add", "disk0", "late", 65536],  # sees only what follows
+    ["write", "disk0", 4190208, 8192],  # across the first 4 MiB chunk of "fine"
+    ["write", "disk0", 123456, 1],
+    ["disable", "disk0", "wide"],
+    ["add", "disk0", "mid", 4096],
+    ["write", "disk0", DISK_SIZE - 512, 512],  # the last, partial granule
+]
+MAPPING_OUT = [{"node-name": "node0", "alias": "vol", "bitmaps": [
+    {"name": "fine", "alias": "f", "transform": {"persistent": True}},
+    {"name": "late", "alias": "l"}]}]
+
+
+def qemu_vm(workdir: Path, name: str, *, paused: bool = False, incoming: bool = False):
+    disk = Disk(workdir / f"{name}.raw", DISK_SIZE).create()
+    return Qemu(ram="64M", paused=paused, incoming=incoming, workdir=workdir, name=name,
+                extra=disk.args())
+
+
+def want_bitmaps(steps=STEPS) -> dict:
+    return expected_bitmaps(steps, {"disk0": DISK_SIZE})
+
+
+def qemu_to_qmigx(tmp_path, uris, *, src_params=None, dst_params=None, name="inc"):
+    """QEMU (running, :data:`STEPS` applied) -> ``qmigx incoming --bitmaps``; (out, stderr, report, qemu's view)."""
+    uri = uris.make("unix")
+    out = tmp_path / f"{name}.out.json"
+    with qemu_vm(tmp_path, f"{name}-src") as vm:
+        run_steps(vm, STEPS)
+        before = query_bitmaps(vm)
+        with incoming_cli(uri, tmp_path, out, params=dst_params, name=name) as inc:
+            vm.set_capabilities({"dirty-bitmaps": True})
+            vm.set_parameters(src_params or {})
+            vm.migrate(uri)
+            vm.wait_migration(60)
+            rc, err = inc.wait(60)
+        assert rc == 0, err
+        assert vm.status() == "postmigrate"
+        assert query_bitmaps(vm) == before, "the source keeps its bitmaps"
+    return json.loads(out.read_text()), err, json.loads((tmp_path / f"{name}.json").read_text()), before
+
+
+def qmigx_to_qemu(tmp_path, uris, base_stream, bitmaps: dict, *, src_params=None, dst_params=None):
+    """``qmigx send --bitmaps`` -> a paused QEMU (-incoming defer); its bitmaps and its log."""
+    (tmp_path / "in.json").write_text(json.dumps(bitmaps))
+    uri = uris.make("unix")
+    with qemu_vm(tmp_path, "dst", paused=True, incoming=True) as dst:
+        dst.set_parameters(dst_params or {})
+        dst.migrate_incoming(uri)
+        r = send_cli(base_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json",
+                     params={k: json.dumps(v) for k, v in (src_params or {}).items()})
+        assert r.returncode == 0, f"{r.stderr}\n{dst.log_tail()}"
+        assert dst.wait_migration(60)["status"] == "completed"
+        return query_bitmaps(dst), dst.log_path.read_text()

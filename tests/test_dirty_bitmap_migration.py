@@ -25,29 +25,16 @@ import random
 import struct
 from pathlib import Path
 
-import dirty_bitmap_vector as vector
 import numpy as np
 import pytest
-from dirty_bitmap_helpers import (
-    COMPLETE,
-    EOS,
-    SECTION,
-    bitmap_set,
-    bits_rec,
-    incoming_cli,
-    load,
-    records,
-    roundtrip,
-    run_cli,
-    send_cli,
-    sent,
-    start_rec,
-    words,
-)
+
+import dirty_bitmap_vector as vector
+from dirty_bitmap_helpers import (COMPLETE, EOS, MAPPING_OUT, SECTION, STEPS, bitmap_set, bits_rec,
+                                  incoming_cli, load, qemu_to_qmigx, qemu_vm, qmigx_to_qemu, records,
+                                  roundtrip, run_cli, send_cli, sent, start_rec, want_bitmaps, words)
 from qemu_support.bitmaps import expected_bitmaps, expected_ranges
 from qemu_support.harness import qemu_binary
 from qemu_support.live import Uris
-
 from qmigx.block_bitmaps import BlockDirtyBitmap, DirtyBitmapSet
 from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapSource
 from qmigx.control import Capabilities, Parameters
@@ -687,43 +674,12 @@ def test_send_names_a_bad_bitmaps_file(tmp_path, replay_stream):
 
 # --- with QEMU 7.2 --------------------------------------------------------------------------------------
 
-#: a disk that ends 3 sectors into a 64 KiB granule, and bitmaps of four granularities
-DISK_SIZE = (8 << 20) + 1536
-STEPS = [
-    ["add", "disk0", "fine", 512],
-    ["add", "disk0", "wide", 1 << 20],
-    ["write", "disk0", 0, 4096],
-    ["write", "disk0", 3 << 20, 70000],
-    ["add", "disk0", "late", 65536],  # sees only what follows
-    ["write", "disk0", 4190208, 8192],  # across the first 4 MiB chunk of "fine"
-    ["write", "disk0", 123456, 1],
-    ["disable", "disk0", "wide"],
-    ["add", "disk0", "mid", 4096],
-    ["write", "disk0", DISK_SIZE - 512, 512],  # the last, partial granule
-]
-MAPPING_OUT = [{"node-name": "node0", "alias": "vol", "bitmaps": [
-    {"name": "fine", "alias": "f", "transform": {"persistent": True}},
-    {"name": "late", "alias": "l"}]}]
-
 
 @pytest.fixture(scope="module")
 def uris():
     u = Uris()
     yield u
     u.close()
-
-
-def qemu_vm(workdir: Path, name: str, *, paused: bool = False, incoming: bool = False):
-    from qemu_support.bitmaps import Disk
-    from qemu_support.harness import Qemu
-
-    disk = Disk(workdir / f"{name}.raw", DISK_SIZE).create()
-    return Qemu(ram="64M", paused=paused, incoming=incoming, workdir=workdir, name=name,
-                extra=disk.args())
-
-
-def want_bitmaps(steps=STEPS) -> dict:
-    return expected_bitmaps(steps, {"disk0": DISK_SIZE})
 
 
 @pytest.fixture(scope="module")
@@ -755,27 +711,6 @@ def test_stored_vector_is_what_qemu_sends(tmp_path):
     got = vector.capture(tmp_path)
     for key in ("start", "part", "end", "query"):
         assert got[key] == v[key], key
-
-
-def qemu_to_qmigx(tmp_path, uris, *, src_params=None, dst_params=None, name="inc"):
-    """QEMU (running, :data:`STEPS` applied) -> ``qmigx incoming --bitmaps``; (out, stderr, report, qemu's view)."""
-    from qemu_support.bitmaps import query_bitmaps, run_steps
-
-    uri = uris.make("unix")
-    out = tmp_path / f"{name}.out.json"
-    with qemu_vm(tmp_path, f"{name}-src") as vm:
-        run_steps(vm, STEPS)
-        before = query_bitmaps(vm)
-        with incoming_cli(uri, tmp_path, out, params=dst_params, name=name) as inc:
-            vm.set_capabilities({"dirty-bitmaps": True})
-            vm.set_parameters(src_params or {})
-            vm.migrate(uri)
-            vm.wait_migration(60)
-            rc, err = inc.wait(60)
-        assert rc == 0, err
-        assert vm.status() == "postmigrate"
-        assert query_bitmaps(vm) == before, "the source keeps its bitmaps"
-    return json.loads(out.read_text()), err, json.loads((tmp_path / f"{name}.json").read_text()), before
 
 
 @pytest.mark.qemu
@@ -814,22 +749,6 @@ def test_qemu_aliased_bitmaps_without_a_matching_mapping_are_dropped(tmp_path, u
     assert "qmigx: warning: Error: Unknown node alias 'vol'" in err.splitlines()
     assert report["dirty-bitmaps"]["warnings"] == ["Error: Unknown node alias 'vol'"]
     assert report["status"] == "completed"
-
-
-def qmigx_to_qemu(tmp_path, uris, base_stream, bitmaps: dict, *, src_params=None, dst_params=None):
-    """``qmigx send --bitmaps`` -> a paused QEMU (-incoming defer); its bitmaps and its log."""
-    from qemu_support.bitmaps import query_bitmaps
-
-    (tmp_path / "in.json").write_text(json.dumps(bitmaps))
-    uri = uris.make("unix")
-    with qemu_vm(tmp_path, "dst", paused=True, incoming=True) as dst:
-        dst.set_parameters(dst_params or {})
-        dst.migrate_incoming(uri)
-        r = send_cli(base_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json",
-                     params={k: json.dumps(v) for k, v in (src_params or {}).items()})
-        assert r.returncode == 0, f"{r.stderr}\n{dst.log_tail()}"
-        assert dst.wait_migration(60)["status"] == "completed"
-        return query_bitmaps(dst), dst.log_path.read_text()
 
 
 @pytest.mark.qemu
@@ -872,7 +791,13 @@ def test_a_running_source_sends_no_parts_and_the_engine_writes_qemus_sections(tm
     """QEMU (guest running) -> file, and qmigx's engine (guest running) -> file: same sections."""
     from qemu_support.bitmaps import migrate_to_file, run_steps
 
-    from qmigx import MigrationSource, MigrationStatus, RAMBlock, RAMBlockList, SimpleGuest
+    from qmigx import (
+        MigrationSource,
+        MigrationStatus,
+        RAMBlock,
+        RAMBlockList,
+        SimpleGuest,
+    )
 
     with qemu_vm(tmp_path, "src") as vm:
         run_steps(vm, STEPS)
