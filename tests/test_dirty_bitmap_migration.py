@@ -658,6 +658,27 @@ def test_qmigx_to_qmigx_drops_an_unmapped_alias_with_a_warning(tmp_path, replay_
     assert report["cancelled"] == "Error: Unknown node alias 'd0'" and report["received"] == []
 
 
+@pytest.mark.parametrize(("node", "rc", "message"), [
+    ("other=8388608", 0, "qmigx: warning: Cannot find device='d0' nor node-name='d0'"),
+    ("d0=1048576", 1, "qmigx: error: bitmap 'b': range ending at byte 4194304 lies past the "
+                      "bitmap's 1048576 bytes (at offset "),
+])
+def test_known_nodes_on_a_qmigx_destination(tmp_path, replay_stream, node, rc, message):
+    (tmp_path / "in.json").write_text(json.dumps(
+        {"d0": {"b": {"granularity": 512, "size": 8 << 20, "dirty": [[0, 1]]}}}))
+    uris = Uris()
+    try:
+        uri = uris.make("unix")
+        with incoming_cli(uri, tmp_path, tmp_path / "out.json", extra=("--bitmap-node", node)) as inc:
+            send_cli(replay_stream, uri, caps={"dirty-bitmaps": True}, bitmaps=tmp_path / "in.json")
+            got, err = inc.wait(60)
+    finally:
+        uris.close()
+    assert got == rc and any(line.startswith(message) for line in err.splitlines()), err
+    out = tmp_path / "out.json"
+    assert (json.loads(out.read_text()) == {}) if rc == 0 else not out.exists()
+
+
 def test_send_refuses_bitmaps_without_the_capability(tmp_path, replay_stream):
     (tmp_path / "in.json").write_text("{}")
     r = send_cli(replay_stream, f"file:{tmp_path}/x.mig", bitmaps=tmp_path / "in.json")
