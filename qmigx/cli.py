@@ -13,7 +13,7 @@ import sys
 import urllib.parse
 from typing import Optional, Sequence
 
-from qmigx.errors import MigrationError
+from qmigx.errors import MigrationError, one_line
 
 __all__ = ["main", "block_filename"]
 
@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MigrationError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         try:
@@ -233,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 141
     except OSError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qmigx: error: interrupted", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from qmigx.errors import ChannelError, MigrationError, MultifdPacketError
+from qmigx.errors import ChannelError, MigrationError, MultifdPacketError, printable_name
 from qmigx.multifd import (
     DEFAULT_MAX_PAGES,
     HEADER_FIXED_SIZE,
@@ -295,7 +295,7 @@ class MultifdReceiver:
     def block(self, name: str):
         blk = self.blocks.get(name)
         if blk is None:
-            raise MultifdPacketError(f"unknown ram block {name}", field="ramblock")
+            raise MultifdPacketError(f"unknown ram block {printable_name(name)}", field="ramblock")
         return blk
 
     def block_lengths(self) -> dict:
