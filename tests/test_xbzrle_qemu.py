@@ -18,11 +18,9 @@ from qmigx.ram import RamLoader
 from qmigx.tools.streams import StreamReader
 from qmigx.stream import RamPages, RamSetup
 
-from qemu_support.harness import qemu_binary
 from qemu_support.streams import get_stream, set_default_cache_dir
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")]
+pytestmark = pytest.mark.qemu
 
 PS = 4096
 
