@@ -1,4 +1,4 @@
-"""Shared test configuration: QEMU markers and gating.
+"""Shared test configuration: QEMU markers and gating, and the kernel-backend fixture.
 
 QEMU tests
 ----------
@@ -12,12 +12,22 @@ Every test that starts a real QEMU carries a marker; nothing else gates it:
   ``QMIGX_QEMU10`` (no ``PATH`` lookup: the 7.2 binary there is not it).
 
 When the binary is absent, :func:`pytest_collection_modifyitems` skips the
-marked tests with one reason naming the setting (``-rs`` shows it); that is
-the only reason an interop test is skipped. Tests get the path from the
+marked tests with one reason naming the setting (``-rs`` shows it); test
+files do no QEMU gating of their own (no ``skipif``). Tests get the path from the
 session fixtures ``qemu_bin`` / ``qemu10_bin`` (or let the harness find
 it); both refuse -- the test fails -- when the test lacks the marker, and
 so does the harness (``Qemu.start``, ``qemu_binary``) while an unmarked
 test runs, so no QEMU test escapes the gate.
+
+Kernel backends
+---------------
+A test (or fixture) that asks for ``kernel`` runs once per backend of the
+kernel named by its ``kernel`` marker, ``@pytest.mark.kernel("xbzrle")``:
+the compiled ``qmigx._core.<name>`` (id ``cython``) and its plain-Python
+twin ``qmigx.reference.<name>`` (id ``python``). With ``paths=(...)`` the
+compiled kernel runs once per SIMD path, pinned with ``_set_simd`` and
+restored afterwards (ids ``cython-<path>``). A module may alias it under
+its own name: ``@pytest.fixture`` ``def xbz(kernel): return kernel``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from qemu_support import harness  # noqa: E402
+
+from qmigx._backend import load_compiled, load_reference  # noqa: E402
 
 QEMU10_ENV = "QMIGX_QEMU10"
 
@@ -69,6 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "skipped when it is absent")
     config.addinivalue_line("markers", "qemu10: starts QEMU 10 (path in env QMIGX_QEMU10); "
                                        "skipped when it is not set")
+    config.addinivalue_line("markers", "kernel(name, paths=()): the kernel the `kernel` fixture runs "
+                                       "in each backend (compiled per SIMD path, and the Python twin)")
 
 
 # --- QEMU gating ----------------------------------------------------------------------------------
@@ -121,3 +135,45 @@ def qemu10_bin() -> str:
     if path is None:
         pytest.skip(_qemu10_skip_reason())
     return path
+
+
+# --- kernel backends ------------------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kernel" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("kernel")
+    if marker is None or len(marker.args) != 1:
+        pytest.fail(f"{metafunc.definition.nodeid} asks for the `kernel` fixture but has no "
+                    f'@pytest.mark.kernel("<name>") (see tests/conftest.py)', pytrace=False)
+    name = marker.args[0]
+    paths = tuple(marker.kwargs.get("paths", ()))
+    params = [pytest.param((name, p), id=f"cython-{p}") for p in paths] or [
+        pytest.param((name, None), id="cython")]
+    params.append(pytest.param((name, "python"), id="python"))
+    metafunc.parametrize("kernel", params, indirect=True)
+
+
+def _simd_path(compiled) -> str:
+    probe = getattr(compiled, "_simd_path", None)
+    return probe() if probe is not None else compiled.simd
+
+
+@pytest.fixture
+def kernel(request):
+    """One backend of the kernel named by the test's ``kernel`` marker (see the module docstring)."""
+    name, variant = request.param
+    if variant == "python":
+        yield load_reference(name)
+        return
+    compiled = load_compiled(name)
+    if variant is None:
+        yield compiled
+        return
+    previous = compiled._set_simd(variant)
+    try:
+        assert _simd_path(compiled) == variant
+        yield compiled
+    finally:
+        compiled._set_simd(previous)
