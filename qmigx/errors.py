@@ -13,6 +13,7 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
+    │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   └── ReturnPathError               a return-path message is malformed
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
@@ -33,6 +34,7 @@ __all__ = [
     "UnknownSectionError",
     "VMStateError",
     "RamStreamError",
+    "BlockStreamError",
     "ReturnPathError",
     "XbzrleError",
     "MultifdPacketError",
@@ -116,6 +118,10 @@ class VMStateError(StreamError):
 
 class RamStreamError(StreamError):
     """A RAM record is malformed, names an unknown block or lies outside it."""
+
+
+class BlockStreamError(StreamError):
+    """A ``block`` record is malformed, names an unknown disk or lies outside it."""
 
 
 class ReturnPathError(StreamError):
