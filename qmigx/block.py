@@ -176,6 +176,7 @@ class BlockHandler(SaveVMHandler):
 
     idstr = "block"
     version_id = 1
+    section_id = 1
 
     def read_record(self, cur: Cursor, section: Section) -> tuple[Any, bool]:
         at = cur.tell()

@@ -44,6 +44,7 @@ class DirtyBitmapHandler(SaveVMHandler):
 
     idstr = "dirty-bitmap"
     version_id = 1
+    section_id = 3
 
     def read_record(self, cur: Cursor, section: Section) -> tuple[Any, bool]:
         at = cur.tell()

@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from qmigx import channels, returnpath
 from qmigx.control import (
@@ -51,7 +51,7 @@ from qmigx.precopy import RamSaveState
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlockList, RamLoader, RamWriter
 from qmigx.report import IterationLog
-from qmigx.savevm import DeviceState
+from qmigx.savevm import DeviceState, SaveVMHandler
 from qmigx.stream import (
     Command,
     ConfigSubsection,
@@ -63,9 +63,11 @@ from qmigx.stream import (
     RamSetup,
     Section,
     SectionData,
+    SectionRecord,
     StreamParser,
     StreamWriter,
     VMDescription,
+    default_registry,
 )
 from qmigx.wire import MigCmd, MigRpMsg, SectionType
 
@@ -189,6 +191,9 @@ class MigrationSource(_Side):
         clear_bitmap_shift: ``x-clear-bitmap-shift``.
         globalstate: add a ``globalstate`` section (QEMU's default).
         ram_section_id: the ``ram`` section's id (replayed streams keep theirs).
+        handlers: further live sections (``block``, ``dirty-bitmap``:
+            :class:`~qmigx.savevm.SaveVMHandler`), run with RAM in QEMU's
+            order (by section id) and skipped when not ``is_active()``.
     """
 
     def __init__(self, blocks: RAMBlockList, *, devices: list = (), vmdesc: Optional[bytes] = None,
@@ -198,9 +203,10 @@ class MigrationSource(_Side):
                  machine_type: str = "pc-i440fx-7.2",
                  configuration: Optional[Configuration] = None, uuid: Optional[bytes] = None,
                  clear_bitmap_shift: int = 18, globalstate: bool = True,
-                 ram_section_id: int = 2,
+                 ram_section_id: int = 2, handlers: Sequence[SaveVMHandler] = (),
                  connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0) -> None:
         self.blocks = blocks
+        self.handlers = list(handlers)
         self.devices = list(devices)
         self.vmdesc = vmdesc
         self.guest = guest if guest is not None else SimpleGuest()
@@ -381,11 +387,17 @@ class MigrationSource(_Side):
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
             sec = Section(self.ram_section_id, "ram", 0, 4)
-            w.section_header(SectionType.SECTION_START, sec)
-            pass_no = period.begin_sync(stats, _now_ms())
-            ram.setup(rw)
-            self.c.events.dirty_pass(pass_no)
-            self._ram_eos(rw, sender, w, sec)
+            live = self._live_sections(sec)
+            for lsec, h in live:
+                w.section_header(SectionType.SECTION_START, lsec)
+                if h is not None:
+                    h.save_setup(f)
+                    w.footer(lsec)
+                    continue
+                pass_no = period.begin_sync(stats, _now_ms())
+                ram.setup(rw)
+                self.c.events.dirty_pass(pass_no)
+                self._ram_eos(rw, sender, w, sec)
             f.flush()
             f.check()
             stats.setup_time = _now_ms() - stats.start_time
@@ -403,13 +415,12 @@ class MigrationSource(_Side):
                 if pending < window.threshold_size:
                     self._sync(ram, period, stats)
                     pending = ram.pending()
+                pending += sum(sum(h.save_pending()) for _, h in live if h is not None)
                 if not pending or pending < window.threshold_size:
                     break
                 t0 = time.monotonic()
-                w.section_header(SectionType.SECTION_PART, sec)
                 sent_before = f.total_transferred
-                ram.iterate(rw, over_budget=f.rate_limit_exceeded)
-                self._ram_eos(rw, sender, w, sec)
+                self._iterate(live, w, rw, sender, f)
                 f.flush()
                 f.check()
                 self._account(ram, rw, stats, f, sender)
@@ -440,12 +451,17 @@ class MigrationSource(_Side):
                 if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
                     self._lost_transition()
             f.rate_limit_max = 0
-            w.section_header(SectionType.SECTION_END, sec)
-            pass_no = period.begin_sync(stats, _now_ms())
-            ram.complete(rw)
-            self.c.events.dirty_pass(pass_no)
-            self._ram_eos(rw, sender, w, sec)
-            self._write_devices(w, runstate, first_id=self.ram_section_id + 1)
+            for lsec, h in live:
+                w.section_header(SectionType.SECTION_END, lsec)
+                if h is not None:
+                    h.save_complete_precopy(f)
+                    w.footer(lsec)
+                    continue
+                pass_no = period.begin_sync(stats, _now_ms())
+                ram.complete(rw)
+                self.c.events.dirty_pass(pass_no)
+                self._ram_eos(rw, sender, w, sec)
+            self._write_devices(w, runstate, first_id=max(s.section_id for s, _ in live) + 1)
             f.flush()
             f.check()
             self._account(ram, rw, stats, f, sender)
@@ -470,8 +486,44 @@ class MigrationSource(_Side):
                     self._finish_failure(failure)
                 self.c.done.set()
 
+    def _live_sections(self, ram_sec: Section) -> list:
+        """The active live sections in QEMU's order; RAM's handler slot is None."""
+        live = [(ram_sec, None)]
+        for h in self.handlers:
+            if h.is_active():
+                sid = h.section_id if h.section_id is not None else ram_sec.section_id + len(live)
+                live.append((Section(sid, h.idstr, h.instance_id, h.version_id), h))
+        return sorted(live, key=lambda e: e[0].section_id)
+
+    def _iterate(self, live: list, w: StreamWriter, rw: RamWriter, sender, f: QEMUFile) -> None:
+        """One round of PART sections (QEMU's qemu_savevm_state_iterate).
+
+        Each section in turn, unless the rate limit is spent; a section
+        that has not finished its current stage ends the round, so a fast
+        changing section is not synchronised over and over again.
+        """
+        for i, (lsec, h) in enumerate(live):
+            if h is not None and not h.is_active_iterate():
+                continue
+            if i and f.rate_limit_exceeded():
+                return
+            w.section_header(SectionType.SECTION_PART, lsec)
+            if h is not None:
+                done = h.save_live_iterate(f)
+                w.footer(lsec)
+            else:
+                done = self.ram.iterate(rw, over_budget=f.rate_limit_exceeded)
+                self._ram_eos(rw, sender, w, lsec)
+            if not done:
+                return
+
     def _cleanup(self, sender) -> None:
         """Stop this run's threads and close its channels (success or not)."""
+        for h in self.handlers:
+            try:
+                h.save_cleanup()
+            except Exception:
+                pass
         chans, self._chans = self._chans, []
         failed = self.c.state.state is not S.COMPLETED
         if failed:
@@ -684,14 +736,23 @@ class MigrationDestination(_Side):
         machine_type: check the configuration's machine type as QEMU does
             (a prefix comparison); None accepts any.
         uuid: this VM's UUID, compared with multifd init packets.
+        handlers: the live sections this destination loads besides RAM
+            (``block``, ``dirty-bitmap``); a section without one is read by
+            its grammar and dropped.
     """
 
     def __init__(self, blocks: Optional[RAMBlockList] = None, *,
                  capabilities: Optional[Capabilities] = None,
                  parameters: Optional[Parameters] = None, machine_type: Optional[str] = None,
                  uuid: Optional[bytes] = None, accept_timeout: Optional[float] = None,
-                 io_timeout: Optional[float] = 60.0) -> None:
+                 io_timeout: Optional[float] = 60.0,
+                 handlers: Sequence[SaveVMHandler] = ()) -> None:
         self.c = _Controls("destination", capabilities, parameters)
+        self.registry = default_registry()
+        for h in handlers:
+            self.registry.remove(h.idstr, h.instance_id)
+            self.registry.add(h)
+        self.handlers = list(handlers)
         self.loader_blocks = blocks
         self.machine_type = machine_type
         self.uuid = uuid
@@ -786,11 +847,13 @@ class MigrationDestination(_Side):
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
                                            compression=self.c.params.multifd_compression)
             self._load(main, receiver)
+            self._load_cleanup(True)
             st.transition(S.COMPLETED)
         except BaseException as exc:  # noqa: BLE001
             if self._cancelled and isinstance(exc, ChannelError):
                 exc = MigrationCancelled("incoming migration cancelled")
             failure = exc
+            self._load_cleanup(False)
             self.c.fail(exc)
             if self.result.return_path and main is not None:
                 try:
@@ -825,7 +888,8 @@ class MigrationDestination(_Side):
                 self.c.done.set()
 
     def _load(self, main, receiver) -> None:
-        parser = StreamParser()
+        parser = StreamParser(registry=self.registry)
+        started: set = set()
         res = self.result
         loader = self.loader
         assert loader is not None
@@ -844,6 +908,12 @@ class MigrationDestination(_Side):
                 elif t is RamSetup:
                     self._setup_blocks(loader, ev)
                     res.setup = ev
+                elif t is SectionRecord:
+                    h = self.registry.live(ev.section.idstr)
+                    if h not in started:
+                        started.add(h)
+                        h.load_setup()
+                    h.load_record(ev.record, ev.section)
                 elif t is SectionData:
                     res.sections.append(ev)
                 elif t is Configuration:
@@ -864,6 +934,14 @@ class MigrationDestination(_Side):
             receiver._check()
         if res.return_path:
             main.write(returnpath.shut(0))
+
+    def _load_cleanup(self, ok: bool) -> None:
+        for h in self.handlers:
+            try:
+                h.load_cleanup(ok)
+            except Exception:
+                if ok:
+                    raise
 
     @staticmethod
     def _setup_blocks(loader: RamLoader, ev: RamSetup) -> None:

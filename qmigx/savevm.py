@@ -78,6 +78,9 @@ class SaveVMHandler:
     idstr: str = ""
     instance_id: int = 0
     version_id: int = 1
+    #: the section id a source gives it (QEMU's registration order on x86
+    #: ``pc``: ``block`` 1, ``ram`` 2, ``dirty-bitmap`` 3); None: after RAM
+    section_id: Optional[int] = None
     #: live sections are START/PART/END; others are one FULL section
     live: bool = True
 
