@@ -18,10 +18,10 @@ Sending (:class:`BlockSaveHandler`), in QEMU's order and with its records:
   only at the END);
 * dirty phase (PARTs): the chunks changed since they were sent, in disk
   and sector order, again up to the rate limit;
-* completion (END): whatever is left, PROGRESS 100, EOS. QEMU never
-  reaches completion in the bulk phase (its pending figure keeps it
-  iterating); here the pending figure counts the bulk that is left, and
-  a driver that completes anyway gets the rest of the bulk in the END.
+* completion (END): the chunks still dirty, PROGRESS 100, EOS. While
+  the bulk phase runs the pending figure stays above the driver's
+  threshold, as QEMU's does, so completion never starts before it ended
+  (a driver that completes anyway gets the rest of the bulk in the END).
 
 With capability ``zero-blocks`` an all-zero chunk goes as ZERO_BLOCK,
 without its data.
@@ -92,7 +92,7 @@ __all__ = [
     "RACY_SECONDS",
 ]
 
-_KNOWN = BlockFlag.DEVICE_BLOCK | BlockFlag.EOS | BlockFlag.PROGRESS | BlockFlag.ZERO_BLOCK
+_KNOWN = int(BlockFlag.DEVICE_BLOCK | BlockFlag.EOS | BlockFlag.PROGRESS | BlockFlag.ZERO_BLOCK)
 _FLAG_MASK = (1 << BDRV_SECTOR_BITS) - 1
 
 #: A file signature this close to the moment it was read may hide a later write.
@@ -310,11 +310,21 @@ class BlockSaveHandler(BlockHandler):
         self._total_sectors = sum(d.image.total_sectors for d in self._disks)
         for disk in self._disks:
             self._mark_clean(disk, disk.image.signature(), time.time_ns())
+            disk.last_scan_end = time.monotonic()
         self._put(f, _EOS)
 
-    def save_pending(self) -> tuple[int, int]:
+    def save_pending(self, max_size: int = 0) -> tuple[int, int]:
+        """The bulk left plus the dirty chunks found; more than ``max_size`` during bulk.
+
+        As QEMU: the bulk phase ends in an iteration, never in the END,
+        so while it runs the figure stays above the driver's threshold.
+        """
         self._sync(force=False)
         left = sum(d.bulk_bytes() + d.dirty_bytes() for d in self._disks)
+        if not self.bulk_completed and left <= max_size:
+            left = max_size + BLK_MIG_BLOCK_SIZE
+        elif not self.bulk_completed:
+            left = max(left, BLK_MIG_BLOCK_SIZE)
         return (left, 0)
 
     def save_live_iterate(self, f: QEMUFile) -> bool:

@@ -98,7 +98,8 @@ def cmd_verify(args) -> int:
     finally:
         bar.close()
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
-          f"{summary['pages']} page records, {summary['commands']} commands, "
+          f"{summary['pages']} page records, {summary['records']} other live-section records, "
+          f"{summary['commands']} commands, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
     return 0
 
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ram-dir", metavar="DIR", help="write each RAM block as extract names them")
     i.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="map PATH privately (copy-on-write) as block IDSTR (x-ignore-shared)")
+    i.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
+                   help="write block migration's disk NAME into the existing image PATH, "
+                        "repeatable")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -197,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
     s.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="back block IDSTR with PATH, shared (x-ignore-shared skips it)")
+    s.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
+                   help="migrate the raw image PATH as disk NAME (needs --cap block=on), "
+                        "repeatable")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))

@@ -3,6 +3,8 @@
 Both build QEMU's capabilities and parameters from ``--cap NAME=on|off``
 and ``--param NAME=VALUE`` (QEMU's names and checks), run one migration,
 draw progress on a terminal and exit 0 only when it completed.
+``--drive NAME=PATH`` names a disk image: ``send`` migrates it (with
+``--cap block=on``), ``incoming`` writes the chunks of disk NAME into it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def info_migrate(q: dict) -> str:
             f"xbzrle encoding rate: {x.get('encoding-rate', 0):.2f}",
             f"xbzrle overflow: {x['overflow']}",
         ]
+    disk = q.get("disk")
+    if disk:
+        lines += [
+            f"transferred disk: {disk['transferred'] >> 10} kbytes",
+            f"remaining disk: {disk['remaining'] >> 10} kbytes",
+            f"total disk: {disk['total'] >> 10} kbytes",
+        ]
     if "error-desc" in q:
         lines.append(f"error description: {q['error-desc']}")
     return "\n".join(lines)
@@ -127,17 +136,22 @@ def cmd_incoming(args) -> int:
     from qmigx.migration import MigrationDestination
     from qmigx.tools.streams import save_stream
 
+    from qmigx.block import BlockLoadHandler
+
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
     t_start = time.monotonic()
     given = _shared_ram(args.shared_ram, private=True)
+    # always there: block records naming a disk that was not given fail, as in QEMU
+    disks = BlockLoadHandler(args.drive)
     dst = MigrationDestination(given if len(given) else None, capabilities=caps,
-                               parameters=params)
+                               parameters=params, handlers=[disks])
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
     t_listen = time.monotonic()
     state = _watch(dst, "incoming", None,
-                   lambda: dst.loader.pages_loaded * 4096 if dst.loader else 0)
+                   lambda: (dst.loader.pages_loaded * 4096 if dst.loader else 0)
+                   + disks.bytes_written)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
@@ -168,7 +182,17 @@ def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
 
+    from qmigx.block import BlockSaveHandler
+    from qmigx.block_image import check_image
+
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
+    if args.drive and not caps.get("block"):
+        raise ParameterError("--drive needs --cap block=on (without it no disk is migrated)",
+                             field="drive")
+    if caps.get("block") and params.get("block-incremental"):
+        raise ParameterError("block-incremental is not supported: the disks are raw images, "
+                             "migrated whole", field="block-incremental")
+    disks = BlockSaveHandler(args.drive, capabilities=caps)
     shared = _shared_ram(args.shared_ram, private=False)
     t = time.monotonic()
     loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
@@ -183,11 +207,13 @@ def cmd_send(args) -> int:
     src = MigrationSource(
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
-        ram_section_id=setup.section.section_id if setup else 2)
+        ram_section_id=setup.section.section_id if setup else 2, handlers=[disks])
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
-    state = _watch(src, "send", total, lambda: src.stats.transferred)
+    if disks.is_active():
+        total += sum(check_image(name, path, writable=False) for name, path in disks.drives)
+    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent)
     q = src.query()
     if sys.stdout.isatty() or args.verbose:
         print(info_migrate(q))

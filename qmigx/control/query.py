@@ -94,6 +94,7 @@ def query_migrate(
     xbzrle_cache_size: Optional[int] = None,
     blocked_reasons: Iterable[str] = (),
     socket_address: Optional[list[dict[str, Any]]] = None,
+    disk: Optional[dict[str, int]] = None,
 ) -> dict[str, Any]:
     """QEMU 7.2's ``query-migrate`` reply for one side.
 
@@ -111,6 +112,9 @@ def query_migrate(
             in any state when not empty).
         socket_address: destination listening addresses (QAPI
             ``SocketAddress`` dicts), shown when given.
+        disk: block migration's ``transferred``/``remaining``/``total``
+            while its disks are being sent (QEMU leaves it out once
+            completed, and when no block migration runs).
     """
     side = state_machine.side if side is None else side
     state = state_machine.state
@@ -133,6 +137,8 @@ def query_migrate(
     if state in _WITH_RAM:
         completed = state is S.COMPLETED
         info["ram"] = ram_info(stats, completed)
+        if disk is not None and not completed:
+            info["disk"] = qdict({k: int(disk[k]) for k in ("transferred", "remaining", "total")})
         if capabilities.get("xbzrle"):
             size = stats.xbzrle_cache_size if xbzrle_cache_size is None else xbzrle_cache_size
             info["xbzrle-cache"] = _xbzrle_info(stats, size)
