@@ -217,6 +217,9 @@ def cmd_send(args) -> int:
     q = src.query()
     if sys.stdout.isatty() or args.verbose:
         print(info_migrate(q))
+        if disks.is_active():
+            print(f"disk chunks: {disks.data_chunks} sent with data, {disks.zero_chunks} as zero "
+                  f"blocks, {disks.dirty_found} found changed after sending (sent again)")
     if args.report:
         from qmigx.report import write_report
 

@@ -3,8 +3,13 @@
 Unit tests write streams with :class:`BlockSaveHandler` through a
 QEMUFile and read them back with the parser and
 :class:`BlockLoadHandler`; the expected image is always the source file
-as the test itself wrote it. QEMU 7.2 interop tests are in
-``test_block_qemu.py``.
+as the test itself wrote it (or as QEMU left it).
+
+Interop tests with a real QEMU 7.2 (marked ``qemu``) migrate a
+virtio-blk raw disk both ways while it is written: by QEMU's own
+``qemu-io`` (HMP) on a QEMU source, by a separate writer process on a
+qmigx source. Each write is made once the chunk it lands in has reached
+the destination, so only the dirty phase can deliver it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from qmigx.qemufile import BytesSink, QEMUFile
 from qmigx.savevm import SaveVMRegistry, Section
 from qmigx.stream import SectionRecord, StreamParser, StreamWriter
 from qmigx.wire import BlockFlag, SectionType
+
+from qemu_support.guest import build_guest
+from qemu_support.harness import Qemu, QemuError, qemu_binary, save_stream
+from qemu_support.live import QmigxIncoming, Uris, qmigx_env, qmigx_send_argv
 
 MIB = 1 << 20
 SEC = Section(1, "block", 0, 1)
@@ -650,3 +659,245 @@ def test_bad_drive_options_get_one_line(args, why):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qmigx: error: ") and why in lines[0], r.stderr
+
+
+def _qmp(machine, execute: str, **arguments):
+    from qmigx.qmp import Session, dispatch
+    from qmigx.qmp.commands import Context
+
+    session = Session()
+    session.negotiated = True
+    return dispatch({"execute": execute, "arguments": arguments}, Context(machine, session))
+
+
+def test_qmp_migrate_with_blk_moves_the_disk_and_drops_the_capability_after(tmp_path):
+    from qmigx.qmp import Machine
+
+    src_img, dst_img = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src_img, 3 * MIB, zero_chunks=[1])
+    dst_img.write_bytes(bytes(3 * MIB))
+    src = Machine(ram_bytes=4 << 20, paused=True, drives=[f"disk0={src_img}"])
+    dst = Machine(ram_bytes=4 << 20, incoming="defer", drives=[f"disk0={dst_img}"])
+    uri = f"unix:{tmp_path}/m.sock"
+    assert _qmp(dst, "migrate-incoming", uri=uri) == {"return": {}}
+    assert _qmp(src, "migrate-set-capabilities",
+                capabilities=[{"capability": "block", "state": True}]) == {"return": {}}
+    assert _qmp(src, "migrate", uri=uri, blk=True)["error"]["desc"] == (
+        "Command options are incompatible with current migration capabilities")
+    _qmp(src, "migrate-set-capabilities", capabilities=[{"capability": "block", "state": False}])
+    assert _qmp(src, "migrate", uri=uri, blk=True) == {"return": {}}
+    caps = {c["capability"]: c["state"] for c in _qmp(src, "query-migrate-capabilities")["return"]}
+    deadline = time.monotonic() + 30
+    while (q := _qmp(src, "query-migrate")["return"])["status"] != "completed":
+        assert q["status"] in ("setup", "active", "device"), q
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert "disk" not in q
+    after = {c["capability"]: c["state"] for c in _qmp(src, "query-migrate-capabilities")["return"]}
+    assert caps["block"] is True and after["block"] is False
+    wait_until(lambda: _qmp(dst, "query-migrate")["return"].get("status") == "completed",
+               "the destination to complete")
+    assert dst_img.read_bytes() == want
+
+
+# -- QEMU 7.2 ---------------------------------------------------------------------------------------
+
+needs_qemu = [pytest.mark.qemu,
+              pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")]
+DISK = "disk0"  #: the harness's -drive id
+
+
+def qemu(fn):
+    for mark in needs_qemu:
+        fn = mark(fn)
+    return fn
+
+
+@pytest.fixture(scope="module")
+def uris():
+    u = Uris()
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="module")
+def guest_kernel(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("guest") / "guest.bin"
+    path.write_bytes(build_guest(0xB10C, 64 << 20, dirty=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def disk_stream(tmp_path_factory):
+    """A paused QEMU 7.2 VM with a virtio-blk disk, saved (no block section): what send replays.
+
+    No guest kernel: its RAM is then mostly zero pages, so the rate limit
+    that keeps the migration going while the disk is written is spent on
+    the disk.
+    """
+    if qemu_binary() is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    d = tmp_path_factory.mktemp("disk-stream")
+    return save_stream(d / "disk.stream", devices=("virtio-blk-pci",), guest=False, workdir=d)
+
+
+def wait_until(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def chunk_arrived(path: Path, want: bytes, index: int = 0):
+    """True once chunk ``index`` of the image at ``path`` starts like ``want``'s."""
+    def check() -> bool:
+        with open(path, "rb") as f:
+            f.seek(index * MIB)
+            return f.read(4096) == want[index * MIB : index * MIB + 4096]
+    return check
+
+
+#: a separate process writing the source image: 64 KiB of 0x5a at 0, 4 KiB of 0xa5 at argv[2]
+_WRITER = ("import os, sys\n"
+           "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+           "os.pwrite(fd, b'\\x5a' * 65536, 0)\n"
+           "os.pwrite(fd, b'\\xa5' * 4096, int(sys.argv[2]))\n"
+           "os.close(fd)\n")
+
+
+def run_writer(image: Path, offset: int) -> None:
+    r = subprocess.run([sys.executable, "-c", _WRITER, str(image), str(offset)], timeout=30)
+    assert r.returncode == 0
+
+
+@qemu
+@pytest.mark.parametrize("zero_blocks", [False, True], ids=["data", "zero-blocks"])
+def test_qemu_source_to_qmigx_incoming_while_qemu_io_writes(tmp_path, uris, guest_kernel,
+                                                           zero_blocks):
+    size = 3 * MIB + 3 * 512  # QEMU sends any size; its tail chunk's padding must not land
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    before = make_image(src, size, seed=3, zero_chunks=[1])
+    dst.write_bytes(b"\xee" * size)
+    uri = uris.make("unix")
+    with Qemu(ram="64M", kernel=guest_kernel, devices=("virtio-blk-pci",), disk=src,
+              workdir=tmp_path, name="src") as vm:
+        vm.wait_guest_ready(60)
+        with QmigxIncoming(uri, tmp_path, ram_dir=tmp_path / "rd", drives=[(DISK, dst)]) as inc:
+            vm.set_capabilities({"block": True, "zero-blocks": zero_blocks})
+            vm.set_parameters({"max-bandwidth": 1 << 20})  # seconds of RAM: time to write
+            vm.migrate(uri)
+            wait_until(chunk_arrived(dst, before), "chunk 0 on the destination")
+            during = vm.query_migrate()
+            for cmd in ('qemu-io disk0 "write -P 0x5a 0 64k"',
+                        f'qemu-io disk0 "write -P 0xa5 {size - 1024} 1k"'):
+                assert vm.cmd("human-monitor-command", **{"command-line": cmd}) == ""
+            vm.set_parameters({"max-bandwidth": 1 << 30})
+            done = vm.wait_migration(60)
+            rc, err = inc.wait(60)
+        assert rc == 0, err[-3000:]
+    final = src.read_bytes()
+    assert final[:65536] == b"\x5a" * 65536 and final[-1024:] == b"\xa5" * 1024
+    assert dst.read_bytes() == final
+    # QEMU's figures: the whole size; "transferred" stops at the last chunk's start
+    assert during["disk"]["total"] == size and "disk" not in done
+    assert set(during["disk"]) == set(during["ram"])
+
+
+@qemu
+@pytest.mark.parametrize("zero_blocks", [False, True], ids=["data", "zero-blocks"])
+def test_qmigx_send_to_qemu_while_a_process_writes(tmp_path, uris, disk_stream, zero_blocks):
+    size = 16 * MIB
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    before = make_image(src, size, seed=4, zero_chunks=[2, 9])
+    dst.write_bytes(bytes(size))
+    uri = uris.make("unix")
+    caps = {"block": True, "zero-blocks": zero_blocks}
+    info = disk_stream
+    with Qemu(machine=info.machine, ram=info.ram, kernel=info.kernel, devices=info.devices,
+              disk=dst, paused=True, incoming=True, workdir=tmp_path, name="dst") as vm:
+        vm.migrate_incoming(uri)
+        argv = qmigx_send_argv(info.stream, uri, caps=caps, drives=[(DISK, src)],
+                               params={"max-bandwidth": "4M"})  # about 10 chunks a second
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=qmigx_env(), cwd=REPO) as send:
+            try:
+                wait_until(chunk_arrived(dst, before), "chunk 0 on the QEMU destination")
+                run_writer(src, size - 4096)
+                out, err = send.communicate(timeout=120)
+            finally:
+                send.kill()
+        assert send.returncode == 0, err[-3000:]
+        vm.wait_migration(60)
+        assert vm.status() == "paused"
+    final = src.read_bytes()
+    assert final[:65536] == b"\x5a" * 65536 and final != before
+    assert dst.read_bytes() == final
+    resent = int(out.split(" found changed after sending")[0].rsplit(", ", 1)[1])
+    assert resent >= 1, out
+
+
+@qemu
+def test_qemu_destination_takes_a_partial_last_chunk_only_as_zero_block(tmp_path, uris,
+                                                                        disk_stream):
+    """QEMU 7.2 writes a data chunk as a whole MiB, past a disk's end; a zero chunk it clips."""
+    size = 3 * MIB + 3 * 512
+    src = tmp_path / "src.img"
+    want = make_image(src, size, seed=5)
+    want = want[: 3 * MIB] + bytes(3 * 512)
+    src.write_bytes(want)
+    info = disk_stream
+    for zero_blocks in (True, False):
+        dst = tmp_path / f"dst{int(zero_blocks)}.img"
+        dst.write_bytes(b"\xee" * size)
+        uri = uris.make("unix")
+        with Qemu(machine=info.machine, ram=info.ram, kernel=info.kernel, devices=info.devices,
+                  disk=dst, paused=True, incoming=True, workdir=tmp_path,
+                  name=f"dst{int(zero_blocks)}") as vm:
+            vm.migrate_incoming(uri)
+            argv = qmigx_send_argv(info.stream, uri, drives=[(DISK, src)],
+                                   caps={"block": True, "zero-blocks": zero_blocks})
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                               env=qmigx_env(), cwd=REPO)
+            if zero_blocks:
+                assert r.returncode == 0, r.stderr[-3000:]
+                vm.wait_migration(60)
+                assert dst.read_bytes() == want
+            else:
+                with pytest.raises(QemuError, match=r"(?s)section id 1\(block\).*Input/output error"):
+                    vm.wait_migration(60)
+
+
+@qemu
+def test_qmigx_to_qmigx_while_a_process_writes(tmp_path, uris):
+    from qmigx.savevm import vmstate_device
+    from qmigx.synthetic import synthetic_blocks, synthetic_devices
+    from qmigx.tools.streams import save_stream as save_state
+
+    state = tmp_path / "state.mig"
+    with open(state, "wb") as f:
+        save_state(f.write, synthetic_blocks(2 << 20, 7),
+                   [vmstate_device(*d) for d in synthetic_devices(7)])
+    size = 16 * MIB + 512
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    before = make_image(src, size, seed=6, zero_chunks=[4])
+    dst.write_bytes(bytes(size))
+    uri = uris.make("unix")
+    with QmigxIncoming(uri, tmp_path, ram_dir=tmp_path / "rd", drives=[("vda", dst)]) as inc:
+        argv = qmigx_send_argv(state, uri, caps={"block": True, "zero-blocks": True},
+                               drives=[("vda", src)], params={"max-bandwidth": "4M"})
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=qmigx_env(), cwd=REPO) as send:
+            try:
+                wait_until(chunk_arrived(dst, before), "chunk 0 on the qmigx destination")
+                run_writer(src, 12 * MIB + 100)
+                out, err = send.communicate(timeout=120)
+            finally:
+                send.kill()
+        assert send.returncode == 0, err[-3000:]
+        rc, ierr = inc.wait(60)
+        assert rc == 0, ierr[-3000:]
+    final = src.read_bytes()
+    assert final[:65536] == b"\x5a" * 65536
+    assert dst.read_bytes() == final
+    assert int(out.split(" found changed after sending")[0].rsplit(", ", 1)[1]) >= 1, out

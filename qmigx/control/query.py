@@ -21,7 +21,7 @@ from qmigx.control.capabilities import Capabilities
 from qmigx.control.states import DESTINATION, MigrationStatus, Side, StateMachine
 from qmigx.control.stats import MigrationStats
 
-__all__ = ["query_migrate", "ram_info"]
+__all__ = ["query_migrate", "ram_info", "disk_info"]
 
 S = MigrationStatus
 
@@ -60,6 +60,15 @@ def ram_info(stats: MigrationStats, completed: bool) -> dict[str, Any]:
         "dirty-sync-missed-zero-copy": stats.dirty_sync_missed_zero_copy,
     }
     return qdict(ram)
+
+
+def disk_info(disk: dict[str, int]) -> dict[str, Any]:
+    """The ``disk`` member: QEMU's MigrationStats again, only the three sizes filled in."""
+    s = MigrationStats(page_size=0)
+    s.transferred = int(disk["transferred"])
+    s.remaining = int(disk["remaining"])
+    s.total = int(disk["total"])
+    return ram_info(s, False)
 
 
 def _xbzrle_info(stats: MigrationStats, cache_size: int) -> dict[str, Any]:
@@ -138,7 +147,7 @@ def query_migrate(
         completed = state is S.COMPLETED
         info["ram"] = ram_info(stats, completed)
         if disk is not None and not completed:
-            info["disk"] = qdict({k: int(disk[k]) for k in ("transferred", "remaining", "total")})
+            info["disk"] = disk_info(disk)
         if capabilities.get("xbzrle"):
             size = stats.xbzrle_cache_size if xbzrle_cache_size is None else xbzrle_cache_size
             info["xbzrle-cache"] = _xbzrle_info(stats, size)
