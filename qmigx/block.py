@@ -92,7 +92,12 @@ __all__ = [
     "RACY_SECONDS",
 ]
 
-_KNOWN = int(BlockFlag.DEVICE_BLOCK | BlockFlag.EOS | BlockFlag.PROGRESS | BlockFlag.ZERO_BLOCK)
+# plain ints: IntFlag arithmetic costs a Python call per operation, per record
+_DEVICE_BLOCK = int(BlockFlag.DEVICE_BLOCK)
+_EOS_FLAG = int(BlockFlag.EOS)
+_PROGRESS = int(BlockFlag.PROGRESS)
+_ZERO_BLOCK = int(BlockFlag.ZERO_BLOCK)
+_KNOWN = _DEVICE_BLOCK | _EOS_FLAG | _PROGRESS | _ZERO_BLOCK
 _FLAG_MASK = (1 << BDRV_SECTOR_BITS) - 1
 
 #: A file signature this close to the moment it was read may hide a later write.
@@ -158,11 +163,11 @@ class BlockRecord:
     @property
     def is_eos(self) -> bool:
         """A bare end-of-section mark (nothing else to apply or show)."""
-        return self.flags & (BlockFlag.DEVICE_BLOCK | BlockFlag.PROGRESS) == 0
+        return self.flags & (_DEVICE_BLOCK | _PROGRESS) == 0
 
     @property
     def is_zero(self) -> bool:
-        return bool(self.flags & BlockFlag.ZERO_BLOCK)
+        return bool(self.flags & _ZERO_BLOCK)
 
 
 class BlockHandler(SaveVMHandler):
@@ -187,24 +192,24 @@ class BlockHandler(SaveVMHandler):
         hdr = cur.read_be64()
         flags = hdr & _FLAG_MASK
         sector = hdr >> BDRV_SECTOR_BITS
-        last = bool(flags & BlockFlag.EOS)
+        last = bool(flags & _EOS_FLAG)
         if flags & ~_KNOWN:
             raise BlockStreamError(f"Unknown block migration flags: {flags:#x}",
                                    offset=at, section=section.label, field="flags")
-        if flags & BlockFlag.DEVICE_BLOCK:
+        if flags & _DEVICE_BLOCK:
             name = cur.read_str8(what="block device name", allow_empty=True)
-            data = None if flags & BlockFlag.ZERO_BLOCK else cur.read_bytes(BLK_MIG_BLOCK_SIZE)
+            data = None if flags & _ZERO_BLOCK else cur.read_bytes(BLK_MIG_BLOCK_SIZE)
             return BlockRecord(flags, sector, name, data, at), last
-        if flags & (BlockFlag.PROGRESS | BlockFlag.EOS):
+        if flags & (_PROGRESS | _EOS_FLAG):
             return BlockRecord(flags, sector, offset=at), last
         raise BlockStreamError(f"Unknown block migration flags: {flags:#x}",
                                offset=at, section=section.label, field="flags")
 
     def describe(self, record: BlockRecord) -> Any:
-        if record.flags & BlockFlag.DEVICE_BLOCK:
+        if record.flags & _DEVICE_BLOCK:
             return {"device": record.device, "sector": record.sector,
                     "zero": record.data is None}
-        if record.flags & BlockFlag.PROGRESS:
+        if record.flags & _PROGRESS:
             return {"progress": record.sector}
         return {"eos": True}
 
@@ -213,7 +218,7 @@ def _header(sector: int, flags: int) -> bytes:
     return struct.pack(">Q", (sector << BDRV_SECTOR_BITS) | flags)
 
 
-_EOS = _header(0, BlockFlag.EOS)
+_EOS = _header(0, _EOS_FLAG)
 
 
 # -- sending ------------------------------------------------------------------------------------
@@ -360,7 +365,7 @@ class BlockSaveHandler(BlockHandler):
             disk.cur_dirty = 0
         while not self._dirty_step(f):
             pass
-        self._put(f, _header(100, BlockFlag.PROGRESS))
+        self._put(f, _header(100, _PROGRESS))
         self._put(f, _EOS)
         self._release()
 
@@ -401,7 +406,7 @@ class BlockSaveHandler(BlockHandler):
         progress = completed * 100 // total if total else 100
         if progress != self._prev_progress:
             self._prev_progress = progress
-            self._put(f, _header(progress, BlockFlag.PROGRESS))
+            self._put(f, _header(progress, _PROGRESS))
         if chunk is not None:
             self._send_chunk(f, *chunk)
         return more
@@ -431,12 +436,12 @@ class BlockSaveHandler(BlockHandler):
         disk.digests[index] = digest
         disk.sent[index] = True
         disk.dirty[index] = False
-        flags = BlockFlag.DEVICE_BLOCK
+        flags = _DEVICE_BLOCK
         if zero and self.zero_blocks:
-            flags |= BlockFlag.ZERO_BLOCK
+            flags |= _ZERO_BLOCK
         name = disk.name_bytes
         head = _header(index * BLK_MIG_SECTORS_PER_BLOCK, flags) + bytes((len(name),)) + name
-        if flags & BlockFlag.ZERO_BLOCK:
+        if flags & _ZERO_BLOCK:
             self._put(f, head)
             self.zero_chunks += 1
         else:
@@ -520,7 +525,7 @@ class BlockLoadHandler(BlockHandler):
             raise
 
     def load_record(self, record: BlockRecord, section: Section) -> None:
-        if record.flags & BlockFlag.DEVICE_BLOCK:
+        if record.flags & _DEVICE_BLOCK:
             if not self._images:
                 self.load_setup()
             image = self._images.get(record.device)
@@ -543,7 +548,7 @@ class BlockLoadHandler(BlockHandler):
                 image.write(start, data[:n])
                 self.data_chunks += 1
             self.bytes_written += n
-        elif record.flags & BlockFlag.PROGRESS:
+        elif record.flags & _PROGRESS:
             self.progress = record.sector
 
     def load_cleanup(self, ok: bool) -> None:
