@@ -32,7 +32,7 @@ from qmigx import block as block_mod
 from qmigx._backend import load_compiled, load_reference
 from qmigx.block import BlockHandler, BlockLoadHandler, BlockRecord, BlockSaveHandler, parse_drive
 from qmigx.block_image import ZERO_DIGEST
-from qmigx.control import Capabilities
+from qmigx.control import Capabilities, Parameters
 from qmigx.errors import BlockStreamError, ParameterError, TruncatedStreamError
 from qmigx.qemufile import BytesSink, QEMUFile
 from qmigx.savevm import SaveVMRegistry, Section
@@ -41,7 +41,8 @@ from qmigx.wire import BlockFlag, SectionType
 
 from qemu_support.guest import build_guest
 from qemu_support.harness import Qemu, QemuError, qemu_binary, save_stream
-from qemu_support.live import QmigxIncoming, Uris, qmigx_env, qmigx_send_argv
+from qemu_support.disks import chunk_arrived, run_writer, wait_until
+from qemu_support.live import LockedGuest, QmigxIncoming, Uris, qmigx_env, qmigx_send_argv
 
 MIB = 1 << 20
 SEC = Section(1, "block", 0, 1)
@@ -509,37 +510,6 @@ def test_compiled_and_reference_digests_agree_and_see_every_single_word_change()
 # -- the engine, in one process --------------------------------------------------------------------
 
 
-class WritingGuest:
-    """A guest whose "vCPU" writes the disk file: completion stops it, as QEMU stops its vCPUs."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.running = True
-        self.writes = 0
-
-    def stop(self) -> None:
-        with self.lock:
-            self.running = False
-
-    def start(self) -> None:
-        with self.lock:
-            self.running = True
-
-    def runstate(self) -> str:
-        return "running" if self.running else "paused"
-
-    def throttle(self, percent: int) -> None:
-        pass
-
-    def write(self, fd: int, data: bytes, offset: int) -> bool:
-        with self.lock:
-            if not self.running:
-                return False
-            os.pwrite(fd, data, offset)
-            self.writes += 1
-            return True
-
-
 def test_engine_migrates_a_disk_while_its_guest_writes_it(tmp_path):
     size = 6 * MIB + 4096
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
@@ -547,14 +517,13 @@ def test_engine_migrates_a_disk_while_its_guest_writes_it(tmp_path):
     dst.write_bytes(b"\xee" * size)
     caps = Capabilities()
     caps.set_many([("block", True), ("zero-blocks", True)])
-    from qmigx.control import Parameters
-
     params = Parameters(capabilities=caps)
     params.set({"max-bandwidth": 8 << 20})  # about a second of bulk phase
     sender = BlockSaveHandler({"d0": str(src)}, capabilities=caps, rescan_interval=0)
     receiver = BlockLoadHandler({"d0": str(dst)})
     blocks = RAMBlockList([RAMBlock.anonymous("pc.ram", 1 << 20)])
-    guest = WritingGuest()
+    guest = LockedGuest()  # completion stops its writes, as QEMU stops its vCPUs
+    writes = []
     d = MigrationDestination(handlers=[receiver])
     d.incoming(f"unix:{tmp_path}/m.sock")
     s = MigrationSource(blocks, guest=guest, capabilities=caps, parameters=params,
@@ -569,8 +538,10 @@ def test_engine_migrates_a_disk_while_its_guest_writes_it(tmp_path):
                 if "disk" in q:
                     disk_seen.append(q["disk"])
                     if q["disk"]["transferred"] >= MIB:  # chunk 0 went: dirty it (and others)
-                        n = guest.writes
-                        guest.write(fd, bytes([n % 251 + 1]) * 4096, (4096 * 97 * n) % size)
+                        n = len(writes)
+                        if guest.write(lambda: os.pwrite(fd, bytes([n % 251 + 1]) * 4096,
+                                                         (4096 * 97 * n) % size)):
+                            writes.append(n)
                 time.sleep(0.01)
         finally:
             os.close(fd)
@@ -586,7 +557,7 @@ def test_engine_migrates_a_disk_while_its_guest_writes_it(tmp_path):
     assert d.wait(60) == MigrationStatus.COMPLETED, d.query()
     assert "disk" not in s.query()
     assert disk_seen and all(x["total"] == size for x in disk_seen)
-    assert guest.writes >= 2 and sender.dirty_found >= 1
+    assert len(writes) >= 2 and sender.dirty_found >= 1
     assert dst.read_bytes() == src.read_bytes()
     assert receiver.progress == 100 and sender.zero_chunks >= 1
 
@@ -739,36 +710,6 @@ def disk_stream(tmp_path_factory):
         pytest.skip("qemu-system-x86_64 not installed")
     d = tmp_path_factory.mktemp("disk-stream")
     return save_stream(d / "disk.stream", devices=("virtio-blk-pci",), guest=False, workdir=d)
-
-
-def wait_until(cond, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def chunk_arrived(path: Path, want: bytes, index: int = 0):
-    """True once chunk ``index`` of the image at ``path`` starts like ``want``'s."""
-    def check() -> bool:
-        with open(path, "rb") as f:
-            f.seek(index * MIB)
-            return f.read(4096) == want[index * MIB : index * MIB + 4096]
-    return check
-
-
-#: a separate process writing the source image: 64 KiB of 0x5a at 0, 4 KiB of 0xa5 at argv[2]
-_WRITER = ("import os, sys\n"
-           "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
-           "os.pwrite(fd, b'\\x5a' * 65536, 0)\n"
-           "os.pwrite(fd, b'\\xa5' * 4096, int(sys.argv[2]))\n"
-           "os.close(fd)\n")
-
-
-def run_writer(image: Path, offset: int) -> None:
-    r = subprocess.run([sys.executable, "-c", _WRITER, str(image), str(offset)], timeout=30)
-    assert r.returncode == 0
 
 
 @qemu
