@@ -20,8 +20,11 @@ Sending (:class:`BlockSaveHandler`), in QEMU's order and with its records:
   and sector order, again up to the rate limit;
 * completion (END): the chunks still dirty, PROGRESS 100, EOS. While
   the bulk phase runs the pending figure stays above the driver's
-  threshold, as QEMU's does, so completion never starts before it ended
-  (a driver that completes anyway gets the rest of the bulk in the END).
+  threshold (QEMU 4.1's rule), so completion never starts before it
+  ended; a driver that completes anyway gets the rest of the bulk in
+  the END. QEMU 7.2 counts only the chunks being read as pending, so a
+  7.2 source whose threshold (bandwidth x downtime limit) is large
+  completes in the bulk phase and never sends the rest of the disk.
 
 With capability ``zero-blocks`` an all-zero chunk goes as ZERO_BLOCK,
 without its data.
@@ -321,8 +324,8 @@ class BlockSaveHandler(BlockHandler):
     def save_pending(self, max_size: int = 0) -> tuple[int, int]:
         """The bulk left plus the dirty chunks found; more than ``max_size`` during bulk.
 
-        As QEMU: the bulk phase ends in an iteration, never in the END,
-        so while it runs the figure stays above the driver's threshold.
+        The bulk phase must end in an iteration, as QEMU 4.1 made sure:
+        the figure stays above the driver's threshold while it runs.
         """
         self._sync(force=False)
         left = sum(d.bulk_bytes() + d.dirty_bytes() for d in self._disks)
