@@ -29,7 +29,7 @@ from qmigx._backend import backend
 from qmigx.errors import *  # noqa: F401,F403
 from qmigx.errors import __all__ as _errors_all
 
-__version__ = "0.1.0"
+from qmigx._version import __version__
 
 _LAZY = {
     "StreamReader": "qmigx.tools.streams",

@@ -2,6 +2,6 @@
 
 import sys
 
-from qmigx.cli import main
+from qmigx.cli.main import main
 
 sys.exit(main())

@@ -39,70 +39,61 @@ falls back to explicit marking, saying why in ``reason``.
 Both trackers log at target-page granularity (4 KiB, page p of the block =
 bit p % 64 of word p // 64 of a uint64 array, as :class:`DirtyBitmap`).
 
-Kernel ABI used (derived from ``<linux/userfaultfd.h>`` and
-``<linux/fs.h>``; ``_IOWR(t, nr, T)`` = ``3 << 30 | sizeof(T) << 16 |
-t << 8 | nr``, ``_IOR`` the same with ``2 << 30``):
-
-=========================  ===============================  ==========
-Name                       Encoding                         Value
-=========================  ===============================  ==========
-``userfaultfd(2)``         syscall number (x86-64)          323
-                           (aarch64/riscv64 282, ppc64 364,
-                           s390x 355, i386 374, arm 388)
-``UFFDIO_API``             ``_IOWR(0xAA, 0x3F, 24)``        0xC018AA3F
-``UFFDIO_REGISTER``        ``_IOWR(0xAA, 0x00, 32)``        0xC020AA00
-``UFFDIO_UNREGISTER``      ``_IOR(0xAA, 0x01, 16)``         0x8010AA01
-``UFFDIO_WRITEPROTECT``    ``_IOWR(0xAA, 0x06, 24)``        0xC018AA06
-``PAGEMAP_SCAN``           ``_IOWR('f', 16, 96)``           0xC0606610
-=========================  ===============================  ==========
-
-=========================  =====  =====================================================
-Struct                     Bytes  Layout (native-endian u64 unless noted)
-=========================  =====  =====================================================
-``uffdio_api``             24     api (0xAA), features (in: wanted, out: granted),
-                                  ioctls (out)
-``uffdio_range``           16     start, len
-``uffdio_register``        32     range (start, len), mode (MISSING=1, WP=2,
-                                  MINOR=4), ioctls (out: bit n = ioctl nr n allowed)
-``uffdio_writeprotect``    24     range (start, len), mode (WP=1 protect, 0 un-protect;
-                                  DONTWAKE=2 — never used: the writer must wake)
-``uffd_msg``               32     u8 event (0x12 = PAGEFAULT), u8+u16+u32 reserved,
-                                  then flags (WRITE=1, WP=2, MINOR=4) @8,
-                                  address @16, u32 ptid @24, 4 bytes padding
-``pm_scan_arg``            96     size, flags (WP_MATCHING=1, CHECK_WPASYNC=2), start,
-                                  end, walk_end (out), vec, vec_len, max_pages,
-                                  category_inverted, category_mask,
-                                  category_anyof_mask, return_mask
-``page_region``            24     start, end (exclusive), categories
-                                  (PAGE_IS_WRITTEN=2)
-=========================  =====  =====================================================
-
-Features requested: ``PAGEFAULT_FLAG_WP`` (1<<0), plus when the kernel has
-them ``WP_HUGETLBFS_SHMEM`` (1<<12, shmem/hugetlbfs memory),
-``WP_UNPOPULATED`` (1<<13, protect pages never touched yet; older kernels
-get the block pre-faulted instead) and, in async mode, ``WP_ASYNC``
-(1<<15). ``userfaultfd(2)`` flags: ``O_CLOEXEC | O_NONBLOCK``, and
-``UFFD_USER_MODE_ONLY`` (1) — tried first in async mode (it needs no
-privilege and changes nothing there) but only as a fallback in fault mode,
-where it would make the kernel's own writes into the block (``read(2)``,
-``recv(2)``) fail with EFAULT instead of being tracked.
+The kernel interface itself (ioctls, structs, feature bits) is in
+:mod:`qmigx.uffd`, shared with postcopy.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import mmap
 import os
-import platform
-import struct
 import threading
 from typing import Optional
 
 import numpy as np
 
 from qmigx.errors import CapabilityError, ChannelError, ParameterError, StateError
+from qmigx.uffd import (
+    PAGE_IS_WRITTEN,
+    PAGEMAP_SCAN,
+    PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING,
+    RANGE_ARG,
+    REGISTER_ARG,
+    SCAN_ARG,
+    SCAN_VEC_LEN,
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_WP_ASYNC,
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFD_FEATURE_WP_UNPOPULATED,
+    UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_UNREGISTER,
+    UFFDIO_WRITEPROTECT,
+    UFFDIO_WRITEPROTECT_MODE_WP,
+    UFFDIO_WRITEPROTECT_NR,
+    WRITEPROTECT_ARG,
+    UffdUnavailable,
+    create_uffd,
+    supported_features,
+)
+from qmigx.uffd import (
+    all_private as _all_private,
+)
+from qmigx.uffd import (
+    api as _api,
+)
+from qmigx.uffd import (
+    buffer_address as _buffer_address,
+)
+from qmigx.uffd import (
+    errtext as _errtext,
+)
+from qmigx.uffd import (
+    prefault as _prefault,
+)
 from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = [
@@ -115,44 +106,6 @@ __all__ = [
 _PAGE_SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
 
 
-def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (kind << 8) | nr
-
-
-_IOWR, _IOR = 3, 2
-UFFDIO_API = _ioc(_IOWR, 0xAA, 0x3F, 24)
-UFFDIO_REGISTER = _ioc(_IOWR, 0xAA, 0x00, 32)
-UFFDIO_UNREGISTER = _ioc(_IOR, 0xAA, 0x01, 16)
-UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0xAA, 0x06, 24)
-PAGEMAP_SCAN = _ioc(_IOWR, ord("f"), 16, 96)
-
-UFFD_API = 0xAA
-UFFD_USER_MODE_ONLY = 1
-UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
-UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
-UFFDIO_REGISTER_MODE_WP = 1 << 1
-UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
-_UFFDIO_WRITEPROTECT_NR = 0x06
-PM_SCAN_WP_MATCHING = 1 << 0
-PM_SCAN_CHECK_WPASYNC = 1 << 1
-PAGE_IS_WRITTEN = 1 << 1
-
-_SYS_USERFAULTFD = {
-    "x86_64": 323, "amd64": 323, "aarch64": 282, "arm64": 282, "riscv64": 282,
-    "loongarch64": 282, "ppc64le": 364, "ppc64": 364, "s390x": 355,
-    "i386": 374, "i686": 374, "armv7l": 388, "armv6l": 388,
-}
-
-_API = struct.Struct("=QQQ")
-_REGISTER = struct.Struct("=QQQQ")
-_RANGE = struct.Struct("=QQ")
-_WRITEPROTECT = struct.Struct("=QQQ")
-_SCAN = struct.Struct("=12Q")
-_SCAN_VEC_LEN = 2048
-_MADV_POPULATE_READ = 22
-
 _HINT = "use explicit dirty marking (ExplicitDirtyLog)"
 
 
@@ -160,6 +113,21 @@ def _refuse(reason: str) -> CapabilityError:
     return CapabilityError(
         f"userfaultfd write-protect is not available: {reason}; {_HINT}", field="dirty-log"
     )
+
+
+def uffd_wp_features() -> int:
+    """The userfaultfd feature bits this kernel offers (CapabilityError if none)."""
+    try:
+        return supported_features()
+    except UffdUnavailable as e:
+        raise _refuse(e.reason) from None
+
+
+def _create_uffd(user_mode_only_first: bool) -> tuple[int, bool]:
+    try:
+        return create_uffd(user_mode_only_first)
+    except UffdUnavailable as e:
+        raise _refuse(e.reason) from None
 
 
 def _check_range(npages: int, start_page, npages_arg, what: str) -> tuple[int, int]:
@@ -258,104 +226,6 @@ class ExplicitDirtyLog:
 
 
 # -- userfaultfd plumbing ------------------------------------------------------
-
-_libc = None
-_supported_cache: dict[bool, int] = {}
-
-
-def _syscall_nr() -> int:
-    nr = _SYS_USERFAULTFD.get(platform.machine().lower())
-    if nr is None or not os.uname().sysname == "Linux":
-        raise _refuse(f"no userfaultfd syscall known on {os.uname().sysname} {platform.machine()}")
-    return nr
-
-
-def _errtext(err: int) -> str:
-    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
-
-
-def _create_uffd(user_mode_only_first: bool) -> tuple[int, bool]:
-    """A new userfaultfd, trying with/without UFFD_USER_MODE_ONLY in the given order."""
-    global _libc
-    nr = _syscall_nr()
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    base = os.O_CLOEXEC | os.O_NONBLOCK
-    failures = []
-    for umo in ((True, False) if user_mode_only_first else (False, True)):
-        fd = _libc.syscall(ctypes.c_long(nr), ctypes.c_long(base | (UFFD_USER_MODE_ONLY if umo else 0)))
-        if fd >= 0:
-            return int(fd), umo
-        err = ctypes.get_errno()
-        failures.append(err)
-        if err == errno.ENOSYS:
-            raise _refuse("the kernel has no userfaultfd(2) (ENOSYS)")
-    if errno.EPERM in failures:
-        try:
-            with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-                sysctl = f.read().strip()
-        except OSError:
-            sysctl = "?"
-        raise _refuse(
-            f"userfaultfd(2) refused with EPERM (vm.unprivileged_userfaultfd={sysctl}, "
-            "and the process lacks CAP_SYS_PTRACE)"
-        )
-    raise _refuse(f"userfaultfd(2) failed: {_errtext(failures[-1])}")
-
-
-def _api(fd: int, features: int) -> int:
-    buf = bytearray(_API.pack(UFFD_API, features, 0))
-    fcntl.ioctl(fd, UFFDIO_API, buf, True)
-    return _API.unpack(buf)[1]
-
-
-def uffd_wp_features() -> int:
-    """The userfaultfd feature bits this kernel offers (raises CapabilityError if none)."""
-    if True not in _supported_cache:
-        fd, _ = _create_uffd(True)
-        try:
-            _supported_cache[True] = _api(fd, 0)
-        except OSError as e:
-            raise _refuse(f"UFFDIO_API failed: {_errtext(e.errno)}") from None
-        finally:
-            os.close(fd)
-    return _supported_cache[True]
-
-
-def _buffer_address(block) -> int:
-    arr = block.buffer
-    if not isinstance(arr, np.ndarray):
-        arr = np.frombuffer(arr, np.uint8)
-    return int(arr.ctypes.data)
-
-
-def _all_private(addr: int, length: int) -> bool:
-    """Whether every mapping in [addr, addr + length) is private (anonymous or copy-on-write)."""
-    end, covered = addr + length, addr
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                span, perms = line.split(None, 2)[:2]
-                lo, hi = (int(x, 16) for x in span.split("-"))
-                if hi <= addr or lo >= end:
-                    continue
-                if perms[3] != "p":
-                    return False
-                covered = max(covered, hi)
-    except OSError:
-        return False
-    return covered >= end
-
-
-def _prefault(addr: int, length: int, memory: np.ndarray) -> None:
-    """Map every page (read access) so protection applies to it (kernels without WP_UNPOPULATED)."""
-    if _libc is not None:
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0:
-            return
-    int(memory[::TARGET_PAGE_SIZE].max(initial=0))  # a read of each page faults it in
-
 
 class UffdWriteProtectLog:
     """Kernel dirty tracking of a RAMBlock with userfaultfd write-protection.
@@ -456,7 +326,7 @@ class UffdWriteProtectLog:
                 _api(fd, features)
             except OSError as e:
                 raise _refuse(f"UFFDIO_API with features 0x{features:x} failed: {_errtext(e.errno)}") from None
-            reg = bytearray(_REGISTER.pack(self.base, self.length, UFFDIO_REGISTER_MODE_WP, 0))
+            reg = bytearray(REGISTER_ARG.pack(self.base, self.length, UFFDIO_REGISTER_MODE_WP, 0))
             try:
                 fcntl.ioctl(fd, UFFDIO_REGISTER, reg, True)
             except OSError as e:
@@ -468,11 +338,11 @@ class UffdWriteProtectLog:
                     errno.EBUSY: "the range is already registered with another userfaultfd",
                 }.get(e.errno, "")
                 raise _refuse(f"UFFDIO_REGISTER failed: {_errtext(e.errno)}{': ' + why if why else ''}") from None
-            if not _REGISTER.unpack(reg)[3] & (1 << _UFFDIO_WRITEPROTECT_NR):
+            if not REGISTER_ARG.unpack(reg)[3] & (1 << UFFDIO_WRITEPROTECT_NR):
                 raise _refuse("UFFDIO_WRITEPROTECT is not offered for this memory")
             if async_:
                 self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-                self._vec = np.zeros(3 * _SCAN_VEC_LEN, np.uint64)
+                self._vec = np.zeros(3 * SCAN_VEC_LEN, np.uint64)
                 self._uffd = fd
                 try:
                     self._scan(0, 1, wp=False)
@@ -543,7 +413,7 @@ class UffdWriteProtectLog:
                 self._thread = None
             if self._uffd >= 0:
                 try:
-                    fcntl.ioctl(self._uffd, UFFDIO_UNREGISTER, _RANGE.pack(self.base, self.length))
+                    fcntl.ioctl(self._uffd, UFFDIO_UNREGISTER, RANGE_ARG.pack(self.base, self.length))
                 except OSError:
                     pass  # the mapping may already be gone; closing the fd releases it anyway
                 os.close(self._uffd)
@@ -570,7 +440,7 @@ class UffdWriteProtectLog:
         hp = self.host_page_size
         start = (self.base + (first << _PAGE_SHIFT)) // hp * hp
         end = -(-(self.base + ((first + n) << _PAGE_SHIFT)) // hp) * hp
-        arg = _WRITEPROTECT.pack(start, end - start, UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
+        arg = WRITEPROTECT_ARG.pack(start, end - start, UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
         while True:
             try:
                 fcntl.ioctl(self._uffd, UFFDIO_WRITEPROTECT, arg)
@@ -590,8 +460,8 @@ class UffdWriteProtectLog:
         vec = self._vec
         rows = []
         while start < end:
-            arg = bytearray(_SCAN.pack(
-                _SCAN.size, flags, start, end, 0, vec.ctypes.data, _SCAN_VEC_LEN, 0,
+            arg = bytearray(SCAN_ARG.pack(
+                SCAN_ARG.size, flags, start, end, 0, vec.ctypes.data, SCAN_VEC_LEN, 0,
                 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN,
             ))
             try:
@@ -601,7 +471,7 @@ class UffdWriteProtectLog:
                                    f"{_errtext(e.errno)}", field="dirty-log") from None
             if n:
                 rows.append(vec.reshape(-1, 3)[:n, :2].copy())
-            walk_end = _SCAN.unpack(arg)[4]
+            walk_end = SCAN_ARG.unpack(arg)[4]
             if walk_end <= start:
                 raise ChannelError(f"PAGEMAP_SCAN made no progress at 0x{start:x}", field="dirty-log")
             start = walk_end

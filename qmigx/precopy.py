@@ -20,15 +20,17 @@ sockets, threads or the migration state: the driver in
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
-import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from qmigx import _backend, xbzrle, zeropage
-from qmigx.bitmap import CLEAR_BITMAP_SHIFT_DEFAULT, DirtyBitmap, DirtyLogSource
+from qmigx.bitmap import CLEAR_BITMAP_SHIFT_DEFAULT, DirtyBitmap
+from qmigx.errors import ReturnPathError
 from qmigx.page_cache import PageCache
 from qmigx.ram import RAMBlock, RAMBlockList, RamWriter, compress_page
 from qmigx.stream import RamBlockInfo
@@ -120,6 +122,11 @@ class RamSaveState:
         self.xbzrle_pages = 0
         self.compressed_pages = 0
         self.skipped_pages = 0
+        self._requests: collections.deque = collections.deque()
+        self._request_block: Optional[int] = None
+        self._request_lock = threading.Lock()
+        self.requests_served = 0
+        self.request_wait = 0.0  # seconds requests spent queued, summed
 
     # -- setup and syncs -----------------------------------------------------
     @property
@@ -156,6 +163,70 @@ class RamSaveState:
         """Bytes still dirty (query-migrate ``ram.remaining``)."""
         return self.dirty_pages() * TARGET_PAGE_SIZE
 
+    # -- postcopy: page requests and discard ranges ------------------------------
+    def request_pages(self, idstr: Optional[str], start: int, length: int) -> None:
+        """Queue a destination's page request (REQ_PAGES / REQ_PAGES_ID).
+
+        ``idstr`` None means the block of the previous request, as a
+        REQ_PAGES without an id does. Any thread may call this (the return
+        path reader); :meth:`iterate` serves queued requests before it walks
+        the bitmap. A request naming an unknown block, a range outside the
+        block or a start that is not page aligned is refused as QEMU's
+        ram_save_queue_pages refuses it.
+        """
+        with self._request_lock:
+            if idstr is None:
+                si = self._request_block
+                if si is None:
+                    raise ReturnPathError("page request without a block name and no previous block",
+                                          field="rbname")
+            else:
+                si = next((i for i, st in enumerate(self._states) if st.block.idstr == idstr), None)
+                if si is None:
+                    raise ReturnPathError(f"page request for unknown block {idstr!r}",
+                                          field="rbname")
+            blk = self._states[si].block
+            if start % TARGET_PAGE_SIZE or length <= 0 or start + length > blk.used_length:
+                raise ReturnPathError(
+                    f"page request 0x{start:x}+0x{length:x} is not inside block {blk.idstr} "
+                    f"(0x{blk.used_length:x} bytes) on page boundaries", field="start")
+            self._request_block = si
+            first = start // TARGET_PAGE_SIZE
+            n = -(-length // TARGET_PAGE_SIZE)
+            self._requests.append((si, first, n, time.monotonic()))
+
+    @property
+    def requests_pending(self) -> int:
+        return len(self._requests)
+
+    def _serve_requests(self, w: RamWriter) -> None:
+        """Send every queued page that is still dirty or unsent (QEMU's get_queued_page)."""
+        while self._requests:
+            si, first, n, queued = self._requests.popleft()
+            s = self._states[si]
+            pages = np.fromiter((p for p in range(first, first + n) if s.bitmap.take(p)),
+                                np.int64)
+            if len(pages):
+                self._send(w, s, pages)
+            self.requests_served += 1
+            self.request_wait += time.monotonic() - queued
+
+    def discard_ranges(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+        """Per block, the runs of pages still dirty or unsent, as ``(first page, count)``.
+
+        What a postcopy source tells the destination to discard before it
+        starts running (POSTCOPY_RAM_DISCARD): pages it holds may be stale.
+        """
+        for s in self._states:
+            if s.ignored:
+                continue
+            words = s.bitmap.words
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: s.bitmap.npages]
+            if not bits.any():
+                continue
+            edges = np.flatnonzero(np.diff(np.r_[0, bits.astype(np.int8), 0]))
+            yield s.block.idstr, [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+
     # -- sending ------------------------------------------------------------
     def iterate(self, w: RamWriter, *, over_budget: Callable[[], bool] = lambda: False,
                 max_wait: float = MAX_WAIT_S) -> bool:
@@ -168,6 +239,8 @@ class RamSaveState:
         empty_blocks = 0
         nblocks = len(self._states)
         while empty_blocks <= nblocks:
+            if self._requests:
+                self._serve_requests(w)
             if over_budget():
                 return False
             s = self._states[self._cursor_block]

@@ -18,13 +18,14 @@ import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from qmigx import _backend
 from qmigx.errors import RamStreamError, StreamError
+from qmigx.placement import CopyPlacement, PagePlacement
 from qmigx.qemufile import QEMUFile
 from qmigx.stream import RamBlockInfo, RamPages, RamSetup
 from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag
@@ -280,11 +281,15 @@ class RamLoader:
             (default: anonymous memory).
         create_missing: with ``blocks`` given, still create the blocks the
             setup record names that are not among them.
+        placement: where pages go (:mod:`qmigx.placement`); default: copied
+            into the blocks.
     """
 
     def __init__(self, blocks: Optional[RAMBlockList] = None, *, ignore_shared: bool = False,
                  compress: bool = True, strict_lengths: bool = True,
-                 factory=None, create_missing: bool = False) -> None:
+                 factory=None, create_missing: bool = False,
+                 placement: Optional[PagePlacement] = None) -> None:
+        self.placement = placement if placement is not None else CopyPlacement()
         self.create = blocks is None or create_missing
         self.factory = factory or _fresh_block
         self.blocks = RAMBlockList() if blocks is None else blocks
@@ -319,7 +324,8 @@ class RamLoader:
                 blk.resize(info.used_length)
             table.append(blk)
         self._table = table
-        self._buffers = [b.buffer for b in table]
+        self.placement.attach(table)
+        self._buffers = self.placement.buffers(table)
 
     def _ignored(self, blk: RAMBlock) -> bool:
         return self.ignore_shared and blk.shared
@@ -334,6 +340,10 @@ class RamLoader:
         rec = ev.records
         if self.ignore_shared:
             self._check_ignored(ev)
+        if self._buffers is None:  # a placement that takes pages one by one
+            for i in range(first, stop):
+                self._place_one(ev, i)
+            return
         i = first
         while i < stop:
             i = _ramparse.apply_records(rec, i, ev.data, self._buffers, TARGET_PAGE_SIZE, stop)
@@ -341,6 +351,41 @@ class RamLoader:
                 break
             self._apply_one(ev, i)
             i += 1
+        if self.placement.tracks_batches:
+            self._mark(rec, first, stop)
+
+    def _mark(self, rec, first: int, stop: int) -> None:
+        blocks = np.frombuffer(rec.block, np.int32, rec.count)[first:stop]
+        offsets = np.frombuffer(rec.offset, np.uint64, rec.count)[first:stop]
+        for b in np.unique(blocks):
+            self.placement.mark_received(self._table[int(b)], offsets[blocks == b])
+
+    def _place_one(self, ev: RamPages, i: int) -> None:
+        """One record through :meth:`PagePlacement.place` (no writable buffers)."""
+        rec = ev.records
+        blk = self._table[int(rec.block[i])]
+        off = int(rec.offset[i])
+        kind = rec.kind[i]
+        if kind == _ramparse.KIND_ZERO:
+            if rec.fill[i] == 0:
+                self.placement.place_zero(blk, off)
+            else:
+                self.placement.place(blk, off, bytes([rec.fill[i]]) * TARGET_PAGE_SIZE)
+        elif kind == _ramparse.KIND_PAGE:
+            pos = int(rec.pos[i])
+            self.placement.place(blk, off, ev.data[pos : pos + TARGET_PAGE_SIZE])
+        elif kind == _ramparse.KIND_XBZRLE:
+            raise RamStreamError("an XBZRLE page where pages are placed whole (postcopy)",
+                                 offset=ev.base + int(rec.start[i]), section=ev.section.label,
+                                 field="flags")
+        else:
+            pos, length = int(rec.pos[i]), int(rec.length[i])
+            at = ev.base + int(rec.start[i])
+            if not self.compress:
+                raise RamStreamError("Received an unexpected compressed page", offset=at,
+                                     section=ev.section.label, field="flags")
+            self.placement.place(blk, off, decompress_page(ev.data[pos : pos + length], at,
+                                                           ev.section.label))
 
     def block_of(self, ev: RamPages, i: int) -> RAMBlock:
         """The block record ``i`` of a batch belongs to."""
@@ -361,7 +406,7 @@ class RamLoader:
         rec = ev.records
         blk = self._table[int(rec.block[i])]
         off = int(rec.offset[i])
-        page = blk.buffer[off : off + TARGET_PAGE_SIZE]
+        page = self.placement.view(blk, off)
         if len(page) != TARGET_PAGE_SIZE:
             raise RamStreamError("record lies outside its RAM block buffer",
                                  offset=ev.base + int(rec.start[i]), section=ev.section.label)

@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any, Optional
 
+from qmigx.wire import TARGET_PAGE_SIZE
+
 __all__ = ["write_report", "REPORT_VERSION"]
 
 REPORT_VERSION = 1
@@ -59,7 +61,7 @@ class IterationLog:
     def row(self, *, now: float, seconds: float, nbytes: int, pages: dict, dirty_found: int,
             dirty_pages_rate: int, remaining: int, throttle: int, xbzrle_hits: int = 0,
             xbzrle_overflow: int = 0, dirty_sync_count: int = 0,
-            page_size: int = 4096) -> dict:
+            page_size: int = TARGET_PAGE_SIZE) -> dict:
         if self._t0 is None:
             self._t0 = now - seconds
         delta = {k: int(pages.get(k, 0)) - int(self._prev.get(k, 0)) for k in self.KINDS}

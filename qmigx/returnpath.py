@@ -10,13 +10,15 @@ engine finds them ready.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from qmigx.errors import ReturnPathError
 from qmigx.wire import MAX_RP_MESSAGE_LEN, MIGRATION_RESUME_ACK_VALUE, MigRpMsg
 
-__all__ = ["RpMessage", "encode", "shut", "pong", "req_pages", "ReturnPathParser"]
+__all__ = ["RpMessage", "encode", "shut", "pong", "req_pages", "recv_bitmap", "resume_ack",
+           "ReturnPathParser", "ReturnPathWriter"]
 
 _FIXED = {MigRpMsg.SHUT: 4, MigRpMsg.PONG: 4, MigRpMsg.REQ_PAGES: 12, MigRpMsg.RESUME_ACK: 4}
 
@@ -54,6 +56,53 @@ def req_pages(start: int, length: int, block: Optional[str] = None) -> bytes:
         return encode(MigRpMsg.REQ_PAGES, struct.pack(">QI", start, length))
     raw = block.encode()
     return encode(MigRpMsg.REQ_PAGES_ID, struct.pack(">QIB", start, length, len(raw)) + raw)
+
+
+def recv_bitmap(block: str) -> bytes:
+    """RECV_BITMAP: the received-page bitmap of ``block`` follows on the main channel."""
+    raw = block.encode()
+    return encode(MigRpMsg.RECV_BITMAP, bytes((len(raw),)) + raw)
+
+
+def resume_ack(value: int = MIGRATION_RESUME_ACK_VALUE) -> bytes:
+    return encode(MigRpMsg.RESUME_ACK, struct.pack(">I", value))
+
+
+class ReturnPathWriter:
+    """The destination's one writer of return-path messages (QEMU's rp_mutex).
+
+    The load thread answers PINGs and sends SHUT, a postcopy fault thread
+    sends page requests, recovery sends RECV_BITMAP and RESUME_ACK: each
+    message goes out whole under one lock, so messages of different
+    threads never interleave. ``write`` is the channel's (e.g.
+    ``Channel.write``); after :meth:`close` messages are dropped.
+    """
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self.closed = False
+        self.sent = 0
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._write(message)
+            self.sent += 1
+
+    def shut(self, status: int = 0) -> None:
+        self.send(shut(status))
+
+    def pong(self, value: int) -> None:
+        self.send(pong(value))
+
+    def req_pages(self, start: int, length: int, block: Optional[str] = None) -> None:
+        self.send(req_pages(start, length, block))
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
 
 
 class ReturnPathParser:

@@ -24,10 +24,11 @@ from qmigx.vmstate import (
     vmstate_uint32,
     vmstate_unused,
 )
+from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = ["fill_pages", "synthetic_blocks", "synthetic_devices", "DEVICE_VMSDS"]
 
-PAGE = 4096
+PAGE = TARGET_PAGE_SIZE
 
 
 def fill_pages(mem: np.ndarray, seed: int, first_page: int = 0) -> None:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmigx import channels as C
+from qmigx import transport as C
 from qmigx.errors import CapabilityError, ChannelError, ParameterError
 
 MIB = 1 << 20

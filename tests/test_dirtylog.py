@@ -522,8 +522,12 @@ def test_dead_handler_fails_the_next_sync():
 
 
 def test_ioctl_numbers_match_kernel_encoding():
-    assert D.UFFDIO_API == 0xC018AA3F
-    assert D.UFFDIO_REGISTER == 0xC020AA00
-    assert D.UFFDIO_UNREGISTER == 0x8010AA01
-    assert D.UFFDIO_WRITEPROTECT == 0xC018AA06
-    assert D.PAGEMAP_SCAN == 0xC0606610
+    from qmigx import uffd
+
+    assert uffd.UFFDIO_API == 0xC018AA3F
+    assert uffd.UFFDIO_REGISTER == 0xC020AA00
+    assert uffd.UFFDIO_UNREGISTER == 0x8010AA01
+    assert uffd.UFFDIO_WRITEPROTECT == 0xC018AA06
+    assert uffd.UFFDIO_COPY == 0xC028AA03
+    assert uffd.UFFDIO_ZEROPAGE == 0xC020AA04
+    assert uffd.PAGEMAP_SCAN == 0xC0606610

@@ -620,9 +620,9 @@ def test_multifd_clean_close_between_packets_fails_the_sync(tmp_path):
 def test_multifd_receiver_channel_ending_before_sync():
     """Unit level: channel 0 delivers its SYNC packet, channel 1 ends cleanly
     between packets; wait_sync fails at once, naming the channel."""
-    from qmigx.channels import Channel
+    from qmigx.transport import Channel
     from qmigx.multifd import DEFAULT_MAX_PAGES, pack_packet
-    from qmigx.multifd_channels import MultifdReceiver
+    from qmigx.multifd.channels import MultifdReceiver
     from qmigx.wire import MultifdFlag
 
     pairs = [socket.socketpair() for _ in range(2)]

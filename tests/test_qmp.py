@@ -51,7 +51,7 @@ class Served:
         self.name = name
         self.sock = os.path.join(sockdir, f"{name}.sock")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qmigx.serve_cli", "--qmp", f"unix:{self.sock}", *args],
+            [sys.executable, "-m", "qmigx.cli.serve", "--qmp", f"unix:{self.sock}", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = self._stderr_line(30)
         if b"listening on" not in line:
@@ -670,7 +670,7 @@ def test_pause_before_switchover_and_continue(serve, sockdir):
 
 def test_bad_command_lines(sockdir):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "qmigx.serve_cli", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "qmigx.cli.serve", *args], capture_output=True,
                               text=True, timeout=60)
 
     r = run("--qmp", f"unix:{sockdir}/x.sock")

@@ -28,7 +28,7 @@ def test_python_example_runs(code, tmp_path):
 
 
 def test_every_cli_command_in_the_readme_exists():
-    from qmigx.cli import build_parser
+    from qmigx.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     named = set(re.findall(r"`qmigx (\w+)", README))

@@ -14,13 +14,11 @@ qmigx behaves like a QEMU built with old-style block migration
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from qmigx.control._qdict import qdict_keys
+from qmigx.control.options import ZERO_COPY_REFUSED, SettingsView, zero_copy_refused
 from qmigx.errors import CapabilityError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qmigx.control.parameters import Parameters
 
 __all__ = [
     "MigrationCapability",
@@ -88,7 +86,6 @@ BACKGROUND_SNAPSHOT_INCOMPATIBLE: tuple[str, ...] = (
     "validate-uuid", "zero-copy-send",
 )
 
-ZERO_COPY_REFUSED = "Zero copy only available for non-compressed non-TLS multifd migration"
 
 
 class WriteTracking(enum.IntEnum):
@@ -159,7 +156,7 @@ class Capabilities:
 
     def __init__(self, *, postcopy_supported: bool = True,
                  write_tracking: WriteTracking = WriteTracking.COMPATIBLE,
-                 parameters: "Parameters | None" = None) -> None:
+                 parameters: Optional[SettingsView] = None) -> None:
         self._state: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
         self.postcopy_supported = postcopy_supported
         self.write_tracking = WriteTracking(write_tracking)
@@ -240,10 +237,7 @@ class Capabilities:
                 if cap[other]:
                     raise fail(f"Background-snapshot is not compatible with {other}", "background-snapshot")
         if cap["zero-copy-send"]:
-            params = self.parameters
-            compressed_multifd = params is not None and params.get("multifd-compression") != "none"
-            tls = params is not None and bool(params.get("tls-creds"))
-            if (not cap["multifd"] or cap["compress"] or cap["xbzrle"] or compressed_multifd or tls):
+            if zero_copy_refused(cap, self.parameters):
                 raise fail(ZERO_COPY_REFUSED, "zero-copy-send")
         if incoming and not multi_channels_allowed and cap["multifd"]:
             raise fail("multifd is not supported by current protocol", "multifd")

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from qmigx.control._qdict import qdict
+from qmigx.control.options import ZERO_COPY_REFUSED, SettingsView, zero_copy_conflict
 from qmigx.errors import ParameterError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qmigx.control.capabilities import Capabilities
+from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = [
     "ParamSpec",
@@ -252,9 +251,9 @@ def _check_full(p: Mapping[str, Any], page_size: int, zero_copy_send: bool) -> N
         problem = _check_alias_map(mapping, True) or _check_alias_map(mapping, False)
         if problem:
             raise _err(f"Invalid mapping given for block-bitmap-mapping: {problem}", "block-bitmap-mapping")
-    if zero_copy_send and (p["multifd-compression"] != "none" or p["tls-creds"]):
-        raise _err("Zero copy only available for non-compressed non-TLS multifd migration",
-                   "multifd-compression" if p["multifd-compression"] != "none" else "tls-creds")
+    conflict = zero_copy_conflict(p) if zero_copy_send else None
+    if conflict:
+        raise _err(ZERO_COPY_REFUSED, conflict)
 
 
 def _copy_mapping(mapping: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
@@ -274,7 +273,7 @@ class Parameters:
             (``zero-copy-send`` vs multifd compression and TLS).
     """
 
-    def __init__(self, *, page_size: int = 4096, capabilities: "Capabilities | None" = None) -> None:
+    def __init__(self, *, page_size: int = TARGET_PAGE_SIZE, capabilities: Optional[SettingsView] = None) -> None:
         self._values: dict[str, Any] = dict(DEFAULTS)
         self.page_size = page_size
         self.capabilities = capabilities

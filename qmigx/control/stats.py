@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple, Optional
 
+from qmigx.wire import TARGET_PAGE_SIZE
+
 __all__ = ["MigrationStats", "RateWindow", "DirtyRatePeriod", "PeriodSample"]
 
 
@@ -35,7 +37,7 @@ class MigrationStats:
     dirty_sync_count: int = 0
     dirty_pages_rate: int = 0
     postcopy_requests: int = 0
-    page_size: int = 4096
+    page_size: int = TARGET_PAGE_SIZE
     multifd_bytes: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0

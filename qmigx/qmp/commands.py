@@ -38,7 +38,7 @@ QEMU_VERSION = (7, 2, 0)
 
 
 def _package() -> str:
-    from qmigx import __version__
+    from qmigx._version import __version__
 
     return f"qmigx {__version__}"
 

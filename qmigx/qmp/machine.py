@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from qmigx import channels
+from qmigx import transport
 from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
 from qmigx.control.capabilities import MIGRATION_ACTIVE
 from qmigx.errors import CapabilityError, MigrationError, ParameterError
@@ -269,7 +269,7 @@ class Machine:
         self._dirty_logs = {}
         if not self.dirty_rate or self.image is None or not len(self.image.blocks):
             return
-        from qmigx.demo import DirtyingGuest
+        from qmigx.guest import DirtyingGuest
         from qmigx.dirtylog import ExplicitDirtyLog
 
         block = max(self.image.blocks, key=lambda b: b.used_length)
@@ -388,7 +388,7 @@ class Machine:
             src.state.add_listener(self._source_state)
             self.src = src
             try:
-                parsed = channels.parse_uri(uri)
+                parsed = transport.parse_uri(uri)
             except ParameterError as exc:
                 # QEMU enters setup before it looks at the URI, then fails
                 src.state.reset_for_new_migration()
@@ -434,7 +434,7 @@ class Machine:
                 # QEMU announces setup before it looks at the URI
                 self.event("MIGRATION", {"status": "setup"})
                 raise QMPError(exc.message) from None
-            self._multi_channels = channels.parse_uri(uri, incoming=True).multi_channel
+            self._multi_channels = transport.parse_uri(uri, incoming=True).multi_channel
             self.dst = dst
             self._incoming_started = True
 

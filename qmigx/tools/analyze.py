@@ -13,21 +13,18 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Optional
+import urllib.parse
 
 from qmigx.errors import StreamError
-from qmigx.reader import Source, StreamReader
+from qmigx.stream.reader import Source, StreamReader
 from qmigx.stream import (
     Command,
     StreamParser,
-    EndOfStream,
     RamPages,
     RamSetup,
     SectionData,
     SectionRecord,
     SectionStart,
-    VMDescription,
-    parse_vmdesc,
 )
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
@@ -124,6 +121,11 @@ def _dump_pages(ev: RamPages, loader, mem: dict) -> None:
             mem[key] = "Filled with 0x%02x" % rec.fill[i]
         else:
             mem[key] = " ".join("%02x" % c for c in blk.buffer[off : off + TARGET_PAGE_SIZE])
+
+
+def block_filename(idstr: str) -> str:
+    """File name of a RAM block in an extract directory (its idstr, URL-quoted)."""
+    return urllib.parse.quote(idstr, safe="") + ".bin"
 
 
 def extract_blocks(loader, directory: str, name_of) -> list[str]:

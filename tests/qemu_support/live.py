@@ -157,7 +157,7 @@ def param_args(params: Mapping[str, Any] | None) -> list[str]:
 #: big test process would report the parent's size.
 _PEAK_WRAPPER = """
 import sys
-from qmigx.cli import main
+from qmigx.cli.main import main
 out = sys.argv.pop(1)
 try:
     rc = main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Multifd channels: sender and receiver threads (QEMU 7.2's multifd.c).
 
-The byte formats are in :mod:`qmigx.multifd`; this module moves them. A
+The byte formats are in :mod:`qmigx.multifd.packet`; this module moves them. A
 :class:`MultifdSender` owns one thread per extra connection: the RAM
 engine hands it batches of pages, each becomes packets of at most
 ``pages_alloc`` pages of one block, dealt round-robin; a channel thread
@@ -19,12 +19,12 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from qmigx.errors import ChannelError, MigrationError, MultifdPacketError
-from qmigx.multifd import (
+from qmigx.errors import ChannelError, MigrationError, MultifdPacketError, printable_name
+from qmigx.multifd.packet import (
     DEFAULT_MAX_PAGES,
     HEADER_FIXED_SIZE,
     INIT_PACKET_SIZE,
@@ -246,7 +246,7 @@ class _RecvChannel:
                         raw = self.chan.read_exact(hdr.next_packet_size)
                         self.stream.decompress_into(raw, scratch, n, ps)
                         data = scratch[:n]
-                    place_pages(data, hdr.offsets, blk.buffer[: blk.used_length], ps)
+                    o.place(blk, data, hdr.offsets[:n])
                     self.pages += n
                 self.packets += 1
                 if hdr.sync:
@@ -265,11 +265,15 @@ class MultifdReceiver:
             in channel-id order (see :meth:`order_channels`).
         blocks: the destination's :class:`~qmigx.ram.RAMBlockList`, filled by
             the time pages arrive (the setup record precedes them).
+        placement: where pages go (:mod:`qmigx.placement`), the same one the
+            main channel's loader uses; default: copied into the blocks.
     """
 
     def __init__(self, channels: list, blocks, *, compression: str = "none",
-                 max_pages: int = DEFAULT_MAX_PAGES, page_size: int = TARGET_PAGE_SIZE) -> None:
+                 max_pages: int = DEFAULT_MAX_PAGES, page_size: int = TARGET_PAGE_SIZE,
+                 placement=None) -> None:
         self.blocks = blocks
+        self.placement = placement
         self.compression = compression
         self.max_pages = max_pages
         self.page_size = page_size
@@ -295,8 +299,20 @@ class MultifdReceiver:
     def block(self, name: str):
         blk = self.blocks.get(name)
         if blk is None:
-            raise MultifdPacketError(f"unknown ram block {name}", field="ramblock")
+            raise MultifdPacketError(f"unknown ram block {printable_name(name)}", field="ramblock")
         return blk
+
+    def place(self, blk, data: np.ndarray, offsets) -> None:
+        """Put one packet's pages where the placement says (straight into RAM by default)."""
+        pl = self.placement
+        buf = blk.buffer if pl is None else pl.buffer(blk)
+        if buf is not None:
+            place_pages(data, offsets, buf[: blk.used_length], self.page_size)
+            if pl is not None and pl.tracks_batches:
+                pl.mark_received(blk, offsets)
+            return
+        for page, off in zip(data, offsets):
+            pl.place(blk, int(off), page)
 
     def block_lengths(self) -> dict:
         return {b.idstr: b.used_length for b in self.blocks}

@@ -14,7 +14,8 @@ import mmap
 import os
 from typing import BinaryIO, Callable, Iterator, Optional, Union
 
-from qmigx.stream import Event, StreamParser, find_vmdesc, parse_vmdesc
+from qmigx.stream.events import Event
+from qmigx.stream.parser import StreamParser, find_vmdesc, parse_vmdesc
 
 __all__ = ["Source", "StreamReader"]
 

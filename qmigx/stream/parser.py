@@ -1,4 +1,4 @@
-"""The migration stream format (QEMU's savevm.c), as a sans-IO codec.
+"""The migration stream parser (QEMU's savevm.c, input side), sans-IO.
 
 :class:`StreamParser` takes bytes (``feed``) and returns events
 (``events``); it never reads a file or a socket itself, so the same parser
@@ -25,21 +25,41 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 from qmigx import _backend
+from qmigx.block import BlockHandler
+from qmigx.block_dirty_bitmap import DirtyBitmapHandler
 from qmigx.errors import (
     BadHeaderError,
     RamStreamError,
     StreamError,
     TruncatedStreamError,
     UnknownSectionError,
+    printable_name,
 )
-from qmigx.block import BlockHandler
-from qmigx.block_dirty_bitmap import DirtyBitmapHandler
-from qmigx.qemufile import Cursor, NeedData, QEMUFile
+from qmigx.qemufile import Cursor, NeedData
 from qmigx.savevm import SaveVMRegistry, Section
+from qmigx.stream.buffer import ReceiveBuffer
+from qmigx.stream.context import StreamContext
+from qmigx.stream.events import (
+    Command,
+    ConfigSubsection,
+    Configuration,
+    EndOfState,
+    EndOfStream,
+    Event,
+    RamBlockInfo,
+    RamEOS,
+    RamPages,
+    RamSetup,
+    SectionData,
+    SectionEnd,
+    SectionRecord,
+    SectionStart,
+    StreamHeader,
+    VMDescription,
+)
 from qmigx.wire import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -49,211 +69,9 @@ from qmigx.wire import (
     SectionType,
 )
 
-__all__ = [
-    "Section",
-    "StreamHeader",
-    "Configuration",
-    "ConfigSubsection",
-    "SectionStart",
-    "SectionData",
-    "RamBlockInfo",
-    "RamSetup",
-    "RamPages",
-    "RamEOS",
-    "SectionEnd",
-    "Command",
-    "EndOfState",
-    "VMDescription",
-    "EndOfStream",
-    "SectionRecord",
-    "Event",
-    "default_registry",
-    "StreamParser",
-    "StreamWriter",
-    "find_vmdesc",
-    "parse_vmdesc",
-]
+__all__ = ["StreamParser", "default_registry", "find_vmdesc", "parse_vmdesc"]
 
 _ramparse = _backend.load("ramparse")
-
-# -- events ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamHeader:
-    version: int
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class ConfigSubsection:
-    name: str
-    version: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Configuration:
-    """The configuration section (stream.md §3)."""
-
-    machine_type: str
-    subsections: tuple[ConfigSubsection, ...]
-    offset: int
-    raw: bytes
-
-    @property
-    def capabilities(self) -> list[str]:
-        """Validated capabilities announced by the source (``x-ignore-shared``)."""
-        for sub in self.subsections:
-            if sub.name == "configuration/capabilities":
-                cur = Cursor(sub.data)
-                return [cur.read_str8() for _ in range(cur.read_be32())]
-        return []
-
-    @property
-    def uuid(self) -> Optional[bytes]:
-        for sub in self.subsections:
-            if sub.name == "configuration/uuid":
-                return sub.data
-        return None
-
-    @property
-    def target_page_bits(self) -> Optional[int]:
-        for sub in self.subsections:
-            if sub.name == "configuration/target-page-bits":
-                return struct.unpack(">I", sub.data)[0]
-        return None
-
-
-@dataclass(frozen=True)
-class SectionStart:
-    """A START/PART/END/FULL header. PART/END carry the START's identity."""
-
-    type: SectionType
-    section: Section
-    offset: int
-
-
-@dataclass(frozen=True)
-class SectionData:
-    """A non-RAM section payload, exactly as on the wire.
-
-    ``value`` is the decoded state when the parser had a description for
-    the section: a device loader's result, or the tree
-    :func:`qmigx.vmstate.walk_with_vmdesc` makes from the stream's vmdesc.
-    """
-
-    type: SectionType
-    section: Section
-    payload: bytes
-    offset: int
-    value: Any = None
-
-
-@dataclass(frozen=True)
-class RamBlockInfo:
-    """One entry of the RAM setup record (ram.md §3)."""
-
-    idstr: str
-    used_length: int
-    page_size: Optional[int] = None
-    gpa: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class RamSetup:
-    """The RAM setup record (MEM_SIZE): the block list."""
-
-    section: Section
-    total: int
-    blocks: tuple[RamBlockInfo, ...]
-    offset: int
-    raw: bytes
-
-
-@dataclass(frozen=True)
-class RamPages:
-    """A batch of page records; see ``qmigx.reference.ramparse.RamRecords``.
-
-    ``records.pos``/``records.start`` index into ``data``; ``base`` is the
-    absolute stream offset of ``data[0]``. ``data`` is a view of the input:
-    after :meth:`StreamParser.fill` it is the parser's own buffer, which the
-    next ``fill`` reuses, so consume the event before reading more.
-    """
-
-    section: Section
-    records: Any
-    data: memoryview
-    base: int
-    blocks: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RamEOS:
-    section: Section
-    offset: int
-
-
-@dataclass(frozen=True)
-class SectionEnd:
-    """The end of a section's payload, with its footer when it had one."""
-
-    type: SectionType
-    section: Section
-    footer: bool
-    offset: int
-
-
-@dataclass(frozen=True)
-class Command:
-    """A ``QEMU_VM_COMMAND``; ``packaged`` holds a PACKAGED command's blob."""
-
-    cmd: MigCmd
-    payload: bytes
-    offset: int
-    packaged: Optional[bytes] = None
-
-
-@dataclass(frozen=True)
-class EndOfState:
-    """The ``QEMU_VM_EOF`` byte: the device-state part of the stream ended."""
-
-    offset: int
-
-
-@dataclass(frozen=True)
-class VMDescription:
-    """The vmdesc trailer's JSON text."""
-
-    json: bytes
-    offset: int
-
-
-@dataclass(frozen=True)
-class SectionRecord:
-    """One record of a live section other than ``ram`` (``block``, ``dirty-bitmap``).
-
-    ``record`` is what the section's handler read (its ``read_record``);
-    ``raw`` is the record's bytes as they stood in the stream.
-    """
-
-    section: Section
-    record: Any
-    offset: int
-    raw: bytes
-
-
-@dataclass(frozen=True)
-class EndOfStream:
-    """The input ended cleanly (only after ``feed_eof``)."""
-
-    offset: int
-
-
-Event = Union[
-    StreamHeader, Configuration, SectionStart, SectionData, RamSetup, RamPages,
-    RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream, SectionRecord,
-]
 
 # -- helpers ---------------------------------------------------------------
 
@@ -369,6 +187,13 @@ class StreamParser:
             checkpoints and PACKAGED blobs do not). Without it the input
             may also end at any record boundary, as a package does.
         batch: capacity of a RAM record batch.
+        context: the stream state to continue (section ids, RAM block
+            table, the CONTINUE block): a COLO checkpoint or a PACKAGED
+            blob goes on where the stream before it left off.
+        buffer: the channel's :class:`ReceiveBuffer`, shared with other
+            readers of the same channel.
+        stop_at_eof: end at the EOF record (the vmdesc, if any, and
+            whatever follows stay in the buffer for the next reader).
     """
 
     def __init__(
@@ -379,81 +204,59 @@ class StreamParser:
         page_size: int = TARGET_PAGE_SIZE,
         header: bool = True,
         batch: int = 65536,
+        context: Optional[StreamContext] = None,
+        buffer: Optional[ReceiveBuffer] = None,
+        stop_at_eof: bool = False,
     ) -> None:
-        self.page_size = page_size
         self.registry = registry if registry is not None else default_registry()
         self._live = None
         self._vmdesc_index: dict[tuple[str, int], dict] = {}
         if vmdesc is not None:
             for dev in vmdesc.get("devices", ()):
                 self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
-        self._buf = memoryview(b"")
-        self._own: Optional[bytearray] = None
-        self._pos = 0
-        self._base = 0
-        self._eof = False
+        self.rx = buffer if buffer is not None else ReceiveBuffer()
+        self.ctx = context if context is not None else StreamContext(page_size)
         self._state = _S_HEADER if header else _S_TOP
         self._package = not header
-        self._sections: dict[int, Section] = {}
+        self._stop_at_eof = stop_at_eof
         self._cur_type: Optional[SectionType] = None
         self._cur: Optional[Section] = None
-        self.ignore_shared = False
-        self.postcopy_page_sizes = False
-        self.configuration: Optional[Configuration] = None
-        self._scanner = _ramparse.RamScanner(page_size, [], [])
         self._records = _ramparse.RamRecords(batch)
-        self.ram_blocks: tuple[RamBlockInfo, ...] = ()
-        self._block_names: tuple[str, ...] = ()
+
+    # -- the stream context, as attributes ------------------------------------
+    @property
+    def configuration(self) -> Optional[Configuration]:
+        return self.ctx.configuration
+
+    @property
+    def ignore_shared(self) -> bool:
+        return self.ctx.ignore_shared
+
+    @property
+    def postcopy_page_sizes(self) -> bool:
+        return self.ctx.postcopy_page_sizes
+
+    @property
+    def ram_blocks(self) -> tuple[RamBlockInfo, ...]:
+        return self.ctx.ram_blocks
+
+    @property
+    def page_size(self) -> int:
+        return self.ctx.page_size
 
     # -- input --------------------------------------------------------------
     @property
     def offset(self) -> int:
         """Absolute offset of the next unparsed byte."""
-        return self._base + self._pos
+        return self.rx.offset
 
     def feed(self, data) -> None:
         """Add input. With no unparsed bytes pending, ``data`` is not copied."""
-        if self._eof:
-            raise StreamError("data fed after end of input", offset=self.offset)
-        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-        pending = len(self._buf) - self._pos
-        if pending == 0:
-            self._base += len(self._buf)
-            self._buf = mv
-        else:
-            merged = bytearray(pending + len(mv))
-            merged[:pending] = self._buf[self._pos :]
-            merged[pending:] = mv
-            self._base += self._pos
-            self._buf = memoryview(merged)
-        self._pos = 0
+        self.rx.feed(data)
 
     def fill(self, readinto: Callable[[memoryview], Optional[int]], size: int = 8 << 20) -> int:
-        """Read more input straight into the parser's own buffer.
-
-        ``readinto`` is e.g. ``file.readinto`` or ``socket.recv_into``; it
-        fills the view it is given and returns the byte count, 0 at end of
-        input (which also declares the input complete). Unparsed bytes move
-        to the front of the buffer first, so each input byte is copied once.
-        """
-        pending = len(self._buf) - self._pos
-        cap = max(size, 4 * pending, 1 << 16)
-        own = self._own
-        if own is None or len(own) < cap:
-            own = bytearray(cap)
-        if pending:
-            src = self._buf[self._pos :]
-            if getattr(self._buf, "obj", None) is own and self._pos < pending:
-                src = bytes(src)  # an overlapping move within the buffer: copy out first
-            own[:pending] = src
-        self._own = own
-        n = readinto(memoryview(own)[pending:]) or 0
-        self._base += self._pos
-        self._buf = memoryview(own)[: pending + n]
-        self._pos = 0
-        if n == 0:
-            self.feed_eof()
-        return n
+        """Read more input straight into the receive buffer (see :meth:`ReceiveBuffer.fill`)."""
+        return self.rx.fill(readinto, size)
 
     def set_window(self, view, base: int, *, last: bool = False) -> None:
         """Parse from ``view``, whose first byte is at absolute offset ``base``.
@@ -463,21 +266,11 @@ class StreamParser:
         parsed: ``base <= offset <= base + len(view)``. ``last`` declares
         that the input ends with this window.
         """
-        mv = view if isinstance(view, memoryview) else memoryview(view)
-        if mv.format != "B":
-            mv = mv.cast("B")
-        cur = self.offset
-        if not base <= cur <= base + len(mv):
-            raise ValueError(f"window 0x{base:x}+0x{len(mv):x} misses offset 0x{cur:x}")
-        self._buf = mv
-        self._base = base
-        self._pos = cur - base
-        if last:
-            self._eof = True
+        self.rx.set_window(view, base, last=last)
 
     def feed_eof(self) -> None:
         """Declare the input complete."""
-        self._eof = True
+        self.rx.eof = True
 
     # -- output -------------------------------------------------------------
     def events(self) -> Iterator[Event]:
@@ -488,32 +281,32 @@ class StreamParser:
         (``feed_eof``) inside a record.
         """
         while self._state != _S_DONE:
-            if (self._package and self._eof and self._state == _S_TOP
-                    and self._pos == len(self._buf)):
+            if (self._package and self.rx.eof and self._state == _S_TOP
+                    and self.rx.pos == len(self.rx.view)):
                 self._state = _S_DONE
                 yield EndOfStream(self.offset)
                 return
-            start = self._pos
-            cur = Cursor(self._buf, self._pos, base=self._base)
+            start = self.rx.pos
+            cur = Cursor(self.rx.view, self.rx.pos, base=self.rx.base)
             try:
                 evs = self._step(cur)
             except NeedData as nd:
-                self._pos = start
-                if self._eof:
+                self.rx.pos = start
+                if self.rx.eof:
                     raise self._truncated(nd) from None
                 return
             for ev in evs:
                 yield ev
-        if self._pos < len(self._buf):
+        if self.rx.pos < len(self.rx.view) and not self._stop_at_eof:
             raise StreamError(
-                f"{len(self._buf) - self._pos} unexpected bytes after the end of the stream",
+                f"{len(self.rx.view) - self.rx.pos} unexpected bytes after the end of the stream",
                 offset=self.offset)
 
     def _truncated(self, nd: NeedData) -> TruncatedStreamError:
         where = (self._cur.label if self._cur is not None
                  and self._state in (_S_RAM, _S_FOOTER, _S_LIVE) else None)
         return TruncatedStreamError(
-            "unexpected end of stream", offset=self._base + self._pos, section=where)
+            "unexpected end of stream", offset=self.rx.base + self.rx.pos, section=where)
 
     def _step(self, cur: Cursor) -> list:
         st = self._state
@@ -532,7 +325,7 @@ class StreamParser:
         return self._read_record(cur)
 
     def _commit(self, cur: Cursor) -> None:
-        self._pos = cur.pos
+        self.rx.pos = cur.pos
 
     def _read_header(self, cur: Cursor) -> list:
         magic = cur.read_be32()
@@ -549,7 +342,7 @@ class StreamParser:
                                  offset=cur.tell() - 4, field="version")
         self._commit(cur)
         self._state = _S_TOP
-        return [StreamHeader(version, self._base)]
+        return [StreamHeader(version, self.rx.base)]
 
     def _read_record(self, cur: Cursor) -> list:
         at = cur.tell()
@@ -566,7 +359,7 @@ class StreamParser:
             return self._begin_payload(cur, stype, sec, at, new=True)
         if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
             sid = cur.read_be32()
-            sec = self._sections.get(sid)
+            sec = self.ctx.sections.get(sid)
             if sec is None:
                 raise UnknownSectionError(f"Unknown savevm section {sid}", offset=at,
                                           field="section_id")
@@ -575,7 +368,7 @@ class StreamParser:
             return self._read_command(cur, at)
         if t == SectionType.EOF:
             self._commit(cur)
-            self._state = _S_AFTER_EOF
+            self._state = _S_DONE if self._stop_at_eof else _S_AFTER_EOF
             return [EndOfState(at)]
         raise UnknownSectionError(f"Unknown savevm section type {t}", offset=at, field="type")
 
@@ -613,13 +406,13 @@ class StreamParser:
             elif sname == "configuration/target-page-bits":
                 data = bytes(cur.read_bytes(4))
             else:
-                raise UnknownSectionError(f"unknown configuration subsection {sname!r}",
+                raise UnknownSectionError(f"unknown configuration subsection '{printable_name(sname)}'",
                                           offset=sub_at, section="configuration", field=sname)
             subs.append(ConfigSubsection(sname, sver & 0xFF, data))
         raw = bytes(cur.buf[at - cur.base + 1 : cur.pos])
         cfg = Configuration(name, tuple(subs), at, raw)
-        self.configuration = cfg
-        self.ignore_shared = "x-ignore-shared" in cfg.capabilities
+        self.ctx.configuration = cfg
+        self.ctx.ignore_shared = "x-ignore-shared" in cfg.capabilities
         self._commit(cur)
         return [cfg]
 
@@ -646,7 +439,7 @@ class StreamParser:
             plen = struct.unpack(">I", payload)[0]
             packaged = bytes(cur.read_bytes(plen))
         if mc == MigCmd.POSTCOPY_ADVISE and length == 16:
-            self.postcopy_page_sizes = True
+            self.ctx.postcopy_page_sizes = True
         self._commit(cur)
         return [Command(mc, payload, at, packaged)]
 
@@ -669,7 +462,7 @@ class StreamParser:
                        new: bool) -> list:
         if sec.idstr == "ram":
             if new:
-                self._sections[sec.section_id] = sec
+                self.ctx.sections[sec.section_id] = sec
             self._commit(cur)
             self._cur, self._cur_type = sec, stype
             self._state = _S_RAM
@@ -677,7 +470,7 @@ class StreamParser:
         live = self.registry.live(sec.idstr)
         if live is not None:
             if new:
-                self._sections[sec.section_id] = sec
+                self.ctx.sections[sec.section_id] = sec
             self._commit(cur)
             self._cur, self._cur_type, self._live = sec, stype, live
             self._state = _S_LIVE
@@ -686,7 +479,7 @@ class StreamParser:
         value = self._consume_payload(cur, sec, stype)
         payload = bytes(cur.buf[body : cur.pos])
         if new:
-            self._sections[sec.section_id] = sec
+            self.ctx.sections[sec.section_id] = sec
         evs: list = [SectionStart(stype, sec, at),
                      SectionData(stype, sec, payload, body + cur.base, value)]
         evs.append(self._footer(cur, stype, sec))
@@ -702,7 +495,7 @@ class StreamParser:
         if desc is not None:
             from qmigx.vmstate import walk_with_vmdesc
 
-            return walk_with_vmdesc(desc, cur, section=sec.label, eof=self._eof)
+            return walk_with_vmdesc(desc, cur, section=sec.label, eof=self.rx.eof)
         if not self._vmdesc_index and self._vmdesc_arrived(cur):
             return self._consume_payload(cur, sec, stype)
         self._scan_to_footer(cur, sec)
@@ -729,30 +522,30 @@ class StreamParser:
                     self._vmdesc_index[(dev.get("name"), dev.get("instance_id"))] = dev
                 if self._vmdesc_index:
                     return True
-        if not self._eof:
+        if not self.rx.eof:
             raise NeedData(cur.base + cur.end)
         return False
 
     def _scan_to_footer(self, cur: Cursor, sec: Section) -> None:
         """Delimit a payload of unknown layout by the footer that ends it."""
         marker = bytes((SectionType.SECTION_FOOTER,)) + struct.pack(">I", sec.section_id)
-        known = set(self._sections) | {sec.section_id}
+        known = set(self.ctx.sections) | {sec.section_id}
         mv = cur.buf
         search = cur.pos
         data = bytes(mv[cur.pos : cur.end])
         while True:
             i = data.find(marker, search - cur.pos)
             if i < 0:
-                if self._eof:
+                if self.rx.eof:
                     raise TruncatedStreamError(
                         "the stream ends before this device section does (no description "
                         "for it, and no footer followed by a valid record)",
                         offset=cur.tell(), section=sec.label)
                 raise NeedData(cur.base + cur.end)
             pos = cur.pos + i
-            ok = _plausible_record_start(mv, pos + 5, cur.end, known, self._eof)
+            ok = _plausible_record_start(mv, pos + 5, cur.end, known, self.rx.eof)
             if ok is None:
-                if self._eof:
+                if self.rx.eof:
                     ok = pos + 5 == cur.end
                 else:
                     raise NeedData(cur.base + cur.end)
@@ -768,7 +561,7 @@ class StreamParser:
             fid = cur.read_be32()
             if fid != sec.section_id:
                 raise StreamError(
-                    f"Mismatched section id in footer for {sec.idstr!r} (read 0x{fid:x} "
+                    f"Mismatched section id in footer for '{printable_name(sec.idstr)}' (read 0x{fid:x} "
                     f"expected 0x{sec.section_id:x})",
                     offset=at, section=sec.label, field="footer")
             return SectionEnd(stype, sec, True, at)
@@ -808,13 +601,13 @@ class StreamParser:
         rec = self._records
         rec.clear()
         try:
-            pos, status = self._scanner.scan(self._buf, cur.pos, cur.end, rec, cur.base)
+            pos, status = self.ctx.scanner.scan(self.rx.view, cur.pos, cur.end, rec, cur.base)
         except RamStreamError as exc:
             exc.section = sec.label
             raise
         evs: list = []
         if rec.count:
-            evs.append(RamPages(sec, rec.copy(), self._buf, self._base, self._block_names))
+            evs.append(RamPages(sec, rec.copy(), self.rx.view, self.rx.base, self.ctx.block_names))
         cur.pos = pos
         self._commit(cur)
         if status == _ramparse.EOS:
@@ -830,7 +623,7 @@ class StreamParser:
     def _read_setup(self, cur: Cursor, sec: Section) -> RamSetup:
         at = cur.tell()
         hdr = cur.read_be64()
-        total = hdr & ~(self.page_size - 1)
+        total = hdr & ~(self.ctx.page_size - 1)
         remaining = total
         blocks = []
         while remaining:
@@ -838,26 +631,26 @@ class StreamParser:
             name = cur.read_str8(what="RAM block name", allow_empty=False)
             used = cur.read_be64()
             page_size = gpa = None
-            if self.postcopy_page_sizes and self._setup_page_size_hook(name):
+            if self.ctx.postcopy_page_sizes and self._setup_page_size_hook(name):
                 page_size = cur.read_be64()
-            if self.ignore_shared:
+            if self.ctx.ignore_shared:
                 gpa = cur.read_be64()
             if used > remaining:
                 raise RamStreamError(
-                    f"RAM block {name!r} length 0x{used:x} exceeds the remaining total "
+                    f"RAM block '{printable_name(name)}' length 0x{used:x} exceeds the remaining total "
                     f"0x{remaining:x}", offset=entry_at, section=sec.label, field="used_length")
-            if used % self.page_size:
-                raise RamStreamError(f"RAM block {name!r} length 0x{used:x} not page aligned",
-                                     offset=entry_at, section=sec.label, field="used_length")
+            if used % self.ctx.page_size:
+                raise RamStreamError(f"RAM block '{printable_name(name)}' length 0x{used:x} not page "
+                                     "aligned", offset=entry_at, section=sec.label, field="used_length")
             remaining -= used
             blocks.append(RamBlockInfo(name, used, page_size, gpa))
             if len(blocks) > 4096:
                 raise RamStreamError("more than 4096 RAM blocks", offset=entry_at,
                                      section=sec.label)
-        self.ram_blocks = tuple(blocks)
-        self._block_names = tuple(b.idstr for b in blocks)
-        self._scanner.set_blocks([b.idstr.encode() for b in blocks], [b.used_length for b in blocks])
-        return RamSetup(sec, total, self.ram_blocks, at, bytes(cur.buf[at - cur.base : cur.pos]))
+        self.ctx.ram_blocks = tuple(blocks)
+        self.ctx.block_names = tuple(b.idstr for b in blocks)
+        self.ctx.scanner.set_blocks([b.idstr.encode() for b in blocks], [b.used_length for b in blocks])
+        return RamSetup(sec, total, self.ctx.ram_blocks, at, bytes(cur.buf[at - cur.base : cur.pos]))
 
     def _setup_page_size_hook(self, name: str) -> bool:
         """Whether a setup entry carries a page size (hugepage blocks only).
@@ -870,7 +663,7 @@ class StreamParser:
 
     def _read_after_eof(self, cur: Cursor) -> list:
         if cur.remaining() == 0:
-            if not self._eof:
+            if not self.rx.eof:
                 raise NeedData(cur.base + cur.end)
             self._state = _S_DONE
             return [EndOfStream(cur.tell())]
@@ -889,81 +682,7 @@ class StreamParser:
         if cur.remaining():
             raise StreamError(f"{cur.remaining()} unexpected bytes after the vmdesc",
                               offset=cur.tell())
-        if not self._eof:
+        if not self.rx.eof:
             raise NeedData(cur.base + cur.end)
         self._state = _S_DONE
         return [EndOfStream(cur.tell())]
-
-
-# -- the writer ----------------------------------------------------------------
-
-
-class StreamWriter:
-    """Writes stream records through a :class:`~qmigx.qemufile.QEMUFile`.
-
-    Args:
-        f: the output.
-        footers: write section footers (QEMU's ``send-section-footer``,
-            on for every machine type newer than 2.3).
-    """
-
-    def __init__(self, f: QEMUFile, *, footers: bool = True) -> None:
-        self.f = f
-        self.footers = footers
-
-    def header(self) -> None:
-        self.f.put_be32(QEMU_VM_FILE_MAGIC)
-        self.f.put_be32(QEMU_VM_FILE_VERSION)
-
-    def configuration(self, machine_type: str,
-                      subsections: tuple[ConfigSubsection, ...] | list = ()) -> None:
-        raw = machine_type.encode()
-        self.f.put_u8(SectionType.CONFIGURATION)
-        self.f.put_be32(len(raw))
-        self.f.write(raw)
-        for sub in subsections:
-            self.f.put_u8(SectionType.SUBSECTION)
-            self.f.put_str8(sub.name)
-            self.f.put_be32(sub.version)
-            self.f.write(sub.data)
-
-    def raw_configuration(self, raw: bytes) -> None:
-        """Write a configuration section exactly as read (``Configuration.raw``)."""
-        self.f.put_u8(SectionType.CONFIGURATION)
-        self.f.write(raw)
-
-    def section_header(self, stype: SectionType, sec: Section) -> None:
-        self.f.put_u8(stype)
-        self.f.put_be32(sec.section_id)
-        if stype in (SectionType.SECTION_START, SectionType.SECTION_FULL):
-            self.f.put_str8(sec.idstr)
-            self.f.put_be32(sec.instance_id)
-            self.f.put_be32(sec.version_id)
-
-    def footer(self, sec: Section) -> None:
-        if self.footers:
-            self.f.put_u8(SectionType.SECTION_FOOTER)
-            self.f.put_be32(sec.section_id)
-
-    def section(self, stype: SectionType, sec: Section, payload: bytes) -> None:
-        """A whole section: header, payload, footer."""
-        self.section_header(stype, sec)
-        self.f.write(payload)
-        self.footer(sec)
-
-    def command(self, cmd: MigCmd, payload: bytes = b"", packaged: Optional[bytes] = None) -> None:
-        self.f.put_u8(SectionType.COMMAND)
-        self.f.put_be16(cmd)
-        self.f.put_be16(len(payload))
-        self.f.write(payload)
-        if packaged is not None:
-            self.f.write(packaged)
-        self.f.flush()
-
-    def eof(self) -> None:
-        self.f.put_u8(SectionType.EOF)
-
-    def vmdesc(self, text: bytes) -> None:
-        self.f.put_u8(SectionType.VMDESCRIPTION)
-        self.f.put_be32(len(text))
-        self.f.write(text)

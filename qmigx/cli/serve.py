@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine(args):
-    from qmigx.demo import parse_size
+    from qmigx.cli.demo import parse_size
     from qmigx.errors import ParameterError
-    from qmigx.live_cli import settings_from_args
+    from qmigx.cli.live import settings_from_args
     from qmigx.qmp import Machine
 
     if args.load and args.incoming:
@@ -103,14 +103,14 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``qmigx serve`` on its own (``python -m qmigx.serve_cli ...``)."""
-    from qmigx.errors import MigrationError
+    """``qmigx serve`` on its own (``python -m qmigx.cli.serve ...``)."""
+    from qmigx.errors import MigrationError, one_line
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (MigrationError, OSError) as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -1,20 +1,16 @@
-"""Live migration: the source and destination drivers (QEMU's migration.c).
+"""The outgoing side (QEMU's migration thread, migration.c).
 
 :class:`MigrationSource` runs QEMU's migration thread: setup (channels,
-header, configuration, return path, the ``ram`` START), iterations (one
-``ram`` PART each, rate-limited to ``max-bandwidth`` in 100 ms windows,
-until the remaining dirty memory could be sent within ``downtime-limit``),
-then completion (guest stopped, final sync, ``ram`` END, device sections,
-EOF, vmdesc, and the destination's SHUT when the return path is open).
-:class:`MigrationDestination` accepts the channels, feeds the stream
-parser, places pages (multifd channels included) and answers on the
-return path.
+header, configuration, return path, the live sections' START), iterations
+(one PART per live section, rate-limited to ``max-bandwidth`` in 100 ms
+windows, until what is left could be sent within ``downtime-limit``),
+then completion (guest stopped, final sync, END sections, device
+sections, EOF, vmdesc, and the destination's SHUT when the return path is
+open).
 
 A failed or cancelled migration loses nothing on the source: its guest
 memory is only ever read, and a guest stopped for completion is started
-again. Both drivers run in a thread of their own, report state changes
-through :class:`~qmigx.control.StateMachine` listeners (the MIGRATION
-event) and answer :meth:`query` at any time.
+again.
 """
 
 from __future__ import annotations
@@ -22,155 +18,48 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
-from qmigx import channels, returnpath
+from qmigx import returnpath, transport
+from qmigx.autoconverge import AutoConverge
 from qmigx.control import (
     Capabilities,
     DirtyRatePeriod,
-    MigrationEvents,
     MigrationStats,
     MigrationStatus,
     Parameters,
     RateWindow,
-    StateMachine,
     query_migrate,
 )
 from qmigx.errors import (
     CapabilityError,
     ChannelError,
+    ChannelTimeout,
     MigrationCancelled,
     MigrationError,
-    RamStreamError,
     StreamError,
 )
-from qmigx.autoconverge import AutoConverge
-from qmigx.multifd_channels import MultifdReceiver, MultifdSender
+from qmigx.guest import Guest, SimpleGuest
+from qmigx.migration.side import Controls, S, Side, now_ms
+from qmigx.multifd.channels import MultifdSender
 from qmigx.precopy import RamSaveState
 from qmigx.qemufile import QEMUFile
-from qmigx.ram import RAMBlockList, RamLoader, RamWriter
+from qmigx.ram import RAMBlockList, RamWriter
 from qmigx.report import IterationLog
-from qmigx.savevm import DeviceState, SaveVMHandler
+from qmigx.savevm import SaveVMHandler
 from qmigx.stream import (
-    Command,
     ConfigSubsection,
     Configuration,
-    EndOfState,
-    EndOfStream,
-    RamEOS,
-    RamPages,
-    RamSetup,
     Section,
     SectionData,
-    SectionRecord,
-    StreamParser,
     StreamWriter,
-    VMDescription,
-    default_registry,
 )
-from qmigx.wire import MigCmd, MigRpMsg, SectionType
+from qmigx.wire import TARGET_PAGE_SIZE, MigCmd, MigRpMsg, SectionType
 
-__all__ = ["Guest", "SimpleGuest", "MigrationSource", "MigrationDestination", "IncomingResult"]
-
-S = MigrationStatus
+__all__ = ["MigrationSource"]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Guest(Protocol):
-    """What the source needs from the guest whose memory migrates.
-
-    ``stop``/``start`` pause and resume it (completion stops it; a failed
-    or cancelled migration starts it again), ``running`` says whether it
-    runs, ``runstate`` names its state for ``globalstate``, and
-    ``throttle(percent)`` slows it down (auto-converge).
-    """
-
-    running: bool
-
-    def stop(self) -> None: ...
-
-    def start(self) -> None: ...
-
-    def runstate(self) -> str: ...
-
-    def throttle(self, percent: int) -> None: ...
-
-
-class SimpleGuest:
-    """A guest with nothing to stop but a flag (memory written by others)."""
-
-    def __init__(self, running: bool = True) -> None:
-        self.running = running
-        self.throttle_percent = 0
-
-    def stop(self) -> None:
-        self.running = False
-
-    def start(self) -> None:
-        self.running = True
-
-    def runstate(self) -> str:
-        return "running" if self.running else "paused"
-
-    def throttle(self, percent: int) -> None:
-        self.throttle_percent = percent
-
-
-class _Controls:
-    """Capabilities, parameters, state, stats and events of one side."""
-
-    def __init__(self, side: str, capabilities: Optional[Capabilities],
-                 parameters: Optional[Parameters]) -> None:
-        self.caps = capabilities if capabilities is not None else Capabilities()
-        self.params = parameters if parameters is not None else Parameters(capabilities=self.caps)
-        self.state = StateMachine(side)
-        self.stats = MigrationStats()
-        self.events = MigrationEvents(self.caps)
-        self.events.attach(self.state)
-        self.error: Optional[BaseException] = None
-        self.done = threading.Event()
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-            self.stats.error_desc = str(exc)
-
-
-class _Side:
-    """What both ends expose: QEMU's settings, state, counters and events."""
-
-    c: _Controls
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.c.caps
-
-    @property
-    def parameters(self) -> Parameters:
-        return self.c.params
-
-    @property
-    def state(self) -> StateMachine:
-        return self.c.state
-
-    @property
-    def events(self) -> MigrationEvents:
-        return self.c.events
-
-    @property
-    def stats(self) -> MigrationStats:
-        return self.c.stats
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        return self.c.error
-
-
-class MigrationSource(_Side):
+class MigrationSource(Side):
     """An outgoing migration of ``blocks`` (and device state) to a URI.
 
     Args:
@@ -211,7 +100,7 @@ class MigrationSource(_Side):
         self.vmdesc = vmdesc
         self.guest = guest if guest is not None else SimpleGuest()
         self.dirty_logs = dirty_logs or {}
-        self.c = _Controls("source", capabilities, parameters)
+        self.c = Controls("source", capabilities, parameters)
         self.machine_type = machine_type
         self.configuration = configuration
         self.uuid = uuid
@@ -241,8 +130,8 @@ class MigrationSource(_Side):
         st = self.c.state
         if st.is_running():
             raise MigrationError("There's a migration process in progress")
-        channels.parse_uri(uri)  # bad URIs fail here, before any state change
-        if self.c.caps.get("multifd") and not channels.parse_uri(uri).multi_channel:
+        transport.parse_uri(uri)  # bad URIs fail here, before any state change
+        if self.c.caps.get("multifd") and not transport.parse_uri(uri).multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
         prev = self._thread
@@ -262,7 +151,7 @@ class MigrationSource(_Side):
         self._converge.reset()
         if self.guest.running and hasattr(self.guest, "throttle"):
             self.guest.throttle(0)
-        self.c.stats.reset(_now_ms(), self.c.params.downtime_limit)
+        self.c.stats.reset(now_ms(), self.c.params.downtime_limit)
         st.reset_for_new_migration()  # -> setup
         self._thread = threading.Thread(target=self._run, args=(uri,), name="migration",
                                         daemon=True)
@@ -355,13 +244,13 @@ class MigrationSource(_Side):
         main = None
         failure: Optional[BaseException] = None
         try:
-            main = channels.connect(uri, timeout=self.connect_timeout)
+            main = transport.connect(uri, timeout=self.connect_timeout)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
             if caps.get("multifd"):
                 extra = []
                 for _ in range(params.multifd_channels):
-                    ch = channels.connect_extra(uri, timeout=self.connect_timeout)
+                    ch = transport.connect_extra(uri, timeout=self.connect_timeout)
                     ch.set_timeout(self.io_timeout)
                     self._add_channel(ch)
                     extra.append(ch)
@@ -397,6 +286,9 @@ class MigrationSource(_Side):
                 self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
+            if caps.get("dirty-bitmaps") and not caps.get("postcopy-ram"):
+                # QEMU advises postcopy (without page sizes) whenever bitmaps may migrate
+                w.command(MigCmd.POSTCOPY_ADVISE)
             sec = Section(self.ram_section_id, "ram", 0, 4)
             live = self._live_sections(sec)
             for lsec, h in live:
@@ -405,18 +297,18 @@ class MigrationSource(_Side):
                     h.save_setup(f)
                     w.footer(lsec)
                     continue
-                pass_no = period.begin_sync(stats, _now_ms())
+                pass_no = period.begin_sync(stats, now_ms())
                 ram.setup(rw)
                 self.c.events.dirty_pass(pass_no)
                 self._ram_eos(rw, sender, w, sec)
             f.flush()
             f.check()
-            stats.setup_time = _now_ms() - stats.start_time
+            stats.setup_time = now_ms() - stats.start_time
             if not st.try_transition(S.SETUP, S.ACTIVE):
                 self._lost_transition()
             window = RateWindow()
             f.rate_limit_max = params.max_bandwidth // 10
-            window.start(stats, _now_ms(), f.total_transferred + self._multifd_bytes(sender))
+            window.start(stats, now_ms(), f.total_transferred + self._multifd_bytes(sender))
             # -- iterations
             while True:
                 self._check_cancel()
@@ -437,7 +329,7 @@ class MigrationSource(_Side):
                 f.check()
                 self._account(ram, rw, stats, f, sender)
                 self._report_iteration(ram, f.total_transferred - sent_before, t0)
-                now = _now_ms()
+                now = now_ms()
                 f.rate_limit_max = params.max_bandwidth // 10
                 if window.update(stats, now, f.total_transferred + self._multifd_bytes(sender),
                                  params.downtime_limit):
@@ -450,7 +342,7 @@ class MigrationSource(_Side):
             # -- completion
             self._check_cancel()
             runstate = self.guest.runstate()
-            stats.downtime_start = _now_ms()
+            stats.downtime_start = now_ms()
             if self.guest.running:
                 self.guest.stop()
                 stopped_by_us = True
@@ -464,12 +356,14 @@ class MigrationSource(_Side):
                     self._lost_transition()
             f.rate_limit_max = 0
             for lsec, h in live:
+                if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
+                    continue
                 w.section_header(SectionType.SECTION_END, lsec)
                 if h is not None:
                     h.save_complete_precopy(f)
                     w.footer(lsec)
                     continue
-                pass_no = period.begin_sync(stats, _now_ms())
+                pass_no = period.begin_sync(stats, now_ms())
                 ram.complete(rw)
                 self.c.events.dirty_pass(pass_no)
                 self._ram_eos(rw, sender, w, sec)
@@ -480,7 +374,7 @@ class MigrationSource(_Side):
             if rp:
                 self._wait_shut()
             stats.remaining = 0
-            stats.complete(_now_ms(), f.total_transferred + self._multifd_bytes(sender))
+            stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
             if not (st.try_transition(S.ACTIVE, S.COMPLETED)
                     or st.try_transition(S.DEVICE, S.COMPLETED)):
                 self._lost_transition()
@@ -591,11 +485,11 @@ class MigrationSource(_Side):
         w.footer(sec)
 
     def _sync(self, ram: RamSaveState, period: DirtyRatePeriod, stats: MigrationStats) -> None:
-        pass_no = period.begin_sync(stats, _now_ms())
+        pass_no = period.begin_sync(stats, now_ms())
         new = ram.bitmap_sync()
         self._dirty_found = new
         self.c.events.dirty_pass(pass_no)
-        sample = period.end_sync(stats, _now_ms(), dirty_pages=new, target_pages=ram.pages_sent,
+        sample = period.end_sync(stats, now_ms(), dirty_pages=new, target_pages=ram.pages_sent,
                                  xbzrle=ram.cache is not None,
                                  compress=ram.compress_level is not None)
         stats.dirty_sync_count = max(stats.dirty_sync_count, ram.dirty_sync_count)
@@ -669,7 +563,7 @@ class MigrationSource(_Side):
                 entries.append(dev.vmdesc)
         text = self.vmdesc
         if text is None:
-            text = ('{"page_size": 4096, "devices": [%s]}' % ", ".join(entries)).encode()
+            text = ('{"page_size": %d, "devices": [%s]}' % (TARGET_PAGE_SIZE, ", ".join(entries))).encode()
         w.eof()
         w.vmdesc(text)
 
@@ -681,11 +575,11 @@ class MigrationSource(_Side):
             while True:
                 try:
                     n = ch.readinto(buf)
-                except ChannelError as exc:
+                except ChannelTimeout:
                     # Between PONG and SHUT the return path is idle for as long as
                     # the migration runs: the channel's I/O timeout, meant for a
                     # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
-                    if "timed out" in exc.message and not self._cancel.is_set():
+                    if not self._cancel.is_set():
                         continue
                     raise
                 if n == 0:
@@ -722,280 +616,3 @@ class MigrationSource(_Side):
         self._rp_check()
         if self._shut_status:
             raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
-
-
-@dataclass
-class IncomingResult:
-    """What an incoming migration received, besides RAM."""
-
-    configuration: Optional[Configuration] = None
-    setup: Optional[RamSetup] = None
-    sections: list = field(default_factory=list)
-    commands: list = field(default_factory=list)
-    vmdesc: Optional[bytes] = None
-    return_path: bool = False
-
-
-class MigrationDestination(_Side):
-    """An incoming migration into ``blocks`` (QEMU's ``-incoming``).
-
-    Args:
-        blocks: the destination's RAM; None creates blocks from the
-            incoming setup record ("a destination with no RAM configured").
-        capabilities, parameters: this side's (``multifd``, ``compress``,
-            ``x-ignore-shared``, ``multifd-channels``,
-            ``multifd-compression`` must match the source's).
-        machine_type: check the configuration's machine type as QEMU does
-            (a prefix comparison); None accepts any.
-        uuid: this VM's UUID, compared with multifd init packets.
-        handlers: the live sections this destination loads besides RAM
-            (``block``, ``dirty-bitmap``); a section without one is read by
-            its grammar and dropped.
-    """
-
-    def __init__(self, blocks: Optional[RAMBlockList] = None, *,
-                 capabilities: Optional[Capabilities] = None,
-                 parameters: Optional[Parameters] = None, machine_type: Optional[str] = None,
-                 uuid: Optional[bytes] = None, accept_timeout: Optional[float] = None,
-                 io_timeout: Optional[float] = 60.0,
-                 handlers: Sequence[SaveVMHandler] = ()) -> None:
-        self.c = _Controls("destination", capabilities, parameters)
-        self.registry = default_registry()
-        for h in handlers:
-            self.registry.remove(h.idstr, h.instance_id)
-            self.registry.add(h)
-        self.handlers = list(handlers)
-        self.loader_blocks = blocks
-        self.machine_type = machine_type
-        self.uuid = uuid
-        self.accept_timeout = accept_timeout
-        self.io_timeout = io_timeout
-        self.result = IncomingResult()
-        self.loader: Optional[RamLoader] = None
-        #: with ``blocks`` given, also create the blocks it lacks
-        self.loader_create_missing = False
-        self._listener = None
-        self._chans: list = []
-        self._thread: Optional[threading.Thread] = None
-        self._started = False
-        self._cancelled = False
-        self.socket_address: Optional[list] = None
-        self.t_first_byte: Optional[float] = None
-        self.t_done: Optional[float] = None
-
-    @property
-    def blocks(self) -> RAMBlockList:
-        return self.loader.blocks if self.loader is not None else (self.loader_blocks or RAMBlockList())
-
-    def incoming(self, uri: str) -> None:
-        """Start listening on ``uri`` and load in the background (``migrate-incoming``)."""
-        if self._started:
-            raise MigrationError("The incoming migration has already been started")
-        nchan = 1 + (self.c.params.multifd_channels if self.c.caps.get("multifd") else 0)
-        parsed = channels.parse_uri(uri, incoming=True)
-        if self.c.caps.get("multifd") and not parsed.multi_channel:
-            raise CapabilityError("multifd is not supported by current protocol",
-                                  field="multifd")
-        self._listener = channels.listen(uri, channels=nchan)
-        if self._listener.multi_channel:
-            self.socket_address = self._listener.socket_address
-        self._started = True
-        self.c.events.incoming_setup()
-        self._thread = threading.Thread(target=self._run, args=(nchan,), name="incoming",
-                                        daemon=True)
-        self._thread.start()
-
-    @property
-    def connect_uri(self) -> str:
-        """A URI the source can use (the real port when listening on port 0)."""
-        return self._listener.connect_uri
-
-    def cancel(self) -> None:
-        """Stop the incoming migration now: it ends ``failed`` (a destination has no cancelled)."""
-        self._cancelled = True
-        if self._listener is not None:
-            self._listener.shutdown()
-        for ch in list(self._chans):
-            try:
-                ch.shutdown()
-            except Exception:
-                pass
-
-    def wait(self, timeout: Optional[float] = None) -> MigrationStatus:
-        self.c.done.wait(timeout)
-        return self.c.state.state
-
-    def query(self) -> dict:
-        return query_migrate(self.c.state, self.c.stats, self.c.caps,
-                             socket_address=self.socket_address)
-
-    def _add_channel(self, ch) -> None:
-        ch.set_timeout(self.io_timeout)
-        self._chans.append(ch)
-        if self._cancelled:  # cancel() may have run between accept and here
-            ch.shutdown()
-
-    def _run(self, nchan: int) -> None:
-        st = self.c.state
-        receiver = None
-        main = None
-        failure: Optional[BaseException] = None
-        try:
-            main = self._listener.accept(self.accept_timeout)
-            self._add_channel(main)
-            extra = []
-            for _ in range(nchan - 1):
-                ch = self._listener.accept(self.io_timeout)
-                self._add_channel(ch)
-                extra.append(ch)
-            st.transition(S.ACTIVE)
-            caps = self.c.caps
-            self.loader = RamLoader(self.loader_blocks,
-                                    ignore_shared=bool(caps.get("x-ignore-shared")),
-                                    compress=bool(caps.get("compress")),
-                                    create_missing=self.loader_create_missing)
-            if extra:
-                ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
-                receiver = MultifdReceiver(ordered, self.loader.blocks,
-                                           compression=self.c.params.multifd_compression)
-            self._load(main, receiver)
-            self._load_cleanup(True)
-            st.transition(S.COMPLETED)
-        except BaseException as exc:  # noqa: BLE001
-            if self._cancelled and isinstance(exc, ChannelError):
-                exc = MigrationCancelled("incoming migration cancelled")
-            failure = exc
-            self._load_cleanup(False)
-            self.c.fail(exc)
-            if self.result.return_path and main is not None:
-                try:
-                    main.write(returnpath.shut(1))
-                except Exception:
-                    pass
-        finally:
-            # Free everything before the final state is visible.
-            self.t_done = time.monotonic()
-            try:
-                if failure is not None:
-                    for ch in list(self._chans):
-                        try:
-                            ch.shutdown()
-                        except Exception:
-                            pass
-                if receiver is not None:
-                    receiver.close()
-                for ch in self._chans:
-                    try:
-                        ch.close(timeout=2)
-                    except Exception:
-                        pass
-                if self._listener is not None:
-                    self._listener.close()
-            finally:
-                if failure is not None:
-                    if st.state == S.NONE:
-                        st.transition(S.ACTIVE)
-                    if st.state == S.ACTIVE:
-                        st.transition(S.FAILED)
-                self.c.done.set()
-
-    def _load(self, main, receiver) -> None:
-        parser = StreamParser(registry=self.registry)
-        started: set = set()
-        res = self.result
-        loader = self.loader
-        assert loader is not None
-        finished = False
-        while not finished:
-            n = parser.fill(main.readinto_available)
-            if self.t_first_byte is None and n:
-                self.t_first_byte = time.monotonic()
-            for ev in parser.events():
-                t = type(ev)
-                if t is RamPages:
-                    loader.on_pages(ev)
-                elif t is RamEOS:
-                    if receiver is not None:
-                        receiver.wait_sync(self.io_timeout)
-                elif t is RamSetup:
-                    self._setup_blocks(loader, ev)
-                    res.setup = ev
-                elif t is SectionRecord:
-                    h = self.registry.live(ev.section.idstr)
-                    if h not in started:
-                        started.add(h)
-                        h.load_setup()
-                    h.load_record(ev.record, ev.section)
-                elif t is SectionData:
-                    res.sections.append(ev)
-                elif t is Configuration:
-                    self._check_configuration(ev)
-                    res.configuration = ev
-                elif t is Command:
-                    self._command(ev, main)
-                elif t is VMDescription:
-                    res.vmdesc = ev.json
-                    finished = True
-                    break
-                elif t is EndOfStream:
-                    finished = True
-                    break
-            if n == 0 and not finished:
-                raise StreamError("the stream ended before its EOF", offset=parser.offset)
-        if receiver is not None:
-            receiver._check()
-        if res.return_path:
-            main.write(returnpath.shut(0))
-
-    def _load_cleanup(self, ok: bool) -> None:
-        for h in self.handlers:
-            try:
-                h.load_cleanup(ok)
-            except Exception:
-                if ok:
-                    raise
-
-    @staticmethod
-    def _setup_blocks(loader: RamLoader, ev: RamSetup) -> None:
-        """Match or create the blocks; an allocation the peer's sizes make fail is its fault."""
-        try:
-            loader.on_setup(ev)
-        except MigrationError:
-            raise
-        except (OSError, ValueError, OverflowError, MemoryError) as exc:
-            raise RamStreamError(f"cannot create the RAM blocks of the setup record: {exc}",
-                                 offset=ev.offset, section=ev.section.label,
-                                 field="used_length") from exc
-
-    def _check_configuration(self, cfg: Configuration) -> None:
-        mt = self.machine_type
-        if mt is not None and not mt.startswith(cfg.machine_type):
-            raise StreamError(f"Machine type received is '{cfg.machine_type}' and local is '{mt}'",
-                              offset=cfg.offset, section="configuration", field="machine_type")
-        received = set(cfg.capabilities)
-        for name in received - {"x-ignore-shared"}:
-            raise StreamError(f"Received unknown capability {name}", offset=cfg.offset,
-                              section="configuration", field="capabilities")
-        mine = bool(self.c.caps.get("x-ignore-shared"))
-        theirs = "x-ignore-shared" in received
-        if mine != theirs:
-            raise StreamError(
-                f"Capability x-ignore-shared is {'on' if mine else 'off'}, "
-                f"but received capability is {'on' if theirs else 'off'}",
-                offset=cfg.offset, section="configuration", field="capabilities")
-
-    def _command(self, ev: Command, main) -> None:
-        res = self.result
-        res.commands.append(ev)
-        if ev.cmd == MigCmd.OPEN_RETURN_PATH:
-            res.return_path = True
-        elif ev.cmd == MigCmd.PING:
-            if not res.return_path:
-                raise StreamError("PING without an open return path", offset=ev.offset,
-                                  field="command")
-            main.write(returnpath.pong(struct.unpack(">I", ev.payload)[0]))
-        elif ev.cmd in (MigCmd.POSTCOPY_LISTEN, MigCmd.POSTCOPY_RUN, MigCmd.POSTCOPY_RAM_DISCARD,
-                        MigCmd.PACKAGED, MigCmd.ENABLE_COLO, MigCmd.POSTCOPY_RESUME,
-                        MigCmd.RECV_BITMAP):
-            raise StreamError(f"{ev.cmd.name}: postcopy and COLO are not supported yet",
-                              offset=ev.offset, field="command")

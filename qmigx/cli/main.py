@@ -7,24 +7,17 @@ become one line, ``qmigx: error: ...``, on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import urllib.parse
 from typing import Optional, Sequence
 
-from qmigx.errors import MigrationError
+from qmigx.errors import MigrationError, one_line
 
-__all__ = ["main", "block_filename"]
-
-
-def block_filename(idstr: str) -> str:
-    """File name of a RAM block in an extract directory."""
-    return urllib.parse.quote(idstr, safe="") + ".bin"
+__all__ = ["main"]
 
 
 def _progress(label: str, path: str):
-    from qmigx.progress import Progress
+    from qmigx.cli.progress import Progress
 
     try:
         total = os.path.getsize(path)
@@ -83,7 +76,7 @@ def cmd_extract(args) -> int:
         state = analyze.analyze_state(args.file, loader=loader, progress=bar.update)
     finally:
         bar.close()
-    analyze.extract_blocks(loader, args.dir, block_filename)
+    analyze.extract_blocks(loader, args.dir, analyze.block_filename)
     with open(os.path.join(args.dir, "state.json"), "w") as f:
         f.write(analyze.dumps(state))
     return 0
@@ -97,10 +90,13 @@ def cmd_verify(args) -> int:
         summary = verify_stream(args.file, progress=bar.update)
     finally:
         bar.close()
+    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
           f"{summary['pages']} page records, {summary['records']} other live-section records, "
-          f"{summary['commands']} commands, "
+          f"{summary['commands']} commands{bitmaps}, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
+    for message in summary.get("bitmap_warnings", ()):
+        print(f"{args.file}: dirty bitmaps would be dropped: {message}")
     return 0
 
 
@@ -124,14 +120,14 @@ def cmd_convert(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from qmigx.plot import plot_report
+    from qmigx.cli.plot import plot_report
 
     plot_report(args.report, args.out)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from qmigx.demo import run_demo
+    from qmigx.cli.demo import run_demo
 
     return run_demo(args)
 
@@ -146,7 +142,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 
 def _live(name: str):
     def run(args):
-        from qmigx import live_cli
+        from qmigx.cli import live as live_cli
 
         return getattr(live_cli, name)(args)
 
@@ -193,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
                    help="write block migration's disk NAME into the existing image PATH, "
                         "repeatable")
+    i.add_argument("--bitmaps", metavar="OUT.json",
+                   help="write the block dirty bitmaps that arrived (dirty-bitmap section)")
+    i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
+                   help="a block node bitmaps may land on (size in bytes); with any given, "
+                        "bitmaps for other nodes are dropped as QEMU drops them")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
                    help="migrate the raw image PATH as disk NAME (needs --cap block=on), "
                         "repeatable")
+    s.add_argument("--bitmaps", metavar="IN.json",
+                   help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
     pl.set_defaults(func=cmd_plot)
 
-    from qmigx.serve_cli import add_serve_parser
+    from qmigx.cli.serve import add_serve_parser
 
     add_serve_parser(sub)
 
@@ -231,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MigrationError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         try:
@@ -240,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 141
     except OSError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qmigx: error: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Multifd: RAM pages over parallel channels (packet framing and compression).
+"""Multifd packet framing and per-channel compression (QEMU 7.2's multifd.c, formats).
 
 This is the public face of multifd's byte formats (spec multifd.md). The
 framing (init packet, packet headers, placing pages into a RAM block)

@@ -20,14 +20,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 from qmigx.errors import MigrationError, ParameterError
+from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["run_demo", "parse_size", "DirtyingGuest"]
+__all__ = ["run_demo", "parse_size"]
 
 
 def parse_size(text: str) -> int:
@@ -39,69 +39,16 @@ def parse_size(text: str) -> int:
         value = int(float(num) * mult)
     except ValueError:
         raise ParameterError(f"not a size: {text!r}", field="ram") from None
-    if value <= 0 or value % 4096:
+    if value <= 0 or value % TARGET_PAGE_SIZE:
         raise ParameterError(f"size must be a positive multiple of 4 KiB: {text!r}",
                              field="ram")
     return value
 
 
-class DirtyingGuest:
-    """A stand-in vCPU: a thread writing into random pages of a block.
-
-    Writes go through ``log.mark_dirty`` when the dirty log is explicit; a
-    userfaultfd log sees them by itself. ``stop()`` waits for the thread,
-    so no write lands after the migration's final sync.
-    """
-
-    def __init__(self, memory: np.ndarray, log, pages_per_second: int = 4000,
-                 seed: int = 3) -> None:
-        self.memory = memory.reshape(-1, 4096)
-        self.log = log
-        self.rate = pages_per_second
-        self.running = False
-        self.writes = 0
-        self._rng = np.random.default_rng(seed)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.throttle_percent = 0
-
-    def start(self) -> None:
-        if self.running:
-            return
-        self._stop.clear()
-        self.running = True
-        self._thread = threading.Thread(target=self._run, name="vcpu", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.running = False
-
-    def runstate(self) -> str:
-        return "running" if self.running else "paused"
-
-    def throttle(self, percent: int) -> None:
-        self.throttle_percent = percent
-
-    def _run(self) -> None:
-        explicit = getattr(self.log, "kind", "explicit") == "explicit"
-        batch = max(1, self.rate // 100)
-        npages = len(self.memory)
-        while not self._stop.wait(0.01 * (1 + self.throttle_percent / 100)):
-            for p in self._rng.integers(0, npages, batch):
-                off = int(self._rng.integers(0, 4096 - 16))
-                self.memory[p, off : off + 16] = self._rng.integers(0, 256, 16, dtype=np.uint8)
-                if explicit:
-                    self.log.mark_dirty(int(p) * 4096 + off, 16)
-            self.writes += batch
-
-
 def run_demo(args) -> int:
     ram_bytes = parse_size(args.ram)
     if getattr(args, "offline", False):
-        from qmigx.demo_offline import run_offline
+        from qmigx.cli.demo_offline import run_offline
 
         return run_offline(ram_bytes, args.workdir)
     if args.workdir is None:
@@ -112,14 +59,16 @@ def run_demo(args) -> int:
 
 
 def _run_live(ram_bytes: int, workdir: str) -> int:
-    from qmigx.cli import block_filename
+    from qmigx._child import qmigx_command
+    from qmigx.cli.live import info_migrate
+    from qmigx.cli.progress import Progress
     from qmigx.control import Capabilities, MigrationStatus, Parameters
     from qmigx.dirtylog import best_dirty_log
-    from qmigx.live_cli import info_migrate
+    from qmigx.guest import DirtyingGuest
     from qmigx.migration import MigrationSource
-    from qmigx.progress import Progress
-    from qmigx.tools.streams import load_stream, vmstate_device
     from qmigx.synthetic import synthetic_blocks, synthetic_devices
+    from qmigx.tools.analyze import block_filename
+    from qmigx.tools.streams import load_stream, vmstate_device
 
     sock = os.path.join(workdir, "migrate.sock")
     ram_dir = os.path.join(workdir, "received")
@@ -137,8 +86,8 @@ def _run_live(ram_bytes: int, workdir: str) -> int:
           + (f" ({log.reason})" if getattr(log, "reason", None) else "")
           + f" [{time.perf_counter() - t:.2f}s]")
 
-    cmd = [sys.executable, "-m", "qmigx", "incoming", f"unix:{sock}", "--ram-dir", ram_dir,
-           "--save", saved]
+    # the qmigx this process runs, not a source tree in the working directory
+    cmd = qmigx_command() + ["incoming", f"unix:{sock}", "--ram-dir", ram_dir, "--save", saved]
     for c in caps:
         cmd += ["--cap", f"{c}=on"]
     dest = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,363 @@
+"""The incoming side (QEMU's ``-incoming``, the load half of migration.c and savevm.c).
+
+:class:`MigrationDestination` accepts the channels, feeds the stream
+parser, dispatches sections to their handlers, places pages (multifd
+channels included) and answers on the return path.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from qmigx import transport
+from qmigx.control import (
+    Capabilities,
+    MigrationStatus,
+    Parameters,
+    query_migrate,
+)
+from qmigx.errors import (
+    CapabilityError,
+    ChannelError,
+    MigrationCancelled,
+    MigrationError,
+    RamStreamError,
+    StreamError,
+    printable_name,
+)
+from qmigx.migration.side import Controls, S, Side
+from qmigx.multifd.channels import MultifdReceiver
+from qmigx.ram import RAMBlockList, RamLoader
+from qmigx.returnpath import ReturnPathWriter
+from qmigx.savevm import SaveVMHandler
+from qmigx.stream import (
+    Command,
+    Configuration,
+    EndOfStream,
+    RamEOS,
+    RamPages,
+    RamSetup,
+    SectionData,
+    SectionRecord,
+    StreamParser,
+    VMDescription,
+    default_registry,
+)
+from qmigx.wire import MigCmd
+
+__all__ = ["IncomingResult", "MigrationDestination"]
+
+
+@dataclass
+class IncomingResult:
+    """What an incoming migration received, besides RAM."""
+
+    configuration: Optional[Configuration] = None
+    setup: Optional[RamSetup] = None
+    sections: list = field(default_factory=list)
+    commands: list = field(default_factory=list)
+    vmdesc: Optional[bytes] = None
+    return_path: bool = False
+
+
+class MigrationDestination(Side):
+    """An incoming migration into ``blocks`` (QEMU's ``-incoming``).
+
+    Args:
+        blocks: the destination's RAM; None creates blocks from the
+            incoming setup record ("a destination with no RAM configured").
+        capabilities, parameters: this side's (``multifd``, ``compress``,
+            ``x-ignore-shared``, ``multifd-channels``,
+            ``multifd-compression`` must match the source's).
+        machine_type: check the configuration's machine type as QEMU does
+            (a prefix comparison); None accepts any.
+        uuid: this VM's UUID, compared with multifd init packets.
+        handlers: the live sections this destination loads besides RAM
+            (``block``, ``dirty-bitmap``); a section without one is read by
+            its grammar and dropped.
+    """
+
+    def __init__(self, blocks: Optional[RAMBlockList] = None, *,
+                 capabilities: Optional[Capabilities] = None,
+                 parameters: Optional[Parameters] = None, machine_type: Optional[str] = None,
+                 uuid: Optional[bytes] = None, accept_timeout: Optional[float] = None,
+                 io_timeout: Optional[float] = 60.0,
+                 handlers: Sequence[SaveVMHandler] = ()) -> None:
+        self.c = Controls("destination", capabilities, parameters)
+        self.registry = default_registry()
+        for h in handlers:
+            self.registry.remove(h.idstr, h.instance_id)
+            self.registry.add(h)
+        self.handlers = list(handlers)
+        self.loader_blocks = blocks
+        self.machine_type = machine_type
+        self.uuid = uuid
+        self.accept_timeout = accept_timeout
+        self.io_timeout = io_timeout
+        self.result = IncomingResult()
+        self.loader: Optional[RamLoader] = None
+        #: with ``blocks`` given, also create the blocks it lacks
+        self.loader_create_missing = False
+        self.rp: Optional[ReturnPathWriter] = None
+        self._listener = None
+        self._chans: list = []
+        self._thread: Optional[threading.Thread] = None
+        self._started = False
+        self._cancelled = False
+        self.socket_address: Optional[list] = None
+        self.t_first_byte: Optional[float] = None
+        self.t_done: Optional[float] = None
+
+    @property
+    def blocks(self) -> RAMBlockList:
+        return self.loader.blocks if self.loader is not None else (self.loader_blocks or RAMBlockList())
+
+    def incoming(self, uri: str) -> None:
+        """Start listening on ``uri`` and load in the background (``migrate-incoming``)."""
+        if self._started:
+            raise MigrationError("The incoming migration has already been started")
+        nchan = 1 + (self.c.params.multifd_channels if self.c.caps.get("multifd") else 0)
+        parsed = transport.parse_uri(uri, incoming=True)
+        if self.c.caps.get("multifd") and not parsed.multi_channel:
+            raise CapabilityError("multifd is not supported by current protocol",
+                                  field="multifd")
+        self._listener = transport.listen(uri, channels=nchan)
+        if self._listener.multi_channel:
+            self.socket_address = self._listener.socket_address
+        self._started = True
+        self.c.events.incoming_setup()
+        self._thread = threading.Thread(target=self._run, args=(nchan,), name="incoming",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def connect_uri(self) -> str:
+        """A URI the source can use (the real port when listening on port 0)."""
+        return self._listener.connect_uri
+
+    def cancel(self) -> None:
+        """Stop the incoming migration now: it ends ``failed`` (a destination has no cancelled)."""
+        self._cancelled = True
+        if self._listener is not None:
+            self._listener.shutdown()
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def wait(self, timeout: Optional[float] = None) -> MigrationStatus:
+        self.c.done.wait(timeout)
+        return self.c.state.state
+
+    def query(self) -> dict:
+        return query_migrate(self.c.state, self.c.stats, self.c.caps,
+                             socket_address=self.socket_address)
+
+    def _add_channel(self, ch) -> None:
+        ch.set_timeout(self.io_timeout)
+        self._chans.append(ch)
+        if self._cancelled:  # cancel() may have run between accept and here
+            ch.shutdown()
+
+    def _run(self, nchan: int) -> None:
+        st = self.c.state
+        receiver = None
+        main = None
+        failure: Optional[BaseException] = None
+        try:
+            main = self._listener.accept(self.accept_timeout)
+            self._add_channel(main)
+            extra = []
+            for _ in range(nchan - 1):
+                ch = self._listener.accept(self.io_timeout)
+                self._add_channel(ch)
+                extra.append(ch)
+            st.transition(S.ACTIVE)
+            caps = self.c.caps
+            self.loader = RamLoader(self.loader_blocks,
+                                    ignore_shared=bool(caps.get("x-ignore-shared")),
+                                    compress=bool(caps.get("compress")),
+                                    create_missing=self.loader_create_missing)
+            if extra:
+                ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
+                receiver = MultifdReceiver(ordered, self.loader.blocks,
+                                           compression=self.c.params.multifd_compression,
+                                           placement=self.loader.placement)
+            self._load(main, receiver)
+            self._load_cleanup(True)
+            st.transition(S.COMPLETED)
+        except BaseException as exc:  # noqa: BLE001
+            if self._cancelled and isinstance(exc, ChannelError):
+                exc = MigrationCancelled("incoming migration cancelled")
+            failure = exc
+            self._load_cleanup(False)
+            self.c.fail(exc)
+            if self.result.return_path and self.rp is not None:
+                try:
+                    self.rp.shut(1)
+                except Exception:
+                    pass
+        finally:
+            # Free everything before the final state is visible.
+            self.t_done = time.monotonic()
+            try:
+                if failure is not None:
+                    for ch in list(self._chans):
+                        try:
+                            ch.shutdown()
+                        except Exception:
+                            pass
+                if receiver is not None:
+                    receiver.close()
+                for ch in self._chans:
+                    try:
+                        ch.close(timeout=2)
+                    except Exception:
+                        pass
+                if self._listener is not None:
+                    self._listener.close()
+            finally:
+                if failure is not None:
+                    if st.state == S.NONE:
+                        st.transition(S.ACTIVE)
+                    if st.state == S.ACTIVE:
+                        st.transition(S.FAILED)
+                self.c.done.set()
+
+    def _load(self, main, receiver) -> None:
+        """Load the incoming stream: a dispatch over phases (QEMU's qemu_loadvm_state_main).
+
+        Each phase reads the main channel until the stream ends (None) or a
+        command hands over to another phase: POSTCOPY_LISTEN to the postcopy
+        listen phase, ENABLE_COLO to the COLO phase. Return-path messages of
+        every thread go out through one locked :class:`ReturnPathWriter`.
+        """
+        self.rp = ReturnPathWriter(main.write)
+        self._parser = StreamParser(registry=self.registry)
+        self._started: set = set()
+        phase = self._precopy_phase
+        while phase is not None:
+            phase = phase(main, receiver)
+        if receiver is not None:
+            receiver._check()
+        if self.result.return_path:
+            self.rp.shut(0)
+
+    def _precopy_phase(self, main, receiver):
+        parser = self._parser
+        while True:
+            n = parser.fill(main.readinto_available)
+            if self.t_first_byte is None and n:
+                self.t_first_byte = time.monotonic()
+            for ev in parser.events():
+                t = type(ev)
+                if t is RamPages:
+                    self.loader.on_pages(ev)
+                elif t is RamEOS:
+                    if receiver is not None:
+                        receiver.wait_sync(self.io_timeout)
+                elif t is Command:
+                    nxt = self._command(ev)
+                    if nxt is not None:
+                        return nxt
+                elif t is VMDescription:
+                    self.result.vmdesc = ev.json
+                    return None
+                elif t is EndOfStream:
+                    return None
+                else:
+                    self._dispatch(ev)
+            if n == 0:
+                raise StreamError("the stream ended before its EOF", offset=parser.offset)
+
+    def _dispatch(self, ev) -> None:
+        """An event every phase handles the same way."""
+        t = type(ev)
+        res = self.result
+        if t is RamSetup:
+            self._setup_blocks(self.loader, ev)
+            res.setup = ev
+        elif t is SectionRecord:
+            h = self.registry.live(ev.section.idstr)
+            if h not in self._started:
+                self._started.add(h)
+                h.load_setup()
+            h.load_record(ev.record, ev.section)
+        elif t is SectionData:
+            res.sections.append(ev)
+        elif t is Configuration:
+            self._check_configuration(ev)
+            res.configuration = ev
+
+    def _postcopy_listen_phase(self, main, receiver):
+        raise StreamError("POSTCOPY_LISTEN: postcopy is not supported yet", offset=self._parser.offset,
+                          field="command")
+
+    def _colo_phase(self, main, receiver):
+        raise StreamError("ENABLE_COLO: COLO is not supported yet", offset=self._parser.offset,
+                          field="command")
+
+    def _load_cleanup(self, ok: bool) -> None:
+        for h in self.handlers:
+            try:
+                h.load_cleanup(ok)
+            except Exception:
+                if ok:
+                    raise
+
+    @staticmethod
+    def _setup_blocks(loader: RamLoader, ev: RamSetup) -> None:
+        """Match or create the blocks; an allocation the peer's sizes make fail is its fault."""
+        try:
+            loader.on_setup(ev)
+        except MigrationError:
+            raise
+        except (OSError, ValueError, OverflowError, MemoryError) as exc:
+            raise RamStreamError(f"cannot create the RAM blocks of the setup record: {exc}",
+                                 offset=ev.offset, section=ev.section.label,
+                                 field="used_length") from exc
+
+    def _check_configuration(self, cfg: Configuration) -> None:
+        mt = self.machine_type
+        if mt is not None and not mt.startswith(cfg.machine_type):
+            raise StreamError(f"Machine type received is '{printable_name(cfg.machine_type)}' "
+                              f"and local is '{mt}'",
+                              offset=cfg.offset, section="configuration", field="machine_type")
+        received = set(cfg.capabilities)
+        for name in received - {"x-ignore-shared"}:
+            raise StreamError(f"Received unknown capability {printable_name(name)}",
+                              offset=cfg.offset,
+                              section="configuration", field="capabilities")
+        mine = bool(self.c.caps.get("x-ignore-shared"))
+        theirs = "x-ignore-shared" in received
+        if mine != theirs:
+            raise StreamError(
+                f"Capability x-ignore-shared is {'on' if mine else 'off'}, "
+                f"but received capability is {'on' if theirs else 'off'}",
+                offset=cfg.offset, section="configuration", field="capabilities")
+
+    def _command(self, ev: Command):
+        """Handle a command; return the phase it hands over to, if any."""
+        res = self.result
+        res.commands.append(ev)
+        if ev.cmd == MigCmd.OPEN_RETURN_PATH:
+            res.return_path = True
+        elif ev.cmd == MigCmd.PING:
+            if not res.return_path:
+                raise StreamError("PING without an open return path", offset=ev.offset,
+                                  field="command")
+            self.rp.pong(struct.unpack(">I", ev.payload)[0])
+        elif ev.cmd == MigCmd.POSTCOPY_LISTEN:
+            return self._postcopy_listen_phase
+        elif ev.cmd == MigCmd.ENABLE_COLO:
+            return self._colo_phase
+        elif ev.cmd in (MigCmd.POSTCOPY_RUN, MigCmd.POSTCOPY_RAM_DISCARD, MigCmd.PACKAGED,
+                        MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
+            raise StreamError(f"{ev.cmd.name}: postcopy is not supported yet",
+                              offset=ev.offset, field="command")
+        return None

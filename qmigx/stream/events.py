@@ -1,0 +1,194 @@
+"""The events a stream parser produces, one dataclass per record kind (stream.md)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from qmigx.qemufile import Cursor
+from qmigx.savevm import Section
+from qmigx.wire import MigCmd, SectionType
+
+__all__ = [
+    "Section", "StreamHeader", "Configuration", "ConfigSubsection", "SectionStart",
+    "SectionData", "RamBlockInfo", "RamSetup", "RamPages", "RamEOS", "SectionEnd", "Command",
+    "EndOfState", "VMDescription", "SectionRecord", "EndOfStream", "Event",
+]
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    version: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ConfigSubsection:
+    name: str
+    version: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The configuration section (stream.md §3)."""
+
+    machine_type: str
+    subsections: tuple[ConfigSubsection, ...]
+    offset: int
+    raw: bytes
+
+    @property
+    def capabilities(self) -> list[str]:
+        """Validated capabilities announced by the source (``x-ignore-shared``)."""
+        for sub in self.subsections:
+            if sub.name == "configuration/capabilities":
+                cur = Cursor(sub.data)
+                return [cur.read_str8() for _ in range(cur.read_be32())]
+        return []
+
+    @property
+    def uuid(self) -> Optional[bytes]:
+        for sub in self.subsections:
+            if sub.name == "configuration/uuid":
+                return sub.data
+        return None
+
+    @property
+    def target_page_bits(self) -> Optional[int]:
+        for sub in self.subsections:
+            if sub.name == "configuration/target-page-bits":
+                return struct.unpack(">I", sub.data)[0]
+        return None
+
+
+@dataclass(frozen=True)
+class SectionStart:
+    """A START/PART/END/FULL header. PART/END carry the START's identity."""
+
+    type: SectionType
+    section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class SectionData:
+    """A non-RAM section payload, exactly as on the wire.
+
+    ``value`` is the decoded state when the parser had a description for
+    the section: a device loader's result, or the tree
+    :func:`qmigx.vmstate.walk_with_vmdesc` makes from the stream's vmdesc.
+    """
+
+    type: SectionType
+    section: Section
+    payload: bytes
+    offset: int
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class RamBlockInfo:
+    """One entry of the RAM setup record (ram.md §3)."""
+
+    idstr: str
+    used_length: int
+    page_size: Optional[int] = None
+    gpa: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RamSetup:
+    """The RAM setup record (MEM_SIZE): the block list."""
+
+    section: Section
+    total: int
+    blocks: tuple[RamBlockInfo, ...]
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class RamPages:
+    """A batch of page records; see ``qmigx.reference.ramparse.RamRecords``.
+
+    ``records.pos``/``records.start`` index into ``data``; ``base`` is the
+    absolute stream offset of ``data[0]``. ``data`` is a view of the input:
+    after :meth:`StreamParser.fill` it is the parser's own buffer, which the
+    next ``fill`` reuses, so consume the event before reading more.
+    """
+
+    section: Section
+    records: Any
+    data: memoryview
+    base: int
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RamEOS:
+    section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class SectionEnd:
+    """The end of a section's payload, with its footer when it had one."""
+
+    type: SectionType
+    section: Section
+    footer: bool
+    offset: int
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``QEMU_VM_COMMAND``; ``packaged`` holds a PACKAGED command's blob."""
+
+    cmd: MigCmd
+    payload: bytes
+    offset: int
+    packaged: Optional[bytes] = None
+
+
+@dataclass(frozen=True)
+class EndOfState:
+    """The ``QEMU_VM_EOF`` byte: the device-state part of the stream ended."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
+class VMDescription:
+    """The vmdesc trailer's JSON text."""
+
+    json: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
+class SectionRecord:
+    """One record of a live section other than ``ram`` (``block``, ``dirty-bitmap``).
+
+    ``record`` is what the section's handler read (its ``read_record``);
+    ``raw`` is the record's bytes as they stood in the stream.
+    """
+
+    section: Section
+    record: Any
+    offset: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The input ended cleanly (only after ``feed_eof``)."""
+
+    offset: int
+
+
+Event = Union[
+    StreamHeader, Configuration, SectionStart, SectionData, RamSetup, RamPages,
+    RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream, SectionRecord,
+]

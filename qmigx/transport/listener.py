@@ -1,0 +1,157 @@
+"""The destination's end of a migration URI (QEMU's ``-incoming``)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Optional
+
+from qmigx.errors import ChannelClosed, ChannelError, ChannelTimeout
+from qmigx.transport.channel import Channel
+from qmigx.transport.socket import peer_name, socket_channel
+from qmigx.transport.uri import MigrationURI
+
+__all__ = ["Listener"]
+
+
+class Listener:
+    """The destination's end of a migration URI, handing out channels with :meth:`accept`.
+
+    Sockets (tcp/unix/vsock) accept as many connections as asked for (the
+    main channel first, then multifd channels); ``exec:``, ``fd:`` and
+    ``file:`` have exactly one channel, created at :func:`listen` time.
+    """
+
+    def __init__(self, uri: MigrationURI, *, sockets=(), channel: Optional[Channel] = None,
+                 unix_path: Optional[str] = None) -> None:
+        self.uri = uri
+        self._sockets: list[socket.socket] = list(sockets)
+        self._channel = channel
+        self._unix_path = unix_path
+        self._unix_id: Optional[tuple[int, int]] = None
+        if unix_path is not None:
+            st = os.stat(unix_path)
+            self._unix_id = (st.st_dev, st.st_ino)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._shut = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._poll = select.poll()
+        for s in self._sockets:
+            s.setblocking(False)
+            self._poll.register(s.fileno(), select.POLLIN)
+        self._poll.register(self._wake, select.POLLIN)
+        self.accepted = 0
+
+    @property
+    def multi_channel(self) -> bool:
+        return self.uri.multi_channel
+
+    @property
+    def socket_address(self) -> list[dict]:
+        """The bound addresses as QEMU's query-migrate ``socket-address`` list."""
+        out = []
+        for s in self._sockets:
+            if s.family == socket.AF_UNIX:
+                out.append({"type": "unix", "path": s.getsockname()})
+            elif s.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = s.getsockname()[:2]
+                out.append({"type": "inet", "host": host, "port": str(port)})
+            else:
+                cid, port = s.getsockname()
+                out.append({"type": "vsock", "cid": str(cid), "port": str(port)})
+        return out
+
+    @property
+    def connect_uri(self) -> str:
+        """A URI a source can connect to (the real port for ``tcp:…:0``)."""
+        if self.uri.scheme == "tcp" and self._sockets:
+            host, port = self._sockets[0].getsockname()[:2]
+            if host in ("0.0.0.0", ""):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+            return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        return self.uri.uri
+
+    @property
+    def port(self) -> Optional[int]:
+        """The bound TCP port (useful with port 0)."""
+        if self.uri.scheme == "tcp" and self._sockets:
+            return self._sockets[0].getsockname()[1]
+        return None
+
+    def accept(self, timeout: Optional[float] = None) -> Channel:
+        """The next incoming channel; ChannelError on timeout, shutdown or a used-up listener."""
+        if self._shut:
+            raise ChannelClosed(f"listener {self.uri.uri} was shut down", field="listener")
+        if not self._sockets:
+            with self._lock:
+                ch, self._channel = self._channel, None
+            if ch is None:
+                raise ChannelError(f"{self.uri.scheme}: has only one channel and it was taken",
+                                   field="listener")
+            self.accepted += 1
+            return ch
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self._poll.poll(None if remaining is None else int(remaining * 1000))
+            if self._shut:
+                raise ChannelClosed(f"listener {self.uri.uri} was shut down", field="listener")
+            for fd, _ in ready:
+                for s in self._sockets:
+                    if s.fileno() == fd:
+                        try:
+                            conn, peer = s.accept()
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError as e:
+                            raise ChannelError(f"accept failed: {e.strerror}", field="listener") from None
+                        self.accepted += 1
+                        return socket_channel(conn, f"{self.uri.uri} <- {peer_name(peer)}")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ChannelTimeout(
+                    f"timed out after {timeout:g} s waiting for a connection on {self.uri.uri}",
+                    field="listener")
+
+    def shutdown(self) -> None:
+        """Unblock a pending :meth:`accept` from another thread; no more channels."""
+        self._shut = True
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        """Stop listening; remove the unix socket file this listener created."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shut = True
+            os.eventfd_write(self._wake, 1)
+            ch, self._channel = self._channel, None
+        for s in self._sockets:
+            s.close()
+        if self._unix_path is not None:
+            try:
+                st = os.lstat(self._unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_id:
+                    os.unlink(self._unix_path)
+            except OSError:
+                pass
+        if ch is not None:
+            ch.close()
+        os.close(self._wake)
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.uri.uri}{' closed' if self._closed else ''}>"
