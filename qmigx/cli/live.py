@@ -18,7 +18,7 @@ from qmigx.errors import MigrationError, ParameterError
 from qmigx.ram import RAMBlock, RAMBlockList
 from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["settings_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
+__all__ = ["settings_from_args", "objects_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
 
 
 def _bool(text: str, name: str) -> bool:
@@ -49,6 +49,21 @@ def settings_from_args(caps: list, params: list, *, incoming: bool) -> tuple:
     if values:
         p.set(values)
     return c, p
+
+
+def objects_from_args(items: list):
+    """An :class:`~qmigx.crypto.ObjectRoot` holding the ``--object`` options, in order."""
+    from qmigx.crypto import ObjectRoot
+
+    root = ObjectRoot()
+    for text in items or ():
+        root.add_option(text)
+    return root
+
+
+def _print_refusal(peer: str, exc: BaseException) -> None:
+    """A refused TLS peer: one line on stderr, as QEMU reports it; the destination keeps listening."""
+    print(f"qmigx: {getattr(exc, 'message', exc)}", file=sys.stderr, flush=True)
 
 
 def _parse_value(text: str):
@@ -128,10 +143,12 @@ def cmd_incoming(args) -> int:
     from qmigx.tools.streams import save_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
+    objects = objects_from_args(args.object)
     t_start = time.monotonic()
     given = _shared_ram(args.shared_ram, private=True)
     dst = MigrationDestination(given if len(given) else None, capabilities=caps,
-                               parameters=params)
+                               parameters=params, objects=objects)
+    dst.on_refused = _print_refusal
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -169,6 +186,7 @@ def cmd_send(args) -> int:
     from qmigx.tools.streams import load_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
+    objects = objects_from_args(args.object)
     shared = _shared_ram(args.shared_ram, private=False)
     loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
     setup = loaded.ram_setup
@@ -182,7 +200,7 @@ def cmd_send(args) -> int:
     src = MigrationSource(
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
-        ram_section_id=setup.section.section_id if setup else 2)
+        ram_section_id=setup.section.section_id if setup else 2, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from qmigx import returnpath, transport
 from qmigx.autoconverge import AutoConverge
+from qmigx.crypto import ObjectRoot, TLSSettings
 from qmigx.control import (
     Capabilities,
     DirtyRatePeriod,
@@ -83,6 +84,9 @@ class MigrationSource(Side):
         handlers: further live sections (``block``, ``dirty-bitmap``:
             :class:`~qmigx.savevm.SaveVMHandler`), run with RAM in QEMU's
             order (by section id) and skipped when not ``is_active()``.
+        objects: the VM's objects (:class:`~qmigx.crypto.ObjectRoot`) that
+            ``tls-creds`` names; default: an empty root of its own
+            (:attr:`objects`).
     """
 
     def __init__(self, blocks: RAMBlockList, *, devices: list = (), vmdesc: Optional[bytes] = None,
@@ -93,8 +97,10 @@ class MigrationSource(Side):
                  configuration: Optional[Configuration] = None, uuid: Optional[bytes] = None,
                  clear_bitmap_shift: int = 18, globalstate: bool = True,
                  ram_section_id: int = 2, handlers: Sequence[SaveVMHandler] = (),
-                 connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0) -> None:
+                 connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0,
+                 objects: Optional[ObjectRoot] = None) -> None:
         self.blocks = blocks
+        self.objects = objects if objects is not None else ObjectRoot()
         self.handlers = list(handlers)
         self.devices = list(devices)
         self.vmdesc = vmdesc
@@ -191,6 +197,21 @@ class MigrationSource(Side):
         return query_migrate(self.c.state, self.c.stats, self.c.caps,
                              xbzrle_cache_size=self.c.params.xbzrle_cache_size)
 
+    def connection_options(self) -> transport.ConnectionOptions:
+        """How this migration opens its connections: timeouts and TLS (QEMU's tls-* parameters).
+
+        Every connection goes through these: the main channel, each multifd
+        channel, and a postcopy preempt channel (``transport.connect_extra``).
+        The objects the parameters name are looked up at each connection.
+        """
+        p = self.c.params
+        tls = None
+        if p.tls_creds:
+            tls = TLSSettings(self.objects, p.tls_creds, hostname=p.tls_hostname or "")
+        return transport.ConnectionOptions(connect_timeout=self.connect_timeout,
+                                           io_timeout=self.io_timeout, tls=tls,
+                                           handshake_timeout=self.connect_timeout)
+
     # -- the migration thread -------------------------------------------------
     def _refresh_stats(self) -> None:
         ram = self.ram
@@ -233,13 +254,16 @@ class MigrationSource(Side):
         main = None
         failure: Optional[BaseException] = None
         try:
-            main = transport.connect(uri, timeout=self.connect_timeout)
+            options = self.connection_options()
+            main = transport.connect(uri, options=options)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
             if caps.get("multifd"):
                 extra = []
+                # one at a time, each handshake complete before the next connection:
+                # a 7.2 destination takes the first finished handshake as the main channel
                 for _ in range(params.multifd_channels):
-                    ch = transport.connect_extra(uri, timeout=self.connect_timeout)
+                    ch = transport.connect_extra(uri, options=options)
                     ch.set_timeout(self.io_timeout)
                     self._add_channel(ch)
                     extra.append(ch)

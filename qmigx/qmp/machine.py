@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from qmigx import transport
 from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
 from qmigx.control.capabilities import MIGRATION_ACTIVE, UNSUPPORTED_CAPABILITIES
+from qmigx.crypto import ObjectRoot
 from qmigx.errors import CapabilityError, MigrationError, ParameterError
 from qmigx.qmp.protocol import QMPError
 from qmigx.ram import RAMBlock, RAMBlockList
@@ -177,6 +178,8 @@ class Machine:
                  incoming: Optional[str] = None, paused: bool = False, seed: int = 1) -> None:
         self.caps = Capabilities()
         self.params = Parameters(capabilities=self.caps)
+        #: user-created objects (``-object``, ``object-add``): TLS credentials, authz
+        self.objects = ObjectRoot()
         self._lock = threading.RLock()
         self._emit: Emitter = lambda ev: None
         self._fatal: Callable[[int, str], None] = lambda code, msg: None
@@ -357,7 +360,7 @@ class Machine:
                 image.blocks, devices=image.devices, vmdesc=image.vmdesc, guest=self._guest,
                 dirty_logs=self._dirty_logs, capabilities=self.caps, parameters=self.params,
                 machine_type=image.machine_type, globalstate=image.globalstate,
-                ram_section_id=image.ram_section_id)
+                ram_section_id=image.ram_section_id, objects=self.objects)
             src.events.subscribe(self._source_event)
             src.state.add_listener(self._source_state)
             self.src = src
@@ -388,7 +391,7 @@ class Machine:
             if self.runstate != "inmigrate":
                 raise QMPError("'-incoming' was not specified on the command line")
             dst = MigrationDestination(self._destination_blocks(), capabilities=self.caps,
-                                       parameters=self.params)
+                                       parameters=self.params, objects=self.objects)
             dst.events.subscribe(self._destination_event)
             dst.state.add_listener(self._destination_state)
             try:
