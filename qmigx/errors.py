@@ -13,7 +13,9 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
+    │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   └── ReturnPathError               a return-path message is malformed
+    ├── BitmapError (ValueError)          a block dirty bitmap (or bitmaps file) is refused
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
     ├── CapabilityError (ValueError)      capability refused
@@ -39,7 +41,9 @@ __all__ = [
     "UnknownSectionError",
     "VMStateError",
     "RamStreamError",
+    "DirtyBitmapError",
     "ReturnPathError",
+    "BitmapError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
@@ -130,8 +134,21 @@ class RamStreamError(StreamError):
     """A RAM record is malformed, names an unknown block or lies outside it."""
 
 
+class DirtyBitmapError(StreamError):
+    """A ``dirty-bitmap`` record is malformed or does not fit the bitmaps it names.
+
+    Raised when the error ends the migration; when QEMU would only cancel
+    the bitmap migration and keep loading, the destination keeps the error
+    (``DirtyBitmapDestination.cancelled``) instead of raising it.
+    """
+
+
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
+
+
+class BitmapError(MigrationError, ValueError):
+    """A block dirty bitmap, or a bitmaps file, is refused; ``field`` names the part."""
 
 
 class XbzrleError(MigrationError, ValueError):

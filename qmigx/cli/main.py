@@ -90,9 +90,12 @@ def cmd_verify(args) -> int:
         summary = verify_stream(args.file, progress=bar.update)
     finally:
         bar.close()
+    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
-          f"{summary['pages']} page records, {summary['commands']} commands, "
+          f"{summary['pages']} page records, {summary['commands']} commands{bitmaps}, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
+    for message in summary.get("bitmap_warnings", ()):
+        print(f"{args.file}: dirty bitmaps would be dropped: {message}")
     return 0
 
 
@@ -185,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ram-dir", metavar="DIR", help="write each RAM block as extract names them")
     i.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="map PATH privately (copy-on-write) as block IDSTR (x-ignore-shared)")
+    i.add_argument("--bitmaps", metavar="OUT.json",
+                   help="write the block dirty bitmaps that arrived (dirty-bitmap section)")
+    i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
+                   help="a block node bitmaps may land on (size in bytes); with any given, "
+                        "bitmaps for other nodes are dropped as QEMU drops them")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -193,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
     s.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="back block IDSTR with PATH, shared (x-ignore-shared skips it)")
+    s.add_argument("--bitmaps", metavar="IN.json",
+                   help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))
