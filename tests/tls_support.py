@@ -106,14 +106,16 @@ class X509Dir:
 
 def make_x509_dir(path, *, hosts: Sequence[str] = ("127.0.0.1",), client_dn: Optional[str] = CLIENT_DN,
                   server_days: float = 1.0, server_expired: bool = False,
-                  server_self_signed: bool = False) -> X509Dir:
+                  server_self_signed: bool = False, other_clients: Optional[dict] = None) -> X509Dir:
     """A ``tls-creds-x509`` directory usable by both endpoints (QEMU's tests share one too).
 
     ``hosts``: the server certificate's subjectAltNames (IP addresses or
     DNS names). ``client_dn`` None leaves out the client certificate (an
     anonymous client). ``server_expired``: a server certificate whose
     validity ended yesterday. ``server_self_signed``: a server certificate
-    not issued by the directory's CA.
+    not issued by the directory's CA. ``other_clients``: ``{path: dn}``,
+    further client-only directories (``ca-cert.pem`` and a client
+    certificate with that DN, or none for ``None``) from the same CA.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -133,14 +135,23 @@ def make_x509_dir(path, *, hosts: Sequence[str] = ("127.0.0.1",), client_dn: Opt
     (path / "server-cert.pem").write_bytes(_pem(scert))
     (path / "server-key.pem").write_bytes(_pem_key(skey))
     os.chmod(path / "server-key.pem", 0o600)
-    if client_dn is not None:
-        ckey = _key()
-        ccert = _cert(name(client_dn), ckey, ca_name, ca_key, ca=False,
-                      purpose=ExtendedKeyUsageOID.CLIENT_AUTH)
-        (path / "client-cert.pem").write_bytes(_pem(ccert))
-        (path / "client-key.pem").write_bytes(_pem_key(ckey))
-        os.chmod(path / "client-key.pem", 0o600)
+    _client(path, client_dn, ca_name, ca_key)
+    for other, dn in (other_clients or {}).items():
+        other = Path(other)
+        other.mkdir(parents=True, exist_ok=True)
+        (other / "ca-cert.pem").write_bytes(_pem(ca))
+        _client(other, dn, ca_name, ca_key)
     return X509Dir(path, client_dn)
+
+
+def _client(path: Path, dn: Optional[str], ca_name, ca_key) -> None:
+    if dn is None:
+        return
+    ckey = _key()
+    ccert = _cert(name(dn), ckey, ca_name, ca_key, ca=False, purpose=ExtendedKeyUsageOID.CLIENT_AUTH)
+    (path / "client-cert.pem").write_bytes(_pem(ccert))
+    (path / "client-key.pem").write_bytes(_pem_key(ckey))
+    os.chmod(path / "client-key.pem", 0o600)
 
 
 def self_signed(path, dn: str = "C=GB,O=ACME,CN=qemu-server", hosts: Sequence[str] = ("127.0.0.1",)):
