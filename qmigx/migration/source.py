@@ -42,6 +42,7 @@ from qmigx.errors import (
 )
 from qmigx.guest import Guest, SimpleGuest
 from qmigx.migration.side import Controls, S, Side, now_ms
+from qmigx.multifd import pack_init_packet
 from qmigx.multifd.channels import MultifdSender
 from qmigx.precopy import RamSaveState
 from qmigx.qemufile import QEMUFile
@@ -260,17 +261,22 @@ class MigrationSource(Side):
             self._add_channel(main)
             if caps.get("multifd"):
                 extra = []
-                # one at a time, each handshake complete before the next connection:
-                # a 7.2 destination takes the first finished handshake as the main channel
-                for _ in range(params.multifd_channels):
+                # One at a time, each handshake complete and its init packet sent
+                # before the next connection, as QEMU's source does: a 7.2
+                # destination takes the first finished handshake as the main
+                # channel, and reads each channel's init packet in its main loop
+                # (blocking) as soon as that channel's handshake completed.
+                for i in range(params.multifd_channels):
                     ch = transport.connect_extra(uri, options=options)
                     ch.set_timeout(self.io_timeout)
                     self._add_channel(ch)
+                    ch.write(pack_init_packet(self.uuid, i))
                     extra.append(ch)
                 comp = params.multifd_compression
                 level = {"zlib": params.multifd_zlib_level,
                          "zstd": params.multifd_zstd_level}.get(comp)
-                sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid)
+                sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid,
+                                       init_sent=True)
             f = QEMUFile(main.write, sink_v=main.writev)
             w = StreamWriter(f)
             rw = RamWriter(f)
