@@ -23,6 +23,7 @@ completed) qmigx's fails too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -536,3 +537,69 @@ def test_serve_object_add_and_tls_migration_to_qemu(tmp_path):
             proc.kill()
             proc.wait(10)
         proc.stderr.close()
+
+
+# --- object-add / object-del replies, byte for byte against QEMU --------------------------------
+
+
+def test_object_replies_match_qemu(tmp_path, sockdir):
+    """The same object-add / object-del requests get the same replies from QEMU and qmigx serve."""
+    from test_qmp import Served
+    from test_qmp_qemu import _masked, _replies
+    from test_tls_objects import QMP_ERRORS, _fill
+
+    from tls_support import self_signed
+
+    good = make_x509_dir(tmp_path / "good")
+    expired = make_x509_dir(tmp_path / "expired", server_expired=True)
+    foreign = make_x509_dir(tmp_path / "foreign")
+    self_signed(foreign)
+    swapped = make_x509_dir(tmp_path / "swapped")
+    for part in ("cert", "key"):
+        os.replace(swapped.path / f"client-{part}.pem", swapped.path / f"server-{part}.pem")
+    psk = make_psk_dir(tmp_path / "psk", {"qemu": KEY})
+    empty, junk = tmp_path / "empty", tmp_path / "junk"
+    empty.mkdir()
+    junk.mkdir()
+    (junk / "ca-cert.pem").write_text("junk\n")
+    dirs = {"empty": str(empty), "junk": str(junk)}
+    requests = [_fill(args, dirs) for args, _ in QMP_ERRORS] + [
+        creds_args("x509", good.path, "server"),
+        creds_args("x509", good.path, "client") | {"id": "tls1"},
+        creds_args("x509", expired.path, "server") | {"id": "e"},
+        creds_args("x509", foreign.path, "server") | {"id": "f"},
+        creds_args("x509", swapped.path, "server") | {"id": "s"},
+        creds_args("psk", psk, "client") | {"id": "p", "username": "bob"},
+        creds_args("psk", psk, "server") | {"id": "p"},
+        {"qom-type": "authz-simple", "id": "a1", "identity": CLIENT_DN},
+        {"qom-type": "authz-simple", "id": "a1", "identity": "CN=y"},
+        {"qom-type": "authz-list", "id": "l1", "policy": "allow",
+         "rules": [{"match": "CN=*", "format": "glob", "policy": "deny"}]},
+    ]
+    raw = [json.dumps({"execute": "object-add", "arguments": a}).encode() for a in requests]
+    raw += [json.dumps({"execute": "object-del", "arguments": {"id": i}}).encode()
+            for i in ("a1", "a1", "nonexist", "tls0", "l1")]
+    qsock = os.path.join(sockdir, "qemu.sock")
+    proc = subprocess.Popen(
+        [qemu_binary(), "-qmp", f"unix:{qsock},server=on,wait=off", "-S", "-nodefaults", "-nographic",
+         "-display", "none", "-M", "pc", "-m", "32"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ours = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(qsock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        ours = Served("vm", "--ram", "32M", "-S", sockdir=str(sockdir))
+        theirs = _masked(_replies(qsock, raw))
+        mine = _masked(_replies(ours.sock, raw))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if ours is not None:
+            ours.close()
+    n = len(theirs) - len(raw) - 1  # the greeting and negotiation replies come first
+    diffs = [(r, q, o) for r, q, o in zip(raw, theirs[n:], mine[n:]) if q != o]
+    assert not diffs, "\n".join(f"{r.decode()}\n  qemu:  {q}\n  qmigx: {o}" for r, q, o in diffs)
+    assert sum(b'"return": {}' in line for lines in mine for line in lines) >= 8
