@@ -601,3 +601,49 @@ def test_api_refuses_rdma_before_any_state_change():
     with pytest.raises(MigrationError) as ei:
         dst.incoming("rdma:127.0.0.1:4444")
     assert ei.value.message.startswith("unknown migration protocol: rdma:127.0.0.1:4444")
+
+
+def test_serve_object_option_and_tls_incoming(tmp_path, sockdir):
+    """``qmigx serve --incoming URI --object ...``: a TLS destination an orchestrator can query."""
+    import hashlib
+    import json
+
+    from test_qmp import Raw, Served
+
+    d = make_x509_dir(tmp_path / "x509")
+    uri = f"unix:{sockdir}/in.sock"
+    served = Served("dst", "--incoming", uri,
+                    "--object", f"tls-creds-x509,id=tls0,dir={d},endpoint=server",
+                    "--param", "tls-creds=tls0", sockdir=str(sockdir))
+    c = Raw(served.sock)
+
+    def ask(raw: bytes):
+        """The reply to ``raw`` (events in between are skipped)."""
+        reply = json.loads(c.ask(raw))
+        while "event" in reply:
+            reply = json.loads(c.line())
+        return reply["return"]
+
+    try:
+        c.line()
+        ask(b'{"execute":"qmp_capabilities"}')
+        types = ask(b'{"execute":"qom-list-types","arguments":{"implements":"authz"}}')
+        assert {t["name"] for t in types} == {"authz-simple", "authz-list", "authz-listfile"}
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"{sockdir}/in.sock"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        src = source(x509_objects(d, "client"), params={"tls-hostname": "127.0.0.1"})
+        src.migrate(uri)
+        assert src.wait(60) == S.COMPLETED, src.error
+        while True:
+            q = ask(b'{"execute":"query-migrate"}')
+            if q.get("status") == "completed":
+                break
+            assert q.get("status") != "failed" and time.monotonic() < deadline + 30, q
+            time.sleep(0.05)
+        got = {b["id"]: b["sha256"] for b in ask(b'{"execute":"x-query-qmigx-ram"}')}
+        assert got["pc.ram"] == hashlib.sha256(ram_bytes(src.blocks)).hexdigest()
+    finally:
+        c.close()
+        served.close()
