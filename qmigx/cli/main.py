@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from qmigx.errors import MigrationError
+from qmigx.errors import MigrationError, one_line
 
 __all__ = ["main"]
 
@@ -230,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MigrationError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         try:
@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 141
     except OSError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qmigx: error: interrupted", file=sys.stderr)
