@@ -64,7 +64,7 @@ def objects_from_args(items: list):
 
 def _print_refusal(peer: str, exc: BaseException) -> None:
     """A refused TLS peer: one line on stderr, as QEMU reports it; the destination keeps listening."""
-    print(f"qmigx: {getattr(exc, 'message', exc)}", file=sys.stderr, flush=True)
+    print(f"qmigx: {exc}", file=sys.stderr, flush=True)
 
 
 def _parse_value(text: str):
