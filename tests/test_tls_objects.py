@@ -1,8 +1,8 @@
 """TLS credentials and authz objects: properties, QEMU's checks and texts, authz rules, DNs.
 
-The texts asserted here are QEMU 7.2's (``test_object_errors_match_qemu``
-asks a real QEMU the same questions). Credentials are made fresh per test
-(tests/tls_support.py).
+The texts asserted here are QEMU 7.2's (tests/test_tls_qemu.py's
+``test_object_replies_match_qemu`` asks a real QEMU the same questions).
+Credentials are made fresh per test (tests/tls_support.py).
 """
 
 from __future__ import annotations
