@@ -13,7 +13,9 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
-    │   └── ReturnPathError               a return-path message is malformed
+    │   ├── ReturnPathError               a return-path message is malformed
+    │   ├── MachineLayoutError            guest-physical memory cannot be laid out
+    │   └── SaveImageError                a libvirt save image's header or body is bad
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
     ├── CapabilityError (ValueError)      capability refused
@@ -34,6 +36,8 @@ __all__ = [
     "VMStateError",
     "RamStreamError",
     "ReturnPathError",
+    "MachineLayoutError",
+    "SaveImageError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
@@ -122,6 +126,14 @@ class RamStreamError(StreamError):
 
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
+
+
+class MachineLayoutError(StreamError):
+    """The saved state does not say where its RAM sits in guest-physical memory."""
+
+
+class SaveImageError(StreamError):
+    """A libvirt save image has a bad header, or its compressed body is damaged or cut."""
 
 
 class XbzrleError(MigrationError, ValueError):

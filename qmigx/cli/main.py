@@ -69,6 +69,19 @@ def cmd_extract(args) -> int:
     from qmigx.tools import analyze
     from qmigx.ram import RamLoader
 
+    if args.elf is None and args.dir is None:
+        raise SystemExit("qmigx: error: extract needs DIR, --elf OUT.elf, or both")
+    if args.elf is not None:
+        from qmigx.tools.memdump import extract_elf
+
+        bar = _progress("extract --elf", args.file)
+        try:
+            extract_elf(args.file, args.elf, progress=bar.update,
+                        shared_ram=_pairs(args.shared_ram, "--shared-ram"))
+        finally:
+            bar.close()
+        if args.dir is None:
+            return 0
     os.makedirs(args.dir, exist_ok=True)
     loader = RamLoader(None)
     bar = _progress("extract", args.file)
@@ -80,6 +93,17 @@ def cmd_extract(args) -> int:
     with open(os.path.join(args.dir, "state.json"), "w") as f:
         f.write(analyze.dumps(state))
     return 0
+
+
+def _pairs(items, option: str) -> dict:
+    """``NAME=VALUE`` arguments as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"qmigx: error: {option} takes NAME=VALUE, not {item!r}")
+        out[name] = value
+    return out
 
 
 def cmd_verify(args) -> int:
@@ -158,9 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extract contents into individual files")
     a.set_defaults(func=cmd_analyze)
 
-    e = sub.add_parser("extract", help="write each RAM block and state.json to DIR")
+    e = sub.add_parser("extract", help="write each RAM block and state.json to DIR, or an ELF "
+                                       "memory dump")
     e.add_argument("file")
-    e.add_argument("dir")
+    e.add_argument("dir", nargs="?", help="where the block files and state.json go")
+    e.add_argument("--elf", metavar="OUT.elf",
+                   help="write the guest-physical memory and vCPU notes as QEMU's "
+                        "dump-guest-memory (paging off) would")
+    e.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
+                   help="with --elf: the file of a block an x-ignore-shared stream leaves out")
     e.set_defaults(func=cmd_extract)
 
     v = sub.add_parser("verify", help="check a stream's whole structure")
