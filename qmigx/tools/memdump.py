@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from qmigx.errors import MachineLayoutError
-from qmigx.stream import RamPages, RamSetup
+from qmigx.stream import RamPages, RamSetup, SectionEnd
 from qmigx.stream.reader import Source, StreamReader
 from qmigx.tools.elfcore import ElfLayout, cpu_states, elf_layout
 from qmigx.tools.physmap import PhysRange, guest_phys_ranges
 from qmigx.tools.ramfile import RamFileSink, Region
 from qmigx.tools.savedstate import SavedState, saved_state
+from qmigx.wire import SectionType
 
 __all__ = ["extract_elf", "physical_ranges", "physical_memory", "PhysicalMemory"]
 
@@ -70,6 +71,9 @@ def extract_elf(source: Source, path: str, *, progress: Optional[Callable[[int],
                     sink.on_pages(ev)
                 elif t is RamSetup:
                     sink.on_setup(ev)
+                elif t is SectionEnd and ev.type == SectionType.SECTION_END and \
+                        ev.section.idstr == "ram":
+                    break  # RAM is complete: the device sections were read already
         os.close(fd)
         fd = -1
         os.replace(tmp, path)

@@ -42,7 +42,7 @@ from qmigx.wire import TARGET_PAGE_SIZE
 __all__ = ["Region", "RamFileSink"]
 
 _ramparse = _backend.load("ramparse")
-_IOV_MAX = 1024
+_pagewrite = _backend.load("pagewrite")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,8 @@ class RamFileSink:
             blk = self._table[b]
             offs = offset[idx]
             pages = (offs // np.uint64(ps)).astype(np.intp)
-            if len(np.unique(pages)) != len(pages):  # a page twice: keep the order exact
+            if len(pages) > 1 and not (pages[1:] > pages[:-1]).all() and \
+                    len(np.unique(pages)) != len(pages):  # a page twice: keep the order exact
                 for i in idx.tolist():
                     self._one(ev, lo + i)
                 continue
@@ -197,22 +198,19 @@ class RamFileSink:
                 blk.nonzero[pages[is_page]] = True
 
     def _write_pages(self, data, blk: _Block, offs: np.ndarray, pos: np.ndarray) -> None:
-        ps = self.page_size
+        whole = len(blk.regions) == 1 and blk.regions[0].block_offset == 0
         for k, r in enumerate(blk.regions):
-            inside = (offs >= blk.starts[k]) & (offs < blk.ends[k])
-            if not inside.any():
-                continue
-            out = (offs[inside] - np.uint64(r.block_offset)).astype(np.int64) + r.file_offset
-            src = pos[inside]
-            breaks = np.flatnonzero(np.diff(out) != ps) + 1
-            bounds = [0, *breaks.tolist(), len(out)]
-            srcl = src.tolist()
-            outl = out.tolist()
-            for a, z in zip(bounds[:-1], bounds[1:]):
-                for c in range(a, z, _IOV_MAX):
-                    e = min(z, c + _IOV_MAX)
-                    bufs = [data[p : p + ps] for p in srcl[c:e]]
-                    _pwritev(r.fd, bufs, outl[c], ps * (e - c))
+            if whole:
+                sel_offs, sel_pos = offs, pos
+            else:
+                inside = (offs >= blk.starts[k]) & (offs < blk.ends[k])
+                if not inside.any():
+                    continue
+                sel_offs, sel_pos = offs[inside], pos[inside]
+            out = sel_offs.astype(np.int64)
+            out += r.file_offset - r.block_offset
+            _pagewrite.write_pages(r.fd, data, np.ascontiguousarray(sel_pos, np.int64), out,
+                                   self.page_size)
 
     def _write_all(self, blk: _Block, offset: int, page) -> None:
         for fd, at in blk.where(offset):
@@ -273,6 +271,7 @@ class RamFileSink:
 def _pwritev(fd: int, bufs: list, offset: int, total: int) -> None:
     """pwritev until every byte is written (a short write continues)."""
     done = os.pwritev(fd, bufs, offset)
-    while done < total:
-        rest = b"".join(bytes(b) for b in bufs)[done:]
-        done += os.pwrite(fd, rest, offset + done)
+    if done < total:
+        rest = b"".join(bytes(b) for b in bufs)
+        while done < total:
+            done += os.pwrite(fd, rest[done:], offset + done)

@@ -60,7 +60,7 @@ def dump_and_save(workdir: Path, *, machine: str = "pc", ram: str = "128M", smp:
             vm.wait_guest_ready(timeout=timeout)
         if run_firmware:
             vm.stop()
-        vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        vm.cmd("dump-guest-memory", paging=False, detach=True, protocol=f"file:{dump}")
         deadline = time.monotonic() + timeout
         while vm.cmd("query-dump")["status"] == "active":
             if time.monotonic() > deadline:
