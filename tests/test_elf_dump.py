@@ -123,6 +123,28 @@ def test_a_cut_stream_leaves_no_elf(pair, tmp_path):
         extract_elf(str(cut), str(out))
 
 
+def test_an_x_ignore_shared_stream_takes_the_template_file(tmp_path):
+    """The stream carries no page of the shared RAM; given the RAM file it is the same core."""
+    p = dump_and_save(tmp_path / "vm", machine="pc", ram="64M", caps=("x-ignore-shared",))
+    state = saved_state(str(p.stream))
+    assert state.configuration.capabilities == ["x-ignore-shared"]
+    assert {b.idstr: b.gpa for b in state.ram_setup.blocks}["pc.bios"] == 0xFFFC0000
+    out = tmp_path / "mine.elf"
+    r = qmigx_cli("extract", p.stream, "--elf", out, "--shared-ram", f"mem0={p.ram_file}")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == p.dump.read_bytes()
+    # without the file the RAM ranges read as zeros, everything else is the same
+    bare = tmp_path / "bare.elf"
+    extract_elf(str(p.stream), str(bare))
+    ref = read_elf(p.dump)
+    data = bare.read_bytes()
+    for paddr, off, size in ref.loads:
+        if paddr == 0xFFFC0000:
+            assert data[off : off + size] == ref.data[off : off + size]
+        else:
+            assert data[off : off + size].count(0) == size
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("QMIGX_BIG_GUESTS") != "1",
                     reason="a 3 GiB guest; set QMIGX_BIG_GUESTS=1 to run it")

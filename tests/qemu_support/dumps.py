@@ -35,13 +35,16 @@ class DumpPair:
 
 def dump_and_save(workdir: Path, *, machine: str = "pc", ram: str = "128M", smp: int = 1,
                   devices: Sequence[str] = (), guest: bool = True, run_firmware: bool = True,
-                  fill: str | None = None, timeout: float = 90) -> DumpPair:
+                  fill: str | None = None, caps: Sequence[str] = (),
+                  timeout: float = 90) -> DumpPair:
     """Boot (or not), pause, dump, migrate to a file; return the paths.
 
     ``run_firmware=False`` pauses the VM before its first instruction (the
     chipset then still maps the ROMs below 1 MiB). ``devices`` are extra
     ``-device`` arguments (e.g. ``VGA``). ``fill`` limits how much RAM the
-    guest fills (default: all of ``ram``).
+    guest fills (default: all of ``ram``). ``caps`` are migration
+    capabilities to enable (e.g. ``x-ignore-shared``: guest RAM is a shared
+    file, so the stream leaves it out).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     kernel = None
@@ -69,6 +72,7 @@ def dump_and_save(workdir: Path, *, machine: str = "pc", ram: str = "128M", smp:
         status = vm.cmd("query-dump")["status"]
         if status != "completed":
             raise vm._error(f"dump-guest-memory ended {status}")
+        vm.set_capabilities({c: True for c in caps})
         vm.migrate("exec:cat > " + shlex.quote(str(stream)))
         vm.wait_migration(timeout)
         _wait_for_vmdesc(stream, timeout)
