@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from qmigx.errors import MachineLayoutError
 from qmigx.stream import RamPages, RamSetup, SectionEnd
@@ -49,7 +50,8 @@ def extract_elf(source: Source, path: str, *, progress: Optional[Callable[[int],
     not carry to the file holding it (the template's RAM file); without it
     such a block's ranges read as zeros. Returns the layout written.
     """
-    state = saved_state(source)
+    with _opened(source) as src:
+        state = saved_state(src)
     ranges = physical_ranges(state)
     layout = elf_layout(ranges, cpu_states(state.devices))
     tmp = f"{path}.part"
@@ -63,8 +65,8 @@ def extract_elf(source: Source, path: str, *, progress: Optional[Callable[[int],
             regions.setdefault(r.block, []).append(Region(r.offset, r.size, fd, off))
         _copy_shared(state, ranges, layout, fd, shared_ram or {})
         scratch = os.path.dirname(os.path.abspath(path))
-        with RamFileSink(regions, scratch_dir=scratch) as sink:
-            reader = StreamReader(source, vmdesc=state.vmdesc, progress=progress, use_mmap=True)
+        with RamFileSink(regions, scratch_dir=scratch) as sink, _opened(source) as src:
+            reader = StreamReader(src, vmdesc=state.vmdesc, progress=progress, use_mmap=True)
             for ev in reader.events():
                 t = type(ev)
                 if t is RamPages:
@@ -84,6 +86,19 @@ def extract_elf(source: Source, path: str, *, progress: Optional[Callable[[int],
             os.unlink(tmp)
         raise
     return layout
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[Source]:
+    """The stream of ``source``: a libvirt save image's body, opened afresh, or itself."""
+    from qmigx.tools.saveimage import open_stream
+
+    src = open_stream(source)
+    try:
+        yield src
+    finally:
+        if src is not source:
+            src.close()
 
 
 def _copy_shared(state: SavedState, ranges, layout: ElfLayout, fd: int,
@@ -143,7 +158,9 @@ def physical_memory(source: Source) -> PhysicalMemory:
     """Load a stream and view its RAM by guest-physical address."""
     from qmigx.tools.streams import load_stream
 
-    state = saved_state(source)
+    with _opened(source) as src:
+        state = saved_state(src)
+    with _opened(source) as src:
+        loaded = load_stream(src)
     ranges = physical_ranges(state)
-    loaded = load_stream(source)
     return PhysicalMemory(ranges, loaded.blocks)

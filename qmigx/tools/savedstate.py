@@ -92,6 +92,12 @@ def saved_state(source: Source) -> SavedState:
         found = _from_ends(io.BytesIO(source))
         if found is not None:
             return found
+    elif getattr(source, "seekable", lambda: False)():
+        start = source.tell()
+        found = _from_ends(source)
+        if found is not None:
+            return found
+        source.seek(start)
     return _full_pass(source)
 
 
