@@ -15,7 +15,9 @@ that catch ``ValueError`` keep working::
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
     │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
-    │   └── ReturnPathError               a return-path message is malformed
+    │   ├── ReturnPathError               a return-path message is malformed
+    │   ├── MachineLayoutError            guest-physical memory cannot be laid out
+    │   └── SaveImageError                a libvirt save image's header or body is bad
     ├── BitmapError (ValueError)          a block dirty bitmap (or bitmaps file) is refused
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
@@ -56,6 +58,8 @@ __all__ = [
     "DirtyBitmapError",
     "ReturnPathError",
     "BitmapError",
+    "MachineLayoutError",
+    "SaveImageError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
@@ -233,6 +237,14 @@ class ReturnPathError(StreamError):
 
 class BitmapError(MigrationError, ValueError):
     """A block dirty bitmap, or a bitmaps file, is refused; ``field`` names the part."""
+
+
+class MachineLayoutError(StreamError):
+    """The saved state does not say where its RAM sits in guest-physical memory."""
+
+
+class SaveImageError(StreamError):
+    """A libvirt save image has a bad header, or its compressed body is damaged or cut."""
 
 
 class XbzrleError(MigrationError, ValueError):

@@ -9,6 +9,7 @@ size.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -253,12 +254,19 @@ def _copy(source: Source, sink: Callable) -> None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         sink(source)
         return
+    if not isinstance(source, (str, os.PathLike)):  # a file object (a save image's body)
+        _copy_from(source, sink)
+        return
     with open(source, "rb") as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            sink(chunk)
+        _copy_from(f, sink)
+
+
+def _copy_from(f, sink: Callable) -> None:
+    while True:
+        chunk = f.read(8 << 20)
+        if not chunk:
+            break
+        sink(chunk)
 
 
 def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
