@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-import qmigx
 from qemu_support import streams
 from qemu_support.guest import build_guest, read_marker
 from qemu_support.harness import Qemu, QemuError, parse_size, qemu_binary
@@ -49,7 +48,6 @@ from tls_support import CLIENT_DN, HOSTILE_DN, make_psk_dir, make_x509_dir
 
 pytestmark = [
     pytest.mark.qemu,
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed"),
 ]
 
 S = MigrationStatus
@@ -73,7 +71,7 @@ def _stream_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> Path:
+def guest_kernel(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("guest") / "guest.bin"
     p.write_bytes(build_guest(SEED, parse_size(RAM), dirty=True))
     return p
@@ -138,9 +136,9 @@ def qmigx_objects(args: list[dict]) -> ObjectRoot:
 
 
 @contextlib.contextmanager
-def qemu_source(tmp_path: Path, kernel: Path, name: str = "src"):
+def qemu_source(tmp_path: Path, guest_kernel: Path, name: str = "src"):
     """A QEMU whose guest runs and keeps writing its RAM."""
-    with Qemu(ram=RAM, kernel=kernel, workdir=tmp_path, name=name) as vm:
+    with Qemu(ram=RAM, kernel=guest_kernel, workdir=tmp_path, name=name) as vm:
         vm.wait_guest_ready(60, min_counter=100)
         yield vm
 
@@ -191,7 +189,7 @@ def _dest(objects: ObjectRoot, uri: str, caps=(), params=None) -> MigrationDesti
 
 
 @pytest.mark.parametrize("case", list(X509))
-def test_x509_qemu_to_qmigx(tmp_path, kernel, case):
+def test_x509_qemu_to_qmigx(tmp_path, guest_kernel, case):
     spec = X509[case]
     c = Creds(tmp_path / "creds", hosts=spec["hosts"] if "hosts" in spec else ("127.0.0.1",))
     objs = qmigx_objects(server_objects("x509", c.x509, authz=spec.get("authz"),
@@ -199,7 +197,7 @@ def test_x509_qemu_to_qmigx(tmp_path, kernel, case):
     dst = _dest(objs, "tcp:127.0.0.1:0", params={"tls-authz": "auth0"} if spec.get("authz") else {})
     client_dir = getattr(c, spec.get("client_dir", "x509"))
     outcome = spec.get("outcome", "ok")
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, "x509", client_dir, spec.get("client_params"))
         if outcome == "ok":
             qemu_migrate_into(vm, dst, dst.connect_uri)
@@ -222,12 +220,12 @@ def test_x509_qemu_to_qmigx(tmp_path, kernel, case):
         qemu_migrate_into(vm, dst, dst.connect_uri)
 
 
-def test_x509_unix_qemu_to_qmigx(tmp_path, kernel, sockdir):
+def test_x509_unix_qemu_to_qmigx(tmp_path, guest_kernel, sockdir):
     """Over unix QEMU needs tls-hostname; with it the migration goes through."""
     c = Creds(tmp_path / "creds")
     uri = f"unix:{sockdir}/m.sock"
     dst = _dest(qmigx_objects(server_objects("x509", c.x509)), uri)
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, "x509", c.x509)
         info = qemu_migrate_expect_failure(vm, uri)
         assert info["error-desc"] == "No hostname for certificate validation"
@@ -239,20 +237,20 @@ def test_x509_unix_qemu_to_qmigx(tmp_path, kernel, sockdir):
 
 @needs_gnutls
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
-def test_psk_qemu_to_qmigx(tmp_path, kernel, sockdir, transport):
+def test_psk_qemu_to_qmigx(tmp_path, guest_kernel, sockdir, transport):
     c = Creds(tmp_path / "creds")
     uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{sockdir}/m.sock"
     dst = _dest(qmigx_objects(server_objects("psk", c.psk)), uri)
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, "psk", c.psk)
         qemu_migrate_into(vm, dst, dst.connect_uri)
 
 
 @needs_gnutls
-def test_psk_mismatch_qemu_to_qmigx(tmp_path, kernel):
+def test_psk_mismatch_qemu_to_qmigx(tmp_path, guest_kernel):
     c = Creds(tmp_path / "creds")
     dst = _dest(qmigx_objects(server_objects("psk", c.psk)), "tcp:127.0.0.1:0")
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, "psk", c.psk_wrong)
         qemu_migrate_expect_failure(vm, dst.connect_uri)
         deadline = time.monotonic() + 10
@@ -264,12 +262,12 @@ def test_psk_mismatch_qemu_to_qmigx(tmp_path, kernel):
 
 
 @pytest.mark.parametrize("kind", ["x509", pytest.param("psk", marks=needs_gnutls)])
-def test_multifd_qemu_to_qmigx(tmp_path, kernel, kind):
+def test_multifd_qemu_to_qmigx(tmp_path, guest_kernel, kind):
     c = Creds(tmp_path / "creds")
     d = c.x509 if kind == "x509" else c.psk
     dst = _dest(qmigx_objects(server_objects(kind, d)), "tcp:127.0.0.1:0", caps=("multifd",),
                 params={"multifd-channels": 4})
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, kind, d)
         vm.set_capabilities({"multifd": True})
         vm.set_parameters({"multifd-channels": 4})
@@ -277,7 +275,7 @@ def test_multifd_qemu_to_qmigx(tmp_path, kernel, kind):
         assert vm.query_migrate()["ram"]["multifd-bytes"] > 0
 
 
-def test_exec_qemu_to_qmigx(tmp_path, kernel, sockdir):
+def test_exec_qemu_to_qmigx(tmp_path, guest_kernel, sockdir):
     """QEMU wraps ``exec:`` in TLS too: its command relays to qmigx's unix listener."""
     from test_tls import RELAY
 
@@ -285,12 +283,12 @@ def test_exec_qemu_to_qmigx(tmp_path, kernel, sockdir):
     relay = tmp_path / "relay.py"
     relay.write_text(RELAY)
     dst = _dest(qmigx_objects(server_objects("x509", c.x509)), f"unix:{sockdir}/m.sock")
-    with qemu_source(tmp_path, kernel) as vm:
+    with qemu_source(tmp_path, guest_kernel) as vm:
         qemu_client_creds(vm, "x509", c.x509, {"tls-hostname": "127.0.0.1"})
         qemu_migrate_into(vm, dst, f"exec:{sys.executable} {relay} {sockdir}/m.sock")
 
 
-def test_cli_incoming_from_qemu(tmp_path, kernel):
+def test_cli_incoming_from_qemu(tmp_path, guest_kernel):
     """``qmigx incoming --object ...``: refuses a hostile QEMU, says so, takes the friendly one."""
     c = Creds(tmp_path / "creds")
     port = free_tcp_port()
@@ -309,7 +307,7 @@ def test_cli_incoming_from_qemu(tmp_path, kernel):
         while not tcp_listening(port):
             assert inc.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.02)
-        with qemu_source(tmp_path, kernel) as vm:
+        with qemu_source(tmp_path, guest_kernel) as vm:
             qemu_client_creds(vm, "x509", c.hostile)
             qemu_migrate_expect_failure(vm, uri)
             assert inc.poll() is None  # still listening
@@ -351,7 +349,7 @@ def qemu_destination(tmp_path: Path, objects: list[dict], *, uri: str, params=No
                      name="dst"):
     """A paused QEMU listening on ``uri`` with TLS (``-S -incoming defer``, then QMP)."""
     info = streams.get_stream("pc-paused")
-    with Qemu(ram=RAM, kernel=info.kernel, mem_path=tmp_path / f"{name}.ram", paused=True,
+    with Qemu(ram=RAM, kernel=info.guest_kernel, mem_path=tmp_path / f"{name}.ram", paused=True,
               incoming=True, workdir=tmp_path, name=name) as vm:
         for a in objects:
             vm.cmd("object-add", **a)
