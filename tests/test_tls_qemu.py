@@ -349,7 +349,7 @@ def qemu_destination(tmp_path: Path, objects: list[dict], *, uri: str, params=No
                      name="dst"):
     """A paused QEMU listening on ``uri`` with TLS (``-S -incoming defer``, then QMP)."""
     info = streams.get_stream("pc-paused")
-    with Qemu(ram=RAM, kernel=info.guest_kernel, mem_path=tmp_path / f"{name}.ram", paused=True,
+    with Qemu(ram=RAM, kernel=info.kernel, mem_path=tmp_path / f"{name}.ram", paused=True,
               incoming=True, workdir=tmp_path, name=name) as vm:
         for a in objects:
             vm.cmd("object-add", **a)
