@@ -383,9 +383,16 @@ class TLSSettings:
     def client_session(self, default_hostname: Optional[str] = None) -> TLSSession:
         """A client session (the source's side of each connection)."""
         creds = get_creds(self.objects, self.creds, "client")
-        return creds.new_session(hostname=self.hostname or default_hostname or None)
+        return new_session(creds, hostname=self.hostname or default_hostname or None)
 
     def server_session(self) -> TLSSession:
         """A server session (the destination's side of each accepted connection)."""
         creds = get_creds(self.objects, self.creds, "server")
-        return creds.new_session(authz=(self.objects, self.authz))
+        return new_session(creds, authz=(self.objects, self.authz))
+
+
+def new_session(creds: TLSCreds, *, hostname: Optional[str] = None, authz=None) -> TLSSession:
+    """A TLS session on ``creds``: x509 on Python's ``ssl``, PSK on GnuTLS."""
+    if isinstance(creds, TLSCredsPSK):
+        return PSKSession(creds)
+    return X509Session(creds, hostname=hostname, authz=authz)

@@ -25,7 +25,7 @@ texts when something is missing or wrong, so a mistake shows at
     the client's order, so a QEMU pair encrypts with ChaCha20 at a
     fraction of AES-GCM's speed; either peer still accepts both.
 
-:meth:`TLSCreds.new_session` starts one TLS session on these credentials
+:func:`qmigx.crypto.session.new_session` starts one TLS session on these credentials
 (see :mod:`.session`).
 """
 
@@ -88,10 +88,6 @@ class TLSCreds(UserCreatable):
             return None
         raise ObjectError(f"Unable to access credentials {full}: {os.strerror(err)}",
                           field="dir")
-
-    def new_session(self, *, hostname: Optional[str] = None, authz=None):  # pragma: no cover
-        """A TLS session on these credentials (see :mod:`.session`)."""
-        raise NotImplementedError
 
 
 # --- x509 -------------------------------------------------------------------------------
@@ -291,11 +287,6 @@ class TLSCredsX509(TLSCreds):
         self.context = ctx
         self.has_certificate = cert is not None and key is not None
 
-    def new_session(self, *, hostname: Optional[str] = None, authz=None):
-        from qmigx.crypto.session import X509Session
-
-        return X509Session(self, hostname=hostname, authz=authz)
-
 
 # --- PSK --------------------------------------------------------------------------------
 
@@ -358,8 +349,3 @@ class TLSCredsPSK(TLSCreds):
                 self.hexkey = key.strip()
                 return
         raise ObjectError(f"Username {user} not found in PSK file {self.keyfile}", field="username")
-
-    def new_session(self, *, hostname: Optional[str] = None, authz=None):
-        from qmigx.crypto.session import PSKSession
-
-        return PSKSession(self)
