@@ -24,10 +24,8 @@ from qmigx.tools.memdump import extract_elf, physical_ranges
 from qmigx.tools.savedstate import saved_state
 
 from qemu_support.dumps import dump_and_save, read_elf
-from qemu_support.harness import qemu_binary
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")]
+pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parent.parent
 

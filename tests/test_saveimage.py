@@ -25,12 +25,11 @@ from qmigx.tools.saveimage import open_body, read_save_image_header
 from qmigx.tools.streams import verify_stream
 
 from qemu_support import streams
-from qemu_support.harness import load_stream, qemu_binary
+from qemu_support.harness import load_stream
 from qemu_support.libvirt_image import (COOKIE, DOMAIN_XML, FORMATS, PROGRAM_ARGS, body_offset,
                                         header, make_image, program_available)
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")]
+pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -27,6 +27,7 @@ from qmigx.errors import (
     MigrationError,
     RamStreamError,
     StreamError,
+    printable_name,
 )
 from qmigx.migration.side import Controls, S, Side
 from qmigx.multifd.channels import MultifdReceiver
@@ -324,11 +325,13 @@ class MigrationDestination(Side):
     def _check_configuration(self, cfg: Configuration) -> None:
         mt = self.machine_type
         if mt is not None and not mt.startswith(cfg.machine_type):
-            raise StreamError(f"Machine type received is '{cfg.machine_type}' and local is '{mt}'",
+            raise StreamError(f"Machine type received is '{printable_name(cfg.machine_type)}' "
+                              f"and local is '{mt}'",
                               offset=cfg.offset, section="configuration", field="machine_type")
         received = set(cfg.capabilities)
         for name in received - {"x-ignore-shared"}:
-            raise StreamError(f"Received unknown capability {name}", offset=cfg.offset,
+            raise StreamError(f"Received unknown capability {printable_name(name)}",
+                              offset=cfg.offset,
                               section="configuration", field="capabilities")
         mine = bool(self.c.caps.get("x-ignore-shared"))
         theirs = "x-ignore-shared" in received
