@@ -73,12 +73,18 @@ class LoadedStream:
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
                 factory: Optional[Callable] = None, progress=None,
-                create_missing: bool = False) -> LoadedStream:
+                create_missing: bool = False, base=None, chain=()) -> LoadedStream:
     """Read a whole stream, applying its RAM to ``blocks`` (created if None).
 
     With ``create_missing``, blocks the stream names that ``blocks`` lacks
-    are created too.
+    are created too. ``base`` loads a delta (``qmigx diff``) over the full
+    stream it was made from (``chain``: the deltas in between, oldest
+    first); the delta's recorded base digest must match.
     """
+    if base is not None:
+        from qmigx.tools.delta import load_delta
+
+        return load_delta(source, base, chain=chain)
     reader = StreamReader(source, progress=progress)
     loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
     out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
