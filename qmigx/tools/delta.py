@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -41,10 +44,13 @@ from qmigx.ram import RAMBlockList, RamWriter
 from qmigx.stream import RamBlockInfo, Section, StreamWriter
 from qmigx.stream.reader import Source
 from qmigx.tools.physmap import main_ram_blocks
-from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag, SectionType
 
 __all__ = ["DeltaStats", "diff_streams", "load_delta", "apply_delta", "delta_info",
            "ram_digest", "DELTA_KEY"]
+
+_XBZ_HEAD = struct.Struct(">QBH")
+_XBZ_CONTINUE = int(RamFlag.XBZRLE) | int(RamFlag.CONTINUE)
 
 #: The vmdesc key a delta carries (QEMU skips the vmdesc on load).
 DELTA_KEY = "qmigx-delta"
@@ -104,7 +110,39 @@ def _loaded(src: Union[Source, object]):
     if isinstance(src, LoadedStream):
         return src
     with _opened(src) as s:
+        if isinstance(s, (str, os.PathLike)):  # a file: map it, page data is copied out once
+            return _load_mapped(s)
         return load_stream(s)
+
+
+def _load_mapped(path):
+    from qmigx.ram import RamLoader
+    from qmigx.stream import (Command, Configuration, EndOfStream, RamPages, RamSetup,
+                              SectionData, VMDescription)
+    from qmigx.stream.reader import StreamReader
+    from qmigx.tools.streams import LoadedStream
+
+    reader = StreamReader(path, use_mmap=True)
+    loader = RamLoader(None)
+    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            out.ram_setup = ev
+        elif t is SectionData:
+            out.sections.append(ev)
+        elif t is Configuration:
+            out.configuration = ev
+        elif t is Command:
+            out.commands.append(ev)
+        elif t is VMDescription:
+            out.vmdesc = ev.json
+        elif t is EndOfStream:
+            out.size = ev.offset
+    return out
 
 
 def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaStats:
@@ -130,7 +168,11 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
         if name not in b.blocks or b.blocks[name].used_length != n.blocks[name].used_length:
             raise StreamError(f"BASE has no RAM block {name!r} of NEW's size",
                               field="ram blocks")
-    digest = ram_digest(b.blocks, names)
+    # hashing releases the GIL: BASE's digest is computed while the pages are compared
+    digest_box: list = []
+    hasher = threading.Thread(target=lambda: digest_box.append(ram_digest(b.blocks, names)),
+                              name="base-digest", daemon=True)
+    hasher.start()
     stats = DeltaStats()
     f = QEMUFile(sink)
     w = StreamWriter(f)
@@ -147,7 +189,6 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
     w.footer(sec)
     w.section_header(SectionType.SECTION_PART, sec)
     ps = TARGET_PAGE_SIZE
-    delta = np.empty(ps, np.uint8)
     for info in n.ram_setup.blocks:
         mem = n.blocks[info.idstr].memory
         if info.idstr not in names:
@@ -174,14 +215,9 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
                 ram.pages(info.idstr, mem, rest)
                 stats.full_pages += len(rest)
                 continue
-            for off in rest.tolist():
-                dlen = xbzrle.encode_buffer(old[off : off + ps], mem[off : off + ps], delta)
-                if 0 < dlen < ps - 3:
-                    ram.xbzrle(info.idstr, off, delta[:dlen])
-                    stats.xbzrle_pages += 1
-                else:
-                    ram.page(info.idstr, off, mem[off : off + ps])
-                    stats.full_pages += 1
+            self_x, self_p = _xbzrle_pages(ram, info.idstr, old, mem, rest, xbzrle)
+            stats.xbzrle_pages += self_x
+            stats.full_pages += self_p
     ram.eos()
     w.footer(sec)
     w.section_header(SectionType.SECTION_END, sec)
@@ -190,13 +226,53 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
     for dev in n.sections:
         w.section(dev.type, dev.section, dev.payload)
     w.eof()
-    meta = {"base-sha256": digest, "blocks": names, "encoding": encoding,
+    hasher.join()
+    meta = {"base-sha256": digest_box[0], "blocks": names, "encoding": encoding,
             "changed-pages": stats.changed_pages}
     w.vmdesc(_with_key(n.vmdesc, meta))
     f.flush()
     f.check()
     stats.bytes = f.total_transferred
     return stats
+
+
+def _xbzrle_pages(ram: RamWriter, name: str, old: np.ndarray, new: np.ndarray,
+                  offsets: np.ndarray, xbzrle) -> tuple[int, int]:
+    """Changed pages as XBZRLE against the base page where smaller, else whole, in order."""
+    ps = TARGET_PAGE_SIZE
+    xbz = full = 0
+    for lo in range(0, len(offsets), 4096):
+        offs = offsets[lo : lo + 4096]
+        idx = (offs // np.uint64(ps)).astype(np.intp)
+        old_rows = old.reshape(-1, ps)[idx]
+        new_rows = new.reshape(-1, ps)[idx]
+        out = np.empty((len(idx), ps), np.uint8)
+        lengths = np.empty(len(idx), np.int32)
+        xbzrle.encode_pages(old_rows, new_rows, out, lengths)
+        small = (lengths > 0) & (lengths < ps - 3)
+        # runs of whole pages go out in bulk; XBZRLE records one by one
+        k = 0
+        while k < len(idx):
+            j = k
+            while j < len(idx) and small[j] == small[k]:
+                j += 1
+            if small[k]:
+                m = k
+                if ram.last_block != name:  # the first record names the block
+                    ram.xbzrle(name, int(offs[m]), out[m, : lengths[m]])
+                    m += 1
+                buf = bytearray()
+                for m in range(m, j):  # CONTINUE records, built without IntFlag arithmetic
+                    n = int(lengths[m])
+                    buf += _XBZ_HEAD.pack(int(offs[m]) | _XBZ_CONTINUE, ENCODING_FLAG_XBZRLE, n)
+                    buf += out[m, :n].data
+                ram.f.write(buf)
+                xbz += j - k
+            else:
+                ram.pages(name, new, offs[k:j])
+                full += j - k
+            k = j
+    return xbz, full
 
 
 def _all_pages(ram: RamWriter, name: str, mem: np.ndarray, zeropage) -> int:
