@@ -138,3 +138,16 @@ def test_diff_1gib_vs_cp(benchmark, base_1g, workdir, percent):
                                 delta_fraction=round(sizes["delta"] / new_size, 4))
     print(f"delta {sizes['delta']} bytes = {sizes['delta'] / new_size:.2%} of NEW")
     assert sizes["delta"] < new_size and ratio > 0
+
+
+def test_extract_dir_1gib_vs_cp(benchmark, stream_1g, workdir):
+    out = workdir / "blocks"
+
+    def cleanup():
+        assert (out / "mem0.bin").stat().st_size == GIB
+        shutil.rmtree(out)
+
+    ratio = benchmark.pedantic(
+        lambda: vs_cp(benchmark, stream_1g, qmigx_args("extract", stream_1g, out), cleanup),
+        rounds=1, iterations=1)
+    assert ratio > 0

@@ -115,14 +115,13 @@ def cmd_extract(args) -> int:
     os.makedirs(args.dir, exist_ok=True)
     if args.base:
         return _extract_delta(args)
-    loader = RamLoader(None)
+    from qmigx.tools.memdump import extract_files
+
     bar = _progress("extract", args.file)
     try:
-        with _stream(args.file) as src:
-            state = analyze.analyze_state(src, loader=loader, progress=bar.update)
+        state = extract_files(args.file, args.dir, progress=bar.update)
     finally:
         bar.close()
-    analyze.extract_blocks(loader, args.dir, analyze.block_filename)
     with open(os.path.join(args.dir, "state.json"), "w") as f:
         f.write(analyze.dumps(state))
     return 0
