@@ -13,6 +13,7 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
+    │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
     │   ├── MachineLayoutError            guest-physical memory cannot be laid out
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownSectionError",
     "VMStateError",
     "RamStreamError",
+    "BlockStreamError",
     "DirtyBitmapError",
     "ReturnPathError",
     "MachineLayoutError",
@@ -204,6 +206,10 @@ class VMStateError(StreamError):
 
 class RamStreamError(StreamError):
     """A RAM record is malformed, names an unknown block or lies outside it."""
+
+
+class BlockStreamError(StreamError):
+    """A ``block`` record is malformed, names an unknown disk or lies outside it."""
 
 
 class DirtyBitmapError(StreamError):

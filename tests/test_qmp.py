@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from qmigx.qmp import JSONStreamer, Machine, QMPError, Session, dispatch, dumps, parse_json
 from qmigx.qmp.commands import Context
+from qmigx.qmp.machine import BLOCK_INCREMENTAL_REFUSED
 from qmigx.qmp.protocol import encode_message
 
 from qemu_support.qmp import QMPClient, QMPCommandError
@@ -481,7 +482,7 @@ def test_live_migration_between_served_instances(serve, sockdir):
             assert (await s.execute("migrate-set-capabilities", {"capabilities": caps})) == {}
             await d.execute("migrate-set-capabilities", {"capabilities": caps})
             q = await s.execute("query-migrate-capabilities")
-            assert {"capability": "events", "state": True} in q and len(q) == 20
+            assert {"capability": "events", "state": True} in q and len(q) == 21
             await s.execute("migrate-set-parameters", {"max-bandwidth": 48 << 20})
             assert (await s.execute("query-migrate-parameters"))["max-bandwidth"] == 48 << 20
             # destination: listen; only once
@@ -575,8 +576,8 @@ def test_legacy_client_saves_and_restores_a_paused_guest(serve, sockdir):
         assert c.cmd_raw("migrate", {"uri": "bogus:x"}) == {"error": {
             "class": "GenericError", "desc": "Parameter 'uri' expects a valid migration protocol"}}
         assert c.cmd("query-migrate") == {"status": "failed"}
-        assert c.cmd_raw("migrate", {"uri": "file:/x", "blk": True})["error"]["desc"] == (
-            "QEMU compiled without old-style (blk/-b, inc/-i) block migration")
+        assert c.cmd_raw("migrate", {"uri": "file:/x", "inc": True})["error"]["desc"] == (
+            BLOCK_INCREMENTAL_REFUSED)
         assert c.cmd("migrate", uri=f"file:{path}") == {}
         deadline = time.monotonic() + 30
         while (info := c.cmd("query-migrate"))["status"] != "completed":

@@ -21,7 +21,7 @@ from qmigx.control.capabilities import Capabilities
 from qmigx.control.states import DESTINATION, MigrationStatus, Side, StateMachine
 from qmigx.control.stats import MigrationStats
 
-__all__ = ["query_migrate", "ram_info"]
+__all__ = ["query_migrate", "ram_info", "disk_info"]
 
 S = MigrationStatus
 
@@ -62,6 +62,15 @@ def ram_info(stats: MigrationStats, completed: bool) -> dict[str, Any]:
     return qdict(ram)
 
 
+def disk_info(disk: dict[str, int]) -> dict[str, Any]:
+    """The ``disk`` member: QEMU's MigrationStats again, only the three sizes filled in."""
+    s = MigrationStats(page_size=0)
+    s.transferred = int(disk["transferred"])
+    s.remaining = int(disk["remaining"])
+    s.total = int(disk["total"])
+    return ram_info(s, False)
+
+
 def _xbzrle_info(stats: MigrationStats, cache_size: int) -> dict[str, Any]:
     return qdict({
         "cache-size": cache_size,
@@ -94,6 +103,7 @@ def query_migrate(
     xbzrle_cache_size: Optional[int] = None,
     blocked_reasons: Iterable[str] = (),
     socket_address: Optional[list[dict[str, Any]]] = None,
+    disk: Optional[dict[str, int]] = None,
 ) -> dict[str, Any]:
     """QEMU 7.2's ``query-migrate`` reply for one side.
 
@@ -111,6 +121,9 @@ def query_migrate(
             in any state when not empty).
         socket_address: destination listening addresses (QAPI
             ``SocketAddress`` dicts), shown when given.
+        disk: block migration's ``transferred``/``remaining``/``total``
+            while its disks are being sent (QEMU leaves it out once
+            completed, and when no block migration runs).
     """
     side = state_machine.side if side is None else side
     state = state_machine.state
@@ -133,6 +146,8 @@ def query_migrate(
     if state in _WITH_RAM:
         completed = state is S.COMPLETED
         info["ram"] = ram_info(stats, completed)
+        if disk is not None and not completed:
+            info["disk"] = disk_info(disk)
         if capabilities.get("xbzrle"):
             size = stats.xbzrle_cache_size if xbzrle_cache_size is None else xbzrle_cache_size
             info["xbzrle-cache"] = _xbzrle_info(stats, size)
