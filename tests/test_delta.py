@@ -229,3 +229,20 @@ def test_qemu_follows_the_chain_and_loads_applied_deltas(template, tmp_path):
     assert _restore(tmp_path, kernel, full, fresh, "dst3") == new2_ram.read_bytes()
     r = qmigx("extract", d2, tmp_path / "wrong", "--base", base)
     assert r.returncode == 1 and "another base" in r.stderr
+
+
+def test_diff_reads_libvirt_save_images(synthetic, tmp_path):
+    from qemu_support.libvirt_image import make_image, program_available
+
+    if not (program_available("gzip") and program_available("xz")):
+        pytest.skip("needs gzip and xz")
+    _, (base, new1, _), (_, mem1, _) = synthetic
+    base_img = make_image(base, tmp_path / "base.save", "gzip")
+    new_img = make_image(new1, tmp_path / "new.save", "xz")
+    delta = tmp_path / "d.mig"
+    ok(qmigx("diff", base_img, new_img, delta))
+    with open(delta, "rb") as f, open(tmp_path / "plain.mig", "wb") as g:
+        diff_streams(str(base), str(new1), g.write)
+        assert f.read() == (tmp_path / "plain.mig").read_bytes()
+    ok(qmigx("extract", delta, tmp_path / "x", "--base", base_img))
+    assert (tmp_path / "x" / "mem0.bin").read_bytes() == mem1.tobytes()
