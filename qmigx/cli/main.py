@@ -264,6 +264,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="a migration capability (QEMU's names), repeatable")
     p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
                    help="a migration parameter (QEMU's names), repeatable")
+    p.add_argument("--object", metavar="TYPE,id=ID,...", action="append", default=[],
+                   help="create an object as QEMU's -object does (tls-creds-x509, "
+                        "tls-creds-psk, authz-simple, authz-list, authz-listfile), repeatable")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of the migration")
 
 

@@ -43,6 +43,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="set a migration capability at start, repeatable")
     p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
                    help="set a migration parameter at start, repeatable")
+    p.add_argument("--object", metavar="TYPE,id=ID,...", action="append", default=[],
+                   help="create an object as QEMU's -object does (TLS credentials, authz), "
+                        "repeatable")
     p.set_defaults(func=cmd_serve)
 
 
@@ -81,6 +84,8 @@ def _machine(args):
     m = Machine(ram_bytes=parse_size(args.ram) if args.ram else None,
                 dirty_rate=args.dirty_rate, load=loaded, incoming=args.incoming,
                 paused=args.paused, drives=args.drive)
+    for text in args.object:
+        m.objects.add_option(text)
     if args.cap or args.param:
         caps, params = settings_from_args(args.cap, args.param, incoming=bool(args.incoming))
         m.caps.set_many([(k, v) for k, v in caps.as_dict().items() if v],

@@ -60,7 +60,8 @@ class _SendChannel:
     def _run(self) -> None:
         item = None
         try:
-            self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
+            if not self.owner.init_sent:
+                self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
             while True:
                 item = None  # a failing get() must not release the previous item's SYNC again
                 item = self.q.get()
@@ -106,16 +107,19 @@ class MultifdSender:
         compression: ``none``, ``zlib`` or ``zstd`` (``multifd-compression``).
         level: the zlib or zstd level.
         uuid: the VM's 16-byte UUID, or None.
+        init_sent: the caller already wrote each channel's init packet (as
+            soon as it connected, see :func:`pack_init_packet`).
     """
 
     def __init__(self, channels: list, *, compression: str = "none", level: Optional[int] = None,
                  uuid: Optional[bytes] = None, pages_alloc: int = DEFAULT_MAX_PAGES,
-                 page_size: int = TARGET_PAGE_SIZE) -> None:
+                 page_size: int = TARGET_PAGE_SIZE, init_sent: bool = False) -> None:
         if compression not in COMPRESSION_FLAGS:
             raise ValueError(f"unknown multifd compression {compression!r}")
         self.compression = compression
         self.level = level
         self.uuid = uuid
+        self.init_sent = init_sent
         self.pages_alloc = pages_alloc
         self.page_size = page_size
         self.packet_num = itertools.count(1)
