@@ -36,11 +36,19 @@ def _scratch() -> Path:
     return d
 
 
-def grown_stream(path: Path, ram_bytes: int, seed: int = 3) -> None:
-    """The test vector with ``mem0`` grown to ``ram_bytes`` of synthetic pages."""
+def grown_stream(path: Path, ram_bytes: int, seed: int = 3, changed: float = 0.0) -> None:
+    """The test vector with ``mem0`` grown to ``ram_bytes`` of synthetic pages.
+
+    ``changed``: the fraction of pages (spread evenly) given other content
+    than ``seed`` gives them, as a clone's RAM differs from its template.
+    """
     vec = load_stream(gzip.decompress(VECTOR.read_bytes()))
     mem = RAMBlock.anonymous("mem0", ram_bytes)
     fill_pages(mem.memory, seed)
+    if changed:
+        pages = mem.memory.reshape(-1, 4096)
+        step = max(1, round(1 / changed))
+        pages[::step, 100:116] ^= 0x5A  # a small change: XBZRLE's case
     blocks = RAMBlockList([mem] + [b for b in vec.blocks if b.idstr != "mem0"])
     with open(path, "wb") as f:
         save_stream(f.write, blocks, vec.sections, vmdesc=vec.vmdesc,
@@ -97,4 +105,49 @@ def test_extract_elf_1gib_vs_cp(benchmark, stream_1g, workdir):
     ratio = benchmark.pedantic(
         lambda: vs_cp(benchmark, stream_1g, qmigx_args("extract", stream_1g, "--elf", out),
                       cleanup), rounds=1, iterations=1)
+    assert ratio > 0
+
+
+@pytest.fixture(scope="module")
+def base_1g(workdir):
+    path = workdir / "base-1g.mig"
+    grown_stream(path, GIB)
+    return path
+
+
+@pytest.mark.parametrize("percent", [1, 10, 50])
+def test_diff_1gib_vs_cp(benchmark, base_1g, workdir, percent):
+    new = workdir / f"new-{percent}.mig"
+    grown_stream(new, GIB, changed=percent / 100)
+    out = workdir / f"delta-{percent}.mig"
+    sizes = {}
+
+    def cleanup():
+        sizes["delta"] = out.stat().st_size
+        out.unlink()
+
+    try:
+        ratio = benchmark.pedantic(
+            lambda: vs_cp(benchmark, new, qmigx_args("diff", base_1g, new, out,
+                                                     "--ram-encoding", "xbzrle"), cleanup,
+                          rounds=2), rounds=1, iterations=1)
+    finally:
+        new_size = new.stat().st_size
+        new.unlink()
+    benchmark.extra_info.update(delta_bytes=sizes["delta"], new_bytes=new_size,
+                                delta_fraction=round(sizes["delta"] / new_size, 4))
+    print(f"delta {sizes['delta']} bytes = {sizes['delta'] / new_size:.2%} of NEW")
+    assert sizes["delta"] < new_size and ratio > 0
+
+
+def test_extract_dir_1gib_vs_cp(benchmark, stream_1g, workdir):
+    out = workdir / "blocks"
+
+    def cleanup():
+        assert (out / "mem0.bin").stat().st_size == GIB
+        shutil.rmtree(out)
+
+    ratio = benchmark.pedantic(
+        lambda: vs_cp(benchmark, stream_1g, qmigx_args("extract", stream_1g, out), cleanup),
+        rounds=1, iterations=1)
     assert ratio > 0

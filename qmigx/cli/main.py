@@ -113,16 +113,59 @@ def cmd_extract(args) -> int:
         if args.dir is None:
             return 0
     os.makedirs(args.dir, exist_ok=True)
-    loader = RamLoader(None)
+    if args.base:
+        return _extract_delta(args)
+    from qmigx.tools.memdump import extract_files
+
     bar = _progress("extract", args.file)
     try:
-        with _stream(args.file) as src:
-            state = analyze.analyze_state(src, loader=loader, progress=bar.update)
+        state = extract_files(args.file, args.dir, progress=bar.update)
     finally:
         bar.close()
-    analyze.extract_blocks(loader, args.dir, analyze.block_filename)
     with open(os.path.join(args.dir, "state.json"), "w") as f:
         f.write(analyze.dumps(state))
+    return 0
+
+
+def _extract_delta(args) -> int:
+    """``extract OUT DIR --base BASE [--base D1 ...]``: a delta loaded over its base."""
+    from qmigx.tools import analyze
+    from qmigx.tools.delta import load_delta
+
+    loaded = load_delta(args.file, args.base[0], chain=args.base[1:])
+
+    class _Blocks:  # what extract_blocks reads: the loaded blocks
+        blocks = loaded.blocks
+
+    analyze.extract_blocks(_Blocks, args.dir, analyze.block_filename)
+    with _stream(args.file) as src:
+        state = analyze.analyze_state(src)
+    with open(os.path.join(args.dir, "state.json"), "w") as f:
+        f.write(analyze.dumps(state))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from qmigx.tools.delta import apply_delta, diff_streams
+
+    first, second, output = args.paths
+    tmp = output + ".part"
+    try:
+        with open(tmp, "wb") as out:
+            if args.apply:  # diff --apply BASE DELTA FULL
+                apply_delta(first, second, out.write, chain=args.chain)
+            else:
+                stats = diff_streams(first, second, out.write, encoding=args.ram_encoding)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if not args.apply:
+        print(f"{output}: {stats.changed_pages} of {stats.template_pages} template pages "
+              f"differ ({stats.zero_pages} now zero, {stats.xbzrle_pages} as XBZRLE, "
+              f"{stats.full_pages} whole), {stats.other_pages} pages of other blocks, "
+              f"{stats.bytes} bytes")
     return 0
 
 
@@ -147,11 +190,11 @@ def cmd_verify(args) -> int:
             summary = verify_stream(src, progress=bar.update)
     finally:
         bar.close()
-    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     if header is not None:
         print(f"{args.file}: libvirt save image version {header.version}, "
               f"{header.format} body, domain XML of {len(header.xml)} bytes, "
               f"{'running' if header.was_running else 'paused'} when saved")
+    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
           f"{summary['pages']} page records, {summary['records']} other live-section records, "
           f"{summary['commands']} commands{bitmaps}, "
@@ -258,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "dump-guest-memory (paging off) would")
     e.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="with --elf: the file of a block an x-ignore-shared stream leaves out")
+    e.add_argument("--base", metavar="STREAM", action="append", default=[],
+                   help="FILE is a delta (qmigx diff): load it over this full stream; repeat "
+                        "for the deltas in between, oldest first")
+
+    df = sub.add_parser("diff", help="write NEW as a delta against the template BASE "
+                                     "(or, with --apply, a delta back as a full stream)")
+    df.add_argument("paths", nargs=3, metavar="PATH",
+                    help="BASE NEW OUT; with --apply: BASE DELTA FULL")
+    df.add_argument("--apply", action="store_true",
+                    help="write the full stream a delta stands for")
+    df.add_argument("--chain", metavar="DELTA", action="append", default=[],
+                    help="with --apply: a delta between BASE and DELTA, oldest first")
+    df.add_argument("--ram-encoding", default="page", choices=["page", "xbzrle"],
+                    help="changed pages whole, or as XBZRLE against BASE's page when smaller")
+    df.set_defaults(func=cmd_diff)
     e.set_defaults(func=cmd_extract)
 
     v = sub.add_parser("verify", help="check a stream's whole structure")

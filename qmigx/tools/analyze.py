@@ -65,7 +65,8 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
 
     # headers only, unless pages are wanted: map the file instead of reading it
     reader = StreamReader(source, progress=progress, ordered=True,
-                          use_mmap=not memory and loader is None)
+                          use_mmap=not memory and (loader is None
+                                                   or getattr(loader, "zero_copy", False)))
     sections: collections.OrderedDict = collections.OrderedDict()
     sizes = collections.OrderedDict()
     mem = collections.OrderedDict()

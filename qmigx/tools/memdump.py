@@ -27,7 +27,8 @@ from qmigx.tools.ramfile import RamFileSink, Region
 from qmigx.tools.savedstate import SavedState, saved_state
 from qmigx.wire import SectionType
 
-__all__ = ["extract_elf", "physical_ranges", "physical_memory", "PhysicalMemory"]
+__all__ = ["extract_elf", "extract_files", "physical_ranges", "physical_memory",
+           "PhysicalMemory"]
 
 
 def physical_ranges(state: SavedState) -> list[PhysRange]:
@@ -164,3 +165,46 @@ def physical_memory(source: Source) -> PhysicalMemory:
         loaded = load_stream(src)
     ranges = physical_ranges(state)
     return PhysicalMemory(ranges, loaded.blocks)
+
+
+class _BlockFiles(RamFileSink):
+    """Each block to its own file, made (empty, sparse) when the setup record names it."""
+
+    def __init__(self, directory: str, name_of: Callable[[str], str]) -> None:
+        super().__init__({}, scratch_dir=directory)
+        self.directory = directory
+        self.name_of = name_of
+        self.fds: dict[str, int] = {}
+        self.paths: list[str] = []
+
+    def on_setup(self, ev: RamSetup) -> None:
+        for info in ev.blocks:
+            if info.idstr in self.fds:
+                continue
+            path = os.path.join(self.directory, self.name_of(info.idstr))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, info.used_length)
+            self.fds[info.idstr] = fd
+            self.paths.append(path)
+            self.regions[info.idstr] = [Region(0, info.used_length, fd, 0)]
+        super().on_setup(ev)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        super().close()
+
+
+def extract_files(source: Source, directory: str, *, progress=None) -> dict:
+    """``qmigx extract FILE DIR``: each block to ``DIR/<quoted idstr>.bin``, and the state.
+
+    One pass: page records go straight from the (mapped) stream to the
+    block files, sparsely, while the device sections are decoded as
+    ``analyze`` decodes them. Returns the analyze state (``state.json``).
+    """
+    from qmigx.tools.analyze import analyze_state, block_filename
+
+    os.makedirs(directory, exist_ok=True)
+    with _BlockFiles(directory, block_filename) as sink, _opened(source) as src:
+        return analyze_state(src, loader=sink, progress=progress)

@@ -81,6 +81,9 @@ class RamFileSink:
         scratch_dir: where the scratch file is made (default: the temp dir).
     """
 
+    #: pages are written straight from the parser's buffer: readers may map the input
+    zero_copy = True
+
     def __init__(self, regions: Mapping[str, Sequence[Region]], *,
                  page_size: int = TARGET_PAGE_SIZE, scratch_dir: Optional[str] = None) -> None:
         self.regions = {k: list(v) for k, v in regions.items()}

@@ -33,6 +33,7 @@ from qmigx.stream import (
     SectionRecord,
     SectionStart,
     StreamHeader,
+    StreamParser,
     StreamWriter,
     VMDescription,
     default_registry,
@@ -73,12 +74,18 @@ class LoadedStream:
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
                 factory: Optional[Callable] = None, progress=None,
-                create_missing: bool = False) -> LoadedStream:
+                create_missing: bool = False, base=None, chain=()) -> LoadedStream:
     """Read a whole stream, applying its RAM to ``blocks`` (created if None).
 
     With ``create_missing``, blocks the stream names that ``blocks`` lacks
-    are created too.
+    are created too. ``base`` loads a delta (``qmigx diff``) over the full
+    stream it was made from (``chain``: the deltas in between, oldest
+    first); the delta's recorded base digest must match.
     """
+    if base is not None:
+        from qmigx.tools.delta import load_delta
+
+        return load_delta(source, base, chain=chain)
     reader = StreamReader(source, progress=progress)
     loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
     out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
@@ -140,6 +147,13 @@ def verify_stream(source: Source, progress=None) -> dict:
             summary["records"] += 1
         elif t is Command:
             summary["commands"] += 1
+            if ev.packaged is not None:  # postcopy: the device sections travel in a package
+                for inner in packaged_events(ev, reader.vmdesc):
+                    if type(inner) is SectionStart:
+                        summary["sections"] += 1
+                        summary["packaged"] = summary.get("packaged", 0) + 1
+                        if inner.type == SectionType.SECTION_FULL:
+                            full.append(inner.section)
         elif t is VMDescription:
             summary["vmdesc"] = True
             desc = parse_vmdesc(ev.json)
@@ -210,13 +224,59 @@ def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
         elif t is Configuration:
             w.raw_configuration(ev.raw)
         elif t is Command:
-            w.command(ev.cmd, ev.payload, ev.packaged)
+            packaged = None
+            if ev.packaged is not None:  # decoded and written again, record by record
+                packaged = _rewrite_package(ev, reader.vmdesc)
+            w.command(ev.cmd, ev.payload, packaged)
         elif t is EndOfState:
             w.eof()
         elif t is VMDescription:
             w.vmdesc(ev.json)
     f.flush()
     f.check()
+
+
+def packaged_events(ev: Command, vmdesc: Optional[dict]) -> list:
+    """The records inside a PACKAGED command, parsed; errors name file offsets.
+
+    A package is a nested stream without header: device sections (each
+    delimited by the vmdesc when the stream has one, by its footer
+    otherwise) and commands (LISTEN, PING, RUN).
+    """
+    sub = StreamParser(header=False, vmdesc=vmdesc)
+    sub.feed(ev.packaged)
+    sub.feed_eof()
+    base = ev.offset + 1 + 2 + 2 + 4  # type, command, length, package length
+    try:
+        return list(sub.events())
+    except StreamError as exc:
+        if exc.offset is not None:
+            exc.offset += base
+        exc.message = f"{exc.message} (inside the PACKAGED command at 0x{ev.offset:x})"
+        exc.args = (exc.message,)
+        raise
+
+
+def _rewrite_package(ev: Command, vmdesc: Optional[dict]) -> bytes:
+    """A package written again from its parsed records (the same bytes)."""
+    out = bytearray()
+    f = QEMUFile(out.extend)
+    w = StreamWriter(f)
+    for inner in packaged_events(ev, vmdesc):
+        t = type(inner)
+        if t is SectionStart:
+            w.section_header(inner.type, inner.section)
+        elif t is SectionData:
+            f.write(inner.payload)
+        elif t is SectionEnd:
+            if inner.footer:
+                w.footer(inner.section)
+        elif t is Command:
+            w.command(inner.cmd, inner.payload, inner.packaged)
+        elif t is EndOfState:
+            w.eof()
+    f.flush()
+    return bytes(out)
 
 
 def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:

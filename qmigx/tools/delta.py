@@ -1,0 +1,370 @@
+"""Incremental saved states on a template: ``qmigx diff`` and its inverse.
+
+VM templating starts clones with the template's RAM file mapped
+``share=off``: each clone reads the template's pages until it writes its
+own. A saved state of a clone then needs to carry only what differs from
+the template. :func:`diff_streams` writes such a *delta*: a complete
+QEMU 7.2 migration stream (header, configuration, RAM setup, device
+sections and vmdesc of NEW) whose RAM records, for the blocks the
+template backs (the guest RAM: ``pc.ram`` or the memory backends), hold
+only the pages that differ from BASE (as XBZRLE against BASE's page when
+that is smaller, with ``--ram-encoding xbzrle``), and for every other
+block (ROMs, ACPI tables) every page: a QEMU destination started with
+``-incoming`` does not fill ROM blocks itself.
+
+A QEMU 7.2 destination whose guest RAM is BASE's RAM file mapped
+``share=off`` loads the delta and ends with NEW's RAM: pages not sent
+keep the file's content, XBZRLE records apply to it. qmigx loads it over
+BASE (:func:`load_delta`, ``load_stream(OUT, base=BASE)``,
+``extract OUT DIR --base BASE``) and writes the full stream back
+(:func:`apply_delta`).
+
+The delta records which base it was made against in a vmdesc key QEMU
+never reads (``"qmigx-delta"``: the SHA-256 of the template blocks'
+content, their names, the encoding), and qmigx refuses to apply it to
+RAM with another digest. Deltas chain: D2 made from NEW1 applies over
+BASE + D1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from qmigx.errors import StreamError
+from qmigx.qemufile import QEMUFile
+from qmigx.ram import RAMBlockList, RamWriter
+from qmigx.stream import RamBlockInfo, Section, StreamWriter
+from qmigx.stream.reader import Source
+from qmigx.tools.physmap import main_ram_blocks
+from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag, SectionType
+
+__all__ = ["DeltaStats", "diff_streams", "load_delta", "apply_delta", "delta_info",
+           "ram_digest", "DELTA_KEY"]
+
+_XBZ_HEAD = struct.Struct(">QBH")
+_XBZ_CONTINUE = int(RamFlag.XBZRLE) | int(RamFlag.CONTINUE)
+
+#: The vmdesc key a delta carries (QEMU skips the vmdesc on load).
+DELTA_KEY = "qmigx-delta"
+_CHUNK_PAGES = 16384  # pages compared at a time (64 MiB)
+
+
+@dataclass
+class DeltaStats:
+    """What a delta holds."""
+
+    template_pages: int = 0
+    changed_pages: int = 0
+    zero_pages: int = 0
+    xbzrle_pages: int = 0
+    full_pages: int = 0
+    other_pages: int = 0
+    bytes: int = 0
+
+
+def template_names(blocks) -> list[str]:
+    """The blocks a template backs: the guest RAM (not ROMs, firmware or device memory)."""
+    infos = [RamBlockInfo(b.idstr, b.used_length, None, getattr(b, "gpa", None))
+             for b in blocks]
+    try:
+        return [b.idstr for b in main_ram_blocks(infos)]
+    except StreamError:
+        return [b.idstr for b in infos if "/" not in b.idstr and b.idstr not in
+                ("pc.bios", "pc.rom")]
+
+
+def ram_digest(blocks: RAMBlockList, names: Sequence[str]) -> str:
+    """SHA-256 over the named blocks: idstr, used length and content, in order."""
+    h = hashlib.sha256()
+    for name in names:
+        blk = blocks[name]
+        h.update(name.encode() + b"\0" + blk.used_length.to_bytes(8, "big"))
+        mem = blk.memory
+        for lo in range(0, len(mem), 64 << 20):
+            h.update(mem[lo : lo + (64 << 20)])
+    return h.hexdigest()
+
+
+def delta_info(vmdesc: Optional[bytes]) -> Optional[dict]:
+    """The ``qmigx-delta`` entry of a stream's vmdesc, or None for a full stream."""
+    if not vmdesc:
+        return None
+    try:
+        return json.loads(vmdesc).get(DELTA_KEY)
+    except (ValueError, AttributeError):
+        return None
+
+
+def _loaded(src: Union[Source, object]):
+    from qmigx.tools.memdump import _opened
+    from qmigx.tools.streams import LoadedStream, load_stream
+
+    if isinstance(src, LoadedStream):
+        return src
+    with _opened(src) as s:
+        if isinstance(s, (str, os.PathLike)):  # a file: map it, page data is copied out once
+            return _load_mapped(s)
+        return load_stream(s)
+
+
+def _load_mapped(path):
+    from qmigx.ram import RamLoader
+    from qmigx.stream import (Command, Configuration, EndOfStream, RamPages, RamSetup,
+                              SectionData, VMDescription)
+    from qmigx.stream.reader import StreamReader
+    from qmigx.tools.streams import LoadedStream
+
+    reader = StreamReader(path, use_mmap=True)
+    loader = RamLoader(None)
+    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
+    for ev in reader.events():
+        t = type(ev)
+        if t is RamPages:
+            loader.on_pages(ev)
+        elif t is RamSetup:
+            loader.on_setup(ev)
+            out.ram_setup = ev
+        elif t is SectionData:
+            out.sections.append(ev)
+        elif t is Configuration:
+            out.configuration = ev
+        elif t is Command:
+            out.commands.append(ev)
+        elif t is VMDescription:
+            out.vmdesc = ev.json
+        elif t is EndOfStream:
+            out.size = ev.offset
+    return out
+
+
+def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaStats:
+    """Write to ``sink`` the delta that takes BASE's RAM to NEW's (see the module docstring).
+
+    ``base`` and ``new`` are streams (paths, bytes, save images) or loaded
+    streams; NEW must be a full stream, BASE may itself be a loaded delta
+    result. ``encoding``: ``page`` sends a changed page whole, ``xbzrle``
+    as an XBZRLE delta against BASE's page when that is smaller.
+    """
+    from qmigx import xbzrle, zeropage
+
+    if encoding not in ("page", "xbzrle"):
+        raise ValueError(f"diff encoding must be page or xbzrle, not {encoding!r}")
+    b, n = _loaded(base), _loaded(new)
+    if delta_info(n.vmdesc) is not None:
+        raise StreamError("NEW is itself a delta; diff needs NEW as a full stream",
+                          field="vmdesc")
+    if n.ram_setup is None:
+        raise StreamError("NEW has no RAM setup record", section="ram")
+    names = template_names(n.ram_setup.blocks)
+    for name in names:
+        if name not in b.blocks or b.blocks[name].used_length != n.blocks[name].used_length:
+            raise StreamError(f"BASE has no RAM block {name!r} of NEW's size",
+                              field="ram blocks")
+    # hashing releases the GIL: BASE's digest is computed while the pages are compared
+    digest_box: list = []
+    hasher = threading.Thread(target=lambda: digest_box.append(ram_digest(b.blocks, names)),
+                              name="base-digest", daemon=True)
+    hasher.start()
+    stats = DeltaStats()
+    f = QEMUFile(sink)
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    w.header()
+    if n.configuration is not None:
+        w.raw_configuration(n.configuration.raw)
+    sec = n.ram_setup.section
+    ignore_shared = n.configuration is not None and "x-ignore-shared" in \
+        n.configuration.capabilities
+    w.section_header(SectionType.SECTION_START, sec)
+    ram.setup(n.ram_setup.blocks, ignore_shared=ignore_shared)
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_PART, sec)
+    ps = TARGET_PAGE_SIZE
+    for info in n.ram_setup.blocks:
+        mem = n.blocks[info.idstr].memory
+        if info.idstr not in names:
+            stats.other_pages += _all_pages(ram, info.idstr, mem, zeropage)
+            continue
+        old = b.blocks[info.idstr].memory
+        pages = len(mem) // ps
+        stats.template_pages += pages
+        for lo in range(0, pages, _CHUNK_PAGES):
+            hi = min(pages, lo + _CHUNK_PAGES)
+            a = old[lo * ps : hi * ps].view(np.uint64).reshape(-1, ps // 8)
+            c = mem[lo * ps : hi * ps].view(np.uint64).reshape(-1, ps // 8)
+            changed = np.flatnonzero((a != c).any(axis=1)) + lo
+            if not len(changed):
+                continue
+            stats.changed_pages += len(changed)
+            zmap = zeropage.zero_page_map(mem[lo * ps : hi * ps], ps)[changed - lo]
+            offs = changed.astype(np.uint64) * np.uint64(ps)
+            if zmap.any():
+                ram.zeros(info.idstr, offs[zmap])
+                stats.zero_pages += int(zmap.sum())
+            rest = offs[~zmap]
+            if encoding == "page":
+                ram.pages(info.idstr, mem, rest)
+                stats.full_pages += len(rest)
+                continue
+            self_x, self_p = _xbzrle_pages(ram, info.idstr, old, mem, rest, xbzrle)
+            stats.xbzrle_pages += self_x
+            stats.full_pages += self_p
+    ram.eos()
+    w.footer(sec)
+    w.section_header(SectionType.SECTION_END, sec)
+    ram.eos()
+    w.footer(sec)
+    for dev in n.sections:
+        w.section(dev.type, dev.section, dev.payload)
+    w.eof()
+    hasher.join()
+    meta = {"base-sha256": digest_box[0], "blocks": names, "encoding": encoding,
+            "changed-pages": stats.changed_pages}
+    w.vmdesc(_with_key(n.vmdesc, meta))
+    f.flush()
+    f.check()
+    stats.bytes = f.total_transferred
+    return stats
+
+
+def _xbzrle_pages(ram: RamWriter, name: str, old: np.ndarray, new: np.ndarray,
+                  offsets: np.ndarray, xbzrle) -> tuple[int, int]:
+    """Changed pages as XBZRLE against the base page where smaller, else whole, in order."""
+    ps = TARGET_PAGE_SIZE
+    xbz = full = 0
+    for lo in range(0, len(offsets), 4096):
+        offs = offsets[lo : lo + 4096]
+        idx = (offs // np.uint64(ps)).astype(np.intp)
+        old_rows = old.reshape(-1, ps)[idx]
+        new_rows = new.reshape(-1, ps)[idx]
+        out = np.empty((len(idx), ps), np.uint8)
+        lengths = np.empty(len(idx), np.int32)
+        xbzrle.encode_pages(old_rows, new_rows, out, lengths)
+        small = (lengths > 0) & (lengths < ps - 3)
+        # runs of whole pages go out in bulk; XBZRLE records one by one
+        k = 0
+        while k < len(idx):
+            j = k
+            while j < len(idx) and small[j] == small[k]:
+                j += 1
+            if small[k]:
+                m = k
+                if ram.last_block != name:  # the first record names the block
+                    ram.xbzrle(name, int(offs[m]), out[m, : lengths[m]])
+                    m += 1
+                buf = bytearray()
+                for m in range(m, j):  # CONTINUE records, built without IntFlag arithmetic
+                    n = int(lengths[m])
+                    buf += _XBZ_HEAD.pack(int(offs[m]) | _XBZ_CONTINUE, ENCODING_FLAG_XBZRLE, n)
+                    buf += out[m, :n].data
+                ram.f.write(buf)
+                xbz += j - k
+            else:
+                ram.pages(name, new, offs[k:j])
+                full += j - k
+            k = j
+    return xbz, full
+
+
+def _all_pages(ram: RamWriter, name: str, mem: np.ndarray, zeropage) -> int:
+    """Every page of a block, zero pages as ZERO records, in order."""
+    ps = TARGET_PAGE_SIZE
+    zmap = zeropage.zero_page_map(mem, ps)
+    offsets = np.arange(len(zmap), dtype=np.uint64) * np.uint64(ps)
+    edges = np.flatnonzero(np.diff(zmap.astype(np.int8))) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(zmap)]):
+        if zmap[lo]:
+            ram.zeros(name, offsets[lo:hi])
+        else:
+            ram.pages(name, mem, offsets[lo:hi])
+    return len(zmap)
+
+
+def _with_key(vmdesc: Optional[bytes], meta: dict) -> bytes:
+    """NEW's vmdesc text with the delta key added before its closing brace."""
+    entry = json.dumps({DELTA_KEY: meta}, separators=(", ", ": "))[1:-1]
+    if not vmdesc:
+        return ('{"page_size": %d, "devices": [], %s}' % (TARGET_PAGE_SIZE, entry)).encode()
+    text = vmdesc.rstrip()
+    if not text.endswith(b"}"):
+        raise StreamError("NEW's vmdesc is not a JSON object", field="vmdesc")
+    return text[:-1] + b", " + entry.encode() + b"}"
+
+
+def load_delta(delta: Source, base, *, chain: Sequence = ()):
+    """Load a delta over its base: BASE's RAM, then each of ``chain``, then ``delta``.
+
+    ``base`` is a full stream (path, bytes, image) or a loaded one; ``chain``
+    lists the deltas between BASE and this one, oldest first. Each delta's
+    recorded base digest must match the RAM it is applied to.
+    """
+    from qmigx.tools.memdump import _opened
+    from qmigx.tools.streams import load_stream
+
+    cur = _loaded(base)
+    for step in [*chain, delta]:
+        vmdesc = _vmdesc_of(step)
+        info = delta_info(vmdesc)
+        if info is None:
+            raise StreamError("not a delta (its vmdesc has no qmigx-delta entry)",
+                              field="vmdesc")
+        names = info.get("blocks", [])
+        missing = [n for n in names if n not in cur.blocks]
+        if missing:
+            raise StreamError(f"the base has no RAM block {missing[0]!r}", field="ram blocks")
+        have = ram_digest(cur.blocks, names)
+        if have != info.get("base-sha256"):
+            raise StreamError(
+                f"delta made against another base (its base RAM has SHA-256 "
+                f"{info.get('base-sha256')}, this base {have})", field="vmdesc")
+        with _opened(step) as src:
+            cur = load_stream(src, cur.blocks, create_missing=True)
+    return cur
+
+
+def _vmdesc_of(step) -> Optional[bytes]:
+    """A stream's vmdesc text: from its end when it can seek, else by reading it through."""
+    from qmigx.stream import VMDescription
+    from qmigx.stream.reader import StreamReader
+    from qmigx.tools.memdump import _opened
+
+    with _opened(step) as src:
+        reader = StreamReader(src)
+        if reader.vmdesc_text is not None:
+            return reader.vmdesc_text
+    with _opened(step) as src:
+        for ev in StreamReader(src, vmdesc=None).events():
+            if type(ev) is VMDescription:
+                return ev.json
+    return None
+
+
+def apply_delta(base, delta: Source, sink: Callable, *, chain: Sequence = ()) -> None:
+    """Write the full stream a delta stands for: its devices, and all RAM as loaded."""
+    from qmigx.tools.streams import save_stream
+
+    loaded = load_delta(delta, base, chain=chain)
+    text = _strip_key(loaded.vmdesc) if loaded.vmdesc else None
+    sec = loaded.ram_setup.section if loaded.ram_setup is not None else None
+    order = [b.idstr for b in loaded.ram_setup.blocks] if loaded.ram_setup else []
+    blocks = RAMBlockList([loaded.blocks[n] for n in order])
+    save_stream(sink, blocks, loaded.sections, vmdesc=text or False,
+                configuration=loaded.configuration,
+                first_section_id=sec.section_id if sec is not None else 2,
+                ignore_shared=bool(loaded.configuration and "x-ignore-shared" in
+                                   loaded.configuration.capabilities))
+
+
+def _strip_key(text: bytes) -> bytes:
+    """The vmdesc text without the delta key (it was appended last by :func:`_with_key`)."""
+    i = text.rfind(b', "' + DELTA_KEY.encode() + b'"')
+    return text[:i] + b"}" if i >= 0 else text
