@@ -38,6 +38,9 @@ from qmigx.stream import (
     Configuration,
     EndOfStream,
     RamEOS,
+    RamMappedBlock,
+    RamMappedPages,
+    RamMultifdFlush,
     RamPages,
     RamSetup,
     SectionData,
@@ -101,6 +104,9 @@ class MigrationDestination(Side):
         self.loader: Optional[RamLoader] = None
         #: with ``blocks`` given, also create the blocks it lacks
         self.loader_create_missing = False
+        #: load a mapped-ram stream even without the capability set here
+        #: (QEMU refuses; a file destination has nothing to negotiate)
+        self.accept_mapped_ram = True
         self.rp: Optional[ReturnPathWriter] = None
         self._listener = None
         self._chans: list = []
@@ -169,13 +175,7 @@ class MigrationDestination(Side):
         main = None
         failure: Optional[BaseException] = None
         try:
-            main = self._listener.accept(self.accept_timeout)
-            self._add_channel(main)
-            extra = []
-            for _ in range(nchan - 1):
-                ch = self._listener.accept(self.io_timeout)
-                self._add_channel(ch)
-                extra.append(ch)
+            main, extra = self._accept_channels(nchan)
             st.transition(S.ACTIVE)
             caps = self.c.caps
             self.loader = RamLoader(self.loader_blocks,
@@ -228,6 +228,28 @@ class MigrationDestination(Side):
                         st.transition(S.FAILED)
                 self.c.done.set()
 
+    def _accept_channels(self, nchan: int) -> tuple:
+        """Accept the main channel and the multifd channels, told apart by their first bytes.
+
+        QEMU 10 peeks at the first 4 bytes of each connection: ``QEVM`` is
+        the main channel, anything else a multifd channel (whose init
+        packet names its id), so the connection order does not matter
+        (qemu10.md §4.6). Channels that cannot peek (not sockets) keep 7.2's
+        rule: the first connection is the main channel.
+        """
+        chans = []
+        for i in range(nchan):
+            ch = self._listener.accept(self.accept_timeout if i == 0 else self.io_timeout)
+            self._add_channel(ch)
+            chans.append(ch)
+        if nchan == 1 or not all(ch.can_peek for ch in chans):
+            return chans[0], chans[1:]
+        mains = [ch for ch in chans if ch.peek(4) == b"QEVM"]
+        if len(mains) != 1:
+            raise ChannelError(f"{len(mains)} of the {nchan} connections start with QEVM; "
+                               f"exactly one main channel expected", field="channels")
+        return mains[0], [ch for ch in chans if ch is not mains[0]]
+
     def _load(self, main, receiver) -> None:
         """Load the incoming stream: a dispatch over phases (QEMU's qemu_loadvm_state_main).
 
@@ -258,6 +280,11 @@ class MigrationDestination(Side):
                 if t is RamPages:
                     self.loader.on_pages(ev)
                 elif t is RamEOS:
+                    # 7.2's model: every RAM EOS is a sync point; per round
+                    # (QEMU 10) only MULTIFD_FLUSH is (qemu10.md §4.4)
+                    if receiver is not None and parser.ctx.multifd_sync != "round":
+                        receiver.wait_sync(self.io_timeout)
+                elif t is RamMultifdFlush:
                     if receiver is not None:
                         receiver.wait_sync(self.io_timeout)
                 elif t is Command:
@@ -281,6 +308,10 @@ class MigrationDestination(Side):
         if t is RamSetup:
             self._setup_blocks(self.loader, ev)
             res.setup = ev
+        elif t is RamMappedBlock:
+            self.loader.on_mapped_block(ev)
+        elif t is RamMappedPages:
+            self.loader.on_mapped_pages(ev)
         elif t is SectionRecord:
             h = self.registry.live(ev.section.idstr)
             if h not in self._started:
@@ -327,16 +358,20 @@ class MigrationDestination(Side):
             raise StreamError(f"Machine type received is '{cfg.machine_type}' and local is '{mt}'",
                               offset=cfg.offset, section="configuration", field="machine_type")
         received = set(cfg.capabilities)
-        for name in received - {"x-ignore-shared"}:
+        validated = ("x-ignore-shared", "mapped-ram")  # the capabilities QEMU 10 validates
+        for name in received - set(validated):
             raise StreamError(f"Received unknown capability {name}", offset=cfg.offset,
                               section="configuration", field="capabilities")
-        mine = bool(self.c.caps.get("x-ignore-shared"))
-        theirs = "x-ignore-shared" in received
-        if mine != theirs:
-            raise StreamError(
-                f"Capability x-ignore-shared is {'on' if mine else 'off'}, "
-                f"but received capability is {'on' if theirs else 'off'}",
-                offset=cfg.offset, section="configuration", field="capabilities")
+        for name in validated:
+            mine = bool(self.c.caps.as_dict().get(name, False))
+            theirs = name in received
+            if name == "mapped-ram" and theirs and self.accept_mapped_ram:
+                continue  # qmigx reads a mapped-ram file whatever it was told
+            if mine != theirs:
+                raise StreamError(
+                    f"Capability {name} is {'on' if mine else 'off'}, "
+                    f"but received capability is {'on' if theirs else 'off'}",
+                    offset=cfg.offset, section="configuration", field="capabilities")
 
     def _command(self, ev: Command):
         """Handle a command; return the phase it hands over to, if any."""

@@ -1,4 +1,4 @@
-"""Multifd channels: sender and receiver threads (QEMU 7.2's multifd.c).
+"""Multifd channels: sender and receiver threads (QEMU 7.2's and 10.0's multifd.c).
 
 The byte formats are in :mod:`qmigx.multifd.packet`; this module moves them. A
 :class:`MultifdSender` owns one thread per extra connection: the RAM
@@ -9,9 +9,13 @@ parallel) and writes them. ``sync()`` puts a SYNC packet on every channel
 and waits until each has written it, as QEMU does before every RAM EOS.
 
 A :class:`MultifdReceiver` reads each channel in its own thread, checks
-every header, places pages straight into the RAM blocks and, at a SYNC
-packet, waits until the main channel — which has just read a RAM EOS —
-releases all channels together (multifd.md §5).
+every header, places pages straight into the RAM blocks (and zeroes the
+pages a QEMU 10 packet lists as zero pages) and, at a SYNC packet, waits
+until the main channel releases all channels together: at each RAM EOS
+for a source that syncs per section (QEMU 7.2, multifd.md §5), at each
+MULTIFD_FLUSH record for one that syncs per round (QEMU 10, qemu10.md
+§4.4). Every packet header is read at the receiver's own size (1344
+bytes), whatever its ``pages_alloc`` says: QEMU 10's SYNC packets say 0.
 """
 
 from __future__ import annotations
@@ -203,6 +207,8 @@ class _RecvChannel:
         self.ended = False  # the source closed the channel
         self.packets = 0
         self.pages = 0
+        self.zero_pages = 0
+        self.syncs = 0
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
 
     def _read_header_start(self, n: int):
@@ -218,6 +224,7 @@ class _RecvChannel:
         o = self.owner
         ps = o.page_size
         fixed = header_size(0)
+        offsets_len = header_size(o.max_pages) - fixed  # the wire's size, not pages_alloc's
         scratch = np.empty((o.max_pages, ps), np.uint8)
         try:
             while not o.stopping:
@@ -232,11 +239,14 @@ class _RecvChannel:
                     raise MultifdPacketError(
                         f"received packet with size {pages_alloc} and expected a size of "
                         f"{o.max_pages}", field="pages_alloc")
-                rest = self.chan.read_exact(8 * pages_alloc)
+                rest = self.chan.read_exact(offsets_len)
                 hdr = unpack_packet_header(bytes(head) + bytes(rest), blocks=o.block_lengths(),
                                            page_size=ps, max_pages=o.max_pages,
-                                           compression=o.compression)
+                                           compression=o.compression, version="10.0")
                 n = hdr.normal_pages
+                if hdr.zero_pages:
+                    o.place_zero(o.block(hdr.ramblock), hdr.zero_offsets)
+                    self.zero_pages += hdr.zero_pages
                 if n:
                     blk = o.block(hdr.ramblock)
                     if o.compression == "none":  # straight into a reused buffer
@@ -250,6 +260,7 @@ class _RecvChannel:
                     self.pages += n
                 self.packets += 1
                 if hdr.sync:
+                    self.syncs += 1
                     self.synced.release()
                     self.release.acquire()
         except BaseException as exc:
@@ -314,6 +325,33 @@ class MultifdReceiver:
         for page, off in zip(data, offsets):
             pl.place(blk, int(off), page)
 
+    def place_zero(self, blk, offsets) -> None:
+        """Zero the pages a packet lists as zero pages (QEMU 10).
+
+        A page that is still zero is left alone, so memory never written is
+        not allocated for nothing (QEMU only marks a page it has not
+        received yet); the others are cleared.
+        """
+        from qmigx import zeropage
+
+        pl = self.placement
+        ps = self.page_size
+        buf = blk.buffer if pl is None else pl.buffer(blk)
+        if buf is None:
+            for off in offsets:
+                pl.place_zero(blk, int(off))
+            return
+        idx = (np.asarray(offsets, np.uint64) // np.uint64(ps)).astype(np.intp)
+        pages = buf[: blk.used_length].reshape(-1, ps)
+        if len(idx) and int(idx.max()) >= len(pages):
+            raise MultifdPacketError(f"zero page beyond the {blk.used_length}-byte block "
+                                     f"{blk.idstr}", field="zero_offsets")
+        dirty = ~zeropage.zero_page_map(np.take(pages, idx, axis=0), ps)
+        if dirty.any():
+            pages[idx[dirty]] = 0
+        if pl is not None and pl.tracks_batches:
+            pl.mark_received(blk, offsets)
+
     def block_lengths(self) -> dict:
         return {b.idstr: b.used_length for b in self.blocks}
 
@@ -355,3 +393,12 @@ class MultifdReceiver:
     @property
     def pages(self) -> int:
         return sum(c.pages for c in self._chans)
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(c.zero_pages for c in self._chans)
+
+    @property
+    def syncs(self) -> list[int]:
+        """SYNC packets received, per channel."""
+        return [c.syncs for c in self._chans]

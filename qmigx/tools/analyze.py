@@ -20,6 +20,8 @@ from qmigx.stream.reader import Source, StreamReader
 from qmigx.stream import (
     Command,
     StreamParser,
+    RamMappedBlock,
+    RamMappedPages,
     RamPages,
     RamSetup,
     SectionData,
@@ -73,6 +75,14 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
                 loader.on_pages(ev)
             if memory:
                 _dump_pages(ev, loader, mem)
+        elif t is RamMappedBlock:
+            if loader is not None:
+                loader.on_mapped_block(ev)
+        elif t is RamMappedPages:
+            if loader is not None:
+                loader.on_mapped_pages(ev)
+            if memory:
+                _dump_mapped(ev, loader, mem)
         elif t is SectionStart:
             if ev.section.idstr == "ram" and ev.type in (SectionType.SECTION_START,
                                                         SectionType.SECTION_FULL):
@@ -121,6 +131,16 @@ def _dump_pages(ev: RamPages, loader, mem: dict) -> None:
             mem[key] = "Filled with 0x%02x" % rec.fill[i]
         else:
             mem[key] = " ".join("%02x" % c for c in blk.buffer[off : off + TARGET_PAGE_SIZE])
+
+
+def _dump_mapped(ev: RamMappedPages, loader, mem: dict) -> None:
+    """``-m`` for a mapped-ram chunk: the stored pages (bitmap bit set), in file order."""
+    blk, bits, _ = loader._mapped[ev.index]
+    n = len(ev.data) // TARGET_PAGE_SIZE
+    for i in bits[ev.first_page : ev.first_page + n].nonzero()[0]:
+        off = (ev.first_page + int(i)) * TARGET_PAGE_SIZE
+        page = ev.data[int(i) * TARGET_PAGE_SIZE : (int(i) + 1) * TARGET_PAGE_SIZE]
+        mem["%s (0x%016x)" % (blk.idstr, off)] = " ".join("%02x" % c for c in page)
 
 
 def block_filename(idstr: str) -> str:

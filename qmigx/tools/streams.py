@@ -23,6 +23,9 @@ from qmigx.stream import (
     EndOfState,
     EndOfStream,
     RamEOS,
+    RamMappedBlock,
+    RamMappedPages,
+    RamMultifdFlush,
     RamPages,
     RamSetup,
     Section,
@@ -83,6 +86,10 @@ def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
         t = type(ev)
         if t is RamPages:
             loader.on_pages(ev)
+        elif t is RamMappedPages:
+            loader.on_mapped_pages(ev)
+        elif t is RamMappedBlock:
+            loader.on_mapped_block(ev)
         elif t is RamSetup:
             loader.on_setup(ev)
             out.ram_setup = ev
@@ -109,13 +116,22 @@ def verify_stream(source: Source, progress=None) -> dict:
     """
     reader = StreamReader(source, progress=progress)
     loader = RamLoader(None)
-    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0}
+    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0,
+               "mapped_pages": 0, "multifd_flushes": 0}
     full: list[Section] = []
     for ev in reader.events():
         t = type(ev)
         if t is RamPages:
             loader.on_pages(ev)
             summary["pages"] += ev.records.count
+        elif t is RamMappedPages:
+            before = loader.pages_loaded
+            loader.on_mapped_pages(ev)
+            summary["mapped_pages"] += loader.pages_loaded - before
+        elif t is RamMappedBlock:
+            loader.on_mapped_block(ev)
+        elif t is RamMultifdFlush:
+            summary["multifd_flushes"] += 1
         elif t is RamSetup:
             loader.on_setup(ev)
         elif t is SectionStart:

@@ -229,6 +229,35 @@ class Channel:
         del buf[k:]
         return bytes(buf)
 
+    @property
+    def can_peek(self) -> bool:
+        """Whether :meth:`peek` works (sockets only, as QEMU's channel feature)."""
+        return self._sock is not None
+
+    def peek(self, n: int) -> bytes:
+        """The first ``n`` bytes, left unread (QEMU 10 tells channels apart this way).
+
+        Waits until ``n`` bytes arrived; fewer only if the peer closed first.
+        """
+        if self._sock is None:
+            raise ChannelError(f"{self.name}: this channel cannot peek", field="channel")
+        while True:
+            if self._shut:
+                raise self._shut_error()
+            try:
+                data = self._sock.recv(n, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                raise ChannelError(f"{self.name}: peek failed: {e.strerror}",
+                                   field="channel") from None
+            if data is not None and (len(data) >= n or not data):
+                return data
+            if data:  # part of it: wait for more without spinning
+                time.sleep(0.001)
+                continue
+            self._wait(self._rpoll, "read")
+
     def write(self, data) -> int:
         """Write all of ``data`` (any buffer); returns its length."""
         mv = _byteview(data, writable=False)
