@@ -13,7 +13,8 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
-    │   └── ReturnPathError               a return-path message is malformed
+    │   ├── ReturnPathError               a return-path message is malformed
+    │   └── IncompatibleStreamError       a valid stream another QEMU version cannot load
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
     ├── CapabilityError (ValueError)      capability refused
@@ -34,6 +35,7 @@ __all__ = [
     "VMStateError",
     "RamStreamError",
     "ReturnPathError",
+    "IncompatibleStreamError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
@@ -122,6 +124,10 @@ class RamStreamError(StreamError):
 
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
+
+
+class IncompatibleStreamError(StreamError):
+    """A valid stream that the requested QEMU version cannot load (e.g. its machine type)."""
 
 
 class XbzrleError(MigrationError, ValueError):

@@ -654,3 +654,8 @@ class RamWriter:
     def eos(self) -> None:
         self.f.put_be64(RamFlag.EOS)
         self.stats.transferred += 8
+
+    def multifd_flush(self) -> None:
+        """MULTIFD_FLUSH (QEMU 10): the destination syncs every multifd channel here."""
+        self.f.put_be64(RamFlag.MULTIFD_FLUSH)
+        self.stats.transferred += 8

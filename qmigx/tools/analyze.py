@@ -68,6 +68,8 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
         from qmigx.ram import RamLoader
 
         loader = RamLoader(None)
+    # QEMU 10's vmdesc (it starts with "configuration") is read by 10.0's script rules
+    by_name = isinstance(reader.vmdesc, dict) and "configuration" in reader.vmdesc
     for ev in reader.events():
         t = type(ev)
         if t is RamPages:
@@ -96,7 +98,7 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
             for b in ev.blocks:
                 sizes[b.idstr] = "0x%016x" % b.used_length
         elif t is SectionData:
-            _device(ev, sections, analyze_value)
+            _device(ev, sections, analyze_value, by_name)
         elif t is SectionRecord:
             handler = reader.parser.registry.live(ev.section.idstr)
             if not ev.record.is_eos:
@@ -108,15 +110,15 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
             sub.feed_eof()
             for inner in sub.events():
                 if type(inner) is SectionData:
-                    _device(inner, sections, analyze_value)
+                    _device(inner, sections, analyze_value, by_name)
     return sections
 
 
-def _device(ev: SectionData, sections: dict, analyze_value) -> None:
+def _device(ev: SectionData, sections: dict, analyze_value, by_name: bool) -> None:
     if ev.type not in (SectionType.SECTION_START, SectionType.SECTION_FULL):
         return
     if ev.value is not None:
-        sections[ev.section.label] = analyze_value(ev.value)
+        sections[ev.section.label] = analyze_value(ev.value, by_name=by_name)
     else:  # no description: the raw bytes, as the script shows unknown fields
         sections[ev.section.label] = " ".join("%02x" % c for c in ev.payload)
 

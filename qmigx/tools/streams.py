@@ -20,9 +20,7 @@ from qmigx.ram import RAMBlockList, RamLoader, RamWriter, compress_page
 from qmigx.stream import (
     Command,
     Configuration,
-    EndOfState,
     EndOfStream,
-    RamEOS,
     RamMappedBlock,
     RamMappedPages,
     RamMultifdFlush,
@@ -30,10 +28,7 @@ from qmigx.stream import (
     RamSetup,
     Section,
     SectionData,
-    SectionEnd,
-    SectionRecord,
     SectionStart,
-    StreamHeader,
     StreamWriter,
     VMDescription,
     parse_vmdesc,
@@ -55,7 +50,7 @@ __all__ = [
     "RAM_ENCODINGS",
 ]
 
-RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
+from qmigx.tools.convert import RAM_ENCODINGS, convert_stream  # noqa: E402
 
 
 @dataclass
@@ -153,117 +148,12 @@ def verify_stream(source: Source, progress=None) -> dict:
     return summary
 
 
-def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
-                   compress_level: int = 1, progress=None) -> None:
-    """Re-encode a stream's RAM records, keeping everything else as it is.
-
-    ``encoding`` is one of :data:`RAM_ENCODINGS`. With ``keep`` the output is
-    byte-identical to the input. Otherwise the RAM records are re-made, in
-    the same order and sections, from the page contents the input gives at
-    that point: ``page`` sends every page in full, ``zero`` sends all-zero
-    pages as ZERO records (QEMU's default), ``xbzrle`` also sends a page the
-    output already carried as an XBZRLE delta against that earlier copy when
-    the delta is smaller, ``compress`` sends non-zero pages zlib-compressed.
-    """
-    if encoding not in RAM_ENCODINGS:
-        raise ValueError(f"unknown RAM encoding {encoding!r}; choose from {RAM_ENCODINGS}")
-    if encoding == "keep":
-        _copy(source, sink)
-        return
-    from qmigx import xbzrle, zeropage
-
-    reader = StreamReader(source, progress=progress)
-    f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    loader = RamLoader(None)
-    sent: dict[str, np.ndarray] = {}  # per block: pages already in the output
-    delta = np.empty(TARGET_PAGE_SIZE, np.uint8)
-    ps = TARGET_PAGE_SIZE
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            _convert_batch(ev, loader, ram, encoding, compress_level, sent, delta, xbzrle,
-                           zeropage)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            ram.setup(ev.blocks, ignore_shared=reader.parser.ignore_shared)
-            for b in ev.blocks:
-                sent[b.idstr] = np.zeros(b.used_length // ps, bool)
-        elif t is RamEOS:
-            ram.eos()
-        elif t is SectionStart:
-            w.section_header(ev.type, ev.section)
-        elif t is SectionData:
-            f.write(ev.payload)
-        elif t is SectionRecord:
-            f.write(ev.raw)
-        elif t is SectionEnd:
-            if ev.footer:
-                f.put_u8(SectionType.SECTION_FOOTER)
-                f.put_be32(ev.section.section_id)
-        elif t is StreamHeader:
-            w.header()
-        elif t is Configuration:
-            w.raw_configuration(ev.raw)
-        elif t is Command:
-            w.command(ev.cmd, ev.payload, ev.packaged)
-        elif t is EndOfState:
-            w.eof()
-        elif t is VMDescription:
-            w.vmdesc(ev.json)
-    f.flush()
-    f.check()
-
-
-def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:
-    """Re-encode one batch, record by record, from the content each leaves."""
-    rec = ev.records
-    ps = TARGET_PAGE_SIZE
-    old = np.empty(ps, np.uint8)
-    for i in range(rec.count):
-        blk = loader.block_of(ev, i)
-        off = int(rec.offset[i])
-        name = blk.idstr
-        pidx = off // ps
-        page = blk.buffer[off : off + ps]
-        was_sent = sent[name][pidx]
-        if encoding == "xbzrle" and was_sent:
-            old[:] = page
-        loader.apply_range(ev, i, i + 1)
-        if encoding != "page" and zeropage.is_zero(page):
-            ram.zero(name, off)
-        elif encoding == "compress":
-            ram.compressed(name, off, compress_page(page, level))
-        elif encoding == "xbzrle" and was_sent:
-            dlen = xbzrle.encode_buffer(old, page, delta)
-            if dlen > 0:
-                ram.xbzrle(name, off, delta[:dlen])
-            elif dlen < 0:  # the delta would not be smaller: the page goes whole
-                ram.page(name, off, page)
-            # 0: the destination already holds exactly this page: nothing to send
-        else:
-            ram.page(name, off, page)
-        sent[name][pidx] = True
-
-
-def _copy(source: Source, sink: Callable) -> None:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        sink(source)
-        return
-    with open(source, "rb") as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            sink(chunk)
-
-
 def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
                 machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
                 ignore_shared: bool = False, compress_level: int = 1,
                 first_section_id: int = 2, vmdesc=True,
-                configuration: Optional[Configuration] = None) -> RamWriter:
+                configuration: Optional[Configuration] = None,
+                mapped_ram: bool = False, start: int = 0) -> RamWriter:
     """Write a complete precopy stream of ``blocks`` and ``devices``.
 
     The shape is QEMU's for a paused guest: header, configuration, ``ram``
@@ -277,6 +167,11 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     section ids. ``vmdesc`` is True (built from the DeviceState entries),
     False (none) or the bytes of a whole vmdesc document to write as is.
     ``configuration`` replays a received configuration section.
+
+    ``mapped_ram`` writes a QEMU 10 ``mapped-ram`` file instead (the
+    capability in the configuration, pages at fixed offsets after each
+    setup entry, no page records; load it with ``file:PATH``); ``start``
+    is the file offset the stream will begin at (``file:PATH,offset=N``).
     """
     from qmigx import zeropage
     from qmigx.stream import ConfigSubsection, RamBlockInfo
@@ -291,15 +186,30 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
         w.raw_configuration(configuration.raw)
     else:
         subs = []
-        if ignore_shared:
-            name = b"x-ignore-shared"
+        caps = [n for n, on in ((b"x-ignore-shared", ignore_shared), (b"mapped-ram", mapped_ram))
+                if on]
+        if caps:
             subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         b"\0\0\0\1" + bytes((len(name),)) + name))
+                                         len(caps).to_bytes(4, "big")
+                                         + b"".join(bytes((len(n),)) + n for n in caps)))
         w.configuration(machine_type, subs)
     sec = Section(first_section_id, "ram", 0, 4)
     infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
              for b in blocks]
     w.section_header(SectionType.SECTION_START, sec)
+    if mapped_ram:
+        from qmigx.mapped_ram import write_mapped_blocks
+
+        write_mapped_blocks(f, list(blocks), start=start, gpa=ignore_shared)
+        ram.eos()
+        w.footer(sec)
+        w.section_header(SectionType.SECTION_END, sec)
+        ram.eos()
+        w.footer(sec)
+        _write_devices(w, devices, first_section_id, vmdesc)
+        f.flush()
+        f.check()
+        return ram
     ram.setup(infos, ignore_shared=ignore_shared)
     ram.eos()
     w.footer(sec)
@@ -330,6 +240,15 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     w.section_header(SectionType.SECTION_END, sec)
     ram.eos()
     w.footer(sec)
+    _write_devices(w, devices, first_section_id, vmdesc)
+    f.flush()
+    f.check()
+    return ram
+
+
+def _write_devices(w: StreamWriter, devices, first_section_id: int, vmdesc) -> None:
+    """FULL device sections, EOF and the vmdesc (see :func:`save_stream`)."""
+    ps = TARGET_PAGE_SIZE
     entries = []
     for i, dev in enumerate(devices):
         if isinstance(dev, SectionData):
@@ -345,6 +264,3 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     elif vmdesc:
         text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
         w.vmdesc(text.encode())
-    f.flush()
-    f.check()
-    return ram

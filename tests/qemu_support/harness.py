@@ -772,11 +772,14 @@ def load_stream(
     timeout: float = 120.0,
     binary: str | None = None,
     uri: str | None = None,
+    resave: str | os.PathLike[str] | None = None,
 ) -> bytes:
     """Load ``path`` into a fresh QEMU configured like ``like``'s source; return its RAM.
 
     The QEMU is ``binary``, else the one that made ``like`` (QEMU 7.2 by
     default); ``uri`` replaces ``exec:cat PATH`` (e.g. QEMU 10's ``file:``).
+    ``resave`` migrates the loaded (never run) VM into that file before it
+    quits, so its device state can be compared with the stream's.
 
     The destination runs with ``-S -incoming defer`` (so the loaded guest
     never runs and RAM stays exactly as received) and its RAM on a new
@@ -811,6 +814,18 @@ def load_stream(
             vm.migrate_incoming(uri or "exec:cat " + shlex.quote(str(path)))
             vm.wait_migration(timeout)
             data = Path(mem_path).read_bytes()
+            if resave is not None:
+                sockdir = tempfile.mkdtemp(prefix="qmigx-resave-")
+                try:
+                    sink = _SocketSink(resave, sockdir)
+                    try:
+                        vm.migrate(sink.uri)
+                        vm.wait_migration(timeout)
+                        sink.wait()
+                    finally:
+                        sink.close()
+                finally:
+                    shutil.rmtree(sockdir, ignore_errors=True)
             vm.quit()
         return data
     finally:
