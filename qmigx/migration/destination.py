@@ -260,6 +260,7 @@ class MigrationDestination(Side):
         """
         self.rp = ReturnPathWriter(main.write)
         self._parser = StreamParser(registry=self.registry)
+        self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
         phase = self._precopy_phase
         while phase is not None:
@@ -379,6 +380,9 @@ class MigrationDestination(Side):
         res.commands.append(ev)
         if ev.cmd == MigCmd.OPEN_RETURN_PATH:
             res.return_path = True
+            if self.c.caps.get("switchover-ack"):
+                # no device here waits for anything: agree at once, as QEMU 10 does
+                self.rp.switchover_ack()
         elif ev.cmd == MigCmd.PING:
             if not res.return_path:
                 raise StreamError("PING without an open return path", offset=ev.offset,

@@ -70,19 +70,22 @@ class _SendChannel:
                 item = self.q.get()
                 if item is _STOP:
                     return
-                name, offsets, pages, flags, done = item
-                if len(offsets):
-                    data = self.stream.compress_pages(pages)
-                    if self.owner.compression != "none":
-                        flags |= COMPRESSION_FLAGS[self.owner.compression]
-                else:
-                    data = b""
-                n = pack_packet_header(
-                    self.header, flags=flags, pages_alloc=self.owner.pages_alloc,
+                name, offsets, pages, flags, done, zeros = item
+                data = self.stream.compress_pages(pages) if len(offsets) else b""
+                listed = len(offsets) + (len(zeros) if zeros is not None else 0)
+                if listed and self.owner.compression != "none":
+                    # QEMU 10: the method's bit on every data packet, zero pages only too
+                    flags |= COMPRESSION_FLAGS[self.owner.compression]
+                sync10 = flags & MultifdFlag.SYNC and self.owner.sync_format == "10.0"
+                if sync10:  # QEMU 10's SYNC: zeroed, pages_alloc 0, still 1344 bytes
+                    self.header[:] = 0
+                pack_packet_header(
+                    self.header, flags=flags, pages_alloc=0 if sync10 else self.owner.pages_alloc,
                     normal_pages=len(offsets),
                     next_packet_size=len(data) if len(offsets) else 0,
                     packet_num=next(self.owner.packet_num), ramblock=name,
-                    offsets=offsets)
+                    offsets=offsets, zero_offsets=zeros)
+                n = len(self.header)
                 self.chan.write(memoryview(self.header)[:n])
                 if len(data):
                     self.chan.write(data)
@@ -91,14 +94,14 @@ class _SendChannel:
                     done.release()
         except BaseException as exc:  # latched; the engine sees it at the next call
             self.owner._fail(exc)
-            if item is not None and item is not _STOP and item[-1] is not None:
-                item[-1].release()  # the SYNC being written when it failed: sync() waits on it
+            if item is not None and item is not _STOP and item[4] is not None:
+                item[4].release()  # the SYNC being written when it failed: sync() waits on it
             while True:  # keep draining so producers never block forever
                 item = self.q.get()
                 if item is _STOP:
                     return
-                if item[-1] is not None:
-                    item[-1].release()
+                if item[4] is not None:
+                    item[4].release()
 
 
 class MultifdSender:
@@ -110,11 +113,14 @@ class MultifdSender:
         compression: ``none``, ``zlib`` or ``zstd`` (``multifd-compression``).
         level: the zlib or zstd level.
         uuid: the VM's 16-byte UUID, or None.
+        sync_format: ``"7.2"`` (a SYNC packet has the channel's
+            ``pages_alloc``) or ``"10.0"`` (QEMU 10's: zeroed, ``pages_alloc``
+            0); either is 1344 bytes and both versions read both.
     """
 
     def __init__(self, channels: list, *, compression: str = "none", level: Optional[int] = None,
                  uuid: Optional[bytes] = None, pages_alloc: int = DEFAULT_MAX_PAGES,
-                 page_size: int = TARGET_PAGE_SIZE) -> None:
+                 page_size: int = TARGET_PAGE_SIZE, sync_format: str = "7.2") -> None:
         if compression not in COMPRESSION_FLAGS:
             raise ValueError(f"unknown multifd compression {compression!r}")
         self.compression = compression
@@ -122,6 +128,7 @@ class MultifdSender:
         self.uuid = uuid
         self.pages_alloc = pages_alloc
         self.page_size = page_size
+        self.sync_format = sync_format
         self.packet_num = itertools.count(1)
         self.error: Optional[BaseException] = None
         self._chans = [_SendChannel(self, i, c) for i, c in enumerate(channels)]
@@ -140,11 +147,15 @@ class MultifdSender:
                 raise self.error
             raise ChannelError(f"multifd channel failed: {self.error}") from self.error
 
-    def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False) -> int:
+    def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False,
+              zero: Optional[np.ndarray] = None) -> int:
         """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged.
 
         ``owned``: the caller hands ``pages`` over and will not touch them
         again, so they need not be copied before the channel thread sends.
+        ``zero`` (QEMU 10's ``zero-page-detection=multifd``): a bool per
+        page; those pages are listed as zero pages in the packets, without
+        data (qemu10.md §4.3).
         """
         self._check()
         charged = 0
@@ -152,11 +163,17 @@ class MultifdSender:
         for lo in range(0, len(offsets), step):
             offs = np.ascontiguousarray(offsets[lo : lo + step], dtype=np.uint64)
             rows = pages[lo : lo + step]
-            if not owned:
+            zoffs = None
+            if zero is not None:
+                z = zero[lo : lo + step]
+                zoffs = offs[z]
+                offs = offs[~z]
+                rows = rows[~z]
+            elif not owned:
                 rows = np.array(rows)  # the caller reuses its buffer
             ch = self._chans[self._next]
             self._next = (self._next + 1) % len(self._chans)
-            ch.q.put((block.idstr, offs, rows, 0, None))
+            ch.q.put((block.idstr, offs, rows, 0, None, zoffs))
             charged += HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
         self.bytes_charged += charged
         return charged
@@ -167,7 +184,7 @@ class MultifdSender:
         done = threading.Semaphore(0)
         empty = np.zeros(0, np.uint64)
         for ch in self._chans:
-            ch.q.put(("", empty, None, int(MultifdFlag.SYNC), done))
+            ch.q.put(("", empty, None, int(MultifdFlag.SYNC), done, None))
         for _ in self._chans:
             done.acquire()
         self._check()

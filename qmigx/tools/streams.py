@@ -64,6 +64,8 @@ class LoadedStream:
     commands: list = field(default_factory=list)
     vmdesc: Optional[bytes] = None
     size: int = 0
+    #: how its source synced multifd: "round" (a MULTIFD_FLUSH in setup), else "section"
+    multifd_sync: Optional[str] = None
 
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
@@ -98,6 +100,7 @@ def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
             out.vmdesc = ev.json
         elif t is EndOfStream:
             out.size = ev.offset
+    out.multifd_sync = reader.parser.ctx.multifd_sync
     return out
 
 

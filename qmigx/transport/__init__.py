@@ -54,7 +54,7 @@ def connect(uri: str, *, timeout: Optional[float] = None) -> Channel:
         return spawn(u.command, producer=False)
     if u.scheme == "fd":
         return fd_channel(take_fd(u.fd_name), f"fd:{u.fd_name}")
-    return open_write(u.path)
+    return open_write(u.path, u.offset)
 
 
 def connect_extra(uri: str, *, timeout: Optional[float] = None) -> Channel:
@@ -95,4 +95,4 @@ def listen(uri: str, *, channels: int = 1) -> Listener:
         return Listener(u, channel=spawn(u.command, producer=True))
     if u.scheme == "fd":
         return Listener(u, channel=fd_channel(take_fd(u.fd_name), f"fd:{u.fd_name}"))
-    return Listener(u, channel=open_read(u.path))
+    return Listener(u, channel=open_read(u.path, u.offset))

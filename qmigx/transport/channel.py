@@ -98,6 +98,8 @@ class Channel:
         self._close_lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
+        #: ``file:``: the file offset the stream starts at
+        self.file_offset = 0
 
     def _poller(self, fd: int, events: int):
         if fd < 0:
