@@ -125,9 +125,12 @@ class MigrationDestination(Side):
         """Start listening on ``uri`` and load in the background (``migrate-incoming``)."""
         if self._started:
             raise MigrationError("The incoming migration has already been started")
-        nchan = 1 + (self.c.params.multifd_channels if self.c.caps.get("multifd") else 0)
         parsed = transport.parse_uri(uri, incoming=True)
-        if self.c.caps.get("multifd") and not parsed.multi_channel:
+        # a mapped-ram file holds what multifd channels wrote: read as one (qemu10.md §5.2)
+        mapped_file = self.c.caps.get("mapped-ram") and parsed.scheme == "file"
+        multifd = self.c.caps.get("multifd") and not mapped_file
+        nchan = 1 + (self.c.params.multifd_channels if multifd else 0)
+        if multifd and not parsed.multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
         self._listener = transport.listen(uri, channels=nchan)
