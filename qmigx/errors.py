@@ -13,8 +13,10 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
+    │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
     │   └── IncompatibleStreamError       a valid stream another QEMU version cannot load
+    ├── BitmapError (ValueError)          a block dirty bitmap (or bitmaps file) is refused
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
     ├── CapabilityError (ValueError)      capability refused
@@ -22,6 +24,16 @@ that catch ``ValueError`` keep working::
     ├── StateError (RuntimeError)         an operation or transition not allowed in this state
     ├── ChannelError (OSError)            a transport failed
     └── MigrationCancelled                the migration was cancelled
+
+Whatever the input, ``str(err)`` is one line: a corrupted length byte can
+turn binary data into a "name" (an idstr running into device state, say),
+and such bytes must not break the one-line reports of the command-line
+tool or inject terminal control sequences. So the message is shown with
+non-printable characters escaped, and the section and field, which are
+names, with :func:`printable_name` (escaped and cut). Code that puts a
+name read from a stream into a message passes it through
+:func:`printable_name` too, so that 255 bytes of garbage become a short
+readable excerpt.
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ __all__ = [
     "UnknownSectionError",
     "VMStateError",
     "RamStreamError",
+    "DirtyBitmapError",
     "ReturnPathError",
     "IncompatibleStreamError",
+    "BitmapError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
@@ -45,7 +59,70 @@ __all__ = [
     "ChannelTimeout",
     "ChannelClosed",
     "MigrationCancelled",
+    "NAME_LIMIT",
+    "printable_name",
+    "one_line",
 ]
+
+#: Longest name an error shows, in characters once escaped.
+NAME_LIMIT = 64
+
+# characters kept from the end of a name that is cut: a section label
+# ends with its section id, ``"idstr (id)"``
+_TAIL = 16
+
+
+def _escape(char: str) -> str:
+    """``\\xNN`` for a byte that did not decode (surrogateescape), else as ascii()."""
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return ascii(char)[1:-1]
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped.
+
+    Newlines, carriage returns, escape sequences, NULs, Unicode line
+    separators and undecodable bytes become ``\\n``, ``\\x1b``,
+    ``\\u2028`` and so on; printable text (non-ASCII letters included)
+    is kept. The result is never longer than one line, and applying it
+    again changes nothing.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def printable_name(name: str, limit: int = NAME_LIMIT) -> str:
+    """A name read from input as an error shows it: printable ASCII, at most ``limit`` chars.
+
+    Everything outside printable ASCII is escaped as Python's ``ascii()``
+    does, undecodable bytes as ``\\xNN``. A longer result keeps its head
+    and its last characters around ``...``, never splitting an escape.
+    Applying it again changes nothing.
+    """
+    pieces = [c if " " <= c <= "~" else _escape(c) for c in name]
+    if sum(map(len, pieces)) <= limit:
+        return "".join(pieces)
+    keep = limit - 3
+    tail_room = min(_TAIL, keep // 3)
+    head_room = keep - tail_room
+    head: list[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > head_room:
+            break
+        head.append(piece)
+        used += len(piece)
+    tail: list[str] = []
+    used = 0
+    for piece in reversed(pieces):
+        if used + len(piece) > tail_room:
+            break
+        tail.append(piece)
+        used += len(piece)
+    return "".join(head) + "..." + "".join(reversed(tail))
 
 
 class MigrationError(Exception):
@@ -56,6 +133,10 @@ class MigrationError(Exception):
         offset: byte offset in the stream (or buffer) where it was found.
         section: the section it belongs to, e.g. ``"ram (2)"``.
         field: the field, record or parameter concerned.
+
+    The attributes keep what they were given (a QMP error's ``desc`` is
+    its message, as is); ``str()`` and :meth:`where` show them on one
+    line, escaped (see the module docstring).
     """
 
     def __init__(
@@ -78,14 +159,15 @@ class MigrationError(Exception):
         if self.offset is not None:
             parts.append(f"offset 0x{self.offset:x}")
         if self.section is not None:
-            parts.append(f"section {self.section}")
+            parts.append(f"section {printable_name(str(self.section))}")
         if self.field is not None:
-            parts.append(f"field {self.field}")
+            parts.append(f"field {printable_name(str(self.field))}")
         return ", ".join(parts)
 
     def __str__(self) -> str:
+        message = one_line(str(self.message))
         where = self.where()
-        return f"{self.message} (at {where})" if where else self.message
+        return f"{message} (at {where})" if where else message
 
     def __reduce__(self):  # keep attributes across pickling (multiprocessing)
         return (
@@ -122,12 +204,25 @@ class RamStreamError(StreamError):
     """A RAM record is malformed, names an unknown block or lies outside it."""
 
 
+class DirtyBitmapError(StreamError):
+    """A ``dirty-bitmap`` record is malformed or does not fit the bitmaps it names.
+
+    Raised when the error ends the migration; when QEMU would only cancel
+    the bitmap migration and keep loading, the destination keeps the error
+    (``DirtyBitmapDestination.cancelled``) instead of raising it.
+    """
+
+
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
 
 
 class IncompatibleStreamError(StreamError):
     """A valid stream that the requested QEMU version cannot load (e.g. its machine type)."""
+
+
+class BitmapError(MigrationError, ValueError):
+    """A block dirty bitmap, or a bitmaps file, is refused; ``field`` names the part."""
 
 
 class XbzrleError(MigrationError, ValueError):

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from qmigx.errors import UnknownSectionError, VMStateError
+from qmigx.errors import UnknownSectionError, VMStateError, printable_name
 from qmigx.qemufile import Cursor, QEMUFile
 
 __all__ = [
@@ -161,7 +161,7 @@ class VMStateHandler:
         vmsd = self.vmsd
         if sec.version_id > vmsd.version_id:
             raise VMStateError(
-                f"savevm: unsupported version {sec.version_id} for '{sec.idstr}' "
+                f"savevm: unsupported version {sec.version_id} for '{printable_name(sec.idstr)}' "
                 f"v{vmsd.version_id}", offset=cur.tell(), section=sec.label, field="version_id")
         if sec.version_id < vmsd.minimum_version_id:
             raise VMStateError(
@@ -251,7 +251,7 @@ class SaveVMRegistry:
         h = self.find(sec.idstr, sec.instance_id)
         if h is None or not isinstance(h, VMStateHandler):
             raise UnknownSectionError(
-                f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}",
+                f"Unknown savevm section or instance '{printable_name(sec.idstr)}' {sec.instance_id}",
                 offset=cur.tell(), section=sec.label, field="idstr")
         return h.load(cur, sec)
 

@@ -199,5 +199,9 @@ class DirtyBitmapStartFlag(enum.IntFlag):
     RESERVED = 0xF8
 
 
-#: A destination refuses ``dirty-bitmap`` BITS payloads larger than this.
-DIRTY_BITMAP_MAX_BUFSIZE = 10240
+#: Bytes of bitmap per ``dirty-bitmap`` BITS record (QEMU's CHUNK_SIZE): 8192 granules.
+DIRTY_BITMAP_CHUNK_SIZE = 1 << 10
+#: A BITS buffer is rounded up to this many bytes (four host longs).
+DIRTY_BITMAP_BUF_ALIGN = 32
+#: A destination refuses ``dirty-bitmap`` BITS payloads larger than this (ten chunks).
+DIRTY_BITMAP_MAX_BUFSIZE = 10 * DIRTY_BITMAP_CHUNK_SIZE

@@ -10,13 +10,17 @@ Results are byte-identical to QEMU 7.2's.
 
 * ``encode_buffer(old, new, out) -> int``: encoded length, 0 (unchanged,
   send nothing) or -1 (does not fit in ``len(out)``: send the page whole).
+  Pages of any length, as QEMU's encoder takes them (an empty page is
+  unchanged); a run longer than ``MAX_RUN``, on which QEMU's encoder
+  stops with an assertion, gives -1.
 * ``decode_buffer(src, dst) -> int``: apply a delta in place; validates it
   completely first, so on :class:`~qmigx.errors.XbzrleError` the page is
   untouched.
 * ``encode_pages(old, new, out, lengths)`` and
   ``decode_pages(deltas, lengths, pages)``: the same for many pages per
   call (numpy arrays, one page per row), with the GIL released.
-* ``MAX_PAGE_SIZE`` (16384): run lengths are at most 0x3FFF.
+* ``MAX_RUN`` (0x3FFF): the longest run a delta can hold (a 1- or 2-byte
+  uleb); only pages longer than it can have a longer one.
 * ``simd``: the compare path in use (``"avx512"``, ``"avx2"``,
   ``"portable"``; ``"python"`` for the twin).
 """
@@ -27,7 +31,7 @@ from qmigx._backend import load
 
 _impl = load("xbzrle")
 
-MAX_PAGE_SIZE: int = _impl.MAX_PAGE_SIZE
+MAX_RUN: int = _impl.MAX_RUN
 encode_buffer = _impl.encode_buffer
 decode_buffer = _impl.decode_buffer
 encode_pages = _impl.encode_pages
@@ -35,7 +39,7 @@ decode_pages = _impl.decode_pages
 simd: str = _impl.simd
 
 __all__ = [
-    "MAX_PAGE_SIZE",
+    "MAX_RUN",
     "encode_buffer",
     "decode_buffer",
     "encode_pages",

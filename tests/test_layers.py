@@ -53,6 +53,19 @@ def test_an_upward_import_is_refused(tmp_path, low, high):
     assert "BROKEN" in r.stdout and high in r.stdout
 
 
+def test_every_module_has_a_layer():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        contract = tomllib.load(f)["tool"]["importlinter"]["contracts"][0]
+    declared = {name.strip() for layer in contract["layers"] for name in layer.split("|")}
+    present = {p.stem for p in (ROOT / "qmigx").glob("*.py")} | {
+        p.parent.name for p in (ROOT / "qmigx").glob("*/__init__.py")}
+    present -= {"__init__", "__main__"}
+    assert present - declared == set(), "modules missing from the layers contract"
+    assert declared - present == set(), "layers naming modules that do not exist"
+
+
 def test_no_module_is_over_800_lines():
     big = {str(p.relative_to(ROOT)): n for p in (ROOT / "qmigx").rglob("*.py")
            if (n := len(p.read_text().splitlines())) > 800}

@@ -25,7 +25,7 @@ from libc.string cimport memchr, memcpy, memset
 
 import numpy as np
 
-from qmigx.errors import MultifdPacketError
+from qmigx.errors import MultifdPacketError, printable_name
 from qmigx.wire import MULTIFD_MAGIC, MULTIFD_VERSION
 
 cnp.import_array()
@@ -848,7 +848,7 @@ cdef object _unpack(const unsigned char* p, Py_ssize_t n, object blocks,
             used = blocks[name]
         except KeyError:
             raise MultifdPacketError(
-                f"unknown RAM block {name!r}", field="ramblock", offset=_NAME_OFF) from None
+                f"unknown RAM block '{printable_name(name)}'", field="ramblock", offset=_NAME_OFF) from None
         used_length = _as_uint(used, "a block's used length", _U64)
         bounded = True
     arr = cnp.PyArray_EMPTY(1, &ldim, cnp.NPY_UINT64, 0)

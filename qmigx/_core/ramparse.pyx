@@ -12,7 +12,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int32_t
 
-from qmigx.errors import RamStreamError
+from qmigx.errors import RamStreamError, printable_name
 
 
 KIND_ZERO = 0
@@ -338,7 +338,7 @@ cdef class RamScanner:
             n = mv[rel + 8]
             name = bytes(mv[rel + 9:rel + 9 + n])
             raise RamStreamError(
-                f"Can't find block {name.decode('utf-8', 'replace')!r}",
+                f"Can't find block '{printable_name(name.decode('utf-8', 'surrogateescape'))}'",
                 offset=at, field="block")
         if status == E_OFFSET:
             raise RamStreamError(

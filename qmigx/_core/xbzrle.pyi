@@ -5,7 +5,7 @@ from typing import Final
 from typing_extensions import Buffer
 
 __all__ = [
-    "MAX_PAGE_SIZE",
+    "MAX_RUN",
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
@@ -13,7 +13,7 @@ __all__ = [
     "simd",
 ]
 
-MAX_PAGE_SIZE: Final[int]
+MAX_RUN: Final[int]
 simd: str
 
 def encode_buffer(old: Buffer, new: Buffer, out: Buffer) -> int: ...

@@ -8,13 +8,17 @@ compares (AVX-512BW, AVX2 or a portable 64-bit-word loop, chosen at
 import, see ``simd``), and the batch forms handle many pages per call
 with the GIL released. Results are identical to QEMU 7.2's encoder and
 decoder (byte for byte, including every overflow decision) and to the
-plain-Python twin ``qmigx.reference.xbzrle``.
+plain-Python twin ``qmigx.reference.xbzrle``, for pages of any length:
+QEMU's functions take any length (an empty page encodes to nothing, a
+64 KiB page like any other), so these do too. The one thing QEMU's
+encoder cannot do, a run longer than ``MAX_RUN`` (it stops on an
+assertion), gives -1 here: the caller sends that page whole.
 """
 
 from qmigx.errors import ParameterError, XbzrleError
 
 __all__ = [
-    "MAX_PAGE_SIZE",
+    "MAX_RUN",
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
@@ -33,7 +37,7 @@ cdef extern from "xbzrle_impl.h" nogil:
                                 size_t slen, uint64_t *masks,
                                 xbz_scan_t *st) noexcept nogil
     enum:
-        XBZ_MAX_PAGE
+        XBZ_MAX_RUN
         XBZ_PATH_PORTABLE
         XBZ_PATH_AVX2
         XBZ_PATH_AVX512
@@ -65,8 +69,9 @@ cdef extern from "xbzrle_impl.h" nogil:
                          size_t psize, size_t n, size_t *bad_page,
                          size_t *where)
 
-#: Largest page the encoder accepts: run lengths are at most 0x3FFF.
-MAX_PAGE_SIZE = XBZ_MAX_PAGE
+#: Longest run (unchanged or changed bytes) a delta can hold: 0x3FFF, the
+#: largest 1- or 2-byte uleb. Only pages longer than this can have one.
+MAX_RUN = XBZ_MAX_RUN
 
 # message and field for each decoder status; the reference twin has the
 # same table so that both raise identical errors
@@ -230,23 +235,17 @@ cdef const int32_t[::1] _rlengths(object obj) except *:
     return view
 
 
-cdef int _check_page_size(Py_ssize_t slen) except -1:
-    if slen < 1 or slen > XBZ_MAX_PAGE:
-        raise ValueError(f"page size {slen} is outside 1..{XBZ_MAX_PAGE} "
-                         f"(XBZRLE run lengths are at most 0x3FFF)")
-    return 0
-
-
 # --- public API ----------------------------------------------------------
 
 def encode_buffer(old, new, out):
     """Encode the change from ``old`` to ``new`` into ``out``, as QEMU does.
 
     Returns the encoded length, 0 if the pages are identical (nothing to
-    send), or -1 if the encoding does not fit in ``len(out)`` (send the
-    page whole). ``old`` and ``new`` are buffers of the same length,
-    1..16384 bytes. Only ``out[:result]`` is meaningful: bytes after it
-    may have been used as scratch space (never beyond ``len(out)``).
+    send; always for empty pages), or -1 if the encoding does not fit in
+    ``len(out)`` or holds a run longer than ``MAX_RUN`` (send the page
+    whole). ``old`` and ``new`` are buffers of the same length, any
+    length. Only ``out[:result]`` is meaningful: bytes after it may have
+    been used as scratch space (never beyond ``len(out)``).
     """
     cdef const uint8_t[::1] a = _rbuf(old, "old")
     cdef const uint8_t[::1] b = _rbuf(new, "new")
@@ -255,7 +254,8 @@ def encode_buffer(old, new, out):
     cdef int result
     if b.shape[0] != slen:
         raise ValueError(f"old and new differ in length ({slen} != {b.shape[0]})")
-    _check_page_size(slen)
+    if slen == 0:
+        return 0  # QEMU's loop over the page never runs
     with nogil:
         result = xbz_encode(_scan, &a[0], &b[0], <size_t>slen,
                             &o[0] if o.shape[0] else <uint8_t *>NULL,
@@ -301,7 +301,9 @@ cdef object _encode_pages_with(int baseline, object old, object new, object out,
     if o.shape[0] != n or lens.shape[0] != n:
         raise ValueError(f"out has {o.shape[0]} rows and lengths {lens.shape[0]} "
                          f"entries; expected {n}")
-    _check_page_size(slen)
+    if slen == 0:
+        lens[:] = 0  # empty pages are unchanged
+        return None
     if n == 0:
         return None
     with nogil:

@@ -12,11 +12,19 @@
  *      boundary and write the pairs, with the overflow checks placed
  *      exactly where the byte-wise algorithm (xbzrle.md §3) has them.
  *
+ * Pages of any length are encoded, as QEMU's encoder does: a page longer
+ * than XBZ_SEG_BYTES goes through both phases one segment at a time (the
+ * masks of one segment live on the stack), a run left open at the end of
+ * a segment carrying over into the next.  A run longer than XBZ_MAX_RUN
+ * (possible from 16 KiB pages on) has no 1- or 2-byte uleb; QEMU's encoder
+ * stops on an assertion there, this one returns -1 so that the caller
+ * sends the page whole.
+ *
  * Every changed run costs at least one byte of zero-run length and one of
- * literal length, so "changed bytes + 2 * runs > dlen" proves the
- * encoding cannot fit and the page is rejected (-1) without writing
- * anything: the byte-wise encoder would have hit one of its overflow
- * checks, because it never lets d pass dlen.
+ * literal length, so "changed bytes + 2 * runs > dlen" over the segments
+ * scanned so far proves the encoding cannot fit and the page is rejected
+ * (-1) without writing further: the byte-wise encoder would have hit one
+ * of its overflow checks, because it never lets d pass dlen.
  *
  * Decoder: a validation pass over the whole delta (grammar and bounds),
  * then an apply pass that trusts it, so a malformed delta never changes
@@ -32,6 +40,7 @@
 #ifndef QMIGX_XBZRLE_IMPL_H
 #define QMIGX_XBZRLE_IMPL_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -47,9 +56,9 @@
 #define XBZ_X86 0
 #endif
 
-#define XBZ_MAX_PAGE 16384
-#define XBZ_MAX_RUN 0x3FFF
-#define XBZ_MAX_WINDOWS (XBZ_MAX_PAGE / 64)
+#define XBZ_SEG_BYTES 16384 /* bytes scanned per pass; a multiple of 4096 */
+#define XBZ_MAX_RUN 0x3FFF   /* the largest 1- or 2-byte uleb */
+#define XBZ_SEG_WINDOWS (XBZ_SEG_BYTES / 64)
 
 enum {
     XBZ_PATH_PORTABLE = 0,
@@ -75,7 +84,7 @@ typedef struct {
     size_t first;   /* offset of the first changed byte */
     size_t changed; /* number of changed bytes */
     size_t runs;    /* number of maximal runs of changed bytes */
-    uint64_t nonzero[XBZ_MAX_WINDOWS / 64]; /* bit w: window w has a change */
+    uint64_t nonzero[XBZ_SEG_WINDOWS / 64]; /* bit w: window w has a change */
 } xbz_scan_t;
 
 /* Returns 0 if old == new.  Otherwise fills *st (st->nonzero from the
@@ -383,12 +392,15 @@ static int xbz_emit_slow(const uint8_t *cur, uint8_t *out, size_t dlen,
     if (d + 2 > dlen) {
         return -1; /* top of the pair */
     }
+    if (zrun > XBZ_MAX_RUN) {
+        return -1; /* not representable */
+    }
     d += xbz_put_uleb(out + d, zrun);
     if (d + 2 > dlen) {
         return -1;
     }
     if (m > XBZ_MAX_RUN) {
-        return -1; /* not representable; only a fully changed 16 KiB page */
+        return -1; /* not representable */
     }
     d += xbz_put_uleb(out + d, m);
     if (d + m > dlen) {
@@ -407,7 +419,8 @@ static inline int xbz_emit(const uint8_t *cur, size_t slen, uint8_t *out,
                            size_t start, size_t end)
 {
     size_t d = *dp, m = end - start;
-    if (m <= 32 && d + 4 + 32 <= dlen && start + 32 <= slen) {
+    if (m <= 32 && zrun <= XBZ_MAX_RUN && d + 4 + 32 <= dlen &&
+        start + 32 <= slen) {
         d += xbz_put_uleb(out + d, zrun);
         d += xbz_put_uleb(out + d, m);
         memcpy(out + d, cur + start, 32);
@@ -418,72 +431,98 @@ static inline int xbz_emit(const uint8_t *cur, size_t slen, uint8_t *out,
 }
 
 /* QEMU's encode result for one page: encoded length, 0 (unchanged) or -1
- * (does not fit in dlen).  slen must be 1..XBZ_MAX_PAGE.
+ * (does not fit in dlen, or holds a run longer than XBZ_MAX_RUN).  Any
+ * slen; an empty page is unchanged whatever dlen, as QEMU's loop over the
+ * page never runs.
  *
  * The emit phase visits the windows that have changes.  In each, the run
  * starts are the changed bits whose predecessor is unchanged and the run
  * ends the unchanged bits whose predecessor changed.  Starts and ends
  * alternate, beginning with an end when a run is still open from the
  * previous window (exactly when that window's last bit is set), so taking
- * the lowest remaining bit of each in turn yields the pairs in order. */
+ * the lowest remaining bit of each in turn yields the pairs in order.
+ * Window numbers are page-wide, so a run open at the end of one segment
+ * continues into the next exactly as it does between two windows. */
 static inline int xbz_encode(xbz_scan_fn scan, const uint8_t *old,
                              const uint8_t *cur, size_t slen, uint8_t *out,
                              size_t dlen)
 {
-    uint64_t masks[XBZ_MAX_WINDOWS];
+    uint64_t masks[XBZ_SEG_WINDOWS];
     xbz_scan_t st;
     size_t nw = (slen + 63) >> 6, g, d = 0, prev_end = 0, start = 0;
     size_t next_w = 0; /* the window after the last one visited */
     uint64_t open = 0;  /* a run is open at the end of that window */
+    size_t seg, changed = 0, runs = 0;
+    int any = 0;
 
+    if (slen == 0) {
+        return 0;
+    }
+    if (dlen > INT_MAX) {
+        dlen = INT_MAX; /* QEMU's capacity is an int */
+    }
     if (dlen < 2) {
         return -1; /* the check at the top of the first pair */
     }
-    if (!scan(old, cur, slen, masks, &st)) {
-        return 0;
-    }
-    if (st.changed + 2 * st.runs > dlen) {
-        return -1;
-    }
-    for (g = st.first >> 12; g <= (nw - 1) >> 6; g++) {
-        uint64_t windows = st.nonzero[g];
-        while (windows) {
-            size_t w = (g << 6) + xbz_ctz(windows), base = w << 6;
-            windows &= windows - 1;
-            if (w != next_w && open) {
-                /* the open run ends where the unchanged window after it starts */
-                if (xbz_emit(cur, slen, out, dlen, &d, start - prev_end, start,
-                             next_w << 6)) {
-                    return -1;
+    for (seg = 0; seg < slen; seg += XBZ_SEG_BYTES) {
+        size_t seglen = slen - seg < XBZ_SEG_BYTES ? slen - seg : XBZ_SEG_BYTES;
+        size_t w0 = seg >> 6, snw = (seglen + 63) >> 6;
+        if (!scan(old + seg, cur + seg, seglen, masks, &st)) {
+            continue;
+        }
+        any = 1;
+        /* a run open at the end of the previous segment and going on here
+         * was counted there already */
+        runs += st.runs - (size_t)(open && next_w == w0 && st.first == 0);
+        changed += st.changed;
+        if (changed + 2 * runs > dlen) {
+            return -1;
+        }
+        for (g = st.first >> 12; g <= (snw - 1) >> 6; g++) {
+            uint64_t windows = st.nonzero[g];
+            while (windows) {
+                size_t lw = (g << 6) + xbz_ctz(windows);
+                size_t w = w0 + lw, base = w << 6;
+                windows &= windows - 1;
+                if (w != next_w && open) {
+                    /* the open run ends where the unchanged window after it
+                     * starts */
+                    if (xbz_emit(cur, slen, out, dlen, &d, start - prev_end,
+                                 start, next_w << 6)) {
+                        return -1;
+                    }
+                    prev_end = next_w << 6;
+                    open = 0;
                 }
-                prev_end = next_w << 6;
-                open = 0;
-            }
-            uint64_t m = masks[w], shifted = (m << 1) | open;
-            uint64_t starts = m & ~shifted, ends = ~m & shifted;
-            for (;;) {
-                if (!open) {
-                    if (!starts) {
+                uint64_t m = masks[lw], shifted = (m << 1) | open;
+                uint64_t starts = m & ~shifted, ends = ~m & shifted;
+                for (;;) {
+                    if (!open) {
+                        if (!starts) {
+                            break;
+                        }
+                        start = base + xbz_ctz(starts);
+                        starts &= starts - 1;
+                        open = 1;
+                    }
+                    if (!ends) {
                         break;
                     }
-                    start = base + xbz_ctz(starts);
-                    starts &= starts - 1;
-                    open = 1;
+                    size_t end = base + xbz_ctz(ends);
+                    ends &= ends - 1;
+                    open = 0;
+                    if (xbz_emit(cur, slen, out, dlen, &d, start - prev_end,
+                                 start, end)) {
+                        return -1;
+                    }
+                    prev_end = end;
                 }
-                if (!ends) {
-                    break;
-                }
-                size_t end = base + xbz_ctz(ends);
-                ends &= ends - 1;
-                open = 0;
-                if (xbz_emit(cur, slen, out, dlen, &d, start - prev_end, start,
-                             end)) {
-                    return -1;
-                }
-                prev_end = end;
+                next_w = w + 1;
             }
-            next_w = w + 1;
         }
+    }
+    if (!any) {
+        return 0;
     }
     if (open) {
         size_t end = next_w < nw ? next_w << 6 : slen;
@@ -524,6 +563,9 @@ static int xbz_encode_baseline(const uint8_t *old, const uint8_t *cur,
     const uint64_t ones = 0x0101010101010101ULL;
     size_t d = 0, i = 0, z, m, start, unaligned;
 
+    if (dlen > INT_MAX) {
+        dlen = INT_MAX;
+    }
     while (i < slen) {
         if (d + 2 > dlen) {
             return -1;
@@ -546,6 +588,9 @@ static int xbz_encode_baseline(const uint8_t *old, const uint8_t *cur,
         }
         if (i == slen) {
             return (int)d;
+        }
+        if (z > XBZ_MAX_RUN) {
+            return -1;
         }
         d += xbz_put_uleb(out + d, z);
         if (d + 2 > dlen) {

@@ -59,6 +59,7 @@ def run_demo(args) -> int:
 
 
 def _run_live(ram_bytes: int, workdir: str) -> int:
+    from qmigx._child import qmigx_command
     from qmigx.cli.live import info_migrate
     from qmigx.cli.progress import Progress
     from qmigx.control import Capabilities, MigrationStatus, Parameters
@@ -85,8 +86,8 @@ def _run_live(ram_bytes: int, workdir: str) -> int:
           + (f" ({log.reason})" if getattr(log, "reason", None) else "")
           + f" [{time.perf_counter() - t:.2f}s]")
 
-    cmd = [sys.executable, "-m", "qmigx", "incoming", f"unix:{sock}", "--ram-dir", ram_dir,
-           "--save", saved]
+    # the qmigx this process runs, not a source tree in the working directory
+    cmd = qmigx_command() + ["incoming", f"unix:{sock}", "--ram-dir", ram_dir, "--save", saved]
     for c in caps:
         cmd += ["--cap", f"{c}=on"]
     dest = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

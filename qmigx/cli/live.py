@@ -7,6 +7,7 @@ draw progress on a terminal and exit 0 only when it completed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Optional
 
 from qmigx.cli.progress import Progress
 from qmigx.control import Capabilities, MigrationStatus, Parameters
-from qmigx.errors import MigrationError, ParameterError
+from qmigx.errors import CapabilityError, MigrationError, ParameterError
 from qmigx.ram import RAMBlock, RAMBlockList
 from qmigx.wire import TARGET_PAGE_SIZE
 
@@ -58,10 +59,16 @@ def settings_from_args(caps: list, params: list, *, incoming: bool,
 
 
 def _parse_value(text: str):
+    """A ``--param`` value: integer, boolean, size (``64M``), JSON list/object, else text."""
     try:
         return int(text, 0)
     except ValueError:
         pass
+    if text[:1] in ("[", "{"):  # block-bitmap-mapping
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ParameterError(f"--param value is not valid JSON: {text!r}") from None
     if text.lower() in ("true", "false", "on", "off"):
         return text.lower() in ("true", "on")
     if text and text[-1].upper() in "KMGT" and text[:-1].isdigit():
@@ -136,8 +143,9 @@ def cmd_incoming(args) -> int:
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
     t_start = time.monotonic()
     given = _shared_ram(args.shared_ram, private=True)
+    bitmaps = _bitmap_destination(args, params)
     dst = MigrationDestination(given if len(given) else None, capabilities=caps,
-                               parameters=params)
+                               parameters=params, handlers=[bitmaps] if bitmaps else [])
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -160,13 +168,16 @@ def cmd_incoming(args) -> int:
         for blk in dst.blocks:
             with open(os.path.join(args.ram_dir, block_filename(blk.idstr)), "wb") as f:
                 f.write(memoryview(blk.memory))
+    if bitmaps is not None and args.bitmaps:
+        bitmaps.result.save(args.bitmaps)
     if args.report:
         from qmigx.report import write_report
 
         write_report(args.report, side="destination", query=dst.query(), iterations=[],
                      timings={"listen_s": t_listen - t_start,
                               "first_byte_s": (dst.t_first_byte or t_end) - t_listen,
-                              "migration_s": t_end - (dst.t_first_byte or t_end)})
+                              "migration_s": t_end - (dst.t_first_byte or t_end)},
+                     extra=_bitmap_report(bitmaps) if bitmaps is not None else None)
     return 0
 
 
@@ -192,6 +203,37 @@ def send_compat(loaded):
     return compat
 
 
+def _bitmap_destination(args, params):
+    """The dirty-bitmap loader ``--bitmaps``/``--bitmap-node`` ask for, or None."""
+    if not (args.bitmaps or args.bitmap_node):
+        return None
+    from qmigx.block_dirty_bitmap import DirtyBitmapDestination
+
+    nodes = None
+    if args.bitmap_node:
+        nodes = {}
+        for item in args.bitmap_node:
+            name, sep, size = item.partition("=")
+            value = _parse_value(size) if sep and size else None
+            if not name or (value is not None and not isinstance(value, int)):
+                raise ParameterError(f"--bitmap-node {item!r}: expected NODE or NODE=SIZE",
+                                     field="bitmap-node")
+            nodes[name] = value
+    return DirtyBitmapDestination(
+        nodes=nodes, parameters=params,
+        warn=lambda message: print(f"qmigx: warning: {message}", file=sys.stderr, flush=True))
+
+
+def _bitmap_report(loader) -> dict:
+    return {"dirty-bitmaps": {
+        "received": [{"node": node, "name": bm.name, "granularity": bm.granularity,
+                      "size": bm.size, "dirty-granules": bm.dirty_granules()}
+                     for node, bm in loader.result],
+        "cancelled": loader.cancelled.message if loader.cancelled is not None else None,
+        "warnings": list(loader.warnings),
+    }}
+
+
 def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
@@ -209,10 +251,21 @@ def cmd_send(args) -> int:
             blk.gpa = info.gpa
         blocks.add(blk)
     machine = loaded.configuration.machine_type if loaded.configuration else "pc-i440fx-7.2"
+    handlers = []
+    if args.bitmaps:
+        from qmigx.block_bitmaps import DirtyBitmapSet
+        from qmigx.block_dirty_bitmap import DirtyBitmapSource
+
+        if not caps.get("dirty-bitmaps"):
+            raise CapabilityError("--bitmaps needs the dirty-bitmaps capability "
+                                  "(--cap dirty-bitmaps=on)", field="dirty-bitmaps")
+        handlers.append(DirtyBitmapSource(DirtyBitmapSet.load(args.bitmaps), capabilities=caps,
+                                          parameters=params, running=lambda: src.guest.running))
     src = MigrationSource(
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
-        ram_section_id=setup.section.section_id if setup else 2, compat=compat)
+        ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
+        compat=compat)
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from qmigx.errors import MigrationError
+from qmigx.errors import MigrationError, one_line
 
 __all__ = ["main"]
 
@@ -90,9 +90,12 @@ def cmd_verify(args) -> int:
         summary = verify_stream(args.file, progress=bar.update)
     finally:
         bar.close()
+    bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
-          f"{summary['pages']} page records, {summary['commands']} commands, "
+          f"{summary['pages']} page records, {summary['commands']} commands{bitmaps}, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
+    for message in summary.get("bitmap_warnings", ()):
+        print(f"{args.file}: dirty bitmaps would be dropped: {message}")
     return 0
 
 
@@ -186,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ram-dir", metavar="DIR", help="write each RAM block as extract names them")
     i.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="map PATH privately (copy-on-write) as block IDSTR (x-ignore-shared)")
+    i.add_argument("--bitmaps", metavar="OUT.json",
+                   help="write the block dirty bitmaps that arrived (dirty-bitmap section)")
+    i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
+                   help="a block node bitmaps may land on (size in bytes); with any given, "
+                        "bitmaps for other nodes are dropped as QEMU drops them")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
     s.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="back block IDSTR with PATH, shared (x-ignore-shared skips it)")
+    s.add_argument("--bitmaps", metavar="IN.json",
+                   help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))
@@ -221,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MigrationError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         try:
@@ -230,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 141
     except OSError as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qmigx: error: interrupted", file=sys.stderr)

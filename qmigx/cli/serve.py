@@ -100,13 +100,13 @@ def cmd_serve(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``qmigx serve`` on its own (``python -m qmigx.cli.serve ...``)."""
-    from qmigx.errors import MigrationError
+    from qmigx.errors import MigrationError, one_line
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (MigrationError, OSError) as exc:
-        print(f"qmigx: error: {exc}", file=sys.stderr)
+        print(f"qmigx: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -27,6 +27,7 @@ from qmigx.errors import (
     MigrationError,
     RamStreamError,
     StreamError,
+    printable_name,
 )
 from qmigx.migration.side import Controls, S, Side
 from qmigx.multifd.channels import MultifdReceiver
@@ -359,12 +360,14 @@ class MigrationDestination(Side):
     def _check_configuration(self, cfg: Configuration) -> None:
         mt = self.machine_type
         if mt is not None and not mt.startswith(cfg.machine_type):
-            raise StreamError(f"Machine type received is '{cfg.machine_type}' and local is '{mt}'",
+            raise StreamError(f"Machine type received is '{printable_name(cfg.machine_type)}' "
+                              f"and local is '{mt}'",
                               offset=cfg.offset, section="configuration", field="machine_type")
         received = set(cfg.capabilities)
         validated = ("x-ignore-shared", "mapped-ram")  # the capabilities QEMU 10 validates
         for name in received - set(validated):
-            raise StreamError(f"Received unknown capability {name}", offset=cfg.offset,
+            raise StreamError(f"Received unknown capability {printable_name(name)}",
+                              offset=cfg.offset,
                               section="configuration", field="capabilities")
         for name in validated:
             mine = bool(self.c.caps.as_dict().get(name, False))

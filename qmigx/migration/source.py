@@ -308,6 +308,9 @@ class MigrationSource(Side):
                 self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
+            if caps.get("dirty-bitmaps") and not caps.get("postcopy-ram"):
+                # QEMU advises postcopy (without page sizes) whenever bitmaps may migrate
+                w.command(MigCmd.POSTCOPY_ADVISE)
             sec = Section(self.ram_section_id, "ram", 0, 4)
             live = self._live_sections(sec)
             for lsec, h in live:
@@ -380,6 +383,8 @@ class MigrationSource(Side):
             if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
                 w.command(MigCmd.SWITCHOVER_START)
             for lsec, h in live:
+                if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
+                    continue
                 w.section_header(SectionType.SECTION_END, lsec)
                 if h is not None:
                     h.save_complete_precopy(f)

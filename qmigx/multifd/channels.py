@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from qmigx.errors import ChannelError, MigrationError, MultifdPacketError
+from qmigx.errors import ChannelError, MigrationError, MultifdPacketError, printable_name
 from qmigx.multifd.packet import (
     DEFAULT_MAX_PAGES,
     HEADER_FIXED_SIZE,
@@ -327,7 +327,7 @@ class MultifdReceiver:
     def block(self, name: str):
         blk = self.blocks.get(name)
         if blk is None:
-            raise MultifdPacketError(f"unknown ram block {name}", field="ramblock")
+            raise MultifdPacketError(f"unknown ram block {printable_name(name)}", field="ramblock")
         return blk
 
     def place(self, blk, data: np.ndarray, offsets) -> None:

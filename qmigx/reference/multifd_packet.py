@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qmigx.errors import MultifdPacketError
+from qmigx.errors import MultifdPacketError, printable_name
 from qmigx.wire import MULTIFD_MAGIC, MULTIFD_VERSION
 
 __all__ = [
@@ -558,7 +558,7 @@ def unpack_packet_header(buf, *, blocks: Mapping[str, int] | None = None, page_s
             used = blocks[name]
         except KeyError:
             raise MultifdPacketError(
-                f"unknown RAM block {name!r}", field="ramblock", offset=_NAME_OFF
+                f"unknown RAM block '{printable_name(name)}'", field="ramblock", offset=_NAME_OFF
             ) from None
         used_length = _as_uint(used, "a block's used length", _U64)
     for i, off in enumerate(offsets):

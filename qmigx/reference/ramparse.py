@@ -29,7 +29,7 @@ from array import array
 
 import numpy as np
 
-from qmigx.errors import RamStreamError
+from qmigx.errors import RamStreamError, printable_name
 
 __all__ = [
     "RamRecords",
@@ -191,7 +191,7 @@ class RamScanner:
                 block = self.index.get(name, -1)
                 if block < 0:
                     raise RamStreamError(
-                        f"Can't find block {name.decode('utf-8', 'replace')!r}",
+                        f"Can't find block '{printable_name(name.decode('utf-8', 'surrogateescape'))}'",
                         offset=base + start, field="block")
             if addr >= self.lengths[block]:
                 raise RamStreamError(

@@ -4,7 +4,9 @@ The test oracle for ``qmigx._core.xbzrle``: the same public names, the
 same results and the same errors for every input, written as the
 byte-wise algorithm of xbzrle.md §3 and §4 so that it can be checked
 against the spec by reading it. Slow; qmigx itself runs the compiled
-kernel.
+kernel. Pages of any length, as QEMU's encoder and decoder take them; a
+run longer than ``MAX_RUN`` (QEMU's encoder stops on an assertion) gives
+-1, so that the caller sends the page whole.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from qmigx.errors import XbzrleError
 
 __all__ = [
-    "MAX_PAGE_SIZE",
+    "MAX_RUN",
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
@@ -22,9 +24,12 @@ __all__ = [
     "uleb_decode",
 ]
 
-#: Largest page the encoder accepts: run lengths are at most 0x3FFF.
-MAX_PAGE_SIZE = 16384
-_MAX_RUN = 0x3FFF
+#: Longest run (unchanged or changed bytes) a delta can hold: 0x3FFF, the
+#: largest 1- or 2-byte uleb. Only pages longer than this can have one.
+MAX_RUN = 0x3FFF
+_MAX_RUN = MAX_RUN
+#: QEMU's output capacity is an int: a larger ``out`` holds no more.
+_INT_MAX = 2**31 - 1
 
 #: Always ``"python"`` here (the compiled twin names its compare path).
 simd = "python"
@@ -135,20 +140,12 @@ def _lengths(obj, writable: bool) -> memoryview:
     return view.cast("B").cast("i")
 
 
-def _check_page_size(slen: int) -> None:
-    if not 1 <= slen <= MAX_PAGE_SIZE:
-        raise ValueError(
-            f"page size {slen} is outside 1..{MAX_PAGE_SIZE} "
-            f"(XBZRLE run lengths are at most 0x3FFF)"
-        )
-
-
 # --- encoder -----------------------------------------------------------------
 
 
 def _encode(old: memoryview, new: memoryview, out: memoryview) -> int:
-    """xbzrle.md §3, line by line."""
-    slen, dlen = len(old), len(out)
+    """xbzrle.md §3, line by line (an empty page: the loop never runs, 0)."""
+    slen, dlen = len(old), min(len(out), _INT_MAX)
     d = i = 0
     while i < slen:
         if d + 2 > dlen:
@@ -161,6 +158,8 @@ def _encode(old: memoryview, new: memoryview, out: memoryview) -> int:
             return 0  # page unchanged
         if i == slen:
             return d  # a trailing unchanged run is not encoded
+        if zrun > _MAX_RUN:
+            return -1  # no uleb for it (QEMU's encoder asserts)
         size = len(enc := uleb_encode(zrun))
         out[d : d + size] = enc
         d += size
@@ -171,7 +170,7 @@ def _encode(old: memoryview, new: memoryview, out: memoryview) -> int:
             i += 1
         nzrun = i - start
         if nzrun > _MAX_RUN:
-            return -1  # not representable; only a fully changed 16 KiB page
+            return -1  # no uleb for it (QEMU's encoder asserts)
         size = len(enc := uleb_encode(nzrun))
         out[d : d + size] = enc
         d += size
@@ -185,14 +184,14 @@ def _encode(old: memoryview, new: memoryview, out: memoryview) -> int:
 def encode_buffer(old, new, out) -> int:
     """Encode the change from ``old`` to ``new`` into ``out``, as QEMU does.
 
-    Returns the encoded length, 0 if the pages are identical, or -1 if
-    the encoding does not fit in ``len(out)``. Only ``out[:result]`` is
+    Returns the encoded length, 0 if the pages are identical (always for
+    empty pages), or -1 if the encoding does not fit in ``len(out)`` or
+    holds a run longer than ``MAX_RUN``. Only ``out[:result]`` is
     meaningful.
     """
     a, b, o = _flat(old, "old"), _flat(new, "new"), _flat(out, "out", True)
     if len(a) != len(b):
         raise ValueError(f"old and new differ in length ({len(a)} != {len(b)})")
-    _check_page_size(len(a))
     return _encode(a, b, o)
 
 
@@ -209,7 +208,6 @@ def encode_pages(old, new, out, lengths) -> None:
         raise ValueError(f"old and new differ in shape ({n}, {slen}) != ({bn}, {bslen})")
     if on != n or len(lens) != n:
         raise ValueError(f"out has {on} rows and lengths {len(lens)} entries; expected {n}")
-    _check_page_size(slen)
     for k in range(n):
         page = slice(k * slen, (k + 1) * slen)
         lens[k] = _encode(a[page], b[page], o[k * dlen : (k + 1) * dlen])

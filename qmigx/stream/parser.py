@@ -36,6 +36,7 @@ from qmigx.errors import (
     StreamError,
     TruncatedStreamError,
     UnknownSectionError,
+    printable_name,
 )
 from qmigx.qemufile import Cursor, NeedData
 from qmigx.savevm import SaveVMRegistry, Section
@@ -411,7 +412,7 @@ class StreamParser:
             elif sname == "configuration/target-page-bits":
                 data = bytes(cur.read_bytes(4))
             else:
-                raise UnknownSectionError(f"unknown configuration subsection {sname!r}",
+                raise UnknownSectionError(f"unknown configuration subsection '{printable_name(sname)}'",
                                           offset=sub_at, section="configuration", field=sname)
             subs.append(ConfigSubsection(sname, sver & 0xFF, data))
         raw = bytes(cur.buf[at - cur.base + 1 : cur.pos])
@@ -567,7 +568,7 @@ class StreamParser:
             fid = cur.read_be32()
             if fid != sec.section_id:
                 raise StreamError(
-                    f"Mismatched section id in footer for {sec.idstr!r} (read 0x{fid:x} "
+                    f"Mismatched section id in footer for '{printable_name(sec.idstr)}' (read 0x{fid:x} "
                     f"expected 0x{sec.section_id:x})",
                     offset=at, section=sec.label, field="footer")
             return SectionEnd(stype, sec, True, at)
@@ -691,11 +692,11 @@ class StreamParser:
                 gpa = cur.read_be64()
             if used > remaining:
                 raise RamStreamError(
-                    f"RAM block {name!r} length 0x{used:x} exceeds the remaining total "
+                    f"RAM block '{printable_name(name)}' length 0x{used:x} exceeds the remaining total "
                     f"0x{remaining:x}", offset=entry_at, section=sec.label, field="used_length")
             if used % self.ctx.page_size:
-                raise RamStreamError(f"RAM block {name!r} length 0x{used:x} not page aligned",
-                                     offset=entry_at, section=sec.label, field="used_length")
+                raise RamStreamError(f"RAM block '{printable_name(name)}' length 0x{used:x} not page "
+                                     "aligned", offset=entry_at, section=sec.label, field="used_length")
             remaining -= used
             blocks.append(RamBlockInfo(name, used, page_size, gpa))
             if len(blocks) > 4096:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from qmigx.block_dirty_bitmap import DirtyBitmapDestination
 from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlockList, RamLoader, RamWriter, compress_page
@@ -28,9 +29,11 @@ from qmigx.stream import (
     RamSetup,
     Section,
     SectionData,
+    SectionRecord,
     SectionStart,
     StreamWriter,
     VMDescription,
+    default_registry,
     parse_vmdesc,
 )
 from qmigx.stream.reader import Source, StreamReader
@@ -108,18 +111,26 @@ def verify_stream(source: Source, progress=None) -> dict:
     """A full structural check; returns a summary, raises on the first fault.
 
     Every record is parsed, every page applied to a scratch copy of RAM (so
-    XBZRLE deltas and zlib pages are fully decoded), every device section is
-    delimited by its vmdesc entry when there is one, and the vmdesc must
-    describe each FULL section.
+    XBZRLE deltas and zlib pages are fully decoded), dirty-bitmap records are
+    loaded as a destination loads them (``bitmaps``: how many arrived
+    complete; ``bitmap_warnings``: what would cancel them), every device
+    section is delimited by its vmdesc entry when there is one, and the
+    vmdesc must describe each FULL section.
     """
-    reader = StreamReader(source, progress=progress)
+    bitmaps = DirtyBitmapDestination()
+    registry = default_registry()
+    registry.remove(bitmaps.idstr, bitmaps.instance_id)
+    registry.add(bitmaps)
+    reader = StreamReader(source, progress=progress, registry=registry)
     loader = RamLoader(None)
     summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0,
                "mapped_pages": 0, "multifd_flushes": 0}
     full: list[Section] = []
     for ev in reader.events():
         t = type(ev)
-        if t is RamPages:
+        if t is SectionRecord and ev.section.idstr == bitmaps.idstr:
+            bitmaps.load_record(ev.record, ev.section)
+        elif t is RamPages:
             loader.on_pages(ev)
             summary["pages"] += ev.records.count
         elif t is RamMappedPages:
@@ -148,6 +159,9 @@ def verify_stream(source: Source, progress=None) -> dict:
                                       offset=ev.offset, section=sec.label)
         elif t is EndOfStream:
             summary["bytes"] = ev.offset
+    bitmaps.load_cleanup(True)
+    summary["bitmaps"] = len(bitmaps.result)
+    summary["bitmap_warnings"] = list(bitmaps.warnings)
     return summary
 
 

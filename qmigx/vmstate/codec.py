@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from qmigx.errors import VMStateError
+from qmigx.errors import VMStateError, printable_name
 from qmigx.qemufile import Cursor, NeedData
 from qmigx.vmstate.fields import VMSFlag, VMStateDescription, VMStateField
 from qmigx.vmstate.infos import VMSTATE_INFO_NULLPTR
@@ -377,7 +377,8 @@ class _Loader(_Base):
             at = cur.tell()
             if sub is None:
                 shown = cname.decode("utf-8", "backslashreplace")
-                raise self.error(f"unknown subsection '{shown}' of {vmsd.name} (ENOENT)",
+                raise self.error(f"unknown subsection '{printable_name(shown)}' of {vmsd.name} "
+                                 "(ENOENT)",
                                  at, _join(path, shown))
             cur.skip(2 + length)
             version = cur.read_be32() & 0xFF

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Optional
 
+from qmigx.errors import printable_name
 from qmigx.wire import QTAILQ_END, QTAILQ_ELEM_START, VMSTATE_NULLPTR_MARKER
 
 __all__ = [
@@ -308,7 +309,7 @@ class Str8Info(VMStateInfo):
         if self.choices is not None:
             cstr = s.split("\0", 1)[0]
             if cstr not in self.choices:
-                raise ctx.error(f"Received unknown capability {cstr}", off, path)
+                raise ctx.error(f"Received unknown capability {printable_name(cstr)}", off, path)
             s = cstr
         return s
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import uuid as _uuid
 from typing import Callable, Iterable, Optional
 
-from qmigx.errors import VMStateError
+from qmigx.errors import VMStateError, printable_name
 from qmigx.vmstate.fields import (
     VMStateDescription,
     vmstate_buffer,
@@ -81,7 +81,9 @@ def _globalstate_post_load(obj: dict, version: int) -> None:
         raw[-1] = 0
     name = _c_string(bytes(raw)).decode("utf-8", "surrogateescape")
     if name not in RUNSTATE_NAMES:
-        raise VMStateError(f"invalid parameter value: {name}", field="runstate")
+        # the buffer bounds the name: shown whole unless it holds escapes
+        shown = printable_name(name, limit=GLOBALSTATE_RUNSTATE_LEN)
+        raise VMStateError(f"invalid parameter value: {shown}", field="runstate")
     obj["state"] = name
 
 
@@ -161,7 +163,7 @@ def make_configuration_vmsd(
                                                            obj["len"]):
             shown = _c_string(name[: obj["len"]]).decode("utf-8", "replace")
             raise VMStateError(
-                f"Machine type received is '{shown}' and local is '{machine_type}'",
+                f"Machine type received is '{printable_name(shown)}' and local is '{machine_type}'",
                 field="name")
         if obj["target_page_bits"] != target_page_bits:
             raise VMStateError(f"Received TARGET_PAGE_BITS is {obj['target_page_bits']} "
