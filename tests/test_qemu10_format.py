@@ -12,6 +12,7 @@ The mapped-ram files are also built here by hand from the spec's layout
 from __future__ import annotations
 
 import io
+import time
 import struct
 
 import numpy as np
@@ -439,3 +440,47 @@ def test_receiver_refuses_zero_pages_outside_the_block():
     finally:
         rx.close()
     assert ei.value.field == "offsets[0]"
+
+
+# --- the destination tells channels apart by their first bytes (QEMU 10, qemu10.md §4.6) ------------
+
+
+@pytest.mark.parametrize("machine", ["pc-i440fx-10.0", "pc-i440fx-7.2"])
+def test_multifd_channels_may_connect_before_the_main_channel(machine, tmp_path, monkeypatch):
+    """A source that opens its multifd channels first: QEVM still names the main channel."""
+    from qmigx import transport
+    from qmigx.control import Capabilities, Parameters
+    from qmigx.migration import MigrationDestination, MigrationSource
+    import qmigx.migration.source as source_mod
+
+    def settings():
+        c = Capabilities(qemu_version="10.0")
+        c.set("multifd")
+        p = Parameters(capabilities=c, qemu_version="10.0")
+        p.set({"multifd-channels": 3, "multifd-compression": "zlib"})
+        return c, p
+
+    rng = np.random.default_rng(3)
+    mem = np.zeros(256 * PS, np.uint8)
+    mem[: 100 * PS] = rng.integers(0, 256, 100 * PS)
+    blocks = RAMBlockList([RAMBlock("pc.ram", mem)])
+    c, p = settings()
+    dst = MigrationDestination(capabilities=c, parameters=p, accept_timeout=30)
+    dst.incoming(f"unix:{tmp_path}/m.sock")
+    early: list = []
+    real_connect, real_extra = transport.connect, transport.connect_extra
+
+    def connect(uri, **kw):
+        early.extend(real_extra(uri, **kw) for _ in range(3))
+        time.sleep(0.2)  # let the destination accept them first
+        return real_connect(uri, **kw)
+
+    monkeypatch.setattr(source_mod.transport, "connect", connect)
+    monkeypatch.setattr(source_mod.transport, "connect_extra", lambda uri, **kw: early.pop(0))
+    c2, p2 = settings()
+    src = MigrationSource(blocks, capabilities=c2, parameters=p2, machine_type=machine)
+    src.guest.running = False
+    src.migrate(f"unix:{tmp_path}/m.sock")
+    assert src.wait(60).value == "completed", src.error
+    assert dst.wait(60).value == "completed", dst.error
+    assert np.array_equal(dst.blocks["pc.ram"].memory, mem)
