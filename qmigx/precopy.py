@@ -297,8 +297,14 @@ class RamSaveState:
         ps = TARGET_PAGE_SIZE
         n = len(pages)
         mem = blk.buffer[: blk.used_length].reshape(-1, ps)
-        if self.multifd is not None:  # a fresh copy the channel threads may keep
-            rows = np.take(mem, pages, axis=0)
+        if self.multifd is not None:
+            # what the channel threads send later: a run of pages is sent from
+            # guest memory itself (as QEMU's multifd does: a page written
+            # meanwhile is dirty again and goes again), others from a fresh copy
+            if int(pages[-1]) - int(pages[0]) == n - 1:
+                rows = mem[int(pages[0]) : int(pages[0]) + n]
+            else:
+                rows = np.take(mem, pages, axis=0)
         else:
             rows = self._pages[:n]
             np.take(mem, pages, axis=0, out=rows)  # snapshot: what we send is what we cache

@@ -248,11 +248,40 @@ class MigrationDestination(Side):
             chans.append(ch)
         if nchan == 1 or not all(ch.can_peek for ch in chans):
             return chans[0], chans[1:]
-        mains = [ch for ch in chans if ch.peek(4) == b"QEVM"]
-        if len(mains) != 1:
-            raise ChannelError(f"{len(mains)} of the {nchan} connections start with QEVM; "
-                               f"exactly one main channel expected", field="channels")
-        return mains[0], [ch for ch in chans if ch is not mains[0]]
+        # the first bytes tell: QEVM is the main channel, the others multifd;
+        # once the main one (or every multifd one) is known, the rest follow
+        main = None
+        multifd: list = []
+        pending = list(chans)
+        deadline = None if self.io_timeout is None else time.monotonic() + self.io_timeout
+        while main is None and len(multifd) < nchan - 1:
+            for ch in list(pending):
+                if main is not None or len(multifd) == nchan - 1:
+                    break
+                head = ch.peek_nowait(4)
+                if head is None:
+                    continue
+                pending.remove(ch)
+                if head == b"QEVM":
+                    if main is not None:
+                        raise ChannelError("two connections start with QEVM; one main channel "
+                                           "expected", field="channels")
+                    main = ch
+                else:
+                    multifd.append(ch)
+            if main is None and len(multifd) < nchan - 1:
+                if self._cancelled:
+                    raise ChannelError("incoming migration cancelled", field="channels")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ChannelError("no data on the incoming connections to tell the main "
+                                       "channel from the multifd ones", field="channels")
+                time.sleep(0.002)
+        if main is None:
+            if not pending:
+                raise ChannelError("no incoming connection starts with QEVM: no main channel",
+                                   field="channels")
+            main = pending.pop(0)
+        return main, multifd + pending
 
     def _load(self, main, receiver) -> None:
         """Load the incoming stream: a dispatch over phases (QEMU's qemu_loadvm_state_main).

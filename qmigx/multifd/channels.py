@@ -63,6 +63,7 @@ class _SendChannel:
 
     def _run(self) -> None:
         item = None
+        raw = self.owner.compression == "none"
         try:
             self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
             while True:
@@ -71,7 +72,17 @@ class _SendChannel:
                 if item is _STOP:
                     return
                 name, offsets, pages, flags, done, zeros = item
-                data = self.stream.compress_pages(pages) if len(offsets) else b""
+                iov = None
+                if not len(offsets):
+                    data = b""
+                elif raw and isinstance(pages, list):  # the pages where they are
+                    iov = pages
+                    data = b""
+                elif raw:  # the pages themselves, as the caller's rows: no copy
+                    data = np.ascontiguousarray(pages).reshape(-1)
+                else:
+                    data = self.stream.compress_pages(pages)
+                nbytes = len(offsets) * self.owner.page_size if iov is not None else len(data)
                 listed = len(offsets) + (len(zeros) if zeros is not None else 0)
                 if listed and self.owner.compression != "none":
                     # QEMU 10: the method's bit on every data packet, zero pages only too
@@ -82,14 +93,17 @@ class _SendChannel:
                 pack_packet_header(
                     self.header, flags=flags, pages_alloc=0 if sync10 else self.owner.pages_alloc,
                     normal_pages=len(offsets),
-                    next_packet_size=len(data) if len(offsets) else 0,
+                    next_packet_size=nbytes if len(offsets) else 0,
                     packet_num=next(self.owner.packet_num), ramblock=name,
                     offsets=offsets, zero_offsets=zeros)
                 n = len(self.header)
-                self.chan.write(memoryview(self.header)[:n])
-                if len(data):
-                    self.chan.write(data)
-                self.bytes += n + len(data)
+                if iov is not None:  # header and pages in one gathering write
+                    self.chan.writev([self.header, *iov])
+                elif len(data):
+                    self.chan.writev([self.header, data])
+                else:
+                    self.chan.write(self.header)
+                self.bytes += n + nbytes
                 if done is not None:
                     done.release()
         except BaseException as exc:  # latched; the engine sees it at the next call
@@ -166,9 +180,14 @@ class MultifdSender:
             zoffs = None
             if zero is not None:
                 z = zero[lo : lo + step]
-                zoffs = offs[z]
-                offs = offs[~z]
-                rows = rows[~z]
+                if z.any():
+                    zoffs = offs[z]
+                    offs = offs[~z]
+                    # uncompressed: the channel sends each kept row where it is
+                    rows = ([rows[i] for i in np.flatnonzero(~z)]
+                            if self.compression == "none" else rows[~z])
+                else:
+                    zoffs = offs[:0]
             elif not owned:
                 rows = np.array(rows)  # the caller reuses its buffer
             ch = self._chans[self._next]
@@ -228,52 +247,44 @@ class _RecvChannel:
         self.syncs = 0
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
 
-    def _read_header_start(self, n: int):
-        buf = bytearray(n)
-        got = self.chan.readinto(buf)
-        if got == 0:
-            return None
-        if got < n:
-            self.chan.readinto_exact(memoryview(buf)[got:])
-        return bytes(buf)
-
     def _run(self) -> None:
         o = self.owner
         ps = o.page_size
-        fixed = header_size(0)
-        offsets_len = header_size(o.max_pages) - fixed  # the wire's size, not pages_alloc's
+        # every header is read at the wire's size, the receiver's own (QEMU 10's
+        # SYNC packets say pages_alloc 0 but are 1344 bytes like the others)
+        head = np.empty(header_size(o.max_pages), np.uint8)
+        hview = memoryview(head)
         scratch = np.empty((o.max_pages, ps), np.uint8)
         try:
             while not o.stopping:
-                head = self._read_header_start(fixed)
-                if head is None:  # the source closed the channel between packets
+                got = self.chan.readinto(hview)
+                if got == 0:  # the source closed the channel between packets
                     # fine after the last sync; wait_sync fails if one is still due
                     self.ended = True
                     self.synced.release()
                     return
-                pages_alloc = int.from_bytes(head[12:16], "big")
-                if pages_alloc > o.max_pages:
-                    raise MultifdPacketError(
-                        f"received packet with size {pages_alloc} and expected a size of "
-                        f"{o.max_pages}", field="pages_alloc")
-                rest = self.chan.read_exact(offsets_len)
-                hdr = unpack_packet_header(bytes(head) + bytes(rest), blocks=o.block_lengths(),
-                                           page_size=ps, max_pages=o.max_pages,
-                                           compression=o.compression, version="10.0")
+                if got < len(head):
+                    self.chan.readinto_exact(hview[got:])
+                hdr = unpack_packet_header(head, blocks=o.block_lengths(), page_size=ps,
+                                           max_pages=o.max_pages, compression=o.compression,
+                                           version="10.0")
                 n = hdr.normal_pages
                 if hdr.zero_pages:
                     o.place_zero(o.block(hdr.ramblock), hdr.zero_offsets)
                     self.zero_pages += hdr.zero_pages
                 if n:
                     blk = o.block(hdr.ramblock)
-                    if o.compression == "none":  # straight into a reused buffer
+                    offs = hdr.offsets
+                    direct = o.direct_buffer(blk, offs) if o.compression == "none" else None
+                    if direct is not None:  # one run of pages: read straight into RAM
+                        self.chan.readinto_exact(direct)
+                    elif o.compression == "none":  # into a reused buffer, then placed
                         self.chan.readinto_exact(scratch.reshape(-1)[: n * ps])
-                        data = scratch[:n]
+                        o.place(blk, scratch[:n], offs)
                     else:
                         raw = self.chan.read_exact(hdr.next_packet_size)
                         self.stream.decompress_into(raw, scratch, n, ps)
-                        data = scratch[:n]
-                    o.place(blk, data, hdr.offsets[:n])
+                        o.place(blk, scratch[:n], offs)
                     self.pages += n
                 self.packets += 1
                 if hdr.sync:
@@ -341,6 +352,27 @@ class MultifdReceiver:
             return
         for page, off in zip(data, offsets):
             pl.place(blk, int(off), page)
+
+    def direct_buffer(self, blk, offsets) -> Optional[memoryview]:
+        """Where a packet's pages go when they are one run in a plain copy placement, else None.
+
+        A bulk pass sends consecutive pages, so most packets are one run:
+        their data can be read from the socket straight into guest RAM,
+        sparing a copy of every page.
+        """
+        pl = self.placement
+        if pl is not None and (pl.tracks_batches or pl.buffer(blk) is None):
+            return None
+        n = len(offsets)
+        first = int(offsets[0])
+        if int(offsets[-1]) - first != (n - 1) * self.page_size:
+            return None
+        if n > 1 and not (np.diff(offsets) == self.page_size).all():
+            return None
+        buf = blk.buffer if pl is None else pl.buffer(blk)
+        if first + n * self.page_size > blk.used_length:
+            return None  # checked against the block already; never past it
+        return memoryview(buf[first : first + n * self.page_size])
 
     def place_zero(self, blk, offsets) -> None:
         """Zero the pages a packet lists as zero pages (QEMU 10).
