@@ -318,6 +318,7 @@ class MultifdReceiver:
         self.page_size = page_size
         self.error: Optional[BaseException] = None
         self.stopping = False
+        self._lengths: dict = {}
         self._chans = [_RecvChannel(self, i, c) for i, c in enumerate(channels)]
         for c in self._chans:
             c.thread.start()
@@ -375,14 +376,7 @@ class MultifdReceiver:
         return memoryview(buf[first : first + n * self.page_size])
 
     def place_zero(self, blk, offsets) -> None:
-        """Zero the pages a packet lists as zero pages (QEMU 10).
-
-        A page that is still zero is left alone, so memory never written is
-        not allocated for nothing (QEMU only marks a page it has not
-        received yet); the others are cleared.
-        """
-        from qmigx import zeropage
-
+        """Zero the pages a packet lists as zero pages (QEMU 10)."""
         pl = self.placement
         ps = self.page_size
         buf = blk.buffer if pl is None else pl.buffer(blk)
@@ -395,14 +389,19 @@ class MultifdReceiver:
         if len(idx) and int(idx.max()) >= len(pages):
             raise MultifdPacketError(f"zero page beyond the {blk.used_length}-byte block "
                                      f"{blk.idstr}", field="zero_offsets")
-        dirty = ~zeropage.zero_page_map(np.take(pages, idx, axis=0), ps)
-        if dirty.any():
-            pages[idx[dirty]] = 0
+        pages[idx] = 0
         if pl is not None and pl.tracks_batches:
             pl.mark_received(blk, offsets)
 
     def block_lengths(self) -> dict:
-        return {b.idstr: b.used_length for b in self.blocks}
+        """Block name -> used length (asked once per packet: remade only when blocks appear).
+
+        The setup record, which creates and sizes the blocks, comes before
+        any page; afterwards the table does not change.
+        """
+        if len(self._lengths) != len(self.blocks):
+            self._lengths = {b.idstr: b.used_length for b in self.blocks}
+        return self._lengths
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
