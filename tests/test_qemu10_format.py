@@ -484,3 +484,21 @@ def test_multifd_channels_may_connect_before_the_main_channel(machine, tmp_path,
     assert src.wait(60).value == "completed", src.error
     assert dst.wait(60).value == "completed", dst.error
     assert np.array_equal(dst.blocks["pc.ram"].memory, mem)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_scanner_twins_agree_on_multifd_flush(backend):
+    """Both RAM scanners stop after a bare 0x200 word and refuse 0x200 with more bits."""
+    from qmigx._backend import load_compiled, load_reference
+
+    k = (load_compiled if backend == "compiled" else load_reference)("ramparse")
+    sc = k.RamScanner(PS, [b"pc.ram"], [8 * PS])
+    rec = k.RamRecords(16)
+    data = struct.pack(">QQ", 0x200, 0x10)
+    assert sc.scan(data, 0, len(data), rec, 100) == (8, k.MULTIFD_FLUSH)
+    assert sc.scan(data, 8, len(data), rec, 100) == (16, k.EOS)
+    for word in (0x220, 0x3200):
+        bad = struct.pack(">Q", word)
+        with pytest.raises(errors.RamStreamError) as ei:
+            sc.scan(bad, 0, 8, rec, 100)
+        assert ei.value.offset == 100 and "MULTIFD_FLUSH" in str(ei.value)

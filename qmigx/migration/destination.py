@@ -185,7 +185,9 @@ class MigrationDestination(Side):
             self.loader = RamLoader(self.loader_blocks,
                                     ignore_shared=bool(caps.get("x-ignore-shared")),
                                     compress=bool(caps.get("compress")),
-                                    create_missing=self.loader_create_missing)
+                                    create_missing=self.loader_create_missing,
+                                    # a destination that is QEMU 10 refuses fill bytes but 0
+                                    zero_fill=getattr(caps, "qemu_version", None) == "10.0")
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
