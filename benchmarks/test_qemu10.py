@@ -150,7 +150,10 @@ def _rearm(vm: Qemu) -> None:
 
 def _set(vm, caps: dict, params: dict) -> None:
     """Every capability a case uses, set each time: QEMU keeps them between migrations."""
-    vm.set_capabilities({"multifd": False, "mapped-ram": False, "return-path": True, **caps})
+    base = {"multifd": False, "return-path": True}
+    if vm.binary == qemu10_binary():
+        base["mapped-ram"] = False  # QEMU 10's
+    vm.set_capabilities({**base, **caps})
     vm.set_parameters({"max-bandwidth": BANDWIDTH, **params})
 
 

@@ -372,7 +372,7 @@ class DirtyBitmapSource(DirtyBitmapHandler):
             f.write(self._header(st, F.START) + _START.pack(st.bitmap.granularity, st.flags))
         f.put_u8(F.EOS)
 
-    def save_pending(self) -> tuple[int, int]:
+    def save_pending(self, max_size: int = 0) -> tuple[int, int]:
         """Nothing that iterating could send: in precopy the bits all wait for completion.
 
         QEMU 7.2 reports the granules not yet sent, as if each were a byte,

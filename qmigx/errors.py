@@ -13,6 +13,7 @@ that catch ``ValueError`` keep working::
     │   ├── UnknownSectionError           section type, id or idstr not known
     │   ├── VMStateError                  a device section does not fit its description
     │   ├── RamStreamError                a RAM record is malformed or out of bounds
+    │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
     │   └── IncompatibleStreamError       a valid stream another QEMU version cannot load
@@ -46,6 +47,7 @@ __all__ = [
     "UnknownSectionError",
     "VMStateError",
     "RamStreamError",
+    "BlockStreamError",
     "DirtyBitmapError",
     "ReturnPathError",
     "IncompatibleStreamError",
@@ -202,6 +204,10 @@ class VMStateError(StreamError):
 
 class RamStreamError(StreamError):
     """A RAM record is malformed, names an unknown block or lies outside it."""
+
+
+class BlockStreamError(StreamError):
+    """A ``block`` record is malformed, names an unknown disk or lies outside it."""
 
 
 class DirtyBitmapError(StreamError):

@@ -110,8 +110,13 @@ class SaveVMHandler:
     def save_setup(self, f: QEMUFile) -> None:
         pass
 
-    def save_pending(self) -> tuple[int, int]:
-        """Bytes left to send: ``(precopy_only, postcopy_compatible)``."""
+    def save_pending(self, max_size: int = 0) -> tuple[int, int]:
+        """Bytes left to send: ``(precopy_only, postcopy_compatible)``.
+
+        ``max_size`` is what the driver could send within the downtime
+        limit (QEMU's threshold): a section that must not complete yet
+        reports more than that.
+        """
         return (0, 0)
 
     def save_live_iterate(self, f: QEMUFile) -> bool:

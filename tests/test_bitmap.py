@@ -46,17 +46,13 @@ class each_path:
             compiled._set_simd(previous)
 
 
-@pytest.fixture(params=[*PATHS, "reference"])
-def bm(request):
-    if request.param == "reference":
-        yield reference
-        return
-    previous = compiled._set_simd(request.param)
-    try:
-        assert compiled._simd_path() == request.param
-        yield compiled
-    finally:
-        compiled._set_simd(previous)
+pytestmark = pytest.mark.kernel("bitmap", paths=PATHS)
+
+
+@pytest.fixture
+def bm(kernel):
+    """The reference twin, or the compiled kernel pinned to one sync path (tests/conftest.py)."""
+    return kernel
 
 
 def test_paths():

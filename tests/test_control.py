@@ -269,14 +269,13 @@ def test_query_capabilities_layout():
     caps = Capabilities()
     caps.set_many([("events", True), ("xbzrle", True)])
     out = caps.as_qmp()
-    assert [e["capability"] for e in out] == [n for n in QAPI_CAPS if n != "block"]
+    assert [e["capability"] for e in out] == QAPI_CAPS
     assert all(list(e) == ["state", "capability"] for e in out)
     assert {e["capability"] for e in out if e["state"]} == {"events", "xbzrle"}
     assert json.dumps(out[0]) == '{"state": true, "capability": "xbzrle"}'
 
 
 CAP_CONFLICTS = [
-    ([("block", True)], "QEMU compiled without old-style (blk/-b, inc/-i) block migration", "block"),
     ([("x-colo", True)], "QEMU compiled without replication module can't enable COLO", "x-colo"),
     ([("postcopy-ram", True), ("x-ignore-shared", True)],
      "Postcopy is not compatible with ignore-shared", "postcopy-ram"),
@@ -421,7 +420,7 @@ def test_capability_sets_are_atomic(first, second):
             expect = dict(before)
             expect.update(batch)
             assert caps.as_dict() == expect
-            assert not caps.get("block") and not caps.get("x-colo")
+            assert not caps.get("x-colo")
 
 
 # ---------------------------------------------------------------------------

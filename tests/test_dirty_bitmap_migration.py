@@ -33,7 +33,6 @@ from dirty_bitmap_helpers import (COMPLETE, EOS, MAPPING_OUT, SECTION, STEPS, bi
                                   incoming_cli, load, qemu_to_qmigx, qemu_vm, qmigx_to_qemu, records,
                                   roundtrip, run_cli, send_cli, sent, start_rec, want_bitmaps, words)
 from qemu_support.bitmaps import expected_bitmaps, expected_ranges
-from qemu_support.harness import qemu_binary
 from qemu_support.live import Uris
 from qmigx.block_bitmaps import BlockDirtyBitmap, DirtyBitmapSet
 from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapSource
@@ -726,7 +725,6 @@ def reference(tmp_path_factory) -> dict:
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_stored_vector_is_what_qemu_sends(tmp_path):
     v = vector.load()
     got = vector.capture(tmp_path)
@@ -735,7 +733,6 @@ def test_stored_vector_is_what_qemu_sends(tmp_path):
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_bitmaps_arrive_in_qmigx_exactly(tmp_path, uris):
     got, _, report, qemu_view = qemu_to_qmigx(tmp_path, uris)
     assert got == want_bitmaps()
@@ -748,7 +745,6 @@ def test_qemu_bitmaps_arrive_in_qmigx_exactly(tmp_path, uris):
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_mapping_to_qmigx_mapping(tmp_path, uris):
     back = [{"node-name": "mydisk", "alias": "vol", "bitmaps": [
         {"name": "fine-copy", "alias": "f"}, {"name": "late", "alias": "l"}]}]
@@ -761,7 +757,6 @@ def test_qemu_mapping_to_qmigx_mapping(tmp_path, uris):
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qemu_aliased_bitmaps_without_a_matching_mapping_are_dropped(tmp_path, uris):
     elsewhere = [{"node-name": "mydisk", "alias": "other", "bitmaps": []}]
     got, err, report, _ = qemu_to_qmigx(tmp_path, uris, src_params={"block-bitmap-mapping": MAPPING_OUT},
@@ -773,7 +768,6 @@ def test_qemu_aliased_bitmaps_without_a_matching_mapping_are_dropped(tmp_path, u
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qmigx_bitmaps_in_qemu_equal_bitmaps_qemu_made(tmp_path, uris, base_stream, reference):
     got, _ = qmigx_to_qemu(tmp_path, uris, base_stream, want_bitmaps())
     assert got == reference
@@ -782,7 +776,6 @@ def test_qmigx_bitmaps_in_qemu_equal_bitmaps_qemu_made(tmp_path, uris, base_stre
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qmigx_mapping_to_qemu_mapping(tmp_path, uris, base_stream, reference):
     bitmaps = {"mine": want_bitmaps()["disk0"]}  # any node name: the mapping gives the alias
     out = [{"node-name": "mine", "alias": "vol", "bitmaps": [
@@ -797,7 +790,6 @@ def test_qmigx_mapping_to_qemu_mapping(tmp_path, uris, base_stream, reference):
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_qmigx_aliases_unknown_to_qemu_are_dropped_by_qemu(tmp_path, uris, base_stream):
     out = [{"node-name": "disk0", "alias": "vol", "bitmaps": [{"name": "fine", "alias": "f"}]}]
     got, log = qmigx_to_qemu(tmp_path, uris, base_stream, want_bitmaps(),
@@ -807,7 +799,6 @@ def test_qmigx_aliases_unknown_to_qemu_are_dropped_by_qemu(tmp_path, uris, base_
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_a_running_source_sends_no_parts_and_the_engine_writes_qemus_sections(tmp_path):
     """QEMU (guest running) -> file, and qmigx's engine (guest running) -> file: same sections."""
     from qemu_support.bitmaps import migrate_to_file, run_steps
@@ -839,7 +830,6 @@ def test_a_running_source_sends_no_parts_and_the_engine_writes_qemus_sections(tm
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_a_bitmap_that_exists_on_the_qemu_destination_fails_the_migration(tmp_path, uris, base_stream):
     """QEMU treats a START for an existing bitmap as fatal, as qmigx's destination does."""
     from qemu_support.bitmaps import add_bitmap

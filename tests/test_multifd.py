@@ -21,9 +21,13 @@ PAGE = 4096
 BLOCKS = {"pc.ram": 64 << 20, "pc.bios": 256 << 10, "tiny": 100}
 
 
-@pytest.fixture(params=[COMPILED, REFERENCE], ids=["cython", "python"])
-def k(request):
-    return request.param
+pytestmark = pytest.mark.kernel("multifd_packet")
+
+
+@pytest.fixture
+def k(kernel):
+    """The compiled framing kernel, then its reference twin (tests/conftest.py)."""
+    return kernel
 
 
 def outcome(fn, *args, **kwargs):

@@ -12,10 +12,7 @@ come out byte for byte.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -24,57 +21,15 @@ import time
 import numpy as np
 import pytest
 
+from qemu_support.qmp import QMPClient
 from qmigx import multifd as mf
 from qmigx.errors import MultifdPacketError
 
-QEMU = shutil.which("qemu-system-x86_64")
-
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed"),
-]
+pytestmark = pytest.mark.qemu
 
 PAGE = 4096
 BLOB_ADDR = 0x200000
 BLOB_PAGES = 192
-
-
-class Qmp:
-    """Just enough QMP: one JSON object per line, events skipped."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rwb")
-        json.loads(self.file.readline())  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, execute: str, **arguments):
-        msg = {"execute": execute}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise RuntimeError(f"{execute}: {reply['error']}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 class RecordingProxy:
@@ -142,9 +97,9 @@ class RecordingProxy:
             s.close()
 
 
-def _ram_blocks(qmp: Qmp) -> dict[str, int]:
+def _ram_blocks(qmp: QMPClient) -> dict[str, int]:
     """RAM block name -> used length, from HMP ``info ramblock``."""
-    text = qmp.cmd("human-monitor-command", **{"command-line": "info ramblock"})
+    text = qmp.execute_raw("human-monitor-command", {"command-line": "info ramblock"})
     blocks = {}
     for line in text.splitlines():
         m = re.match(r"\s*(\S+)\s+[\d.]+ \S+\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+0x[0-9a-f]+", line)
@@ -167,11 +122,11 @@ def _blob() -> bytes:
     return b"".join(pages)
 
 
-def _migrate(tmp_path, compression: str):
+def _migrate(qemu_bin: str, tmp_path, compression: str):
     blob_path = tmp_path / "blob.bin"
     blob_path.write_bytes(_blob())
     common = [
-        QEMU, "-M", "pc", "-m", "64", "-nographic", "-nodefaults", "-S",
+        qemu_bin, "-M", "pc", "-m", "64", "-nographic", "-nodefaults", "-S",
         "-device", f"loader,file={blob_path},addr={BLOB_ADDR:#x},force-raw=on",
     ]
     procs = []
@@ -185,31 +140,33 @@ def _migrate(tmp_path, compression: str):
             with open(tmp_path / f"{role}.log", "wb") as log:
                 procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                               stdout=log, stderr=subprocess.STDOUT))
-        src, dst = (Qmp(str(tmp_path / f"{r}.qmp")) for r in ("src", "dst"))
-        qmps += [src, dst]
+        for role, proc in zip(("src", "dst"), procs):
+            qmps.append(QMPClient(str(tmp_path / f"{role}.qmp"), timeout=10.0))
+            qmps[-1].connect(alive=lambda proc=proc: proc.poll() is None)
+        src, dst = qmps
         for q in (src, dst):
-            q.cmd("migrate-set-capabilities",
-                  capabilities=[{"capability": "multifd", "state": True}])
-            q.cmd("migrate-set-parameters", **{
+            q.execute("migrate-set-capabilities",
+                      capabilities=[{"capability": "multifd", "state": True}])
+            q.execute_raw("migrate-set-parameters", {
                 "multifd-channels": 2, "multifd-compression": compression})
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        src.execute_raw("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         blocks = _ram_blocks(src)
-        dst.cmd("migrate-incoming", uri=f"unix:{tmp_path / 'dst.sock'}")
+        dst.execute("migrate-incoming", uri=f"unix:{tmp_path / 'dst.sock'}")
         proxy = RecordingProxy(str(tmp_path / "proxy.sock"), str(tmp_path / "dst.sock"))
-        src.cmd("migrate", uri=f"unix:{tmp_path / 'proxy.sock'}")
+        src.execute("migrate", uri=f"unix:{tmp_path / 'proxy.sock'}")
         deadline = time.monotonic() + 20
         while True:
-            status = src.cmd("query-migrate").get("status")
+            status = src.execute("query-migrate").get("status")
             if status in ("completed", "failed", "cancelled"):
                 break
             assert time.monotonic() < deadline, "migration did not finish"
             time.sleep(0.05)
         assert status == "completed", (tmp_path / "src.log").read_text(errors="replace")
-        while dst.cmd("query-migrate").get("status") not in ("completed", None):
+        while dst.execute("query-migrate").get("status") not in ("completed", None):
             assert time.monotonic() < deadline, "destination did not finish"
             time.sleep(0.05)
         for q in qmps:
-            q.cmd("quit")
+            q.execute("quit")
         for p in procs:
             p.wait(timeout=10)
         proxy.close()
@@ -250,8 +207,8 @@ def _parse_channel(raw: bytes, blocks, compression: str, stream):
 
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
-def test_qemu_multifd_channels_decode(tmp_path, compression):
-    blocks, recorded = _migrate(tmp_path, compression)
+def test_qemu_multifd_channels_decode(qemu_bin, tmp_path, compression):
+    blocks, recorded = _migrate(qemu_bin, tmp_path, compression)
     assert len(recorded) == 3  # main channel first, then the two multifd channels
     assert recorded[0][:4] == b"QEVM"
     blob = _blob()
@@ -278,8 +235,8 @@ def test_qemu_multifd_channels_decode(tmp_path, compression):
     assert bytes(placed[BLOB_ADDR:BLOB_ADDR + len(blob)]) == blob
 
 
-def test_qemu_zlib_packets_need_the_persistent_stream(tmp_path):
-    blocks, recorded = _migrate(tmp_path, "zlib")
+def test_qemu_zlib_packets_need_the_persistent_stream(qemu_bin, tmp_path):
+    blocks, recorded = _migrate(qemu_bin, tmp_path, "zlib")
     identical = []
     for raw in recorded[1:]:
         _, packets = _parse_channel(raw, blocks, "zlib", mf.ZlibRecvStream())

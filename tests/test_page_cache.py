@@ -18,9 +18,13 @@ EMPTY = 2**64 - 1
 PS = 4096
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def pc(request):
-    return compiled if request.param == "compiled" else reference
+pytestmark = pytest.mark.kernel("page_cache")
+
+
+@pytest.fixture
+def pc(kernel):
+    """The compiled kernel, then its reference twin (tests/conftest.py)."""
+    return kernel
 
 
 def page(fill: int, ps: int = PS) -> np.ndarray:

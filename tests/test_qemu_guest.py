@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 from qemu_support import guest, streams
-from qemu_support.harness import Qemu, QemuError, load_stream, parse_size, qemu_binary, qemu_args
+from qemu_support.harness import Qemu, QemuError, load_stream, parse_size, qemu_args
 from qemu_support.qmp import QMPCommandError
 
-needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 RAM = 64 << 20
 
 
@@ -107,7 +106,6 @@ def test_qemu_args_rejects_unknown_devices(tmp_path):
 
 
 @pytest.mark.qemu
-@needs_qemu
 @pytest.mark.parametrize("machine", ["pc", "q35"])
 def test_guest_writes_expected_pages(tmp_path, machine):
     seed = 0xC0FFEE
@@ -124,7 +122,6 @@ def test_guest_writes_expected_pages(tmp_path, machine):
 
 
 @pytest.mark.qemu
-@needs_qemu
 def test_dirty_guest_counter_advances(tmp_path):
     seed = 0xD1D1
     kernel = tmp_path / "guest.bin"
@@ -146,7 +143,6 @@ def test_dirty_guest_counter_advances(tmp_path):
 
 
 @pytest.mark.qemu
-@needs_qemu
 def test_qmp_errors_and_events(tmp_path):
     with Qemu(paused=True, workdir=tmp_path, name="vm") as vm:
         with pytest.raises(QMPCommandError) as ei:
@@ -165,7 +161,6 @@ def test_qmp_errors_and_events(tmp_path):
 
 
 @pytest.mark.qemu
-@needs_qemu
 @pytest.mark.parametrize("name", streams.STREAM_NAMES)
 def test_named_stream(name):
     info = streams.get_stream(name)
@@ -209,14 +204,12 @@ def test_named_stream(name):
 
 
 @pytest.mark.qemu
-@needs_qemu
 def test_paused_stream_loads_back():
     info = streams.get_stream("pc-paused")
     assert load_stream(info.stream, like=info) == Path(info.mem).read_bytes()
 
 
 @pytest.mark.qemu
-@needs_qemu
 def test_load_failure_reports_qemu_error(tmp_path):
     info = streams.get_stream("pc-ignore-shared")  # small: quick to copy
     data = bytearray(Path(info.stream).read_bytes())

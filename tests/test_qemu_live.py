@@ -35,7 +35,7 @@ import pytest
 
 from qemu_support import streams
 from qemu_support.guest import build_guest, read_marker
-from qemu_support.harness import Qemu, QemuError, parse_size, qemu_binary
+from qemu_support.harness import Qemu, QemuError, parse_size
 from qemu_support.live import (
     LockedGuest,
     QmigxIncoming,
@@ -48,10 +48,7 @@ from qemu_support.live import (
     sha256_file,
 )
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed"),
-]
+pytestmark = pytest.mark.qemu
 
 RAM = "64M"
 RAM_BYTES = parse_size(RAM)

@@ -24,12 +24,9 @@ from pathlib import Path
 import pytest
 
 from qemu_support import streams
-from qemu_support.harness import load_stream, qemu_binary
+from qemu_support.harness import load_stream
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed"),
-]
+pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = streams.STREAM_NAMES

@@ -1,11 +1,14 @@
-"""``qmigx serve``: QMP as QEMU 7.2 speaks it, driven by the real ``qemu.qmp`` client.
+"""``qmigx serve``: QMP as QEMU 7.2 speaks it, driven by the tests' client and by ``qemu.qmp``.
 
 The protocol layer is tested in-process (QEMU's JSON quirks and error
 texts, as observed on a real QEMU 7.2, and hypothesis properties of the
 parser and writer); the server is tested as orchestrators use QEMU:
-``qmigx serve`` processes driven over unix sockets by ``qemu.qmp``'s
-async ``QMPClient`` and its legacy sync wrapper, and by a raw socket
-where the exact bytes matter.
+``qmigx serve`` processes driven over unix sockets by the tests' QMP
+client (``qemu_support.qmp``, the one that drives real QEMU too), by a
+raw socket where the exact bytes matter, and -- in the two tests that
+prove compatibility with a real orchestrator's client library -- by
+``qemu.qmp``'s async ``QMPClient`` and its legacy sync wrapper (those two
+skip when ``qemu.qmp`` is not installed).
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ from hypothesis import strategies as st
 
 from qmigx.qmp import JSONStreamer, Machine, QMPError, Session, dispatch, dumps, parse_json
 from qmigx.qmp.commands import Context
+from qmigx.qmp.machine import BLOCK_INCREMENTAL_REFUSED
 from qmigx.qmp.protocol import encode_message
 
-qmp = pytest.importorskip("qemu.qmp")
-from qemu.qmp import ExecuteError, QMPClient  # noqa: E402
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+from qemu_support.qmp import QMPClient, QMPCommandError
 
 GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, '
             b'"package": "qmigx 0.1.0"}, "capabilities": ["oob"]}}\r\n')
@@ -430,7 +432,12 @@ def _statuses(events: list[dict]) -> list[str]:
     return [e["data"]["status"] for e in events if e["event"] == "MIGRATION"]
 
 
-async def _until(client: QMPClient, seen: list, status: str, timeout: float = 60) -> None:
+def _qemu_qmp():
+    """The ``qemu.qmp`` package, for the tests proving compatibility with it (they skip without it)."""
+    return pytest.importorskip("qemu.qmp")
+
+
+async def _until(client, seen: list, status: str, timeout: float = 60) -> None:
     """Collect ``client``'s events into ``seen`` until MIGRATION ``status`` (or failure)."""
     deadline = time.monotonic() + timeout
     while not any(e["event"] == "MIGRATION" and e["data"]["status"] == status for e in seen):
@@ -441,20 +448,24 @@ async def _until(client: QMPClient, seen: list, status: str, timeout: float = 60
             raise AssertionError(f"migration {ev['data']['status']}: {seen}")
 
 
-async def _error(client: QMPClient, cmd: str, args: Optional[dict] = None) -> tuple[str, str]:
-    with pytest.raises(ExecuteError) as err:
+async def _error(client, cmd: str, args: Optional[dict] = None) -> tuple[str, str]:
+    with pytest.raises(_qemu_qmp().ExecuteError) as err:
         await client.execute(cmd, args)
     return err.value.error_class, err.value.error.error.desc
 
 
 def test_live_migration_between_served_instances(serve, sockdir):
-    """A live migration driven by qemu.qmp's QMPClient, asserted as a QEMU user would."""
+    """A live migration driven by qemu.qmp's QMPClient, asserted as a QEMU user would.
+
+    It proves compatibility with ``qemu.qmp`` (a real orchestrator's client), so it uses that library.
+    """
+    qmp = _qemu_qmp()
     src = serve("src", "--ram", "64M", "--dirty-rate", "3000")
     dst = serve("dst", "--incoming", "defer")
     uri = f"unix:{os.path.join(sockdir, 'mig.sock')}"
 
     async def main() -> None:
-        s, d, s2 = QMPClient("src"), QMPClient("dst"), QMPClient("src-second")
+        s, d, s2 = qmp.QMPClient("src"), qmp.QMPClient("dst"), qmp.QMPClient("src-second")
         await s.connect(src.sock)
         await d.connect(dst.sock)
         await s2.connect(src.sock)  # a second monitor on the same socket
@@ -471,7 +482,7 @@ def test_live_migration_between_served_instances(serve, sockdir):
             assert (await s.execute("migrate-set-capabilities", {"capabilities": caps})) == {}
             await d.execute("migrate-set-capabilities", {"capabilities": caps})
             q = await s.execute("query-migrate-capabilities")
-            assert {"capability": "events", "state": True} in q and len(q) == 20
+            assert {"capability": "events", "state": True} in q and len(q) == 21
             await s.execute("migrate-set-parameters", {"max-bandwidth": 48 << 20})
             assert (await s.execute("query-migrate-parameters"))["max-bandwidth"] == 48 << 20
             # destination: listen; only once
@@ -547,7 +558,12 @@ def test_live_migration_between_served_instances(serve, sockdir):
 
 
 def test_legacy_client_saves_and_restores_a_paused_guest(serve, sockdir):
-    """QEMUMonitorProtocol (sync): -S guest to file:, then -incoming from it."""
+    """QEMUMonitorProtocol (sync): -S guest to file:, then -incoming from it.
+
+    It proves compatibility with ``qemu.qmp``'s legacy client (as orchestrators still use it), so it
+    uses that library.
+    """
+    QEMUMonitorProtocol = pytest.importorskip("qemu.qmp.legacy").QEMUMonitorProtocol
     from qmigx.tools.streams import load_stream
     from qmigx.synthetic import synthetic_blocks
 
@@ -560,8 +576,8 @@ def test_legacy_client_saves_and_restores_a_paused_guest(serve, sockdir):
         assert c.cmd_raw("migrate", {"uri": "bogus:x"}) == {"error": {
             "class": "GenericError", "desc": "Parameter 'uri' expects a valid migration protocol"}}
         assert c.cmd("query-migrate") == {"status": "failed"}
-        assert c.cmd_raw("migrate", {"uri": "file:/x", "blk": True})["error"]["desc"] == (
-            "QEMU compiled without old-style (blk/-b, inc/-i) block migration")
+        assert c.cmd_raw("migrate", {"uri": "file:/x", "inc": True})["error"]["desc"] == (
+            BLOCK_INCREMENTAL_REFUSED)
         assert c.cmd("migrate", uri=f"file:{path}") == {}
         deadline = time.monotonic() + 30
         while (info := c.cmd("query-migrate"))["status"] != "completed":
@@ -595,39 +611,43 @@ def test_legacy_client_saves_and_restores_a_paused_guest(serve, sockdir):
     assert back.wait() == 0
 
 
+def _desc(client: QMPClient, cmd: str, args: Optional[dict] = None) -> str:
+    """The error text ``cmd`` is refused with."""
+    with pytest.raises(QMPCommandError) as err:
+        client.execute_raw(cmd, args)
+    return err.value.desc
+
+
 def test_cancel_then_failed_destination_exits(serve, sockdir):
     src = serve("src", "--ram", "32M", "--dirty-rate", "1000")
     dst = serve("dst", "--incoming", f"unix:{os.path.join(sockdir, 'm.sock')}")
-    d = QEMUMonitorProtocol(dst.sock)
-    with QEMUMonitorProtocol(src.sock) as s:
+    d = QMPClient(dst.sock)
+    with QMPClient(src.sock) as s:
         s.connect()
         d.connect()
         for c in (s, d):
-            c.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-        s.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
-        s.cmd("migrate", uri=f"unix:{os.path.join(sockdir, 'm.sock')}")
+            c.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+        s.execute_raw("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+        s.execute("migrate", uri=f"unix:{os.path.join(sockdir, 'm.sock')}")
         seen = []
         while "active" not in _statuses(seen):
-            seen.append(s.pull_event(wait=10.0))
-        assert s.cmd("migrate_cancel") == {}
+            seen.append(s.pull_event(timeout=10.0))
+        assert s.execute("migrate_cancel") == {}
         while "cancelled" not in _statuses(seen):
-            seen.append(s.pull_event(wait=10.0))
+            seen.append(s.pull_event(timeout=10.0))
         assert _statuses(seen) == ["setup", "active", "cancelling", "cancelled"]
         assert "STOP" not in [e["event"] for e in seen]
-        assert s.cmd("query-migrate")["status"] == "cancelled"
-        assert s.cmd("query-status")["status"] == "running"  # never stopped
+        assert s.execute("query-migrate")["status"] == "cancelled"
+        assert s.execute("query-status")["status"] == "running"  # never stopped
         # the destination lost its source mid-stream: QEMU's destination fails and exits 1
         d_seen = []
         while "failed" not in _statuses(d_seen):
-            d_seen.append(d.pull_event(wait=10.0))
+            d_seen.append(d.pull_event(timeout=10.0))
         assert _statuses(d_seen) == ["active", "failed"]
-        try:
-            d.close()
-        except EOFError:  # the destination is gone, as a QEMU destination would be
-            pass
-        assert dst.wait() == 1
+        d.close()
+        assert dst.wait() == 1  # the destination is gone, as a QEMU destination would be
         assert "load of migration failed" in dst.stderr()
-        s.cmd("quit")
+        s.execute("quit")
     assert src.wait() == 0
 
 
@@ -635,35 +655,35 @@ def test_pause_before_switchover_and_continue(serve, sockdir):
     uri = f"unix:{os.path.join(sockdir, 'm.sock')}"
     src = serve("src", "--ram", "16M", "--dirty-rate", "500", "--cap", "events=on")
     dst = serve("dst", "--incoming", uri, "-S")
-    with QEMUMonitorProtocol(src.sock) as s, QEMUMonitorProtocol(dst.sock) as d:
+    with QMPClient(src.sock) as s, QMPClient(dst.sock) as d:
         s.connect()
         d.connect()
-        s.cmd("migrate-set-capabilities",
-              capabilities=[{"capability": "pause-before-switchover", "state": True}])
-        s.cmd("migrate", uri=uri)
+        s.execute("migrate-set-capabilities",
+                  capabilities=[{"capability": "pause-before-switchover", "state": True}])
+        s.execute("migrate", uri=uri)
         seen = []
         while "pre-switchover" not in _statuses(seen):
-            seen.append(s.pull_event(wait=10.0))
+            seen.append(s.pull_event(timeout=10.0))
         assert [e["event"] for e in seen][-2:] == ["STOP", "MIGRATION"]  # stopped, then paused
-        assert s.cmd("query-status")["status"] == "finish-migrate"
-        assert s.cmd_raw("cont")["error"]["desc"] == "Migration is not finalized yet"
-        assert s.cmd_raw("migrate-continue", {"state": "active"})["error"]["desc"] == (
+        assert s.execute("query-status")["status"] == "finish-migrate"
+        assert _desc(s, "cont") == "Migration is not finalized yet"
+        assert _desc(s, "migrate-continue", {"state": "active"}) == (
             "Migration not in expected state: pre-switchover")
-        assert s.cmd("query-migrate")["status"] == "pre-switchover"
-        assert s.cmd("migrate-continue", state="pre-switchover") == {}
+        assert s.execute("query-migrate")["status"] == "pre-switchover"
+        assert s.execute("migrate-continue", state="pre-switchover") == {}
         while "completed" not in _statuses(seen):
-            seen.append(s.pull_event(wait=10.0))
+            seen.append(s.pull_event(timeout=10.0))
         assert _statuses(seen) == ["setup", "active", "pre-switchover", "device", "completed"]
         deadline = time.monotonic() + 10
-        while d.cmd("query-migrate").get("status") != "completed":
+        while d.execute("query-migrate").get("status") != "completed":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert d.cmd("query-status")["status"] == "paused"  # -S: loaded, not started
-        assert d.cmd("x-query-qmigx-ram") == s.cmd("x-query-qmigx-ram")
-        assert d.cmd("cont") == {}
-        assert d.cmd("query-status")["status"] == "running"
-        s.cmd("quit")
-        d.cmd("quit")
+        assert d.execute("query-status")["status"] == "paused"  # -S: loaded, not started
+        assert d.execute("x-query-qmigx-ram") == s.execute("x-query-qmigx-ram")
+        assert d.execute("cont") == {}
+        assert d.execute("query-status")["status"] == "running"
+        s.execute("quit")
+        d.execute("quit")
     assert src.wait() == 0 and dst.wait() == 0
 
 

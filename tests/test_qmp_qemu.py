@@ -10,6 +10,9 @@
   same replies, byte for byte (timestamps and version strings aside):
   greeting shape, errors (class and text), id echo, runstate commands,
   events, and ``quit``.
+
+QMP is driven with the tests' own client (``qemu_support.qmp``) on both
+sides, and with raw sockets where the exact bytes matter.
 """
 
 from __future__ import annotations
@@ -27,16 +30,11 @@ from pathlib import Path
 import pytest
 
 from qemu_support import streams
-from qemu_support.harness import Qemu, qemu_binary
+from qemu_support.harness import Qemu
+from qemu_support.qmp import QMPClient
 from test_qmp import PARSE_CASES, Raw, Served
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed"),
-]
-
-qmp = pytest.importorskip("qemu.qmp")
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,12 +63,11 @@ def served(sockdir):
         s.close()
 
 
-def _events_until(client: QEMUMonitorProtocol, status: str, timeout: float = 120) -> list[dict]:
+def _events_until(client: QMPClient, status: str, timeout: float = 120) -> list[dict]:
     seen: list[dict] = []
     deadline = time.monotonic() + timeout
     while not any(e["event"] == "MIGRATION" and e["data"]["status"] == status for e in seen):
-        ev = client.pull_event(wait=max(0.1, deadline - time.monotonic()))
-        assert ev is not None
+        ev = client.pull_event(timeout=max(0.1, deadline - time.monotonic()))
         seen.append(ev)
         assert not (ev["event"] == "MIGRATION" and ev["data"]["status"] == "failed"), seen
     return seen
@@ -88,20 +85,20 @@ def test_served_source_to_real_qemu(served, sockdir, tmp_path):
               devices=info.devices, paused=True, incoming=True, workdir=tmp_path, name="dst") as dst:
         dst.set_capabilities(events=True)
         dst.migrate_incoming(uri)
-        with QEMUMonitorProtocol(src.sock) as s:
+        with QMPClient(src.sock) as s:
             s.connect()
-            assert s.cmd("query-status")["status"] == "paused"  # the runstate the stream recorded
-            s.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-            assert s.cmd("migrate", uri=uri) == {}
+            assert s.execute("query-status")["status"] == "paused"  # the runstate the stream recorded
+            s.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            assert s.execute("migrate", uri=uri) == {}
             events = _events_until(s, "completed")
             assert _statuses(events) == ["setup", "active", "completed"]
             assert "STOP" not in [e["event"] for e in events]  # it was not running
-            q = s.cmd("query-migrate")
+            q = s.execute("query-migrate")
             blocks = streams.ram_setup(Path(info.stream).read_bytes(), ignore_shared=False)[1]
             assert q["status"] == "completed"
             assert q["ram"]["total"] == sum(b.length for b in blocks) > info.ram_bytes
-            assert s.cmd("query-status")["status"] == "postmigrate"
-            s.cmd("quit")
+            assert s.execute("query-status")["status"] == "postmigrate"
+            s.execute("quit")
         assert src.wait() == 0
         dst.wait_migration(60)
         assert dst.status() == "paused"
@@ -116,19 +113,19 @@ def test_real_qemu_to_served_destination(served, sockdir, tmp_path):
               devices=info.devices, paused=True, incoming=True, workdir=tmp_path, name="vm") as vm:
         vm.migrate_incoming("exec:cat " + info.stream)  # the real QEMU now holds the saved guest
         vm.wait_migration(60)
-        with QEMUMonitorProtocol(dst.sock) as d:
+        with QMPClient(dst.sock) as d:
             d.connect()
-            d.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-            d.cmd("migrate-incoming", uri=uri)
+            d.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            d.execute("migrate-incoming", uri=uri)
             vm.migrate(uri)
             vm.wait_migration(60)
             events = _events_until(d, "completed")
             assert _statuses(events) == ["setup", "active", "completed"]
-            assert d.cmd("query-status")["status"] == "paused"  # the source's runstate
-            ram = {b["id"]: b for b in d.cmd("x-query-qmigx-ram")}
+            assert d.execute("query-status")["status"] == "paused"  # the source's runstate
+            ram = {b["id"]: b for b in d.execute("x-query-qmigx-ram")}
             want = hashlib.sha256(Path(info.mem).read_bytes()).hexdigest()
             assert ram["mem0"]["size"] == info.ram_bytes and ram["mem0"]["sha256"] == want
-            d.cmd("quit")
+            d.execute("quit")
         assert dst.wait() == 0
 
 
@@ -214,10 +211,10 @@ def _masked(replies: list[list[bytes]]) -> list[list[bytes]]:
     return [[_VERSION.sub(b"V", _STAMP.sub(b"T", line)) for line in lines] for lines in replies]
 
 
-def test_replies_match_real_qemu(served, sockdir):
+def test_replies_match_real_qemu(served, sockdir, qemu_bin):
     qsock = os.path.join(sockdir, "qemu.sock")
     proc = subprocess.Popen(
-        [qemu_binary(), "-qmp", f"unix:{qsock},server=on,wait=off", "-S", "-nodefaults", "-nographic",
+        [qemu_bin, "-qmp", f"unix:{qsock},server=on,wait=off", "-S", "-nodefaults", "-nographic",
          "-display", "none", "-M", "pc", "-m", "32"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -85,8 +85,9 @@ def test_random_bytes_never_escape_typed_errors(data):
             assert out.offset[i] < LENGTHS[out.block[i]]
 
 
-@pytest.mark.parametrize("mod", BACKENDS, ids=["cython", "python"])
-def test_apply_records_writes_only_inside_blocks(mod):
+@pytest.mark.kernel("ramparse")
+def test_apply_records_writes_only_inside_blocks(kernel):
+    mod = kernel
     page = bytes(range(256)) * 16
     data = record(1, 0, 3, page) + record(0, None, 4, fill=7) + record(2, None, 5, b"\0\1\xaa")
     sc = mod.RamScanner(4096, NAMES, LENGTHS)

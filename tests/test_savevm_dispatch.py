@@ -33,7 +33,7 @@ class Counter(SaveVMHandler):
         self.calls.append("setup")
         f.put_be32(0)
 
-    def save_pending(self):
+    def save_pending(self, max_size=0):
         return (self.rounds * 4096, 0)
 
     def save_live_iterate(self, f):

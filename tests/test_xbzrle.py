@@ -24,17 +24,13 @@ reference = load_reference("xbzrle")
 PATHS = compiled._available_simd()
 
 
-@pytest.fixture(params=["python", *PATHS])
-def xbz(request):
-    """The reference twin, or the compiled kernel forced to one compare path."""
-    if request.param == "python":
-        yield reference
-        return
-    previous = compiled._set_simd(request.param)
-    try:
-        yield compiled
-    finally:
-        compiled._set_simd(previous)
+pytestmark = pytest.mark.kernel("xbzrle", paths=PATHS)
+
+
+@pytest.fixture
+def xbz(kernel):
+    """The reference twin, or the compiled kernel forced to one compare path (tests/conftest.py)."""
+    return kernel
 
 
 def each_path():

@@ -13,16 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qmigx._backend import load_compiled, load_reference
+from qmigx._backend import load_compiled
 from qmigx.ram import RamLoader
 from qmigx.tools.streams import StreamReader
 from qmigx.stream import RamPages, RamSetup
 
-from qemu_support.harness import qemu_binary
 from qemu_support.streams import get_stream, set_default_cache_dir
 
-pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")]
+pytestmark = pytest.mark.qemu
 
 PS = 4096
 
@@ -59,13 +57,12 @@ def test_the_stream_really_has_xbzrle_records(vectors):
     assert len(triples) > 0
 
 
-@pytest.mark.parametrize("mod", [load_compiled("xbzrle"), load_reference("xbzrle")],
-                         ids=["cython", "python"])
-def test_encoder_reproduces_qemus_bytes(vectors, mod):
+@pytest.mark.kernel("xbzrle")
+def test_encoder_reproduces_qemus_bytes(vectors, kernel):
     triples, _, _ = vectors
     out = np.zeros(PS, np.uint8)
     for k, (old, new, delta) in enumerate(triples):
-        n = mod.encode_buffer(old, new, out)
+        n = kernel.encode_buffer(old, new, out)
         assert n == len(delta), k
         assert bytes(out[:n]) == delta, k
 

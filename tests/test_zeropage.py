@@ -19,18 +19,13 @@ reference = load_reference("zeropage")
 PATHS = compiled._available_simd()
 
 
-@pytest.fixture(params=[*PATHS, "reference"])
-def zp(request):
-    """The reference twin, or the compiled kernel pinned to one SIMD path."""
-    if request.param == "reference":
-        yield reference
-        return
-    previous = compiled._set_simd(request.param)
-    try:
-        assert compiled.simd == request.param
-        yield compiled
-    finally:
-        compiled._set_simd(previous)
+pytestmark = pytest.mark.kernel("zeropage", paths=PATHS)
+
+
+@pytest.fixture
+def zp(kernel):
+    """The reference twin, or the compiled kernel pinned to one SIMD path (tests/conftest.py)."""
+    return kernel
 
 
 def expected_map(data: bytes, page_size: int) -> list[bool]:

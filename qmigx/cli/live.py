@@ -3,6 +3,8 @@
 Both build QEMU's capabilities and parameters from ``--cap NAME=on|off``
 and ``--param NAME=VALUE`` (QEMU's names and checks), run one migration,
 draw progress on a terminal and exit 0 only when it completed.
+``--drive NAME=PATH`` names a disk image: ``send`` migrates it (with
+``--cap block=on``), ``incoming`` writes the chunks of disk NAME into it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ def info_migrate(q: dict) -> str:
             f"xbzrle encoding rate: {x.get('encoding-rate', 0):.2f}",
             f"xbzrle overflow: {x['overflow']}",
         ]
+    disk = q.get("disk")
+    if disk:
+        lines += [
+            f"transferred disk: {disk['transferred'] >> 10} kbytes",
+            f"remaining disk: {disk['remaining'] >> 10} kbytes",
+            f"total disk: {disk['total'] >> 10} kbytes",
+        ]
     if "error-desc" in q:
         lines.append(f"error description: {q['error-desc']}")
     return "\n".join(lines)
@@ -136,6 +145,7 @@ def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus
 
 
 def cmd_incoming(args) -> int:
+    from qmigx.block import BlockLoadHandler
     from qmigx.migration import MigrationDestination
     from qmigx.tools.analyze import block_filename
     from qmigx.tools.streams import save_stream
@@ -144,14 +154,18 @@ def cmd_incoming(args) -> int:
     t_start = time.monotonic()
     given = _shared_ram(args.shared_ram, private=True)
     bitmaps = _bitmap_destination(args, params)
+    # always there: block records naming a disk that was not given fail, as in QEMU
+    disks = BlockLoadHandler(args.drive)
     dst = MigrationDestination(given if len(given) else None, capabilities=caps,
-                               parameters=params, handlers=[bitmaps] if bitmaps else [])
+                               parameters=params,
+                               handlers=[disks] + ([bitmaps] if bitmaps else []))
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
     t_listen = time.monotonic()
     state = _watch(dst, "incoming", None,
-                   lambda: dst.loader.pages_loaded * TARGET_PAGE_SIZE if dst.loader else 0)
+                   lambda: (dst.loader.pages_loaded * TARGET_PAGE_SIZE if dst.loader else 0)
+                   + disks.bytes_written)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
@@ -235,6 +249,8 @@ def _bitmap_report(loader) -> dict:
 
 
 def cmd_send(args) -> int:
+    from qmigx.block import BlockSaveHandler
+    from qmigx.block_image import check_image
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
 
@@ -243,6 +259,13 @@ def cmd_send(args) -> int:
     compat = send_compat(loaded)
     caps, params = settings_from_args(args.cap, args.param, incoming=False,
                                       defaults={"zero-page-detection": compat.zero_page_detection})
+    if args.drive and not caps.get("block"):
+        raise ParameterError("--drive needs --cap block=on (without it no disk is migrated)",
+                             field="drive")
+    if caps.get("block") and params.get("block-incremental"):
+        raise ParameterError("block-incremental is not supported: the disks are raw images, "
+                             "migrated whole", field="block-incremental")
+    disks = BlockSaveHandler(args.drive, capabilities=caps)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
     for info in (setup.blocks if setup else ()):
@@ -251,7 +274,7 @@ def cmd_send(args) -> int:
             blk.gpa = info.gpa
         blocks.add(blk)
     machine = loaded.configuration.machine_type if loaded.configuration else "pc-i440fx-7.2"
-    handlers = []
+    handlers: list = [disks]
     if args.bitmaps:
         from qmigx.block_bitmaps import DirtyBitmapSet
         from qmigx.block_dirty_bitmap import DirtyBitmapSource
@@ -269,10 +292,15 @@ def cmd_send(args) -> int:
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
-    state = _watch(src, "send", total, lambda: src.stats.transferred)
+    if disks.is_active():
+        total += sum(check_image(name, path, writable=False) for name, path in disks.drives)
+    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent)
     q = src.query()
     if sys.stdout.isatty() or args.verbose:
         print(info_migrate(q))
+        if disks.is_active():
+            print(f"disk chunks: {disks.data_chunks} sent with data, {disks.zero_chunks} as zero "
+                  f"blocks, {disks.dirty_found} found changed after sending (sent again)")
     if args.report:
         from qmigx.report import write_report
 

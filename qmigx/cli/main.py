@@ -92,7 +92,8 @@ def cmd_verify(args) -> int:
         bar.close()
     bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
-          f"{summary['pages']} page records, {summary['commands']} commands{bitmaps}, "
+          f"{summary['pages']} page records, {summary['records']} other live-section records, "
+          f"{summary['commands']} commands{bitmaps}, "
           f"vmdesc {'present' if summary['vmdesc'] else 'absent'}")
     for message in summary.get("bitmap_warnings", ()):
         print(f"{args.file}: dirty bitmaps would be dropped: {message}")
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ram-dir", metavar="DIR", help="write each RAM block as extract names them")
     i.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="map PATH privately (copy-on-write) as block IDSTR (x-ignore-shared)")
+    i.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
+                   help="write block migration's disk NAME into the existing image PATH, "
+                        "repeatable")
     i.add_argument("--bitmaps", metavar="OUT.json",
                    help="write the block dirty bitmaps that arrived (dirty-bitmap section)")
     i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
@@ -202,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH")
     s.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
                    help="back block IDSTR with PATH, shared (x-ignore-shared skips it)")
+    s.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
+                   help="migrate the raw image PATH as disk NAME (needs --cap block=on), "
+                        "repeatable")
     s.add_argument("--bitmaps", metavar="IN.json",
                    help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")

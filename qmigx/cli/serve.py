@@ -35,6 +35,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="wait for an incoming migration (defer: until migrate-incoming)")
     p.add_argument("-S", "--paused", action="store_true",
                    help="do not start the guest (QEMU's -S)")
+    p.add_argument("--drive", metavar="NAME=PATH", action="append", default=[],
+                   help="a raw disk image of the VM (QEMU's -drive id=NAME,file=PATH): sent by "
+                        "block migration (migrate with blk, or capability block), or written "
+                        "by an incoming one; repeatable")
     p.add_argument("--cap", metavar="NAME=on|off", action="append", default=[],
                    help="set a migration capability at start, repeatable")
     p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
@@ -84,7 +88,8 @@ def _machine(args):
         loaded = load_stream(args.load, create_missing=True)
     m = Machine(ram_bytes=parse_size(args.ram) if args.ram else None,
                 dirty_rate=args.dirty_rate, load=loaded, incoming=args.incoming,
-                paused=args.paused, qemu_version=args.qemu_version, machine_type=args.machine)
+                paused=args.paused, drives=args.drive, qemu_version=args.qemu_version,
+                machine_type=args.machine)
     if args.cap or args.param:
         caps, params = settings_from_args(args.cap, args.param, incoming=bool(args.incoming),
                                           qemu_version=args.qemu_version,

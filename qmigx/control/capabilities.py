@@ -6,10 +6,9 @@ accepts and refuses, with the same error text (control.md §2). A new
 set is checked as a whole (the current switches with the requested
 changes applied) and applied all-or-nothing.
 
-qmigx behaves like a QEMU built without old-style block migration and
-without the replication module: enabling ``block`` or ``x-colo`` is
-refused with QEMU's messages for such a build, and, as such a build
-does, ``query-migrate-capabilities`` leaves ``block`` out.
+qmigx behaves like a QEMU built with old-style block migration
+(:mod:`qmigx.block`) and without the replication module: enabling
+``x-colo`` is refused with QEMU's message for such a build.
 
 Each :class:`Capabilities` speaks one QEMU version (``qemu_version``):
 10.0 has no ``compress`` and ``block`` and adds ``switchover-ack``,
@@ -92,9 +91,8 @@ _BY_VERSION: dict[Optional[str], tuple[str, ...]] = {
 }
 _ALL_NAMES = frozenset(_BY_VERSION[None])
 
-#: Refused because qmigx implements neither (QEMU's text for a build without them).
+#: Refused because qmigx does not implement them (QEMU's text for a build without them).
 UNSUPPORTED_CAPABILITIES: dict[str, str] = {
-    "block": "QEMU compiled without old-style (blk/-b, inc/-i) block migration",
     "x-colo": "QEMU compiled without replication module can't enable COLO",
 }
 
@@ -304,12 +302,10 @@ class Capabilities:
                     raise fail(f"Mapped-ram migration is incompatible with {what}", "mapped-ram")
 
     def as_qmp(self) -> list[dict[str, Any]]:
-        """``query-migrate-capabilities``: QAPI order, QEMU's key order, no ``block``."""
+        """``query-migrate-capabilities``: QAPI order, QEMU's key order."""
         order = qdict_keys(("capability", "state"))
         out = []
         for name in self.names:
-            if name == "block":
-                continue
             entry = {"capability": name, "state": self._state[name]}
             out.append({k: entry[k] for k in order})
         return out

@@ -21,7 +21,7 @@ from qmigx.control.capabilities import Capabilities
 from qmigx.control.states import DESTINATION, MigrationStatus, Side, StateMachine
 from qmigx.control.stats import MigrationStats
 
-__all__ = ["query_migrate", "ram_info"]
+__all__ = ["query_migrate", "ram_info", "disk_info"]
 
 S = MigrationStatus
 
@@ -64,6 +64,15 @@ def ram_info(stats: MigrationStats, completed: bool, *, skipped: bool = True) ->
     return qdict(ram)
 
 
+def disk_info(disk: dict[str, int]) -> dict[str, Any]:
+    """The ``disk`` member: QEMU's MigrationStats again, only the three sizes filled in."""
+    s = MigrationStats(page_size=0)
+    s.transferred = int(disk["transferred"])
+    s.remaining = int(disk["remaining"])
+    s.total = int(disk["total"])
+    return ram_info(s, False)
+
+
 def _xbzrle_info(stats: MigrationStats, cache_size: int) -> dict[str, Any]:
     return qdict({
         "cache-size": cache_size,
@@ -96,6 +105,7 @@ def query_migrate(
     xbzrle_cache_size: Optional[int] = None,
     blocked_reasons: Iterable[str] = (),
     socket_address: Optional[list[dict[str, Any]]] = None,
+    disk: Optional[dict[str, int]] = None,
 ) -> dict[str, Any]:
     """QEMU 7.2's ``query-migrate`` reply for one side.
 
@@ -113,6 +123,9 @@ def query_migrate(
             in any state when not empty).
         socket_address: destination listening addresses (QAPI
             ``SocketAddress`` dicts), shown when given.
+        disk: block migration's ``transferred``/``remaining``/``total``
+            while its disks are being sent (QEMU leaves it out once
+            completed, and when no block migration runs).
     """
     side = state_machine.side if side is None else side
     state = state_machine.state
@@ -136,6 +149,8 @@ def query_migrate(
         completed = state is S.COMPLETED
         info["ram"] = ram_info(stats, completed,
                                skipped=getattr(capabilities, "qemu_version", "7.2") != "10.0")
+        if disk is not None and not completed:
+            info["disk"] = disk_info(disk)
         if capabilities.get("xbzrle"):
             size = stats.xbzrle_cache_size if xbzrle_cache_size is None else xbzrle_cache_size
             info["xbzrle-cache"] = _xbzrle_info(stats, size)

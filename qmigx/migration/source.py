@@ -206,7 +206,18 @@ class MigrationSource(Side):
         """QEMU's ``query-migrate`` reply for this side."""
         self._refresh_stats()
         return query_migrate(self.c.state, self.c.stats, self.c.caps,
-                             xbzrle_cache_size=self.c.params.xbzrle_cache_size)
+                             xbzrle_cache_size=self.c.params.xbzrle_cache_size,
+                             disk=self._disk_info())
+
+    def _disk_info(self) -> Optional[dict]:
+        """Block migration's figures, from the handler that sends disks (if one does now)."""
+        for h in self.handlers:
+            info = getattr(h, "disk_info", None)
+            if info is not None:
+                disk = info()
+                if disk is not None:
+                    return disk
+        return None
 
     # -- the migration thread -------------------------------------------------
     def _refresh_stats(self) -> None:
@@ -342,7 +353,8 @@ class MigrationSource(Side):
                 if pending < window.threshold_size:
                     self._sync(ram, period, stats)
                     pending = ram.pending()
-                pending += sum(sum(h.save_pending()) for _, h in live if h is not None)
+                pending += sum(sum(h.save_pending(window.threshold_size))
+                               for _, h in live if h is not None)
                 if not pending or pending < window.threshold_size:
                     break
                 t0 = time.monotonic()

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from qmigx import transport
 from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
-from qmigx.control.capabilities import MIGRATION_ACTIVE, UNSUPPORTED_CAPABILITIES
+from qmigx.control.capabilities import MIGRATION_ACTIVE
 from qmigx.errors import CapabilityError, MigrationError, ParameterError
 from qmigx.qmp.protocol import QMPError
 from qmigx.ram import RAMBlock, RAMBlockList
@@ -47,6 +47,10 @@ RUNSTATES = ("running", "paused", "prelaunch", "inmigrate", "postmigrate", "fini
              "shutdown")
 
 Emitter = Callable[[dict], None]
+
+#: ``migrate`` with ``inc`` (or capability ``block`` with ``block-incremental``).
+BLOCK_INCREMENTAL_REFUSED = ("Block migration of the top image layer only (inc, block-incremental) "
+                             "is not supported: the disks are raw images, migrated whole")
 
 #: Size of the ``pc.rom`` block of :func:`qmigx.synthetic.synthetic_blocks`.
 SYNTHETIC_ROM_BYTES = 128 * 1024
@@ -177,13 +181,23 @@ class Machine:
             version's ``pc-i440fx-X.Y``); a saved state keeps its own. It
             decides the wire conventions an outgoing migration follows
             (:mod:`qmigx.compat`) and the default ``zero-page-detection``.
+        drives: the VM's disks, ``NAME=PATH`` raw images (QEMU's ``-drive``):
+            sent by block migration (``migrate`` with ``blk``, or capability
+            ``block``), or written by an incoming one.
     """
 
     def __init__(self, *, ram_bytes: Optional[int] = None, dirty_rate: int = 0, load=None,
                  incoming: Optional[str] = None, paused: bool = False, seed: int = 1,
-                 qemu_version: str = "7.2", machine_type: Optional[str] = None) -> None:
+                 drives=(), qemu_version: str = "7.2",
+                 machine_type: Optional[str] = None) -> None:
+        from qmigx.block import parse_drives
+        from qmigx.block_image import check_image
         from qmigx.compat import migration_compat
 
+        self.drives = parse_drives(drives)
+        for name, path in self.drives:
+            check_image(name, path, writable=incoming is not None)
+        self._remove_block_options = False
         self.qemu_version = qemu_version
         self.machine_type = machine_type or f"pc-i440fx-{qemu_version}"
         if load is not None and load.configuration is not None:
@@ -350,7 +364,13 @@ class Machine:
 
     def migrate(self, uri: str, *, blk: bool = False, inc: bool = False,
                 resume: bool = False) -> None:
-        """QMP ``migrate``: QEMU 7.2's checks, then the engine in the background."""
+        """QMP ``migrate``: QEMU 7.2's checks, then the engine in the background.
+
+        ``blk`` turns capability ``block`` on for this migration only, as
+        QEMU does; ``inc`` (block-incremental) is refused: a raw image has
+        no backing layer to leave out.
+        """
+        from qmigx.block import BlockSaveHandler
         from qmigx.migration import MigrationSource
 
         with self._lock:
@@ -365,18 +385,23 @@ class Machine:
             if blk or inc:
                 if self.caps.get("x-colo"):
                     raise QMPError("No disk migration is required in COLO mode")
-                if self.caps.get("block"):
+                if self.caps.get("block") or self.params.get("block-incremental"):
                     raise QMPError("Command options are incompatible with current migration "
                                    "capabilities")
-                raise QMPError(UNSUPPORTED_CAPABILITIES["block"])
+            if inc or (self.caps.get("block") and self.params.get("block-incremental")):
+                raise QMPError(BLOCK_INCREMENTAL_REFUSED)
             image = self.image
             if image is None:
                 raise QMPError("There is no guest state to migrate")
+            disks = BlockSaveHandler(self.drives, capabilities=self.caps)
+            if blk:
+                self.caps.set("block", True)
+                self._remove_block_options = True
             src = MigrationSource(
                 image.blocks, devices=image.devices, vmdesc=image.vmdesc, guest=self._guest,
                 dirty_logs=self._dirty_logs, capabilities=self.caps, parameters=self.params,
                 machine_type=image.machine_type, globalstate=image.globalstate,
-                ram_section_id=image.ram_section_id)
+                ram_section_id=image.ram_section_id, handlers=[disks])
             src.events.subscribe(self._source_event)
             src.state.add_listener(self._source_state)
             self.src = src
@@ -390,6 +415,7 @@ class Machine:
                 # QEMU 7.2 enters setup before it looks at the URI, then fails
                 src.state.reset_for_new_migration()
                 src.state.try_transition(S.SETUP, S.FAILED)
+                self._block_options_done()
                 raise QMPError(exc.message) from None
             self._multi_channels = parsed.multi_channel
             try:
@@ -400,6 +426,14 @@ class Machine:
                 src.c.stats.error_desc = exc.message
                 src.state.reset_for_new_migration()
                 src.state.try_transition(S.SETUP, S.FAILED)
+                self._block_options_done()
+
+    def _block_options_done(self) -> None:
+        """Drop what ``migrate`` with ``blk`` turned on, once that migration ended."""
+        with self._lock:
+            if self._remove_block_options:
+                self._remove_block_options = False
+                self.caps.set_many([("block", False)])
 
     def migrate_incoming(self, uri: str, *, exit_on_error: bool = True) -> None:
         """QMP ``migrate-incoming`` (also ``-incoming URI`` at start).
@@ -407,6 +441,7 @@ class Machine:
         ``exit_on_error`` (QEMU 10): False keeps the machine alive after a
         failed load, ``failed`` in query-migrate with the error.
         """
+        from qmigx.block import BlockLoadHandler
         from qmigx.migration import MigrationDestination
 
         with self._lock:
@@ -416,7 +451,8 @@ class Machine:
             if self.runstate != "inmigrate":
                 raise QMPError("'-incoming' was not specified on the command line")
             dst = MigrationDestination(self._destination_blocks(), capabilities=self.caps,
-                                       parameters=self.params)
+                                       parameters=self.params,
+                                       handlers=[BlockLoadHandler(self.drives)])
             dst.events.subscribe(self._destination_event)
             dst.state.add_listener(self._destination_state)
             try:
@@ -516,6 +552,8 @@ class Machine:
     def _source_state(self, old: MigrationStatus, new: MigrationStatus) -> None:
         if new is S.COMPLETED:
             self._outgoing_done()
+        if new in (S.COMPLETED, S.FAILED, S.CANCELLED):
+            self._block_options_done()
 
     def _outgoing_done(self) -> None:
         with self._lock:

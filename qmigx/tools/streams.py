@@ -111,11 +111,13 @@ def verify_stream(source: Source, progress=None) -> dict:
     """A full structural check; returns a summary, raises on the first fault.
 
     Every record is parsed, every page applied to a scratch copy of RAM (so
-    XBZRLE deltas and zlib pages are fully decoded), dirty-bitmap records are
-    loaded as a destination loads them (``bitmaps``: how many arrived
-    complete; ``bitmap_warnings``: what would cancel them), every device
-    section is delimited by its vmdesc entry when there is one, and the
-    vmdesc must describe each FULL section.
+    XBZRLE deltas and zlib pages are fully decoded), every record of the
+    other live sections (``block``, ``dirty-bitmap``) is read by its grammar
+    (``records`` counts them), dirty-bitmap records are loaded as a
+    destination loads them (``bitmaps``: how many arrived complete;
+    ``bitmap_warnings``: what would cancel them), every device section is
+    delimited by its vmdesc entry when there is one, and the vmdesc must
+    describe each FULL section.
     """
     bitmaps = DirtyBitmapDestination()
     registry = default_registry()
@@ -123,8 +125,8 @@ def verify_stream(source: Source, progress=None) -> dict:
     registry.add(bitmaps)
     reader = StreamReader(source, progress=progress, registry=registry)
     loader = RamLoader(None)
-    summary = {"sections": 0, "pages": 0, "commands": 0, "vmdesc": False, "bytes": 0,
-               "mapped_pages": 0, "multifd_flushes": 0}
+    summary = {"sections": 0, "pages": 0, "records": 0, "commands": 0, "vmdesc": False,
+               "bytes": 0, "mapped_pages": 0, "multifd_flushes": 0}
     full: list[Section] = []
     for ev in reader.events():
         t = type(ev)
@@ -147,6 +149,8 @@ def verify_stream(source: Source, progress=None) -> dict:
             summary["sections"] += 1
             if ev.type == SectionType.SECTION_FULL and ev.section.idstr != "ram":
                 full.append(ev.section)
+        elif t is SectionRecord:
+            summary["records"] += 1
         elif t is Command:
             summary["commands"] += 1
         elif t is VMDescription:

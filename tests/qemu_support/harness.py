@@ -55,8 +55,20 @@ class QemuError(RuntimeError):
     """QEMU failed, exited, or a migration did not complete; includes the log tail."""
 
 
+#: The node id of the running test while it carries no QEMU marker (set by tests/conftest.py);
+#: the harness then refuses to find or start QEMU, so every QEMU test is marked, and gated.
+unmarked_test: str | None = None
+
+
+def _refuse_unmarked() -> None:
+    if unmarked_test is not None:
+        raise QemuError(f"{unmarked_test} uses QEMU but is not marked @pytest.mark.qemu "
+                        "(see tests/conftest.py)")
+
+
 def qemu_binary() -> str | None:
     """Path of ``qemu-system-x86_64`` (env ``QMIGX_QEMU`` overrides), or None."""
+    _refuse_unmarked()
     env = os.environ.get("QMIGX_QEMU")
     if env:
         return env if os.access(env, os.X_OK) else None
@@ -216,6 +228,7 @@ class Qemu:
 
     # --- lifetime -------------------------------------------------------------
     def start(self) -> "Qemu":
+        _refuse_unmarked()
         with open(self.log_path, "ab") as log:
             log.write(("$ " + shlex.join(self.argv) + "\n").encode())
             log.flush()

@@ -45,6 +45,7 @@ __all__ = [
     "param_args",
     "QmigxIncoming",
     "qmigx_send",
+    "qmigx_send_argv",
     "qemu_live_migrate",
     "sha256_file",
     "first_difference",
@@ -185,7 +186,8 @@ class QmigxIncoming:
                  ram_dir: str | os.PathLike[str] | None = None,
                  shared_ram: Sequence[tuple[str, str | os.PathLike[str]]] = (),
                  report: str | os.PathLike[str] | None = None, name: str = "incoming",
-                 peak_file: str | os.PathLike[str] | None = None) -> None:
+                 peak_file: str | os.PathLike[str] | None = None,
+                 drives: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> None:
         self.uri = uri
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +200,8 @@ class QmigxIncoming:
             args += ["--shared-ram", f"{idstr}={path}"]
         if report is not None:
             args += ["--report", report]
+        for drive, path in drives:
+            args += ["--drive", f"{drive}={path}"]
         self.argv = qmigx_argv(*args) + cap_args(caps) + param_args(params)
         self.peak_file = Path(peak_file) if peak_file is not None else None
         if self.peak_file is not None:
@@ -268,15 +272,28 @@ def qmigx_send(stream: str | os.PathLike[str], uri: str, *, caps: Mapping[str, b
                params: Mapping[str, Any] | None = None,
                shared_ram: Sequence[tuple[str, str | os.PathLike[str]]] = (),
                report: str | os.PathLike[str] | None = None,
+               drives: Sequence[tuple[str, str | os.PathLike[str]]] = (),
                timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run ``qmigx send STREAM URI -v ...`` to its end."""
+    return subprocess.run(qmigx_send_argv(stream, uri, caps=caps, params=params, shared_ram=shared_ram,
+                                          report=report, drives=drives),
+                          capture_output=True, text=True, timeout=timeout, env=qmigx_env(), cwd=REPO)
+
+
+def qmigx_send_argv(stream: str | os.PathLike[str], uri: str, *, caps: Mapping[str, bool] | None = None,
+                    params: Mapping[str, Any] | None = None,
+                    shared_ram: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+                    report: str | os.PathLike[str] | None = None,
+                    drives: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> list[str]:
+    """The command line of ``qmigx send STREAM URI -v ...`` (for running it in the background)."""
     args: list[str | os.PathLike[str]] = ["send", stream, uri, "-v"]
     if report is not None:
         args += ["--report", report]
     for idstr, path in shared_ram:
         args += ["--shared-ram", f"{idstr}={path}"]
-    return subprocess.run(qmigx_argv(*args) + cap_args(caps) + param_args(params), capture_output=True,
-                          text=True, timeout=timeout, env=qmigx_env(), cwd=REPO)
+    for drive, path in drives:
+        args += ["--drive", f"{drive}={path}"]
+    return qmigx_argv(*args) + cap_args(caps) + param_args(params)
 
 
 # --- QEMU as a live source -----------------------------------------------------------------------

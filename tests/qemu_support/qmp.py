@@ -1,10 +1,11 @@
-"""A minimal synchronous QMP client for driving QEMU from tests.
+"""A minimal synchronous QMP client: the one the tests use to drive QMP.
 
-The harness needs only a handful of commands and must never hang a test
-run: every read has a deadline, and a QEMU that dies mid-command shows
-up as :class:`QMPError` instead of a blocked socket. (The ``qemu.qmp``
-package is asyncio-based and an optional dependency; this module has no
-dependencies.)
+It drives real QEMU (the harness, the interop tests) and ``qmigx serve``
+alike. It must never hang a test run: every read has a deadline, and a
+peer that dies mid-command shows up as :class:`QMPError` instead of a
+blocked socket. (The ``qemu.qmp`` package is asyncio-based and an
+optional dependency; this module has no dependencies. Only tests that
+prove compatibility with ``qemu.qmp`` itself use that package.)
 """
 
 from __future__ import annotations
@@ -181,6 +182,19 @@ class QMPClient:
                 return self.events
             if "event" in msg:
                 self.events.append(msg)
+
+    def pull_event(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Consume the next event in arrival order (already-collected ones first).
+
+        Raises :class:`QMPTimeout` when none arrives within ``timeout`` s.
+        """
+        if self.events:
+            return self.events.pop(0)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._read_message(deadline)
+            if "event" in msg:
+                return msg
 
     def wait_event(
         self,
