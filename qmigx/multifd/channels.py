@@ -190,12 +190,27 @@ class MultifdSender:
                     zoffs = offs[:0]
             elif not owned:
                 rows = np.array(rows)  # the caller reuses its buffer
-            ch = self._chans[self._next]
-            self._next = (self._next + 1) % len(self._chans)
+            ch = self._idle_channel()
             ch.q.put((block.idstr, offs, rows, 0, None, zoffs))
             charged += HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
         self.bytes_charged += charged
         return charged
+
+    def _idle_channel(self) -> "_SendChannel":
+        """The next channel, round-robin, that has room: a slow one must not stall the rest.
+
+        (QEMU hands each packet to the next idle channel.) When every queue
+        is full, the next in turn is waited for.
+        """
+        n = len(self._chans)
+        for k in range(n):
+            ch = self._chans[(self._next + k) % n]
+            if not ch.q.full():
+                self._next = (self._next + k + 1) % n
+                return ch
+        ch = self._chans[self._next]
+        self._next = (self._next + 1) % n
+        return ch
 
     def sync(self) -> int:
         """A SYNC packet on every channel, waiting until each is written."""
