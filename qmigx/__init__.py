@@ -63,6 +63,9 @@ _LAZY = {
     "Parameters": "qmigx.control",
     "MigrationStatus": "qmigx.control",
     "analyze_state": "qmigx.tools.analyze",
+    "extract_elf": "qmigx.tools.memdump",
+    "physical_memory": "qmigx.tools.memdump",
+    "PhysicalMemory": "qmigx.tools.memdump",
     "migrate_memory": "qmigx.memory",
     "receive_memory": "qmigx.memory",
 }

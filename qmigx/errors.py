@@ -16,14 +16,22 @@ that catch ``ValueError`` keep working::
     │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
-    │   └── IncompatibleStreamError       a valid stream another QEMU version cannot load
+    │   ├── IncompatibleStreamError       a valid stream another QEMU version cannot load
+    │   ├── MachineLayoutError            guest-physical memory cannot be laid out
+    │   └── SaveImageError                a libvirt save image's header or body is bad
     ├── BitmapError (ValueError)          a block dirty bitmap (or bitmaps file) is refused
     ├── XbzrleError (ValueError)          malformed XBZRLE delta
     ├── MultifdPacketError (ValueError)   malformed multifd packet
     ├── CapabilityError (ValueError)      capability refused
     ├── ParameterError (ValueError)       parameter out of range or refused
+    │   └── TransportNotSupported         a URI of a transport qmigx cannot run (rdma:)
+    ├── ObjectError (ValueError)          a user-created object (credentials, authz) refused
     ├── StateError (RuntimeError)         an operation or transition not allowed in this state
     ├── ChannelError (OSError)            a transport failed
+    │   ├── ChannelTimeout                no progress within the timeout
+    │   ├── ChannelClosed                 shut down (cancel)
+    │   └── TLSError                      a TLS handshake or record failed
+    │       └── TLSPeerRejected           the peer's credentials were refused (certificate, authz)
     └── MigrationCancelled                the migration was cancelled
 
 Whatever the input, ``str(err)`` is one line: a corrupted length byte can
@@ -52,14 +60,20 @@ __all__ = [
     "ReturnPathError",
     "IncompatibleStreamError",
     "BitmapError",
+    "MachineLayoutError",
+    "SaveImageError",
     "XbzrleError",
     "MultifdPacketError",
     "CapabilityError",
     "ParameterError",
+    "TransportNotSupported",
+    "ObjectError",
     "StateError",
     "ChannelError",
     "ChannelTimeout",
     "ChannelClosed",
+    "TLSError",
+    "TLSPeerRejected",
     "MigrationCancelled",
     "NAME_LIMIT",
     "printable_name",
@@ -231,6 +245,14 @@ class BitmapError(MigrationError, ValueError):
     """A block dirty bitmap, or a bitmaps file, is refused; ``field`` names the part."""
 
 
+class MachineLayoutError(StreamError):
+    """The saved state does not say where its RAM sits in guest-physical memory."""
+
+
+class SaveImageError(StreamError):
+    """A libvirt save image has a bad header, or its compressed body is damaged or cut."""
+
+
 class XbzrleError(MigrationError, ValueError):
     """An XBZRLE delta is malformed; ``offset`` is the position in the delta."""
 
@@ -245,6 +267,17 @@ class CapabilityError(MigrationError, ValueError):
 
 class ParameterError(MigrationError, ValueError):
     """A migration parameter is out of range or refused."""
+
+
+class TransportNotSupported(ParameterError):
+    """A URI names a transport that exists in QEMU but that qmigx cannot run (``rdma:``)."""
+
+
+class ObjectError(MigrationError, ValueError):
+    """A user-created object (``tls-creds-*``, ``authz-*``) is refused, missing or of the wrong kind.
+
+    ``field`` names the object id or the property concerned.
+    """
 
 
 class StateError(MigrationError, RuntimeError):
@@ -265,3 +298,18 @@ class ChannelTimeout(ChannelError):
 
 class ChannelClosed(ChannelError):
     """A channel or listener was shut down (cancel) and can no longer be used."""
+
+
+class TLSError(ChannelError):
+    """A TLS handshake or record failed: the peer spoke no TLS, broke off, or sent garbage."""
+
+
+class TLSPeerRejected(TLSError):
+    """The TLS peer's credentials were refused: its certificate, its hostname, or authz.
+
+    ``peer`` is the peer certificate's distinguished name (GnuTLS's form) when known.
+    """
+
+    def __init__(self, message: str, *, peer: str | None = None, **where) -> None:
+        super().__init__(message, **where)
+        self.peer = peer

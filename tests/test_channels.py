@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmigx import transport as C
-from qmigx.errors import CapabilityError, ChannelError, ParameterError
+from qmigx.errors import CapabilityError, ChannelError, ParameterError, TransportNotSupported
 
 MIB = 1 << 20
 PAYLOAD = np.random.default_rng(7).integers(0, 256, 3 * MIB + 123, dtype=np.uint8).tobytes()
@@ -58,7 +58,7 @@ def test_parse_uri_valid(uri, fields):
     assert u.multi_channel == (fields["scheme"] in ("tcp", "unix", "vsock"))
 
 
-UNKNOWN = ["", "bogus:1", "rdma:1.2.3.4:5", "defer", "tcp", "TCP:1.2.3.4:5", "x-file:/tmp/f"]
+UNKNOWN = ["", "bogus:1", "defer", "tcp", "TCP:1.2.3.4:5", "x-file:/tmp/f"]
 MALFORMED = ["tcp:host", "tcp:1.2.3.4:", "tcp:h:65536", "tcp:h:http", "tcp:::1:4444", "tcp:[::1",
              "unix:", "exec:", "exec:   ", "fd:", "file:", "vsock:x:1", "vsock:1:"]
 
@@ -76,6 +76,19 @@ def test_parse_uri_unknown_scheme_incoming(uri):
     with pytest.raises(ParameterError) as ei:
         C.parse_uri(uri, incoming=True)
     assert ei.value.message == f"unknown migration protocol: {uri}"
+
+
+@pytest.mark.parametrize("incoming", [False, True])
+def test_rdma_is_refused_with_qemus_text_and_the_reason_in_words(incoming):
+    uri = "rdma:192.168.0.1:4444"
+    with pytest.raises(TransportNotSupported) as ei:
+        C.parse_uri(uri, incoming=incoming)
+    qemu = f"unknown migration protocol: {uri}" if incoming else \
+        "Parameter 'uri' expects a valid migration protocol"
+    assert ei.value.message.startswith(qemu)
+    assert "RDMA transport is not supported" in ei.value.message
+    assert "\n" not in ei.value.message and ei.value.field == "uri"
+    assert isinstance(ei.value, ParameterError)
 
 
 @pytest.mark.parametrize("uri", MALFORMED)

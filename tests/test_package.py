@@ -28,8 +28,9 @@ def test_backend_is_the_compiled_one():
 
 #: Kernels with no twin, and why: userfaultfd's fault handler must run
 #: without the GIL (a writer blocked in a fault may hold it), so a Python
-#: handler cannot exist; it decodes no input either.
-NO_TWIN = {"uffd"}
+#: handler cannot exist; it decodes no input either. gnutls binds a C
+#: library (GnuTLS, QEMU's TLS): its only possible twin is that library.
+NO_TWIN = {"uffd", "gnutls"}
 
 
 def test_every_kernel_has_a_python_twin():

@@ -21,7 +21,7 @@ from qmigx.errors import CapabilityError, MigrationError, ParameterError
 from qmigx.ram import RAMBlock, RAMBlockList
 from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["settings_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
+__all__ = ["settings_from_args", "objects_from_args", "cmd_incoming", "cmd_send", "info_migrate"]
 
 
 def _bool(text: str, name: str) -> bool:
@@ -58,6 +58,21 @@ def settings_from_args(caps: list, params: list, *, incoming: bool,
     if values:
         p.set(values)
     return c, p
+
+
+def objects_from_args(items: list):
+    """An :class:`~qmigx.crypto.ObjectRoot` holding the ``--object`` options, in order."""
+    from qmigx.crypto import ObjectRoot
+
+    root = ObjectRoot()
+    for text in items or ():
+        root.add_option(text)
+    return root
+
+
+def _print_refusal(peer: str, exc: BaseException) -> None:
+    """A refused TLS peer: one line on stderr, as QEMU reports it; the destination keeps listening."""
+    print(f"qmigx: {exc}", file=sys.stderr, flush=True)
 
 
 def _parse_value(text: str):
@@ -151,6 +166,7 @@ def cmd_incoming(args) -> int:
     from qmigx.tools.streams import save_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
+    objects = objects_from_args(args.object)
     t_start = time.monotonic()
     given = _shared_ram(args.shared_ram, private=True)
     bitmaps = _bitmap_destination(args, params)
@@ -158,7 +174,9 @@ def cmd_incoming(args) -> int:
     disks = BlockLoadHandler(args.drive)
     dst = MigrationDestination(given if len(given) else None, capabilities=caps,
                                parameters=params,
-                               handlers=[disks] + ([bitmaps] if bitmaps else []))
+                               handlers=[disks] + ([bitmaps] if bitmaps else []),
+                               objects=objects)
+    dst.on_refused = _print_refusal
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -266,6 +284,7 @@ def cmd_send(args) -> int:
         raise ParameterError("block-incremental is not supported: the disks are raw images, "
                              "migrated whole", field="block-incremental")
     disks = BlockSaveHandler(args.drive, capabilities=caps)
+    objects = objects_from_args(args.object)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
     for info in (setup.blocks if setup else ()):
@@ -288,7 +307,7 @@ def cmd_send(args) -> int:
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
-        compat=compat)
+        compat=compat, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)

@@ -7,6 +7,7 @@ become one line, ``qmigx: error: ...``, on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -16,14 +17,36 @@ from qmigx.errors import MigrationError, one_line
 __all__ = ["main"]
 
 
-def _progress(label: str, path: str):
+def _progress(label: str, path: Optional[str]):
     from qmigx.cli.progress import Progress
 
     try:
-        total = os.path.getsize(path)
+        total = None if path is None else os.path.getsize(path)
     except OSError:
         total = None
     return Progress(label, total)
+
+
+@contextlib.contextmanager
+def _stream(path: str):
+    """The migration stream in ``path``: the file, or a libvirt save image's body."""
+    from qmigx.tools.saveimage import open_stream
+
+    src = open_stream(path)
+    try:
+        yield src
+    finally:
+        if src is not path:
+            src.close()
+
+
+def _image_header(path: str):
+    from qmigx.tools.saveimage import is_save_image, read_save_image_header
+
+    if not is_save_image(path):
+        return None
+    with open(path, "rb") as f:
+        return read_save_image_header(f)
 
 
 def cmd_analyze(args) -> int:
@@ -32,15 +55,20 @@ def cmd_analyze(args) -> int:
     if args.extract:
         return _analyze_extract(args)
     if args.dump == "desc":
-        print(analyze.dumps(analyze.vmdesc_json(args.file)))
+        with _stream(args.file) as src:
+            print(analyze.dumps(analyze.vmdesc_json(src)))
         return 0
     if args.dump != "state":
         raise SystemExit("qmigx: error: Please specify either -x, -d state or -d desc")
-    bar = _progress("analyze", args.file)
+    header = _image_header(args.file)
+    bar = _progress("analyze", args.file if header is None else None)
     try:
-        state = analyze.analyze_state(args.file, memory=args.memory, progress=bar.update)
+        with _stream(args.file) as src:
+            state = analyze.analyze_state(src, memory=args.memory, progress=bar.update)
     finally:
         bar.close()
+    if header is not None:  # the image's header and XML first, then the stream's sections
+        state = {"libvirt save image": header.describe(), **state}
     print(analyze.dumps(state))
     return 0
 
@@ -50,12 +78,14 @@ def _analyze_extract(args) -> int:
     from qmigx.tools import analyze
     from qmigx.ram import RamLoader
 
-    desc = analyze.vmdesc_json(args.file)
+    with _stream(args.file) as src:
+        desc = analyze.vmdesc_json(src)
     print("desc.json")
     with open("desc.json", "w") as f:
         f.write(analyze.dumps(desc))
     loader = RamLoader(None)
-    state = analyze.analyze_state(args.file, loader=loader)
+    with _stream(args.file) as src:
+        state = analyze.analyze_state(src, loader=loader)
     analyze.extract_blocks(loader, ".", lambda idstr: "./" + idstr.lstrip("/"))
     for blk in loader.blocks:  # the script prints each block's name as it creates it
         print(blk.idstr)
@@ -69,11 +99,25 @@ def cmd_extract(args) -> int:
     from qmigx.tools import analyze
     from qmigx.ram import RamLoader
 
+    if args.elf is None and args.dir is None:
+        raise SystemExit("qmigx: error: extract needs DIR, --elf OUT.elf, or both")
+    if args.elf is not None:
+        from qmigx.tools.memdump import extract_elf
+
+        bar = _progress("extract --elf", args.file)
+        try:
+            extract_elf(args.file, args.elf, progress=bar.update,
+                        shared_ram=_pairs(args.shared_ram, "--shared-ram"))
+        finally:
+            bar.close()
+        if args.dir is None:
+            return 0
     os.makedirs(args.dir, exist_ok=True)
     loader = RamLoader(None)
     bar = _progress("extract", args.file)
     try:
-        state = analyze.analyze_state(args.file, loader=loader, progress=bar.update)
+        with _stream(args.file) as src:
+            state = analyze.analyze_state(src, loader=loader, progress=bar.update)
     finally:
         bar.close()
     analyze.extract_blocks(loader, args.dir, analyze.block_filename)
@@ -82,15 +126,32 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _pairs(items, option: str) -> dict:
+    """``NAME=VALUE`` arguments as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"qmigx: error: {option} takes NAME=VALUE, not {item!r}")
+        out[name] = value
+    return out
+
+
 def cmd_verify(args) -> int:
     from qmigx.tools.streams import verify_stream
 
-    bar = _progress("verify", args.file)
+    header = _image_header(args.file)
+    bar = _progress("verify", args.file if header is None else None)
     try:
-        summary = verify_stream(args.file, progress=bar.update)
+        with _stream(args.file) as src:
+            summary = verify_stream(src, progress=bar.update)
     finally:
         bar.close()
     bitmaps = f", {summary['bitmaps']} dirty bitmaps" if summary.get("bitmaps") else ""
+    if header is not None:
+        print(f"{args.file}: libvirt save image version {header.version}, "
+              f"{header.format} body, domain XML of {len(header.xml)} bytes, "
+              f"{'running' if header.was_running else 'paused'} when saved")
     print(f"{args.file}: OK: {summary['bytes']} bytes, {summary['sections']} section records, "
           f"{summary['pages']} page records, {summary['records']} other live-section records, "
           f"{summary['commands']} commands{bitmaps}, "
@@ -103,13 +164,37 @@ def cmd_verify(args) -> int:
 def cmd_convert(args) -> int:
     from qmigx.tools.streams import convert_stream
 
+    from qmigx.tools.saveimage import FORMATS, ImageWriter, SaveImageHeader
+
+    header = _image_header(args.input)
+    if args.image_format is not None:
+        if header is None:
+            if args.xml is None:
+                raise SystemExit("qmigx: error: --image-format on a plain stream needs --xml "
+                                 "FILE (the domain XML of the image)")
+            with open(args.xml) as f:
+                header = SaveImageHeader(xml=f.read())
+        header.compressed = FORMATS.index(args.image_format)
+        header.magic = b"LibvirtQemudSave"
     tmp = args.output + ".part"
-    bar = _progress("convert", args.input)
+    bar = _progress("convert", args.input if header is None else None)
     try:
-        with open(tmp, "wb") as out:
-            convert_stream(args.input, out.write, args.ram_encoding,
-                           compress_level=args.compress_level, progress=bar.update,
-                           target=args.target)
+        with _stream(args.input) as src:
+            if header is None:
+                with open(tmp, "wb") as out:
+                    convert_stream(src, out.write, args.ram_encoding,
+                                   compress_level=args.compress_level, progress=bar.update,
+                                   target=args.target)
+            else:  # an image in, an image out: header and XML kept, the body re-written
+                image = ImageWriter(tmp, header)
+                try:
+                    convert_stream(src, image.write, args.ram_encoding,
+                                   compress_level=args.compress_level, progress=bar.update,
+                                   target=args.target)
+                except BaseException:
+                    image.abort()
+                    raise
+                image.close()
         os.replace(tmp, args.output)
     except BaseException:
         if os.path.exists(tmp):
@@ -138,6 +223,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="a migration capability (QEMU's names), repeatable")
     p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
                    help="a migration parameter (QEMU's names), repeatable")
+    p.add_argument("--object", metavar="TYPE,id=ID,...", action="append", default=[],
+                   help="create an object as QEMU's -object does (tls-creds-x509, "
+                        "tls-creds-psk, authz-simple, authz-list, authz-listfile), repeatable")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of the migration")
 
 
@@ -163,9 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extract contents into individual files")
     a.set_defaults(func=cmd_analyze)
 
-    e = sub.add_parser("extract", help="write each RAM block and state.json to DIR")
+    e = sub.add_parser("extract", help="write each RAM block and state.json to DIR, or an ELF "
+                                       "memory dump")
     e.add_argument("file")
-    e.add_argument("dir")
+    e.add_argument("dir", nargs="?", help="where the block files and state.json go")
+    e.add_argument("--elf", metavar="OUT.elf",
+                   help="write the guest-physical memory and vCPU notes as QEMU's "
+                        "dump-guest-memory (paging off) would")
+    e.add_argument("--shared-ram", metavar="IDSTR=PATH", action="append", default=[],
+                   help="with --elf: the file of a block an x-ignore-shared stream leaves out")
     e.set_defaults(func=cmd_extract)
 
     v = sub.add_parser("verify", help="check a stream's whole structure")
@@ -182,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="0-9", help="zlib level for --ram-encoding compress (default 1)")
     c.add_argument("--for", dest="target", choices=["7.2", "10.0"], default=None,
                    help="rewrite the stream's conventions so that this QEMU version loads it")
+    c.add_argument("--image-format", choices=["raw", "gzip", "bzip2", "xz", "lzop"],
+                   help="write a libvirt save image with this body format (an image input "
+                        "keeps its own format otherwise)")
+    c.add_argument("--xml", metavar="FILE",
+                   help="the domain XML when --image-format wraps a plain stream")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("incoming", help="accept one incoming migration (from QEMU or qmigx)")

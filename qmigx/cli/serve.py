@@ -50,6 +50,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the machine type of a synthetic guest (default pc-i440fx-<version>); "
                         "an outgoing migration follows its conventions (a --load file "
                         "keeps its own)")
+    p.add_argument("--object", metavar="TYPE,id=ID,...", action="append", default=[],
+                   help="create an object as QEMU's -object does (TLS credentials, authz), "
+                        "repeatable")
     p.set_defaults(func=cmd_serve)
 
 
@@ -90,6 +93,8 @@ def _machine(args):
                 dirty_rate=args.dirty_rate, load=loaded, incoming=args.incoming,
                 paused=args.paused, drives=args.drive, qemu_version=args.qemu_version,
                 machine_type=args.machine)
+    for text in args.object:
+        m.objects.add_option(text)
     if args.cap or args.param:
         caps, params = settings_from_args(args.cap, args.param, incoming=bool(args.incoming),
                                           qemu_version=args.qemu_version,

@@ -7,6 +7,7 @@ channels included) and answers on the return path.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from qmigx import transport
+from qmigx.crypto import ObjectRoot, TLSSettings
 from qmigx.control import (
     Capabilities,
     MigrationStatus,
@@ -54,6 +56,8 @@ from qmigx.wire import MigCmd
 
 __all__ = ["IncomingResult", "MigrationDestination"]
 
+_log = logging.getLogger("qmigx.migration")
+
 
 @dataclass
 class IncomingResult:
@@ -82,6 +86,15 @@ class MigrationDestination(Side):
         handlers: the live sections this destination loads besides RAM
             (``block``, ``dirty-bitmap``); a section without one is read by
             its grammar and dropped.
+        objects: the VM's objects that ``tls-creds`` and ``tls-authz`` name
+            (:class:`~qmigx.crypto.ObjectRoot`); default: an empty root of its
+            own (:attr:`objects`).
+
+    With ``tls-creds`` set every accepted connection is a TLS server
+    session; a peer refused in its handshake (no TLS, its certificate, its
+    key, authz) is reported to :attr:`on_refused` (default: logged) and
+    recorded in :attr:`refused`, and the destination keeps listening for
+    the right peer, as QEMU 7.2 does.
     """
 
     def __init__(self, blocks: Optional[RAMBlockList] = None, *,
@@ -89,8 +102,13 @@ class MigrationDestination(Side):
                  parameters: Optional[Parameters] = None, machine_type: Optional[str] = None,
                  uuid: Optional[bytes] = None, accept_timeout: Optional[float] = None,
                  io_timeout: Optional[float] = 60.0,
-                 handlers: Sequence[SaveVMHandler] = ()) -> None:
+                 handlers: Sequence[SaveVMHandler] = (),
+                 objects: Optional[ObjectRoot] = None) -> None:
         self.c = Controls("destination", capabilities, parameters)
+        self.objects = objects if objects is not None else ObjectRoot()
+        #: called as ``on_refused(peer, error)`` for each refused TLS peer
+        self.on_refused = None
+        self.refused: list = []
         self.registry = default_registry()
         for h in handlers:
             self.registry.remove(h.idstr, h.instance_id)
@@ -134,7 +152,8 @@ class MigrationDestination(Side):
         if multifd and not parsed.multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
-        self._listener = transport.listen(uri, channels=nchan)
+        self._listener = transport.listen(uri, channels=nchan, options=self.connection_options(),
+                                          on_refused=self._refuse)
         if self._listener.multi_channel:
             self.socket_address = self._listener.socket_address
         self._started = True
@@ -142,6 +161,23 @@ class MigrationDestination(Side):
         self._thread = threading.Thread(target=self._run, args=(nchan,), name="incoming",
                                         daemon=True)
         self._thread.start()
+
+    def connection_options(self) -> transport.ConnectionOptions:
+        """Timeouts and TLS for the accepted connections (parameters tls-creds, tls-authz)."""
+        p = self.c.params
+        tls = None
+        if p.tls_creds:
+            tls = TLSSettings(self.objects, p.tls_creds, authz=p.tls_authz or None)
+        return transport.ConnectionOptions(io_timeout=self.io_timeout, tls=tls,
+                                           handshake_timeout=self.io_timeout)
+
+    def _refuse(self, peer: str, exc: BaseException) -> None:
+        self.refused.append((peer, exc))
+        hook = self.on_refused
+        if hook is not None:
+            hook(peer, exc)
+        else:
+            _log.error("%s", exc)
 
     @property
     def connect_uri(self) -> str:

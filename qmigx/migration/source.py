@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 from qmigx import returnpath, transport
 from qmigx.autoconverge import AutoConverge
 from qmigx.compat import MigrationCompat, migration_compat
+from qmigx.crypto import ObjectRoot, TLSSettings
 from qmigx.control import (
     Capabilities,
     DirtyRatePeriod,
@@ -42,6 +43,7 @@ from qmigx.errors import (
 )
 from qmigx.guest import Guest, SimpleGuest
 from qmigx.migration.side import Controls, S, Side, now_ms
+from qmigx.multifd import pack_init_packet
 from qmigx.multifd.channels import MultifdSender
 from qmigx.precopy import RamSaveState
 from qmigx.qemufile import QEMUFile
@@ -91,6 +93,9 @@ class MigrationSource(Side):
             model (per section, or per round announced by MULTIFD_FLUSH:
             mixing them hangs QEMU 10), whether SWITCHOVER_START is sent and
             QEMU 10's SYNC packet layout.
+        objects: the VM's objects (:class:`~qmigx.crypto.ObjectRoot`) that
+            ``tls-creds`` names; default: an empty root of its own
+            (:attr:`objects`).
     """
 
     def __init__(self, blocks: RAMBlockList, *, devices: list = (), vmdesc: Optional[bytes] = None,
@@ -102,8 +107,10 @@ class MigrationSource(Side):
                  clear_bitmap_shift: int = 18, globalstate: bool = True,
                  ram_section_id: int = 2, handlers: Sequence[SaveVMHandler] = (),
                  connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0,
-                 compat: Optional[MigrationCompat] = None) -> None:
+                 compat: Optional[MigrationCompat] = None,
+                 objects: Optional[ObjectRoot] = None) -> None:
         self.blocks = blocks
+        self.objects = objects if objects is not None else ObjectRoot()
         self.handlers = list(handlers)
         self.devices = list(devices)
         self.vmdesc = vmdesc
@@ -219,6 +226,21 @@ class MigrationSource(Side):
                     return disk
         return None
 
+    def connection_options(self) -> transport.ConnectionOptions:
+        """How this migration opens its connections: timeouts and TLS (QEMU's tls-* parameters).
+
+        Every connection goes through these: the main channel, each multifd
+        channel, and a postcopy preempt channel (``transport.connect_extra``).
+        The objects the parameters name are looked up at each connection.
+        """
+        p = self.c.params
+        tls = None
+        if p.tls_creds:
+            tls = TLSSettings(self.objects, p.tls_creds, hostname=p.tls_hostname or "")
+        return transport.ConnectionOptions(connect_timeout=self.connect_timeout,
+                                           io_timeout=self.io_timeout, tls=tls,
+                                           handshake_timeout=self.connect_timeout)
+
     # -- the migration thread -------------------------------------------------
     def _refresh_stats(self) -> None:
         ram = self.ram
@@ -264,20 +286,28 @@ class MigrationSource(Side):
             compat = self.compat
             per_round = compat.multifd_sync == "round"
             mapped_ram = bool(caps.get("mapped-ram"))
-            main = transport.connect(uri, timeout=self.connect_timeout)
+            options = self.connection_options()
+            main = transport.connect(uri, options=options)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
-                for _ in range(params.multifd_channels):
-                    ch = transport.connect_extra(uri, timeout=self.connect_timeout)
+                # One at a time, each handshake complete and its init packet sent
+                # before the next connection, as QEMU's source does: a 7.2
+                # destination takes the first finished handshake as the main
+                # channel, and reads each channel's init packet in its main loop
+                # (blocking) as soon as that channel's handshake completed.
+                for i in range(params.multifd_channels):
+                    ch = transport.connect_extra(uri, options=options)
                     ch.set_timeout(self.io_timeout)
                     self._add_channel(ch)
+                    ch.write(pack_init_packet(self.uuid, i))
                     extra.append(ch)
                 comp = params.multifd_compression
                 level = {"zlib": params.multifd_zlib_level,
                          "zstd": params.multifd_zstd_level}.get(comp)
                 sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid,
+                                       init_sent=True,
                                        sync_format="10.0" if per_round else "7.2")
             f = QEMUFile(main.write, sink_v=main.writev)
             w = StreamWriter(f)

@@ -65,7 +65,8 @@ class _SendChannel:
         item = None
         raw = self.owner.compression == "none"
         try:
-            self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
+            if not self.owner.init_sent:
+                self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
             while True:
                 item = None  # a failing get() must not release the previous item's SYNC again
                 item = self.q.get()
@@ -130,16 +131,20 @@ class MultifdSender:
         sync_format: ``"7.2"`` (a SYNC packet has the channel's
             ``pages_alloc``) or ``"10.0"`` (QEMU 10's: zeroed, ``pages_alloc``
             0); either is 1344 bytes and both versions read both.
+        init_sent: the caller already wrote each channel's init packet (as
+            soon as it connected, see :func:`pack_init_packet`).
     """
 
     def __init__(self, channels: list, *, compression: str = "none", level: Optional[int] = None,
                  uuid: Optional[bytes] = None, pages_alloc: int = DEFAULT_MAX_PAGES,
-                 page_size: int = TARGET_PAGE_SIZE, sync_format: str = "7.2") -> None:
+                 page_size: int = TARGET_PAGE_SIZE, init_sent: bool = False,
+                 sync_format: str = "7.2") -> None:
         if compression not in COMPRESSION_FLAGS:
             raise ValueError(f"unknown multifd compression {compression!r}")
         self.compression = compression
         self.level = level
         self.uuid = uuid
+        self.init_sent = init_sent
         self.pages_alloc = pages_alloc
         self.page_size = page_size
         self.sync_format = sync_format

@@ -355,6 +355,15 @@ def _migrate_incoming10(ctx: Context, args: dict) -> None:
                                  exit_on_error=args.get("exit-on-error", True))
 
 
+def _object_add(ctx: Context, args: dict) -> None:
+    ctx.machine.objects.add(args)
+
+
+def _qom_list_types(ctx: Context, args: dict) -> list:
+    return [qdict(t) for t in ctx.machine.objects.list_types(args.get("implements"),
+                                                            bool(args.get("abstract", False)))]
+
+
 def _migrate_pause(ctx: Context, args: dict) -> None:
     if _version(ctx) == "10.0":
         raise QMPError("migrate-pause is currently only supported during postcopy-active or "
@@ -394,6 +403,11 @@ _TABLE = (
     Command("migrate-set-parameters", lambda ctx, a: ctx.machine.set_parameters(a), None),
     Command("query-migrate-parameters", lambda ctx, a: ctx.machine.params.as_qmp()),
     Command("query-migrate", lambda ctx, a: ctx.machine.query_migrate()),
+    # objects (the arguments of object-add depend on qom-type: the object root checks them)
+    Command("object-add", _object_add, None),
+    Command("object-del", lambda ctx, a: ctx.machine.objects.delete(a["id"]), (Arg("id", "str"),)),
+    Command("qom-list-types", _qom_list_types, (Arg("implements", "str", False),
+                                                Arg("abstract", "bool", False))),
     # qmigx extension (QEMU's x- prefix): digests of guest RAM, to compare two machines
     Command("x-query-qmigx-ram", lambda ctx, a: ctx.machine.ram_digest()),
 )

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 from qmigx import transport
 from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
 from qmigx.control.capabilities import MIGRATION_ACTIVE
+from qmigx.crypto import ObjectRoot
 from qmigx.errors import CapabilityError, MigrationError, ParameterError
 from qmigx.qmp.protocol import QMPError
 from qmigx.ram import RAMBlock, RAMBlockList
@@ -207,6 +208,8 @@ class Machine:
         self.params = Parameters(capabilities=self.caps, qemu_version=qemu_version,
                                  defaults={"zero-page-detection": zpd})
         self._exit_on_error = True
+        #: user-created objects (``-object``, ``object-add``): TLS credentials, authz
+        self.objects = ObjectRoot()
         self._lock = threading.RLock()
         self._emit: Emitter = lambda ev: None
         self._fatal: Callable[[int, str], None] = lambda code, msg: None
@@ -401,7 +404,7 @@ class Machine:
                 image.blocks, devices=image.devices, vmdesc=image.vmdesc, guest=self._guest,
                 dirty_logs=self._dirty_logs, capabilities=self.caps, parameters=self.params,
                 machine_type=image.machine_type, globalstate=image.globalstate,
-                ram_section_id=image.ram_section_id, handlers=[disks])
+                ram_section_id=image.ram_section_id, handlers=[disks], objects=self.objects)
             src.events.subscribe(self._source_event)
             src.state.add_listener(self._source_state)
             self.src = src
@@ -452,7 +455,8 @@ class Machine:
                 raise QMPError("'-incoming' was not specified on the command line")
             dst = MigrationDestination(self._destination_blocks(), capabilities=self.caps,
                                        parameters=self.params,
-                                       handlers=[BlockLoadHandler(self.drives)])
+                                       handlers=[BlockLoadHandler(self.drives)],
+                                       objects=self.objects)
             dst.events.subscribe(self._destination_event)
             dst.state.add_listener(self._destination_state)
             try:

@@ -1,24 +1,17 @@
 """The migration stream format (QEMU's savevm.c), as a sans-IO codec.
 
-:class:`StreamParser` takes bytes (``feed``) and returns events
-(``events``); it never reads a file or a socket itself, so the same parser
-serves a file, a pipe, a socket and a test. :class:`StreamWriter` is its
-mirror: it writes records through a :class:`~qmigx.qemufile.QEMUFile`.
+* :mod:`.parser`: :class:`StreamParser`, bytes in, events out (how it
+  delimits each kind of section is in its docstring);
+* :mod:`.events`: the events, one dataclass per record kind;
+* :mod:`.writer`: :class:`StreamWriter`, records out through a
+  :class:`~qmigx.qemufile.QEMUFile`;
+* :mod:`.reader`: :class:`StreamReader`, a whole stream from a path,
+  bytes or a file (mmap windows or chunked reads into the parser);
+* :mod:`.buffer`, :mod:`.context`: the receive buffer a channel's readers
+  share and the stream state that outlives one parser.
 
-How the parser finds the end of each section payload, since the format
-has no record lengths (stream.md §1):
-
-* ``ram``: the RAM record scanner (``qmigx._core.ramparse``) walks page
-  records up to EOS, in batches, without the GIL;
-* ``block`` and ``dirty-bitmap``: their own record grammars (other.md);
-* device (VMState) sections: a description registered with the parser,
-  else the stream's own vmdesc entry (vmstate.md §8.1) when the caller
-  supplied it (a file has it at its end: :func:`find_vmdesc`), else the
-  footer that follows every section in streams of QEMU 2.4 and newer.
-
-Events that refer to parsed bytes (``RamPages``) are views into the
-input; with :meth:`StreamParser.fill` that is the parser's own buffer,
-reused by the next ``fill``.
+Nothing here reads a socket: the same code serves a file, a pipe, a
+socket and a test.
 """
 
 from qmigx.stream.buffer import ReceiveBuffer

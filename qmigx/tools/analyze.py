@@ -27,6 +27,7 @@ from qmigx.stream import (
     SectionData,
     SectionRecord,
     SectionStart,
+    VMDescription,
 )
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
@@ -41,6 +42,13 @@ def dumps(obj) -> str:
 def vmdesc_json(source: Source) -> collections.OrderedDict:
     """The stream's vmdesc as the script's ``-d desc`` shows it."""
     reader = StreamReader(source)
+    if reader.vmdesc_text is None and not isinstance(source, (str, os.PathLike, bytes,
+                                                              bytearray, memoryview)) \
+            and not getattr(source, "seekable", lambda: False)():
+        # a pipe or a decompressor: the vmdesc is at the end of what it gives
+        for ev in reader.events():
+            if type(ev) is VMDescription:
+                return json.loads(ev.json, object_pairs_hook=collections.OrderedDict)
     if reader.vmdesc_text is None:
         raise StreamError("No Debug Migration device found (the stream has no vmdesc)",
                           field="vmdesc")

@@ -28,6 +28,7 @@ Device sections are the same for the machine types both versions have
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, Optional
 
 import numpy as np
@@ -278,9 +279,16 @@ def _copy(source: Source, sink: Callable) -> None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         sink(source)
         return
+    if not isinstance(source, (str, os.PathLike)):  # a file object (a save image's body)
+        _copy_from(source, sink)
+        return
     with open(source, "rb") as f:
-        while True:
-            chunk = f.read(8 << 20)
-            if not chunk:
-                break
-            sink(chunk)
+        _copy_from(f, sink)
+
+
+def _copy_from(f, sink: Callable) -> None:
+    while True:
+        chunk = f.read(8 << 20)
+        if not chunk:
+            break
+        sink(chunk)

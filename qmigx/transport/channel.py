@@ -27,9 +27,12 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from qmigx.errors import ChannelClosed, ChannelError, ChannelTimeout, ParameterError
+
+if TYPE_CHECKING:
+    from qmigx.crypto import TLSSettings
 
 __all__ = ["Channel", "ConnectionOptions"]
 
@@ -40,11 +43,17 @@ class ConnectionOptions:
 
     ``connect_timeout`` bounds establishing a connection (None: the OS's
     own); ``io_timeout`` is set on every channel opened with these options
-    (see :meth:`Channel.set_timeout`). TLS settings join here.
+    (see :meth:`Channel.set_timeout`). ``tls`` wraps every connection
+    (main, multifd, preempt; socket, ``exec:`` and ``fd:`` alike) in a TLS
+    session (:class:`~qmigx.crypto.TLSSettings`: the source is the client,
+    the destination the server), and ``handshake_timeout`` bounds each
+    handshake.
     """
 
     connect_timeout: Optional[float] = 30.0
     io_timeout: Optional[float] = 60.0
+    tls: Optional["TLSSettings"] = None
+    handshake_timeout: Optional[float] = 30.0
 
 
 #: iovecs per gathering write (Linux's IOV_MAX)

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-from qmigx.errors import ChannelClosed, ChannelError, ChannelTimeout
-from qmigx.transport.channel import Channel
+from qmigx.errors import ChannelClosed, ChannelError, ChannelTimeout, ObjectError, TLSError
+from qmigx.transport.channel import Channel, ConnectionOptions
 from qmigx.transport.socket import peer_name, socket_channel
+from qmigx.transport.tls import tls_handshake
 from qmigx.transport.uri import MigrationURI
+
+_log = logging.getLogger("qmigx.transport")
+
+
+def _log_refusal(peer: str, exc: BaseException) -> None:
+    _log.error("%s", exc)
 
 __all__ = ["Listener"]
 
@@ -23,11 +31,24 @@ class Listener:
     Sockets (tcp/unix/vsock) accept as many connections as asked for (the
     main channel first, then multifd channels); ``exec:``, ``fd:`` and
     ``file:`` have exactly one channel, created at :func:`listen` time.
+
+    With TLS (``options.tls``) a connection is handed out only once its
+    handshake completed and the peer was accepted. A socket listener, as
+    QEMU's, refuses a peer that fails (no TLS, a bad or unauthorized
+    certificate, a wrong key, a stalled handshake), reports it to
+    ``on_refused(peer, error)`` (default: logged on ``qmigx.transport``),
+    and waits for the next connection.
     """
 
     def __init__(self, uri: MigrationURI, *, sockets=(), channel: Optional[Channel] = None,
-                 unix_path: Optional[str] = None) -> None:
+                 unix_path: Optional[str] = None, options: Optional[ConnectionOptions] = None,
+                 on_refused: Optional[Callable[[str, BaseException], None]] = None) -> None:
         self.uri = uri
+        self.options = options or ConnectionOptions()
+        self.on_refused = on_refused or _log_refusal
+        self._handshaking: Optional[Channel] = None
+        #: peers refused so far: (peer, error)
+        self.refused: list[tuple[str, BaseException]] = []
         self._sockets: list[socket.socket] = list(sockets)
         self._channel = channel
         self._unix_path = unix_path
@@ -85,7 +106,11 @@ class Listener:
         return None
 
     def accept(self, timeout: Optional[float] = None) -> Channel:
-        """The next incoming channel; ChannelError on timeout, shutdown or a used-up listener."""
+        """The next incoming channel; ChannelError on timeout, shutdown or a used-up listener.
+
+        With TLS: the next accepted peer (see the class docstring); a
+        single-channel listener (``exec:``, ``fd:``) raises the refusal.
+        """
         if self._shut:
             raise ChannelClosed(f"listener {self.uri.uri} was shut down", field="listener")
         if not self._sockets:
@@ -95,8 +120,49 @@ class Listener:
                 raise ChannelError(f"{self.uri.scheme}: has only one channel and it was taken",
                                    field="listener")
             self.accepted += 1
+            if self.options.tls is not None:
+                try:
+                    return self._secure(ch, None)
+                except BaseException:
+                    ch.close(timeout=1.0)
+                    raise
             return ch
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ch = self._accept_socket(timeout, deadline)
+            if self.options.tls is None:
+                return ch
+            try:
+                return self._secure(ch, deadline)
+            except (TLSError, ObjectError, ChannelTimeout, ChannelError) as exc:
+                ch.close(timeout=1.0)
+                if self._shut:
+                    raise ChannelClosed(f"listener {self.uri.uri} was shut down",
+                                        field="listener") from None
+                if isinstance(exc, ChannelTimeout) and deadline is not None \
+                        and time.monotonic() >= deadline:
+                    raise ChannelTimeout(f"timed out after {timeout:g} s waiting for a "
+                                         f"connection on {self.uri.uri}", field="listener") from None
+                self.refused.append((ch.name, exc))
+                self.on_refused(ch.name, exc)
+
+    def _secure(self, ch: Channel, deadline: Optional[float]) -> Channel:
+        """The TLS server side of ``ch`` (each connection resolves the credentials anew)."""
+        limit = self.options.handshake_timeout
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            limit = left if limit is None else min(limit, left)
+        with self._lock:
+            if self._shut:
+                raise ChannelClosed(f"listener {self.uri.uri} was shut down", field="listener")
+            self._handshaking = ch
+        try:
+            return tls_handshake(ch, self.options.tls.server_session(), timeout=limit)
+        finally:
+            with self._lock:
+                self._handshaking = None
+
+    def _accept_socket(self, timeout: Optional[float], deadline: Optional[float]) -> Channel:
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self._poll.poll(None if remaining is None else int(remaining * 1000))
@@ -124,6 +190,8 @@ class Listener:
         with self._lock:
             if not self._closed:
                 os.eventfd_write(self._wake, 1)
+            if self._handshaking is not None:
+                self._handshaking.shutdown()
 
     def close(self) -> None:
         """Stop listening; remove the unix socket file this listener created."""

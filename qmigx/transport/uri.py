@@ -13,12 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from qmigx.errors import ParameterError
+from qmigx.errors import ParameterError, TransportNotSupported
 
-__all__ = ["MigrationURI", "parse_uri", "OUT_ERROR", "MULTI_ERROR"]
+__all__ = ["MigrationURI", "parse_uri", "OUT_ERROR", "MULTI_ERROR", "RDMA_NOT_SUPPORTED"]
 
 OUT_ERROR = "Parameter 'uri' expects a valid migration protocol"
 MULTI_ERROR = "multifd is not supported by current protocol"
+#: what qmigx adds to QEMU's text (that of a QEMU built without RDMA) for ``rdma:`` URIs
+RDMA_NOT_SUPPORTED = "RDMA transport is not supported by qmigx (it needs an RDMA device and rdma-core)"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def parse_uri(uri: str, *, incoming: bool = False) -> MigrationURI:
             migration protocol: URI" (incoming); or a known scheme with a
             malformed address ("error parsing address 'h' in migration URI
             'tcp:h'").
+        TransportNotSupported: ``rdma:``: QEMU's text for a build without
+            RDMA, followed by the reason in words.
 
     ``fd:`` accepts a number or a registered name in both directions (QEMU's
     outgoing ``fd:`` takes names only). ``tcp:`` takes numeric ports only and
@@ -85,6 +89,10 @@ def parse_uri(uri: str, *, incoming: bool = False) -> MigrationURI:
 
     if not sep:
         raise bad()
+    if scheme == "rdma":
+        # QEMU's own refusal when built without RDMA, then why, in words
+        text = f"unknown migration protocol: {uri}" if incoming else OUT_ERROR
+        raise TransportNotSupported(f"{text}; {RDMA_NOT_SUPPORTED}", field="uri")
     if scheme == "tcp":
         m = _HOSTPORT.match(rest)
         if not m:
