@@ -44,12 +44,8 @@ from qemu_support.live import (
     qmigx_send,
 )
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu10_binary() is None,
-                       reason="QEMU 10 not installed: run .ci/install-qemu10.sh and set "
-                              "QMIGX_QEMU10 to the wrapper it prints"),
-]
+#: gated by tests/conftest.py: QEMU 10 is $QMIGX_QEMU10 (.ci/install-qemu10.sh)
+pytestmark = [pytest.mark.qemu10]
 
 RAM = "64M"
 RAM_BYTES = parse_size(RAM)
@@ -91,7 +87,7 @@ def uris():
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> Path:
+def guest_kernel(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("guest10") / "guest.bin"
     path.write_bytes(build_guest(SEED, RAM_BYTES, dirty=True))
     return path
@@ -117,7 +113,7 @@ INCOMING = [
 
 
 @pytest.mark.parametrize(("machine", "transport", "caps", "params"), INCOMING)
-def test_qemu10_to_qmigx(machine, transport, caps, params, tmp_path, uris, kernel):
+def test_qemu10_to_qmigx(machine, transport, caps, params, tmp_path, uris, guest_kernel):
     xbzrle = bool(caps.get("xbzrle"))
     dcaps, dparams = dest_settings(caps, params)
     for attempt in range(3):  # a held-back migration may still converge early on a loaded host
@@ -125,7 +121,7 @@ def test_qemu10_to_qmigx(machine, transport, caps, params, tmp_path, uris, kerne
         rd = tmp_path / f"rd{attempt}"
         inc = QmigxIncoming(uri, tmp_path, caps=dcaps, params=dparams, ram_dir=rd,
                             name=f"inc{attempt}")
-        with Qemu(machine=machine, ram=RAM, kernel=kernel, workdir=tmp_path, name=f"src{attempt}",
+        with Qemu(machine=machine, ram=RAM, kernel=guest_kernel, workdir=tmp_path, name=f"src{attempt}",
                   binary=qemu10_binary()) as vm:
             before = vm.wait_guest_ready(60, min_counter=1000)
             with inc:
@@ -152,12 +148,12 @@ def test_qemu10_to_qmigx(machine, transport, caps, params, tmp_path, uris, kerne
 
 
 @pytest.mark.parametrize("with_multifd", [False, True], ids=["mapped-ram", "mapped-ram-multifd"])
-def test_qemu10_mapped_ram_file_to_qmigx(with_multifd, tmp_path, uris, kernel):
+def test_qemu10_mapped_ram_file_to_qmigx(with_multifd, tmp_path, uris, guest_kernel):
     """QEMU 10 writes a live mapped-ram file (pages rewritten in place); qmigx incoming file: loads it."""
     path = tmp_path / "vm.mig"
     caps = {"mapped-ram": True, **({"multifd": True} if with_multifd else {})}
     params = {"multifd-channels": 2} if with_multifd else {}
-    with Qemu(machine=PC10, ram=RAM, kernel=kernel, workdir=tmp_path, name="src",
+    with Qemu(machine=PC10, ram=RAM, kernel=guest_kernel, workdir=tmp_path, name="src",
               binary=qemu10_binary()) as vm:
         vm.wait_guest_ready(60, min_counter=1000)
         stats = qemu_live_migrate(vm, f"file:{path},offset=0x2000", caps=caps, params=params,
@@ -305,11 +301,11 @@ def test_qmigx_api_xbzrle_to_qemu10(tmp_path, uris):
     assert_same_ram(ram, want, "QEMU 10 destination's mem0 after XBZRLE")
 
 
-def test_qemu10_to_qmigx_to_qemu10(tmp_path, uris, kernel):
+def test_qemu10_to_qmigx_to_qemu10(tmp_path, uris, guest_kernel):
     """A 10.0 machine received live by qmigx (--save) goes on to another QEMU 10 with multifd."""
     uri = uris.make("unix")
     saved = tmp_path / "recv.mig"
-    with Qemu(machine=PC10, ram=RAM, kernel=kernel, workdir=tmp_path, name="src",
+    with Qemu(machine=PC10, ram=RAM, kernel=guest_kernel, workdir=tmp_path, name="src",
               binary=qemu10_binary()) as vm:
         vm.wait_guest_ready(60, min_counter=1000)
         with QmigxIncoming(uri, tmp_path, caps={"multifd": True}, save=saved) as inc:
@@ -318,7 +314,7 @@ def test_qemu10_to_qmigx_to_qemu10(tmp_path, uris, kernel):
         assert rc == 0, err[-3000:]
         src = vm.read_ram()
 
-    info = SimpleNamespace(stream=str(saved), kernel=str(kernel))
+    info = SimpleNamespace(stream=str(saved), kernel=str(guest_kernel))
     ram, _ = qemu10_destination_load(tmp_path / "b", uris.make("unix"), info, machine=PC10,
                                      caps={"multifd": True}, params={"multifd-compression": "zlib"})
     assert_same_ram(ram, src, "mem0 after QEMU 10 -> qmigx -> QEMU 10")

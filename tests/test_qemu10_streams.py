@@ -35,13 +35,8 @@ import pytest
 from qemu_support import streams
 from qemu_support.harness import load_stream, qemu10_binary, qemu_binary
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu10_binary() is None,
-                       reason="QEMU 10 not installed: run .ci/install-qemu10.sh and set "
-                              "QMIGX_QEMU10 to the wrapper it prints"),
-    pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 (7.2) not installed"),
-]
+#: gated by tests/conftest.py: QEMU 10 is $QMIGX_QEMU10 (.ci/install-qemu10.sh)
+pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = streams.STREAM_NAMES10

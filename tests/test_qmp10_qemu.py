@@ -30,12 +30,8 @@ from qemu_support.harness import Qemu, qemu10_binary
 from test_qmp import Served
 from test_qmp_qemu import PARITY_REQUESTS, PRE_NEGOTIATION, _masked, _replies
 
-pytestmark = [
-    pytest.mark.qemu,
-    pytest.mark.skipif(qemu10_binary() is None,
-                       reason="QEMU 10 not installed: run .ci/install-qemu10.sh and set "
-                              "QMIGX_QEMU10 to the wrapper it prints"),
-]
+#: gated by tests/conftest.py: QEMU 10 is $QMIGX_QEMU10 (.ci/install-qemu10.sh)
+pytestmark = [pytest.mark.qemu10]
 
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
