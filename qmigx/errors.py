@@ -16,6 +16,7 @@ that catch ``ValueError`` keep working::
     │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
+    │   ├── IncompatibleStreamError       a valid stream another QEMU version cannot load
     │   ├── MachineLayoutError            guest-physical memory cannot be laid out
     │   └── SaveImageError                a libvirt save image's header or body is bad
     ├── BitmapError (ValueError)          a block dirty bitmap (or bitmaps file) is refused
@@ -57,6 +58,7 @@ __all__ = [
     "BlockStreamError",
     "DirtyBitmapError",
     "ReturnPathError",
+    "IncompatibleStreamError",
     "BitmapError",
     "MachineLayoutError",
     "SaveImageError",
@@ -233,6 +235,10 @@ class DirtyBitmapError(StreamError):
 
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
+
+
+class IncompatibleStreamError(StreamError):
+    """A valid stream that the requested QEMU version cannot load (e.g. its machine type)."""
 
 
 class BitmapError(MigrationError, ValueError):

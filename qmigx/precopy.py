@@ -84,15 +84,26 @@ class RamSaveState:
         multifd: a :class:`MultifdQueue` when ``multifd`` is on.
         ignore_shared: x-ignore-shared: shared blocks are listed, never sent.
         clear_bitmap_shift: QEMU's ``x-clear-bitmap-shift``.
+        multifd_zero_pages: QEMU 10's ``zero-page-detection=multifd``: zero
+            pages go in the multifd packets instead of ZERO records.
+        mapped: a mapped-ram file (:class:`~qmigx.mapped_ram.MappedRamFile`):
+            the setup record carries its headers and every page is written
+            at its place in the file instead of being sent as a record.
     """
 
     def __init__(self, blocks: RAMBlockList, *, dirty_logs: Optional[dict] = None,
                  xbzrle_cache_size: Optional[int] = None, compress_level: Optional[int] = None,
                  multifd: Optional[MultifdQueue] = None, ignore_shared: bool = False,
-                 clear_bitmap_shift: int = CLEAR_BITMAP_SHIFT_DEFAULT) -> None:
+                 clear_bitmap_shift: int = CLEAR_BITMAP_SHIFT_DEFAULT,
+                 multifd_zero_pages: bool = False, mapped=None) -> None:
         self.blocks = blocks
         self.ignore_shared = ignore_shared
         self.multifd = multifd
+        self.multifd_zero_pages = multifd_zero_pages and multifd is not None
+        self.mapped = mapped
+        #: called when the scan wraps past the last block (a round ends): QEMU
+        #: 10's per-round multifd sync writes its MULTIFD_FLUSH there
+        self.on_round: Optional[Callable[[], None]] = None
         self.compress_level = compress_level
         self.cache = PageCache(xbzrle_cache_size) if xbzrle_cache_size else None
         dirty_logs = dirty_logs or {}
@@ -136,9 +147,12 @@ class RamSaveState:
 
     def setup(self, w: RamWriter) -> None:
         """Write the setup record and mark every page dirty (ram.md §3, §5)."""
-        w.setup([RamBlockInfo(s.block.idstr, s.block.used_length, None,
-                              s.block.gpa if self.ignore_shared else None)
-                 for s in self._states], ignore_shared=self.ignore_shared)
+        if self.mapped is not None:
+            self.mapped.setup([s.block for s in self._states], gpa=self.ignore_shared)
+        else:
+            w.setup([RamBlockInfo(s.block.idstr, s.block.used_length, None,
+                                  s.block.gpa if self.ignore_shared else None)
+                     for s in self._states], ignore_shared=self.ignore_shared)
         for s in self._states:
             if s.ignored:
                 continue
@@ -253,6 +267,8 @@ class RamSaveState:
                 if self._cursor_block == nblocks:
                     self._cursor_block = 0
                     self.xbzrle_enabled = self.cache is not None
+                    if self.on_round is not None:
+                        self.on_round()
                 continue
             empty_blocks = 0
             pages = self._taken[:n]
@@ -269,23 +285,47 @@ class RamSaveState:
         failed = lambda: w.f.error is not None  # noqa: E731 - a write failed: stop sending
         while not self.iterate(w, over_budget=failed, max_wait=float("inf")):
             w.f.check()
+        if self.mapped is not None:
+            self.mapped.write_bitmaps()  # QEMU writes them once, at completion
 
     def _send(self, w: RamWriter, s: _BlockState, pages: np.ndarray) -> None:
         if (self.multifd is None and not self.xbzrle_enabled and self.compress_level is None
-                and w.last_block == s.block.idstr):
+                and self.mapped is None and w.last_block == s.block.idstr):
             self._send_plain(w, s, pages)
             return
         blk = s.block
         ps = TARGET_PAGE_SIZE
         n = len(pages)
         mem = blk.buffer[: blk.used_length].reshape(-1, ps)
-        if self.multifd is not None:  # a fresh copy the channel threads may keep
-            rows = np.take(mem, pages, axis=0)
+        if self.multifd is not None:
+            # what the channel threads send later: a run of pages is sent from
+            # guest memory itself (as QEMU's multifd does: a page written
+            # meanwhile is dirty again and goes again), others from a fresh copy
+            if int(pages[-1]) - int(pages[0]) == n - 1:
+                rows = mem[int(pages[0]) : int(pages[0]) + n]
+            else:
+                rows = np.take(mem, pages, axis=0)
         else:
             rows = self._pages[:n]
             np.take(mem, pages, axis=0, out=rows)  # snapshot: what we send is what we cache
         offsets = pages.astype(np.uint64) * np.uint64(ps)
         zmap = zeropage.zero_page_map(rows, ps)
+        if self.mapped is not None:
+            self.mapped.pages(blk, offsets, rows)
+            self.pages_sent += n
+            nzero = int(zmap.sum())
+            self.zero_pages += nzero
+            self.normal_pages += n - nzero
+            return
+        if self.multifd_zero_pages:
+            charged = self.multifd.queue(blk, offsets, rows, owned=True, zero=zmap)
+            w.stats.transferred += charged
+            w.f.rate_limit_used += charged
+            self.pages_sent += n
+            nzero = int(zmap.sum())
+            self.zero_pages += nzero
+            self.multifd_pages += n - nzero
+            return
         nz = ~zmap
         self.pages_sent += n
         if zmap.any():

@@ -27,7 +27,7 @@ from qmigx import _backend
 from qmigx.errors import RamStreamError, StreamError
 from qmigx.placement import CopyPlacement, PagePlacement
 from qmigx.qemufile import QEMUFile
-from qmigx.stream import RamBlockInfo, RamPages, RamSetup
+from qmigx.stream import RamBlockInfo, RamMappedBlock, RamMappedPages, RamPages, RamSetup
 from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag
 
 __all__ = ["RAMBlock", "RAMBlockList", "RamLoader", "RamWriter", "RamStats", "compress_page",
@@ -283,12 +283,14 @@ class RamLoader:
             setup record names that are not among them.
         placement: where pages go (:mod:`qmigx.placement`); default: copied
             into the blocks.
+        zero_fill: QEMU 10's rule that a ZERO record's fill byte is 0
+            (qemu10.md §3.2); QEMU 7.2 fills the page with any byte.
     """
 
     def __init__(self, blocks: Optional[RAMBlockList] = None, *, ignore_shared: bool = False,
                  compress: bool = True, strict_lengths: bool = True,
                  factory=None, create_missing: bool = False,
-                 placement: Optional[PagePlacement] = None) -> None:
+                 placement: Optional[PagePlacement] = None, zero_fill: bool = False) -> None:
         self.placement = placement if placement is not None else CopyPlacement()
         self.create = blocks is None or create_missing
         self.factory = factory or _fresh_block
@@ -299,41 +301,96 @@ class RamLoader:
         self._table: list[RAMBlock] = []
         self._buffers: list[np.ndarray] = []
         self._xbzrle = None
+        self.zero_fill = zero_fill
         self.pages_loaded = 0
+        self._mapped: dict[int, tuple] = {}  # mapped-ram: index -> (block, bits, buffer)
+
+    def _match(self, info: RamBlockInfo, offset: int, label: str) -> RAMBlock:
+        """The local block for a setup entry: found (and resized if allowed) or created."""
+        blk = self.blocks.get(info.idstr)
+        if blk is None:
+            if not self.create:
+                raise RamStreamError(
+                    f'Unknown ramblock "{info.idstr}", cannot accept migration',
+                    offset=offset, section=label, field="idstr")
+            return self.blocks.add(self.factory(info))
+        if blk.used_length != info.used_length:
+            # QEMU resizes only resizable blocks (ACPI tables, ROM blobs),
+            # and never past their maximum; any other mismatch is fatal
+            resizable = blk.max_length > blk.used_length or blk.resizable
+            if self.strict_lengths and (not resizable or blk.max_length < info.used_length):
+                raise RamStreamError(
+                    f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in != "
+                    f"0x{blk.used_length:x}", offset=offset, section=label,
+                    field="used_length")
+            blk.resize(info.used_length)
+        return blk
 
     def on_setup(self, ev: RamSetup) -> None:
         """Match (or create) the blocks listed by the setup record."""
-        table = []
-        for info in ev.blocks:
-            blk = self.blocks.get(info.idstr)
-            if blk is None:
-                if not self.create:
-                    raise RamStreamError(
-                        f'Unknown ramblock "{info.idstr}", cannot accept migration',
-                        offset=ev.offset, section=ev.section.label, field="idstr")
-                blk = self.blocks.add(self.factory(info))
-            elif blk.used_length != info.used_length:
-                # QEMU resizes only resizable blocks (ACPI tables, ROM blobs),
-                # and never past their maximum; any other mismatch is fatal
-                resizable = blk.max_length > blk.used_length or blk.resizable
-                if self.strict_lengths and (not resizable or blk.max_length < info.used_length):
-                    raise RamStreamError(
-                        f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in != "
-                        f"0x{blk.used_length:x}", offset=ev.offset,
-                        section=ev.section.label, field="used_length")
-                blk.resize(info.used_length)
-            table.append(blk)
+        table = [self._match(info, ev.offset, ev.section.label) for info in ev.blocks]
         self._table = table
         self.placement.attach(table)
         self._buffers = self.placement.buffers(table)
+
+    def on_mapped_block(self, ev: RamMappedBlock) -> None:
+        """mapped-ram: match (or create) one block; its bitmap says which pages follow."""
+        blk = self._match(ev.info, ev.offset, ev.section.label)
+        if self._ignored(blk):
+            raise RamStreamError(f"block {blk.idstr} should not be migrated !", offset=ev.offset,
+                                 section=ev.section.label, field="block")
+        self.placement.attach([blk])
+        bufs = self.placement.buffers([blk])
+        self._mapped[ev.index] = (blk, ev.page_bits(), None if bufs is None else bufs[0])
+
+    def on_mapped_pages(self, ev: RamMappedPages) -> None:
+        """mapped-ram: place the pages of a chunk whose bitmap bit is set."""
+        blk, bits, buf = self._mapped[ev.index]
+        ps = TARGET_PAGE_SIZE
+        n = len(ev.data) // ps
+        first = ev.first_page
+        sel = bits[first : first + n]
+        if not sel.any():
+            return
+        src = np.frombuffer(ev.data, np.uint8).reshape(n, ps)
+        if buf is None:
+            for i in np.flatnonzero(sel):
+                self.placement.place(blk, (first + int(i)) * ps, src[i])
+        else:
+            dst = buf[first * ps : (first + n) * ps].reshape(n, ps)
+            if sel.all():
+                dst[:] = src
+            else:  # runs of stored pages: one copy each
+                edges = np.flatnonzero(np.diff(np.r_[0, sel.astype(np.int8), 0]))
+                for a, b in zip(edges[::2], edges[1::2]):
+                    dst[a:b] = src[a:b]
+            if self.placement.tracks_batches:
+                offs = (np.flatnonzero(sel) + first).astype(np.uint64) * np.uint64(ps)
+                self.placement.mark_received(blk, offs)
+        self.pages_loaded += int(sel.sum())
 
     def _ignored(self, blk: RAMBlock) -> bool:
         return self.ignore_shared and blk.shared
 
     def on_pages(self, ev: RamPages) -> None:
         """Apply a batch of page records, in order."""
+        if self.zero_fill:
+            self.check_zero_fill(ev)
         self.apply_range(ev, 0, ev.records.count)
         self.pages_loaded += ev.records.count
+
+    @staticmethod
+    def check_zero_fill(ev: RamPages) -> None:
+        """QEMU 10's rule: a ZERO record's fill byte must be 0 (7.2 fills with any byte)."""
+        rec = ev.records
+        kinds = np.frombuffer(rec.kind, np.uint8, rec.count)
+        fills = np.frombuffer(rec.fill, np.uint8, rec.count)
+        bad = np.flatnonzero((kinds == _ramparse.KIND_ZERO) & (fills != 0))
+        if len(bad):
+            i = int(bad[0])
+            raise RamStreamError(f"Found a zero page with value {int(fills[i])}",
+                                 offset=ev.base + int(rec.start[i]), section=ev.section.label,
+                                 field="fill")
 
     def apply_range(self, ev: RamPages, first: int, stop: int) -> None:
         """Apply records ``first..stop-1`` of a batch, in order."""
@@ -596,4 +653,9 @@ class RamWriter:
 
     def eos(self) -> None:
         self.f.put_be64(RamFlag.EOS)
+        self.stats.transferred += 8
+
+    def multifd_flush(self) -> None:
+        """MULTIFD_FLUSH (QEMU 10): the destination syncs every multifd channel here."""
+        self.f.put_be64(RamFlag.MULTIFD_FLUSH)
         self.stats.transferred += 8

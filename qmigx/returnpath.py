@@ -18,9 +18,10 @@ from qmigx.errors import ReturnPathError
 from qmigx.wire import MAX_RP_MESSAGE_LEN, MIGRATION_RESUME_ACK_VALUE, MigRpMsg
 
 __all__ = ["RpMessage", "encode", "shut", "pong", "req_pages", "recv_bitmap", "resume_ack",
-           "ReturnPathParser", "ReturnPathWriter"]
+           "switchover_ack", "ReturnPathParser", "ReturnPathWriter"]
 
-_FIXED = {MigRpMsg.SHUT: 4, MigRpMsg.PONG: 4, MigRpMsg.REQ_PAGES: 12, MigRpMsg.RESUME_ACK: 4}
+_FIXED = {MigRpMsg.SHUT: 4, MigRpMsg.PONG: 4, MigRpMsg.REQ_PAGES: 12, MigRpMsg.RESUME_ACK: 4,
+          MigRpMsg.SWITCHOVER_ACK: 0}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ def resume_ack(value: int = MIGRATION_RESUME_ACK_VALUE) -> bytes:
     return encode(MigRpMsg.RESUME_ACK, struct.pack(">I", value))
 
 
+def switchover_ack() -> bytes:
+    """SWITCHOVER_ACK (QEMU 10, ``switchover-ack``): the source may switch over."""
+    return encode(MigRpMsg.SWITCHOVER_ACK)
+
+
 class ReturnPathWriter:
     """The destination's one writer of return-path messages (QEMU's rp_mutex).
 
@@ -100,17 +106,26 @@ class ReturnPathWriter:
     def req_pages(self, start: int, length: int, block: Optional[str] = None) -> None:
         self.send(req_pages(start, length, block))
 
+    def switchover_ack(self) -> None:
+        self.send(switchover_ack())
+
     def close(self) -> None:
         with self._lock:
             self.closed = True
 
 
 class ReturnPathParser:
-    """Parses the return-path byte stream, as the source reads it."""
+    """Parses the return-path byte stream, as the source reads it.
 
-    def __init__(self) -> None:
+    ``max_type`` is the last message type the source's QEMU knows: QEMU
+    7.2 marks the return path bad at a SWITCHOVER_ACK (type 7), which
+    only QEMU 10's sources read.
+    """
+
+    def __init__(self, max_type: int = max(MigRpMsg)) -> None:
         self._buf = bytearray()
         self._base = 0
+        self.max_type = max_type
 
     def feed(self, data) -> None:
         self._buf += data
@@ -122,7 +137,7 @@ class ReturnPathParser:
             while len(buf) - pos >= 4:
                 at = self._base + pos
                 mtype, length = struct.unpack_from(">HH", buf, pos)
-                if mtype == 0 or mtype > max(MigRpMsg):
+                if mtype == 0 or mtype > self.max_type:
                     raise ReturnPathError(f"Received invalid message 0x{mtype:04x}",
                                           offset=at, field="type")
                 t = MigRpMsg(mtype)

@@ -1,8 +1,8 @@
 """Wire constants of QEMU's migration stream, by QEMU's names.
 
-Every value here is a fact of the byte format shared by QEMU 4.1 and 7.2
-(see the spec tables cited in each class). Code elsewhere refers to these
-names rather than to bare numbers.
+Every value here is a fact of the byte format of QEMU 4.1, 7.2 or 10.0
+(see the spec tables cited in each class; what 10.0 added says so).
+Code elsewhere refers to these names rather than to bare numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ __all__ = [
     "MIGRATION_RESUME_ACK_VALUE",
     "GLOBALSTATE_RUNSTATE_LEN",
     "MAX_RP_MESSAGE_LEN",
+    "MAPPED_RAM_HDR_VERSION",
+    "MAPPED_RAM_HDR_SIZE",
+    "MAPPED_RAM_FILE_OFFSET_ALIGNMENT",
 ]
 
 #: ``QEVM``: the first four bytes of every stream (stream.md §2).
@@ -73,6 +76,8 @@ class MigCmd(enum.IntEnum):
     ENABLE_COLO = 8
     POSTCOPY_RESUME = 9
     RECV_BITMAP = 10
+    #: QEMU 10.0 (machine types >= 10.0): the source is about to switch over
+    SWITCHOVER_START = 11
 
 
 class MigRpMsg(enum.IntEnum):
@@ -85,6 +90,8 @@ class MigRpMsg(enum.IntEnum):
     REQ_PAGES = 4
     RECV_BITMAP = 5
     RESUME_ACK = 6
+    #: QEMU 10.0 (capability switchover-ack): the destination agrees to switch over
+    SWITCHOVER_ACK = 7
 
 
 class RamFlag(enum.IntFlag):
@@ -98,7 +105,9 @@ class RamFlag(enum.IntFlag):
     CONTINUE = 0x020
     XBZRLE = 0x040
     HOOK = 0x080  #: RDMA only
-    COMPRESS_PAGE = 0x100
+    COMPRESS_PAGE = 0x100  #: QEMU <= 8.x only (10.0 rejects it)
+    #: QEMU 10.0: sync every multifd channel now (per-round multifd sync)
+    MULTIFD_FLUSH = 0x200
 
 
 #: The byte after an XBZRLE record's block name (ram.md §4.3).
@@ -115,12 +124,14 @@ MULTIFD_VERSION = 1
 
 
 class MultifdFlag(enum.IntFlag):
-    """``flags`` of a multifd packet (multifd.md §4)."""
+    """``flags`` of a multifd packet (multifd.md §4, qemu10.md §4.2)."""
 
     SYNC = 0x1
     ZLIB = 0x2
     ZSTD = 0x4
     COMPRESSION_MASK = 0xE
+    #: QEMU 10.0's wider mask (qpl, uadk, qatzip besides zlib and zstd)
+    COMPRESSION_MASK_10 = 0x3E
 
 
 #: Bytes of page data one multifd packet can carry (512 KiB).
@@ -140,6 +151,13 @@ MIGRATION_RESUME_ACK_VALUE = 1
 GLOBALSTATE_RUNSTATE_LEN = 100
 #: The source reads at most this much of one return-path message.
 MAX_RP_MESSAGE_LEN = 512
+
+#: mapped-ram (QEMU 9.0+, qemu10.md §5.2): the per-block header version
+#: a destination accepts, its size on the wire, and the alignment QEMU
+#: gives each block's page area in the file.
+MAPPED_RAM_HDR_VERSION = 1
+MAPPED_RAM_HDR_SIZE = 28
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
 
 
 class BlockFlag(enum.IntFlag):

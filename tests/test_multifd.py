@@ -45,7 +45,7 @@ def outcome(fn, *args, **kwargs):
 
 
 def packet(k, *, flags=0, pages_alloc=128, offsets=(0, 0x6000), ramblock="pc.ram",
-           next_packet_size=None, packet_num=3, normal_pages=None):
+           next_packet_size=None, packet_num=3, normal_pages=None, zero_offsets=None):
     offs = np.asarray(offsets, dtype=np.uint64)
     n = len(offs) if normal_pages is None else normal_pages
     if next_packet_size is None:
@@ -53,7 +53,7 @@ def packet(k, *, flags=0, pages_alloc=128, offsets=(0, 0x6000), ramblock="pc.ram
     out = bytearray(k.header_size(pages_alloc))
     k.pack_packet_header(out, flags=flags, pages_alloc=pages_alloc, normal_pages=n,
                          next_packet_size=next_packet_size, packet_num=packet_num,
-                         ramblock=ramblock, offsets=offs)
+                         ramblock=ramblock, offsets=offs, zero_offsets=zero_offsets)
     return out
 
 
@@ -169,6 +169,51 @@ def test_pageless_packet_ignores_stale_fields(k):
     assert hdr.normal_pages == 0 and hdr.sync
     assert hdr.ramblock == "" and hdr.offsets.size == 0 and hdr.data_size == 0
     assert hdr.next_packet_size == 118784
+
+
+def test_qemu10_zero_pages_follow_the_normal_offsets(k):
+    """QEMU 10: zero_pages at +32, their offsets after the normal ones (qemu10.md §4.2)."""
+    raw = packet(k, flags=MultifdFlag.ZLIB, offsets=[0, 0x9000], zero_offsets=[0x6000, 0x4000],
+                 next_packet_size=77)
+    assert raw[16:20] == bytes.fromhex("00000002") and raw[32:36] == bytes.fromhex("00000002")
+    assert raw[320:352] == bytes.fromhex(
+        "0000000000000000 0000000000009000 0000000000006000 0000000000004000")
+    hdr = k.unpack_packet_header(raw, blocks=BLOCKS, compression="zlib", version="10.0")
+    assert type(hdr).__name__ == "PacketHeader10"
+    assert (hdr.normal_pages, hdr.zero_pages, hdr.data_size) == (2, 2, 77)
+    assert hdr.offsets.tolist() == [0, 0x9000] and hdr.zero_offsets.tolist() == [0x6000, 0x4000]
+    # a 7.2 reader never looks at +32: the same bytes are two normal pages to it
+    assert k.unpack_packet_header(raw, blocks=BLOCKS, compression="zlib").normal_pages == 2
+
+
+def test_qemu10_zero_only_packet_has_no_data_but_its_method_bit(k):
+    raw = packet(k, flags=MultifdFlag.ZSTD, offsets=[], zero_offsets=[PAGE], next_packet_size=0)
+    hdr = k.unpack_packet_header(raw, blocks=BLOCKS, compression="zstd", version="10.0")
+    assert (hdr.normal_pages, hdr.zero_pages, hdr.data_size) == (0, 1, 0)
+    assert hdr.ramblock == "pc.ram"
+    bare = packet(k, offsets=[], zero_offsets=[PAGE], next_packet_size=0)
+    assert error_of(k, bare, blocks=BLOCKS, compression="zstd", version="10.0") == ("flags", 8)
+
+
+def test_qemu10_sync_packet_has_pages_alloc_zero(k):
+    """QEMU 10's SYNC: zeroed, pages_alloc 0 -- its header area is still 1344 bytes on the wire."""
+    raw = bytes.fromhex("11223344 00000001 00000001 00000000") + bytes(1344 - 16)
+    for version in ("7.2", "10.0"):
+        hdr = k.unpack_packet_header(raw, blocks=BLOCKS, compression="zlib", version=version)
+        assert hdr.sync and hdr.pages_alloc == 0 and hdr.normal_pages == 0 and hdr.data_size == 0
+
+
+@pytest.mark.parametrize("zero_at_32, field", [(127, "zero_pages"), (0xFFFFFFFF, "zero_pages")])
+def test_qemu10_zero_pages_beyond_room(k, zero_at_32, field):
+    raw = bytearray(packet(k, offsets=[0, PAGE]))
+    raw[32:36] = zero_at_32.to_bytes(4, "big")
+    assert error_of(k, raw, blocks=BLOCKS, version="10.0") == (field, 32)
+
+
+def test_qemu10_zero_page_offset_outside_the_block(k):
+    raw = packet(k, offsets=[0], zero_offsets=[PAGE, 64 << 20])
+    field, offset = error_of(k, raw, blocks=BLOCKS, version="10.0")
+    assert (field, offset) == ("offsets[2]", 320 + 16)
 
 
 def error_of(k, raw, **kwargs):
@@ -378,7 +423,7 @@ def build(a):
 
 
 @settings(max_examples=300, deadline=None)
-@given(header_args, st.sampled_from(["none", "zlib", "zstd"]), st.sampled_from(["7.2", "4.1"]))
+@given(header_args, st.sampled_from(["none", "zlib", "zstd"]), st.sampled_from(["7.2", "4.1", "10.0"]))
 def test_backends_agree_on_headers(a, compression, version):
     kwargs = build(a)
     outs = []
@@ -392,7 +437,7 @@ def test_backends_agree_on_headers(a, compression, version):
     assert results[0] == results[1]
     if results[0][0] == "ok":
         d = results[0][2]
-        count = d["normal_pages" if version == "7.2" else "pages_used"]
+        count = d["pages_used" if version == "4.1" else "normal_pages"]
         if count:
             assert d["offsets"] == kwargs["offsets"].tolist()
             assert d["ramblock"] == kwargs["ramblock"]
@@ -403,27 +448,30 @@ def check_valid(d, blocks, compression_bits, max_pages=128):
     """Invariants every successfully unpacked header satisfies."""
     assert d["pages_alloc"] <= max_pages
     n = d["normal_pages"]
-    assert n <= d["pages_alloc"] and len(d["offsets"]) == n
-    if n:
-        assert d["flags"] & 0xE == compression_bits
+    z = d.get("zero_pages", 0)
+    assert n + z <= d["pages_alloc"] and len(d["offsets"]) == n
+    assert len(d.get("zero_offsets", ())) == z
+    if n + z:
+        assert d["flags"] & (0x3E if "zero_pages" in d else 0xE) == compression_bits
         assert d["ramblock"] in blocks
-        for off in d["offsets"]:
+        for off in d["offsets"] + d.get("zero_offsets", []):
             assert off % PAGE == 0 and off + PAGE <= blocks[d["ramblock"]]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 1400), st.integers(0, 255)), max_size=8),
-       st.integers(0, 1400), st.sampled_from(["none", "zlib"]))
-def test_mutated_packets_raise_or_validate(flips, cut, compression):
+       st.integers(0, 1400), st.sampled_from(["none", "zlib"]), st.sampled_from(["7.2", "10.0"]))
+def test_mutated_packets_raise_or_validate(flips, cut, compression, version):
     base = packet(COMPILED, flags=0x2 if compression == "zlib" else 0,
-                  offsets=[PAGE * i for i in range(0, 40, 3)])
+                  offsets=[PAGE * i for i in range(0, 40, 3)],
+                  zero_offsets=[PAGE * i for i in range(1, 40, 7)] if version == "10.0" else None)
     raw = bytearray(base)
     for pos, val in flips:
         if pos < len(raw):
             raw[pos] = val
     raw = raw[:cut] if cut < len(raw) else raw
-    results = [outcome(kk.unpack_packet_header, bytes(raw), blocks=BLOCKS, compression=compression)
-               for kk in (COMPILED, REFERENCE)]
+    results = [outcome(kk.unpack_packet_header, bytes(raw), blocks=BLOCKS, compression=compression,
+                       version=version) for kk in (COMPILED, REFERENCE)]
     assert results[0] == results[1]
     if results[0][0] == "error":
         assert results[0][1] == "MultifdPacketError" and results[0][2] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qmigx.errors import ReturnPathError
-from qmigx.returnpath import ReturnPathParser, encode, pong, req_pages, shut
+from qmigx.returnpath import ReturnPathParser, encode, pong, req_pages, shut, switchover_ack
 from qmigx.wire import MigRpMsg
 
 
@@ -38,7 +38,8 @@ def test_round_trip_byte_by_byte():
 
 @pytest.mark.parametrize("data,field", [
     (encode(0, b""), "type"),
-    (encode(7, b""), "type"),
+    (encode(8, b""), "type"),
+    (encode(MigRpMsg.SWITCHOVER_ACK, b"\0"), "len"),   # QEMU 10: no payload
     (bytes.fromhex("00020003000000"), "len"),           # PONG of 3 bytes
     (encode(MigRpMsg.RESUME_ACK, b"\0\0\0\2"), "value"),
     (encode(MigRpMsg.REQ_PAGES_ID, b"\0" * 12 + b"\x05ab"), "len"),
@@ -48,3 +49,15 @@ def test_malformed_messages(data, field):
     with pytest.raises(ReturnPathError) as ei:
         parse(data)
     assert ei.value.field == field and ei.value.offset == 0
+
+
+def test_switchover_ack_is_qemu_10s():
+    """Type 7 is QEMU 10's SWITCHOVER_ACK (00 07 00 00, qemu10.md §6); a 7.2 source refuses it."""
+    assert switchover_ack() == bytes.fromhex("00070000")
+    assert [m.type for m in parse(switchover_ack() + pong(1))] == [MigRpMsg.SWITCHOVER_ACK,
+                                                                   MigRpMsg.PONG]
+    old = ReturnPathParser(max_type=MigRpMsg.RESUME_ACK)
+    old.feed(switchover_ack())
+    with pytest.raises(ReturnPathError) as ei:
+        list(old.messages())
+    assert ei.value.field == "type" and "0x0007" in str(ei.value)

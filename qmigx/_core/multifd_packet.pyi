@@ -65,6 +65,28 @@ class PacketHeader(_PacketHeaderBase):
     @property
     def normal_pages(self) -> int: ...
 
+class PacketHeader10(_PacketHeaderBase):
+    def __init__(
+        self,
+        *,
+        flags: int,
+        pages_alloc: int,
+        normal_pages: int,
+        zero_pages: int,
+        next_packet_size: int,
+        packet_num: int,
+        ramblock: str,
+        offsets: _Offsets,
+        zero_offsets: _Offsets,
+        data_size: int,
+    ) -> None: ...
+    @property
+    def normal_pages(self) -> int: ...
+    @property
+    def zero_pages(self) -> int: ...
+    @property
+    def zero_offsets(self) -> npt.NDArray[np.uint64]: ...
+
 class PacketHeader41(_PacketHeaderBase):
     def __init__(
         self,
@@ -94,6 +116,7 @@ def pack_packet_header(
     offsets: _Offsets,
     normal_pages: int | None = None,
     pages_used: int | None = None,
+    zero_offsets: _Offsets | None = None,
 ) -> int: ...
 def pack_packet(
     *,
@@ -106,6 +129,7 @@ def pack_packet(
     next_packet_size: int | None = None,
     normal_pages: int | None = None,
     pages_used: int | None = None,
+    zero_offsets: _Offsets | None = None,
 ) -> bytes: ...
 def unpack_packet_header(
     buf: Buffer,
@@ -114,7 +138,7 @@ def unpack_packet_header(
     page_size: int = 4096,
     max_pages: int = 128,
     compression: _Compression = "none",
-    version: Literal["7.2", "4.1"] = "7.2",
-) -> PacketHeader | PacketHeader41: ...
+    version: Literal["7.2", "4.1", "10.0"] = "7.2",
+) -> PacketHeader | PacketHeader41 | PacketHeader10: ...
 def place_pages(packet_data: Buffer, offsets: _Offsets, block_buffer: Buffer, page_size: int) -> int: ...
 def gather_pages(block_buffer: Buffer, offsets: _Offsets, out: Buffer, page_size: int) -> int: ...

@@ -42,6 +42,7 @@ __all__ = [
     "InitPacket",
     "PacketHeader",
     "PacketHeader41",
+    "PacketHeader10",
     "pack_init_packet",
     "unpack_init_packet",
     "pack_packet_header",
@@ -56,13 +57,20 @@ HEADER_FIXED_SIZE = 320
 INIT_PACKET_SIZE = 64
 #: 512 KiB of 4 KiB pages: the capacity QEMU gives every packet.
 DEFAULT_MAX_PAGES = 128
-#: Accepted values of ``version=``: they only rename the page count field.
-LAYOUTS = ("7.2", "4.1")
+#: Accepted values of ``version=``: 4.1 only renames the page count field;
+#: 10.0 adds ``zero_pages`` (be32 at +32) and its offsets after the normal ones.
+LAYOUTS = ("7.2", "4.1", "10.0")
 
 cdef enum:
     _FIXED = 320
     _NAME_OFF = 64
     _NAME_LEN = 256
+    _ZERO_OFF = 32
+    _MASK_72 = 0xE
+    _MASK_10 = 0x3E
+    _L72 = 0
+    _L41 = 1
+    _L10 = 2
 
 # (field, offset, size) of the fixed header fields, in wire order.
 _FIELDS = (
@@ -515,8 +523,50 @@ cdef class PacketHeader41(_PacketHeaderBase):
         return self._fields("pages_used")
 
 
+@cython.final
+cdef class PacketHeader10(_PacketHeaderBase):
+    """QEMU 10's header: besides ``normal_pages``, ``zero_pages`` pages to be zeroed.
+
+    ``zero_offsets`` (read-only ``uint64`` array) lists them; they follow
+    the normal pages' offsets on the wire and carry no data (qemu10.md
+    §4.2). The compression mask is 10.0's wider ``0x3E``.
+    """
+
+    cdef readonly uint32_t zero_pages
+    cdef readonly object zero_offsets
+
+    def __init__(self, *, flags, pages_alloc, normal_pages, zero_pages, next_packet_size,
+                 packet_num, ramblock, offsets, zero_offsets, data_size):
+        _PacketHeaderBase.__init__(
+            self, flags=flags, pages_alloc=pages_alloc, _npages=normal_pages,
+            next_packet_size=next_packet_size, packet_num=packet_num,
+            ramblock=ramblock, offsets=offsets, data_size=data_size)
+        arr = np.array(zero_offsets, dtype=np.uint64).reshape(-1)
+        arr.flags.writeable = False
+        self.zero_pages = zero_pages
+        self.zero_offsets = arr
+
+    @property
+    def normal_pages(self):
+        """Number of pages whose data follow the header."""
+        return self._npages
+
+    @property
+    def compression_bits(self):
+        """``flags & 0x3E``: QEMU 10's wider compression mask."""
+        return self.flags & _MASK_10
+
+    def to_dict(self):
+        """The fields as a plain dict, offsets as lists of ints."""
+        d = self._fields("normal_pages")
+        d["zero_pages"] = self.zero_pages
+        d["zero_offsets"] = self.zero_offsets.tolist()
+        return d
+
+
 def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
-                       ramblock, offsets, normal_pages=None, pages_used=None):
+                       ramblock, offsets, normal_pages=None, pages_used=None,
+                       zero_offsets=None):
     """Write a packet's header area into ``out`` and return its size.
 
     ``out`` is any writable C-contiguous buffer of at least
@@ -528,6 +578,9 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
     the unused bytes and the name padding are written as zeros.
     ``ramblock`` (str or bytes) must be shorter than 256 bytes so that a
     NUL follows it. Offsets are not checked here (see :func:`gather_pages`).
+    ``zero_offsets`` (QEMU 10) lists pages to be zeroed: written after the
+    normal pages' offsets, their count in ``zero_pages`` (+32); ``offsets``
+    then holds exactly the ``normal_pages`` entries.
 
     Raises:
         TypeError / OverflowError / ValueError: bad arguments; ``out`` is
@@ -569,6 +622,18 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
         raise ValueError("ramblock name contains a NUL byte")
     cdef cnp.ndarray offs = _offsets_array(offsets)
     cdef Py_ssize_t n_offs = cnp.PyArray_SIZE(offs)
+    cdef uint32_t c_zero = 0
+    if zero_offsets is not None:
+        zoffs = _offsets_array(zero_offsets)
+        c_zero = <uint32_t>cnp.PyArray_SIZE(zoffs)
+        if n_offs != c_pages:
+            raise ValueError(f"offsets has {n_offs} entries; with zero_offsets it holds "
+                             f"exactly the {c_pages} normal pages")
+        if <uint64_t>c_pages + c_zero > c_alloc:
+            raise ValueError(f"{c_pages} normal and {c_zero} zero pages exceed "
+                             f"pages_alloc {c_alloc}")
+        offs = np.ascontiguousarray(np.concatenate([offs, zoffs]), dtype=np.uint64)
+        n_offs = cnp.PyArray_SIZE(offs)
     if n_offs < c_pages or n_offs > c_alloc:
         raise ValueError(f"offsets has {n_offs} entries; need {c_pages}..{c_alloc}")
     cdef Py_ssize_t size = _FIXED + 8 * <Py_ssize_t>c_alloc
@@ -581,6 +646,7 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
         _write_header(<unsigned char*>view.buf, c_flags, c_alloc, c_pages, c_next,
                       c_num, name_ptr, name_len,
                       <const uint64_t*>cnp.PyArray_DATA(offs), n_offs)
+        _store_be32(<unsigned char*>view.buf + _ZERO_OFF, c_zero)
     finally:
         PyBuffer_Release(&view)
     return size
@@ -606,7 +672,7 @@ cdef void _write_header(unsigned char* p, uint32_t flags, uint32_t alloc,
 
 
 def pack_packet(*, flags, pages_alloc, packet_num, ramblock, offsets, data=b"",
-                next_packet_size=None, normal_pages=None, pages_used=None):
+                next_packet_size=None, normal_pages=None, pages_used=None, zero_offsets=None):
     """A whole packet as bytes: the header area followed by ``data``.
 
     ``next_packet_size`` defaults to ``len(data)`` (in bytes); the page
@@ -622,7 +688,7 @@ def pack_packet(*, flags, pages_alloc, packet_num, ramblock, offsets, data=b"",
     pack_packet_header(out, flags=flags, pages_alloc=pages_alloc,
                        normal_pages=normal_pages, pages_used=pages_used,
                        next_packet_size=next_packet_size, packet_num=packet_num,
-                       ramblock=ramblock, offsets=offsets)
+                       ramblock=ramblock, offsets=offsets, zero_offsets=zero_offsets)
     out[size:] = payload
     return bytes(out)
 
@@ -650,8 +716,12 @@ def unpack_packet_header(buf, *, blocks=None, page_size=4096, max_pages=DEFAULT_
             senders compress into a buffer of that size), so a reader
             never has to buffer more.
         version: ``"7.2"`` returns a :class:`PacketHeader` (``normal_pages``),
-            ``"4.1"`` a :class:`PacketHeader41` (``pages_used``). The bytes
-            and the checks are the same for both.
+            ``"4.1"`` a :class:`PacketHeader41` (``pages_used``): same bytes,
+            same checks. ``"10.0"`` returns a :class:`PacketHeader10`: it
+            also reads ``zero_pages`` (at most ``pages_alloc - normal_pages``)
+            and their offsets, checks block and offsets whenever any page is
+            listed, and masks compression bits with 10.0's ``0x3E``; data
+            follows only normal pages.
 
     Checks run in wire order: magic, version, pages_alloc, normal_pages,
     the header length, then (only when pages are carried) compression
@@ -666,24 +736,26 @@ def unpack_packet_header(buf, *, blocks=None, page_size=4096, max_pages=DEFAULT_
     cdef Py_ssize_t psize = _check_page_size(page_size)
     cdef uint32_t c_max = <uint32_t>_as_uint(max_pages, "max_pages", _U32)
     cdef uint32_t want_bits = _compression_bits(compression)
-    cdef bint v72
+    cdef int layout
     if version == "7.2":
-        v72 = True
+        layout = _L72
     elif version == "4.1":
-        v72 = False
+        layout = _L41
+    elif version == "10.0":
+        layout = _L10
     else:
         raise ValueError(f"version must be one of {LAYOUTS}, not {version!r}")
     cdef Py_buffer view
     _get_buffer(buf, &view, False, "buf")
     try:
         return _unpack(<const unsigned char*>view.buf, view.len, blocks, psize,
-                       c_max, want_bits, v72)
+                       c_max, want_bits, layout)
     finally:
         PyBuffer_Release(&view)
 
 
 cdef object _unpack(const unsigned char* p, Py_ssize_t n, object blocks,
-                    Py_ssize_t psize, uint32_t c_max, uint32_t want_bits, bint v72):
+                    Py_ssize_t psize, uint32_t c_max, uint32_t want_bits, int layout):
     if n < _FIXED:
         if n >= 4:
             _check_magic(p)
@@ -711,32 +783,49 @@ cdef object _unpack(const unsigned char* p, Py_ssize_t n, object blocks,
         raise MultifdPacketError(
             f"packet truncated: {n} bytes, the header needs {need}",
             field=f"offsets[{i}]", offset=_FIXED + 8 * i)
+    cdef uint32_t zero = _load_be32(p + _ZERO_OFF) if layout == _L10 else 0
+    if zero > alloc - npages:
+        raise MultifdPacketError(
+            f"packet carries {npages} normal and {zero} zero pages but has room for {alloc}",
+            field="zero_pages", offset=_ZERO_OFF)
     cdef _PacketHeaderBase hdr
-    if v72:
+    cdef PacketHeader10 hdr10 = None
+    if layout == _L72:
         hdr = PacketHeader.__new__(PacketHeader)
-    else:
+    elif layout == _L41:
         hdr = PacketHeader41.__new__(PacketHeader41)
+    else:
+        hdr10 = PacketHeader10.__new__(PacketHeader10)
+        hdr = hdr10
     hdr.flags = flags
     hdr.pages_alloc = alloc
     hdr._npages = npages
     hdr.next_packet_size = next_size
     hdr.packet_num = _load_be64(p + 24)
+    cdef uint32_t listed = npages + zero
     cdef cnp.npy_intp dim = npages
+    cdef cnp.npy_intp zdim = zero
+    cdef cnp.npy_intp ldim = listed
     cdef cnp.ndarray arr
-    if npages == 0:
+    if listed == 0:
         arr = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT64, 0)
         cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
         hdr.ramblock = ""
         hdr.offsets = arr
         hdr.data_size = 0
+        if hdr10 is not None:
+            hdr10.zero_pages = 0
+            hdr10.zero_offsets = arr
         return hdr
-    cdef uint32_t bits = flags & 0xE
+    cdef uint32_t bits = flags & (_MASK_10 if layout == _L10 else _MASK_72)
     if bits != want_bits:
         raise MultifdPacketError(
             f"compression flags 0x{bits:x}, negotiated 0x{want_bits:x}",
             field="flags", offset=8)
     cdef uint64_t data_limit
-    if want_bits:
+    if npages == 0:
+        hdr.data_size = 0
+    elif want_bits:
         data_limit = 2 * <uint64_t>c_max * <uint64_t>psize
         if next_size > data_limit:
             raise MultifdPacketError(
@@ -762,7 +851,7 @@ cdef object _unpack(const unsigned char* p, Py_ssize_t n, object blocks,
                 f"unknown RAM block '{printable_name(name)}'", field="ramblock", offset=_NAME_OFF) from None
         used_length = _as_uint(used, "a block's used length", _U64)
         bounded = True
-    arr = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT64, 0)
+    arr = cnp.PyArray_EMPTY(1, &ldim, cnp.NPY_UINT64, 0)
     cdef uint64_t* dst = <uint64_t*>cnp.PyArray_DATA(arr)
     cdef Py_ssize_t bad = 0
     cdef int status
@@ -775,14 +864,24 @@ cdef object _unpack(const unsigned char* p, Py_ssize_t n, object blocks,
     else:
         limit = used_length - <uint64_t>psize
         with nogil:
-            status = _decode_offsets(p + _FIXED, npages, mask, limit, bounded, dst, &bad)
+            status = _decode_offsets(p + _FIXED, listed, mask, limit, bounded, dst, &bad)
     if status != OK:
         raise _offset_error(status, bad, MultifdPacketError,
                             _load_be64(p + _FIXED + 8 * bad), psize,
                             used_length, f"RAM block {name!r}")
-    cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
     hdr.ramblock = name
-    hdr.offsets = arr
+    if hdr10 is None:
+        cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
+        hdr.offsets = arr
+        return hdr
+    normal = arr[:npages]
+    zeros = arr[npages:]
+    cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
+    cnp.PyArray_CLEARFLAGS(normal, cnp.NPY_ARRAY_WRITEABLE)
+    cnp.PyArray_CLEARFLAGS(zeros, cnp.NPY_ARRAY_WRITEABLE)
+    hdr.offsets = normal
+    hdr10.zero_pages = zero
+    hdr10.zero_offsets = zeros
     return hdr
 
 

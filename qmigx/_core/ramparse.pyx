@@ -24,6 +24,7 @@ FULL = 0
 NEED_DATA = 1
 EOS = 2
 MEM_SIZE = 3
+MULTIFD_FLUSH = 4
 
 cdef enum:
     F_ZERO = 0x002
@@ -34,6 +35,7 @@ cdef enum:
     F_XBZRLE = 0x040
     F_HOOK = 0x080
     F_COMPRESS = 0x100
+    F_MULTIFD_FLUSH = 0x200
 
 # internal stop reasons of the nogil loop
 cdef enum:
@@ -41,6 +43,7 @@ cdef enum:
     S_NEED = 1
     S_EOS = 2
     S_MEMSIZE = 3
+    S_FLUSH = 4
     E_FLAGS = -1
     E_HOOK = -2
     E_NOBLOCK = -3
@@ -49,6 +52,7 @@ cdef enum:
     E_XBZ_FLAG = -5
     E_XBZ_LEN = -6
     E_CLEN = -7
+    E_FLUSH = -9
 
 
 cpdef long compress_bound(long n):
@@ -195,6 +199,15 @@ cdef class RamScanner:
                 if kf == F_MEM_SIZE:
                     status = S_MEMSIZE
                     break
+                if kf == F_MULTIFD_FLUSH:
+                    if hdr != F_MULTIFD_FLUSH:
+                        status = E_FLUSH
+                        err_at = start
+                        err_val = hdr
+                        break
+                    pos = q
+                    status = S_FLUSH
+                    break
                 if kf != F_ZERO and kf != F_PAGE and kf != F_XBZRLE and kf != F_COMPRESS:
                     status = E_HOOK if (kf & F_HOOK) else E_FLAGS
                     err_at = start
@@ -306,6 +319,8 @@ cdef class RamScanner:
             return pos, EOS
         if status == S_MEMSIZE:
             return pos, MEM_SIZE
+        if status == S_FLUSH:
+            return pos, MULTIFD_FLUSH
         self._raise(status, base + err_at, err_val, last, mv, err_at)
 
     def _raise(self, int status, long long at, uint64_t val, long blk, mv, Py_ssize_t rel):
@@ -339,6 +354,10 @@ cdef class RamScanner:
             raise RamStreamError(
                 f"Failed to load XBZRLE page - len overflow ({val} > {self.page_size})",
                 offset=at, field="xbzrle.len")
+        if status == E_FLUSH:
+            raise RamStreamError(
+                f"MULTIFD_FLUSH record 0x{val:016x}: it is the bare word 0x200 "
+                f"(no offset, no CONTINUE)", offset=at, field="flags")
         if status == E_CLEN:
             raise RamStreamError(f"Invalid compressed data length: {val}",
                                  offset=at, field="compress.len")

@@ -33,16 +33,22 @@ def _bool(text: str, name: str) -> bool:
     raise ParameterError(f"capability {name}: expected on or off, not {text!r}", field=name)
 
 
-def settings_from_args(caps: list, params: list, *, incoming: bool) -> tuple:
-    """Capabilities and Parameters from ``NAME=on|off`` and ``NAME=VALUE`` lists."""
-    c = Capabilities()
+def settings_from_args(caps: list, params: list, *, incoming: bool,
+                       qemu_version: Optional[str] = None, defaults: Optional[dict] = None) -> tuple:
+    """Capabilities and Parameters from ``NAME=on|off`` and ``NAME=VALUE`` lists.
+
+    ``qemu_version`` None accepts the names of QEMU 7.2 and 10.0 alike
+    (qmigx speaks both); ``defaults`` sets other starting values (the
+    machine type's ``zero-page-detection``).
+    """
+    c = Capabilities(qemu_version=qemu_version)
     changes = []
     for item in caps or ():
         name, _, value = item.partition("=")
         changes.append((name, _bool(value or "on", name)))
     if changes:
         c.set_many(changes, incoming=incoming)
-    p = Parameters(capabilities=c)
+    p = Parameters(capabilities=c, qemu_version=qemu_version, defaults=defaults)
     values = {}
     for item in params or ():
         name, sep, value = item.partition("=")
@@ -207,6 +213,28 @@ def cmd_incoming(args) -> int:
     return 0
 
 
+def send_compat(loaded):
+    """The conventions ``qmigx send`` follows: those of the machine type FILE names.
+
+    As QEMU 10 migrates that machine type (7.2's for the machine types
+    7.2 has), corrected by what FILE itself shows: a MULTIFD_FLUSH in its
+    setup section means multifd syncs per round, a SWITCHOVER_START
+    command that the source sends one.
+    """
+    import dataclasses
+
+    from qmigx.compat import migration_compat
+    from qmigx.wire import MigCmd
+
+    machine = loaded.configuration.machine_type if loaded.configuration else "pc-i440fx-7.2"
+    compat = migration_compat(machine, "10.0")
+    if loaded.multifd_sync == "round":
+        compat = dataclasses.replace(compat, multifd_flush_after_each_section=False)
+    if any(c.cmd == MigCmd.SWITCHOVER_START for c in loaded.commands):
+        compat = dataclasses.replace(compat, send_switchover_start=True)
+    return compat
+
+
 def _bitmap_destination(args, params):
     """The dirty-bitmap loader ``--bitmaps``/``--bitmap-node`` ask for, or None."""
     if not (args.bitmaps or args.bitmap_node):
@@ -244,7 +272,11 @@ def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
 
-    caps, params = settings_from_args(args.cap, args.param, incoming=False)
+    shared = _shared_ram(args.shared_ram, private=False)
+    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
+    compat = send_compat(loaded)
+    caps, params = settings_from_args(args.cap, args.param, incoming=False,
+                                      defaults={"zero-page-detection": compat.zero_page_detection})
     if args.drive and not caps.get("block"):
         raise ParameterError("--drive needs --cap block=on (without it no disk is migrated)",
                              field="drive")
@@ -253,8 +285,6 @@ def cmd_send(args) -> int:
                              "migrated whole", field="block-incremental")
     disks = BlockSaveHandler(args.drive, capabilities=caps)
     objects = objects_from_args(args.object)
-    shared = _shared_ram(args.shared_ram, private=False)
-    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
     for info in (setup.blocks if setup else ()):
@@ -277,7 +307,7 @@ def cmd_send(args) -> int:
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
-        objects=objects)
+        compat=compat, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)

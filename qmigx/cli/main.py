@@ -226,12 +226,14 @@ def cmd_convert(args) -> int:
             if header is None:
                 with open(tmp, "wb") as out:
                     convert_stream(src, out.write, args.ram_encoding,
-                                   compress_level=args.compress_level, progress=bar.update)
+                                   compress_level=args.compress_level, progress=bar.update,
+                                   target=args.target)
             else:  # an image in, an image out: header and XML kept, the body re-written
                 image = ImageWriter(tmp, header)
                 try:
                     convert_stream(src, image.write, args.ram_encoding,
-                                   compress_level=args.compress_level, progress=bar.update)
+                                   compress_level=args.compress_level, progress=bar.update,
+                                   target=args.target)
                 except BaseException:
                     image.abort()
                     raise
@@ -322,13 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.set_defaults(func=cmd_verify)
 
-    c = sub.add_parser("convert", help="re-encode a stream's RAM, keeping device state")
+    c = sub.add_parser("convert", help="re-encode a stream's RAM (keeping device state), or "
+                       "rewrite it for QEMU 7.2 or 10.0")
     c.add_argument("input")
     c.add_argument("output")
     c.add_argument("--ram-encoding", default="keep",
                    choices=["keep", "page", "zero", "xbzrle", "compress"])
     c.add_argument("--compress-level", type=int, default=1, choices=range(10),
                    metavar="0-9", help="zlib level for --ram-encoding compress (default 1)")
+    c.add_argument("--for", dest="target", choices=["7.2", "10.0"], default=None,
+                   help="rewrite the stream's conventions so that this QEMU version loads it")
     c.add_argument("--image-format", choices=["raw", "gzip", "bzip2", "xz", "lzop"],
                    help="write a libvirt save image with this body format (an image input "
                         "keeps its own format otherwise)")

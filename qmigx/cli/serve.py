@@ -43,6 +43,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="set a migration capability at start, repeatable")
     p.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
                    help="set a migration parameter at start, repeatable")
+    p.add_argument("--qemu-version", choices=["7.2", "10.0"], default="7.2",
+                   help="answer as this QEMU: its greeting, commands, capabilities, "
+                        "parameters, errors and replies (default 7.2)")
+    p.add_argument("--machine", metavar="TYPE",
+                   help="the machine type of a synthetic guest (default pc-i440fx-<version>); "
+                        "an outgoing migration follows its conventions (a --load file "
+                        "keeps its own)")
     p.add_argument("--object", metavar="TYPE,id=ID,...", action="append", default=[],
                    help="create an object as QEMU's -object does (TLS credentials, authz), "
                         "repeatable")
@@ -51,7 +58,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``serve`` on ``qmigx``'s subcommand parsers."""
-    p = subparsers.add_parser("serve", help="serve a VM over QMP, drivable as QEMU 7.2 is")
+    p = subparsers.add_parser("serve", help="serve a VM over QMP, drivable as QEMU 7.2 "
+                              "(or 10.0) is")
     _arguments(p)
     return p
 
@@ -83,11 +91,15 @@ def _machine(args):
         loaded = load_stream(args.load, create_missing=True)
     m = Machine(ram_bytes=parse_size(args.ram) if args.ram else None,
                 dirty_rate=args.dirty_rate, load=loaded, incoming=args.incoming,
-                paused=args.paused, drives=args.drive)
+                paused=args.paused, drives=args.drive, qemu_version=args.qemu_version,
+                machine_type=args.machine)
     for text in args.object:
         m.objects.add_option(text)
     if args.cap or args.param:
-        caps, params = settings_from_args(args.cap, args.param, incoming=bool(args.incoming))
+        caps, params = settings_from_args(args.cap, args.param, incoming=bool(args.incoming),
+                                          qemu_version=args.qemu_version,
+                                          defaults={"zero-page-detection":
+                                                    m.params.get("zero-page-detection")})
         m.caps.set_many([(k, v) for k, v in caps.as_dict().items() if v],
                         incoming=bool(args.incoming))
         changed = {k: v for k, v in params.as_dict().items() if v != m.params.get(k)}

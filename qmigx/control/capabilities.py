@@ -1,4 +1,4 @@
-"""Migration capabilities: QEMU 7.2's 21 switches and its rules for combining them.
+"""Migration capabilities: QEMU 7.2's 21 and 10.0's 22 switches, and their rules.
 
 ``migrate-set-capabilities`` is where a management tool learns what a
 peer can do, so qmigx must accept and refuse exactly what QEMU 7.2
@@ -9,6 +9,13 @@ changes applied) and applied all-or-nothing.
 qmigx behaves like a QEMU built with old-style block migration
 (:mod:`qmigx.block`) and without the replication module: enabling
 ``x-colo`` is refused with QEMU's message for such a build.
+
+Each :class:`Capabilities` speaks one QEMU version (``qemu_version``):
+10.0 has no ``compress`` and ``block`` and adds ``switchover-ack``,
+``dirty-limit`` and ``mapped-ram`` with their rules (qemu10.md §7.1);
+None accepts the names of both, with the rules both versions share
+plus those of the new capabilities (qmigx's command line). A capability
+of another version reads as off and cannot be set.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from qmigx.errors import CapabilityError
 __all__ = [
     "MigrationCapability",
     "CAPABILITIES",
+    "CAPABILITIES_10",
     "UNSUPPORTED_CAPABILITIES",
     "BACKGROUND_SNAPSHOT_INCOMPATIBLE",
     "WriteTracking",
@@ -72,6 +80,16 @@ _CAP_INDEX = {c: i for i, c in enumerate(MigrationCapability)}
 
 #: Capability names in QAPI order (all default to false).
 CAPABILITIES: tuple[str, ...] = tuple(c.value for c in MigrationCapability)
+#: QEMU 10.0's, in its QAPI order.
+CAPABILITIES_10: tuple[str, ...] = tuple(
+    c for c in CAPABILITIES if c not in ("compress", "block")) + (
+    "switchover-ack", "dirty-limit", "mapped-ram")
+_BY_VERSION: dict[Optional[str], tuple[str, ...]] = {
+    "7.2": CAPABILITIES,
+    "10.0": CAPABILITIES_10,
+    None: CAPABILITIES + ("switchover-ack", "dirty-limit", "mapped-ram"),
+}
+_ALL_NAMES = frozenset(_BY_VERSION[None])
 
 #: Refused because qmigx does not implement them (QEMU's text for a build without them).
 UNSUPPORTED_CAPABILITIES: dict[str, str] = {
@@ -99,7 +117,7 @@ class WriteTracking(enum.IntEnum):
 CapabilityLike = Union[MigrationCapability, str]
 
 
-def _parse_changes(changes: Any) -> list[tuple[str, bool]]:
+def _parse_changes(changes: Any, names: frozenset = frozenset(CAPABILITIES)) -> list[tuple[str, bool]]:
     """QMP's argument checks for ``capabilities``, with QEMU's error texts."""
     if isinstance(changes, Mapping):
         items: list[Any] = [{"capability": k, "state": v} for k, v in changes.items()]
@@ -123,7 +141,7 @@ def _parse_changes(changes: Any) -> list[tuple[str, bool]]:
         if not isinstance(name, str):
             raise CapabilityError(f"Invalid parameter type for '{path}.capability', expected: string",
                                   field=f"{path}.capability")
-        if name not in _CAP_NAMES:
+        if name not in names:
             raise CapabilityError(f"Parameter 'capability' does not accept value '{name}'", field=name)
         if "state" not in item:
             raise CapabilityError(f"Parameter '{path}.state' is missing", field=f"{path}.state")
@@ -138,7 +156,6 @@ def _parse_changes(changes: Any) -> list[tuple[str, bool]]:
     return out
 
 
-_CAP_NAMES = frozenset(CAPABILITIES)
 
 
 class Capabilities:
@@ -152,12 +169,22 @@ class Capabilities:
         parameters: the same side's :class:`Parameters`, consulted by the
             ``zero-copy-send`` rule (multifd compression, TLS). Linking a
             :class:`Parameters` to this object sets it.
+        qemu_version: ``"7.2"`` (default), ``"10.0"``, or None for both.
+        kvm_dirty_ring: whether ``dirty-limit`` could work (KVM with a
+            dirty ring); qmigx, like QEMU under TCG, has none.
     """
 
     def __init__(self, *, postcopy_supported: bool = True,
                  write_tracking: WriteTracking = WriteTracking.COMPATIBLE,
-                 parameters: Optional[SettingsView] = None) -> None:
-        self._state: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
+                 parameters: Optional[SettingsView] = None,
+                 qemu_version: Optional[str] = "7.2", kvm_dirty_ring: bool = False) -> None:
+        if qemu_version not in _BY_VERSION:
+            raise ValueError(f"qemu_version must be '7.2', '10.0' or None, not {qemu_version!r}")
+        self.qemu_version = qemu_version
+        self.names = _BY_VERSION[qemu_version]
+        self._names = frozenset(self.names)
+        self.kvm_dirty_ring = kvm_dirty_ring
+        self._state: dict[str, bool] = dict.fromkeys(self.names, False)
         self.postcopy_supported = postcopy_supported
         self.write_tracking = WriteTracking(write_tracking)
         self.parameters = parameters
@@ -166,11 +193,11 @@ class Capabilities:
         return f"Capabilities(enabled={sorted(self.enabled())!r})"
 
     def get(self, name: CapabilityLike) -> bool:
-        """Whether ``name`` is on."""
+        """Whether ``name`` is on (a capability of another QEMU version is off)."""
         key = name.value if isinstance(name, MigrationCapability) else name
-        if key not in self._state:
+        if key not in _ALL_NAMES:
             raise CapabilityError(f"Parameter 'capability' does not accept value '{key}'", field=str(key))
-        return self._state[key]
+        return self._state.get(key, False)
 
     __getitem__ = get
 
@@ -194,7 +221,7 @@ class Capabilities:
         several channels (tcp/unix/vsock). Raises :class:`CapabilityError`
         with QEMU 7.2's text, and then nothing changes.
         """
-        parsed = _parse_changes(changes)
+        parsed = _parse_changes(changes, self._names)
         if running:
             raise CapabilityError(MIGRATION_ACTIVE, field="capabilities")
         new = dict(self._state)
@@ -215,7 +242,12 @@ class Capabilities:
         full.update(proposed)
         self._check(full, incoming=incoming, multi_channels_allowed=multi_channels_allowed)
 
-    def _check(self, cap: Mapping[str, bool], *, incoming: bool, multi_channels_allowed: bool) -> None:
+    def _check(self, state: Mapping[str, bool], *, incoming: bool,
+               multi_channels_allowed: bool) -> None:
+        cap = dict.fromkeys(_ALL_NAMES, False)
+        cap.update(state)
+        v10 = self.qemu_version == "10.0"
+
         def fail(message: str, field: str) -> CapabilityError:
             return CapabilityError(message, field=field)
 
@@ -227,6 +259,8 @@ class Capabilities:
                 raise fail("Postcopy is not supported", "postcopy-ram")
             if cap["x-ignore-shared"]:
                 raise fail("Postcopy is not compatible with ignore-shared", "postcopy-ram")
+            if v10 and cap["multifd"]:
+                raise fail("Postcopy is not yet compatible with multifd", "postcopy-ram")
         if cap["background-snapshot"]:
             if self.write_tracking < WriteTracking.AVAILABLE:
                 raise fail("Background-snapshot is not supported by host kernel", "background-snapshot")
@@ -248,12 +282,30 @@ class Capabilities:
                 raise fail("Postcopy preempt not compatible with compress", "postcopy-preempt")
         if cap["multifd"] and cap["compress"]:
             raise fail("Multifd is not compatible with compress", "multifd")
+        # the capabilities QEMU 10 added, and its new refusals
+        if cap["switchover-ack"] and not cap["return-path"]:
+            raise fail("Capability 'switchover-ack' requires capability 'return-path'",
+                       "switchover-ack")
+        if cap["dirty-limit"]:
+            if cap["auto-converge"]:
+                raise fail("dirty-limit conflicts with auto-converge either of then available "
+                           "currently", "dirty-limit")
+            if not self.kvm_dirty_ring:
+                raise fail("dirty-limit requires KVM with accelerator property "
+                           "'dirty-ring-size' set", "dirty-limit")
+        if v10 and cap["multifd"] and cap["xbzrle"]:
+            raise fail("Multifd is not compatible with xbzrle", "multifd")
+        if cap["mapped-ram"]:
+            for other, what in (("xbzrle", "xbzrle"), ("compress", "compression"),
+                                ("postcopy-ram", "postcopy")):
+                if cap[other]:
+                    raise fail(f"Mapped-ram migration is incompatible with {what}", "mapped-ram")
 
     def as_qmp(self) -> list[dict[str, Any]]:
         """``query-migrate-capabilities``: QAPI order, QEMU's key order."""
         order = qdict_keys(("capability", "state"))
         out = []
-        for name in CAPABILITIES:
+        for name in self.names:
             entry = {"capability": name, "state": self._state[name]}
             out.append({k: entry[k] for k in order})
         return out

@@ -1,4 +1,4 @@
-"""Migration parameters: QEMU 7.2's tunables, their defaults and its checks.
+"""Migration parameters: QEMU 7.2's and 10.0's tunables, their defaults and checks.
 
 ``migrate-set-parameters`` may be called at any time, even during a
 migration, and tools rely on both the defaults that
@@ -7,6 +7,14 @@ migration, and tools rely on both the defaults that
 checks (types, unknown names), then the range and cross checks on the
 full resulting set, and only then is anything changed (all or nothing).
 Error texts are QEMU's, including its use of underscores in names.
+
+Each :class:`Parameters` speaks one QEMU version (``qemu_version``):
+7.2's 27 parameters, or 10.0's 29 (the ``compress-*`` ones and
+``block-incremental`` gone; ``avail-switchover-bandwidth``, ``direct-io``,
+``mode``, ``multifd-qatzip-level``, ``vcpu-dirty-limit``,
+``x-vcpu-dirty-limit-period`` and ``zero-page-detection`` new, qemu10.md
+§7.2), or (None) both at once, as qmigx's own command line does. A
+parameter of another version reads as its default and cannot be set.
 
 One deliberate difference: QEMU 7.2 silently ignores
 ``multifd-zlib-level`` / ``multifd-zstd-level`` given to
@@ -28,7 +36,10 @@ from qmigx.wire import TARGET_PAGE_SIZE
 __all__ = [
     "ParamSpec",
     "PARAMETERS",
+    "PARAMETERS_10",
     "DEFAULTS",
+    "ZERO_PAGE_DETECTION",
+    "MIG_MODES",
     "MULTIFD_COMPRESSION",
     "Parameters",
     "InternalProperties",
@@ -41,6 +52,9 @@ U64_MAX = (1 << 64) - 1
 _I64_MIN = -(1 << 63)
 
 MULTIFD_COMPRESSION: tuple[str, ...] = ("none", "zlib", "zstd")
+#: QEMU 10's ``zero-page-detection`` and ``mode`` values.
+ZERO_PAGE_DETECTION: tuple[str, ...] = ("none", "legacy", "multifd")
+MIG_MODES: tuple[str, ...] = ("normal", "cpr-reboot", "cpr-transfer")
 
 
 class ParamSpec(NamedTuple):
@@ -87,11 +101,41 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("block-bitmap-mapping", "mapping", None),  # unset until given
 )
 
-_SPECS = {p.name: p for p in PARAMETERS}
-_BY_ATTR = {p.attr: p for p in PARAMETERS}
+_SPEC72 = {p.name: p for p in PARAMETERS}
+#: QEMU 10.0's parameters, in its schema's member order.
+PARAMETERS_10: tuple[ParamSpec, ...] = tuple(
+    _SPEC72[n] if n in _SPEC72 else spec for n, spec in (
+        ("announce-initial", None), ("announce-max", None), ("announce-rounds", None),
+        ("announce-step", None), ("throttle-trigger-threshold", None),
+        ("cpu-throttle-initial", None), ("cpu-throttle-increment", None),
+        ("cpu-throttle-tailslow", None), ("tls-creds", None), ("tls-hostname", None),
+        ("tls-authz", None), ("max-bandwidth", None),
+        ("avail-switchover-bandwidth", ParamSpec("avail-switchover-bandwidth", "size", 0)),
+        ("downtime-limit", None), ("x-checkpoint-delay", None), ("multifd-channels", None),
+        ("xbzrle-cache-size", None), ("max-postcopy-bandwidth", None),
+        ("max-cpu-throttle", None), ("multifd-compression", None),
+        ("multifd-zlib-level", None),
+        ("multifd-qatzip-level", ParamSpec("multifd-qatzip-level", "uint8", 1)),
+        ("multifd-zstd-level", None), ("block-bitmap-mapping", None),
+        ("x-vcpu-dirty-limit-period", ParamSpec("x-vcpu-dirty-limit-period", "uint64", 1000)),
+        ("vcpu-dirty-limit", ParamSpec("vcpu-dirty-limit", "uint64", 1)),
+        ("mode", ParamSpec("mode", "MigMode", "normal")),
+        ("zero-page-detection", ParamSpec("zero-page-detection", "ZeroPageDetection", "multifd")),
+        ("direct-io", ParamSpec("direct-io", "bool", False)),
+    ))
+_BY_VERSION: dict[Optional[str], tuple[ParamSpec, ...]] = {
+    "7.2": PARAMETERS,
+    "10.0": PARAMETERS_10,
+    None: PARAMETERS + tuple(p for p in PARAMETERS_10 if p.name not in _SPEC72),
+}
 
-#: Defaults by QMP name (``tls-authz`` and ``block-bitmap-mapping`` start unset: None).
-DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
+_SPECS = {p.name: p for p in _BY_VERSION[None]}
+_BY_ATTR = {p.attr: p for p in _BY_VERSION[None]}
+
+#: Defaults by QMP name, of every version's parameters (``tls-authz`` and
+#: ``block-bitmap-mapping`` start unset: None; ``zero-page-detection`` is
+#: ``legacy`` on machine types <= 8.2).
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in _BY_VERSION[None]}
 
 _UINT_MAX = {"uint8": (0xFF, "uint8_t"), "uint32": (0xFFFFFFFF, "uint32_t")}
 
@@ -114,7 +158,15 @@ _RANGES: tuple[tuple[str, Optional[int], int, str], ...] = (
     ("announce-max", 0, 100000, "a value between 0 and 100000"),
     ("announce-rounds", 0, 1000, "a value between 0 and 1000"),
     ("announce-step", 1, 10000, "a value between 0 and 10000"),  # sic: QEMU says 0
+    # QEMU 10's (its texts: underscores for some names, dashes for one)
+    ("avail-switchover-bandwidth", 0, U64_MAX,
+     "an integer in the range of 0 to (18446744073709551615UL) bytes/second"),
+    ("multifd-qatzip-level", 1, 9, "a value between 1 and 9"),
+    ("x-vcpu-dirty-limit-period", 1, 1000, "a value between 1 and 1000"),
+    ("vcpu-dirty-limit", 1, U64_MAX, "must be greater than 1 MB/s"),
 )
+#: names QEMU 10 writes with dashes in these messages
+_DASHED = {"x-vcpu-dirty-limit-period"}
 
 _NODE_NAME_MAX = 31
 _BITMAP_NAME_MAX = 1023
@@ -181,6 +233,10 @@ def _parse_mapping(name: str, value: Any) -> list[dict[str, Any]]:
     return [_struct(node, f"{name}[{i}]", _NODE_MEMBERS) for i, node in enumerate(value)]
 
 
+_ENUMS = {"MultiFDCompression": MULTIFD_COMPRESSION, "ZeroPageDetection": ZERO_PAGE_DETECTION,
+          "MigMode": MIG_MODES}
+
+
 def _parse_value(spec: ParamSpec, value: Any) -> Any:
     name, kind = spec.name, spec.qapi_type
     if kind in ("uint8", "uint32", "uint64", "size"):
@@ -191,9 +247,9 @@ def _parse_value(spec: ParamSpec, value: Any) -> Any:
     if kind == "StrOrNull":
         _expect(value is None or isinstance(value, str), name, "StrOrNull")
         return "" if value is None else value  # null means "" (QEMU rewrites it)
-    if kind == "MultiFDCompression":
+    if kind in _ENUMS:
         _expect(isinstance(value, str), name, "string")
-        if value not in MULTIFD_COMPRESSION:
+        if value not in _ENUMS[kind]:
             raise _err(f"Parameter '{name}' does not accept value '{value}'", name)
         return value
     return _parse_mapping(name, value)
@@ -239,13 +295,17 @@ def _check_alias_map(mapping: list[dict[str, Any]], name_to_alias: bool) -> Opti
 
 def _check_full(p: Mapping[str, Any], page_size: int, zero_copy_send: bool) -> None:
     for name, low, high, what in _RANGES:
+        if name not in p:  # a parameter of another QEMU version
+            continue
         v = p[name]
         if name == "xbzrle-cache-size":
             ok = v >= page_size and v & (v - 1) == 0
         else:
             ok = (p["cpu-throttle-initial"] if low is None else low) <= v <= high
         if not ok:
-            raise _err(f"Parameter '{name.replace('-', '_')}' expects {what}", name)
+            shown = name if name in _DASHED else name.replace("-", "_")
+            verb = "" if what.startswith("must") else "expects "
+            raise _err(f"Parameter '{shown}' {verb}{what}", name)
     mapping = p["block-bitmap-mapping"]
     if mapping is not None:
         problem = _check_alias_map(mapping, True) or _check_alias_map(mapping, False)
@@ -261,7 +321,7 @@ def _copy_mapping(mapping: Optional[list[dict[str, Any]]]) -> Optional[list[dict
 
 
 class Parameters:
-    """One side's migration parameters, starting at QEMU 7.2's defaults.
+    """One side's migration parameters, starting at its QEMU version's defaults.
 
     Read with :meth:`get` (QMP or Python name) or as attributes with
     Python names (``params.max_bandwidth``); change only with :meth:`set`.
@@ -271,10 +331,23 @@ class Parameters:
         capabilities: the same side's :class:`Capabilities`; linked both
             ways so each checks the rules that involve the other
             (``zero-copy-send`` vs multifd compression and TLS).
+        qemu_version: ``"7.2"`` (default), ``"10.0"``, or None for both.
+        defaults: other starting values (QEMU 10 on a machine type <= 8.2
+            starts with ``zero-page-detection`` ``legacy``).
     """
 
-    def __init__(self, *, page_size: int = TARGET_PAGE_SIZE, capabilities: Optional[SettingsView] = None) -> None:
-        self._values: dict[str, Any] = dict(DEFAULTS)
+    def __init__(self, *, page_size: int = TARGET_PAGE_SIZE, capabilities: Optional[SettingsView] = None,
+                 qemu_version: Optional[str] = "7.2",
+                 defaults: Optional[Mapping[str, Any]] = None) -> None:
+        if qemu_version not in _BY_VERSION:
+            raise ValueError(f"qemu_version must be '7.2', '10.0' or None, not {qemu_version!r}")
+        self.qemu_version = qemu_version
+        self._specs = _BY_VERSION[qemu_version]
+        self._own = {p.name for p in self._specs}
+        self._values: dict[str, Any] = {p.name: p.default for p in self._specs}
+        for k, v in (defaults or {}).items():
+            if k in self._own:
+                self._values[k] = v
         self.page_size = page_size
         self.capabilities = capabilities
         if capabilities is not None:
@@ -286,11 +359,14 @@ class Parameters:
         return f"Parameters({changed!r})"
 
     def get(self, name: str) -> Any:
-        """Value of ``name`` (``"max-bandwidth"`` or ``"max_bandwidth"``)."""
+        """Value of ``name`` (``"max-bandwidth"`` or ``"max_bandwidth"``).
+
+        A parameter only another QEMU version has reads as its default.
+        """
         spec = _SPECS.get(name) or _BY_ATTR.get(name)
         if spec is None:
             raise _err(f"Parameter '{name}' is unexpected", name)
-        value = self._values[spec.name]
+        value = self._values.get(spec.name, spec.default)
         return _copy_mapping(value) if spec.qapi_type == "mapping" else value
 
     def __getattr__(self, attr: str) -> Any:
@@ -318,11 +394,11 @@ class Parameters:
         for attr, v in kwargs.items():
             request[attr.replace("_", "-")] = v
         parsed: dict[str, Any] = {}
-        for spec in PARAMETERS:  # QMP visits members in schema order ...
+        for spec in self._specs:  # QMP visits members in schema order ...
             if spec.name in request:
                 parsed[spec.name] = _parse_value(spec, request[spec.name])
         for key in request:  # ... then complains about the rest
-            if key not in _SPECS:
+            if key not in self._own:
                 raise _err(f"Parameter '{key}' is unexpected", key)
         full = dict(self._values)
         full.update(parsed)
@@ -339,9 +415,9 @@ class Parameters:
         return {k: _copy_mapping(v) if k == "block-bitmap-mapping" else v for k, v in self._values.items()}
 
     def as_qmp(self) -> dict[str, Any]:
-        """``query-migrate-parameters`` as QEMU 7.2 sends it (its key order too)."""
+        """``query-migrate-parameters`` as this QEMU version sends it (its key order too)."""
         out: dict[str, Any] = {}
-        for spec in PARAMETERS:
+        for spec in self._specs:
             v = self._values[spec.name]
             if spec.qapi_type == "mapping":
                 if v is None:

@@ -37,8 +37,8 @@ def _u64(value: float) -> int:
     return max(0, int(value))
 
 
-def ram_info(stats: MigrationStats, completed: bool) -> dict[str, Any]:
-    """The ``ram`` member (``MigrationStats``) in QEMU's key order."""
+def ram_info(stats: MigrationStats, completed: bool, *, skipped: bool = True) -> dict[str, Any]:
+    """The ``ram`` member (``MigrationStats``) in QEMU's key order (10.0 has no ``skipped``)."""
     ram = {
         "transferred": stats.transferred,
         "remaining": 0 if completed else stats.remaining,
@@ -59,6 +59,8 @@ def ram_info(stats: MigrationStats, completed: bool) -> dict[str, Any]:
         "postcopy-bytes": stats.postcopy_bytes,
         "dirty-sync-missed-zero-copy": stats.dirty_sync_missed_zero_copy,
     }
+    if not skipped:
+        del ram["skipped"]
     return qdict(ram)
 
 
@@ -145,7 +147,8 @@ def query_migrate(
         info["status"] = state.value
     if state in _WITH_RAM:
         completed = state is S.COMPLETED
-        info["ram"] = ram_info(stats, completed)
+        info["ram"] = ram_info(stats, completed,
+                               skipped=getattr(capabilities, "qemu_version", "7.2") != "10.0")
         if disk is not None and not completed:
             info["disk"] = disk_info(disk)
         if capabilities.get("xbzrle"):

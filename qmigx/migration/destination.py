@@ -41,6 +41,9 @@ from qmigx.stream import (
     Configuration,
     EndOfStream,
     RamEOS,
+    RamMappedBlock,
+    RamMappedPages,
+    RamMultifdFlush,
     RamPages,
     RamSetup,
     SectionData,
@@ -120,6 +123,9 @@ class MigrationDestination(Side):
         self.loader: Optional[RamLoader] = None
         #: with ``blocks`` given, also create the blocks it lacks
         self.loader_create_missing = False
+        #: load a mapped-ram stream even without the capability set here
+        #: (QEMU refuses; a file destination has nothing to negotiate)
+        self.accept_mapped_ram = True
         self.rp: Optional[ReturnPathWriter] = None
         self._listener = None
         self._chans: list = []
@@ -138,9 +144,12 @@ class MigrationDestination(Side):
         """Start listening on ``uri`` and load in the background (``migrate-incoming``)."""
         if self._started:
             raise MigrationError("The incoming migration has already been started")
-        nchan = 1 + (self.c.params.multifd_channels if self.c.caps.get("multifd") else 0)
         parsed = transport.parse_uri(uri, incoming=True)
-        if self.c.caps.get("multifd") and not parsed.multi_channel:
+        # a mapped-ram file holds what multifd channels wrote: read as one (qemu10.md §5.2)
+        mapped_file = self.c.caps.get("mapped-ram") and parsed.scheme == "file"
+        multifd = self.c.caps.get("multifd") and not mapped_file
+        nchan = 1 + (self.c.params.multifd_channels if multifd else 0)
+        if multifd and not parsed.multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
         self._listener = transport.listen(uri, channels=nchan, options=self.connection_options(),
@@ -206,19 +215,15 @@ class MigrationDestination(Side):
         main = None
         failure: Optional[BaseException] = None
         try:
-            main = self._listener.accept(self.accept_timeout)
-            self._add_channel(main)
-            extra = []
-            for _ in range(nchan - 1):
-                ch = self._listener.accept(self.io_timeout)
-                self._add_channel(ch)
-                extra.append(ch)
+            main, extra = self._accept_channels(nchan)
             st.transition(S.ACTIVE)
             caps = self.c.caps
             self.loader = RamLoader(self.loader_blocks,
                                     ignore_shared=bool(caps.get("x-ignore-shared")),
                                     compress=bool(caps.get("compress")),
-                                    create_missing=self.loader_create_missing)
+                                    create_missing=self.loader_create_missing,
+                                    # a destination that is QEMU 10 refuses fill bytes but 0
+                                    zero_fill=getattr(caps, "qemu_version", None) == "10.0")
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
@@ -265,6 +270,57 @@ class MigrationDestination(Side):
                         st.transition(S.FAILED)
                 self.c.done.set()
 
+    def _accept_channels(self, nchan: int) -> tuple:
+        """Accept the main channel and the multifd channels, told apart by their first bytes.
+
+        QEMU 10 peeks at the first 4 bytes of each connection: ``QEVM`` is
+        the main channel, anything else a multifd channel (whose init
+        packet names its id), so the connection order does not matter
+        (qemu10.md §4.6). Channels that cannot peek (not sockets) keep 7.2's
+        rule: the first connection is the main channel.
+        """
+        chans = []
+        for i in range(nchan):
+            ch = self._listener.accept(self.accept_timeout if i == 0 else self.io_timeout)
+            self._add_channel(ch)
+            chans.append(ch)
+        if nchan == 1 or not all(ch.can_peek for ch in chans):
+            return chans[0], chans[1:]
+        # the first bytes tell: QEVM is the main channel, the others multifd;
+        # once the main one (or every multifd one) is known, the rest follow
+        main = None
+        multifd: list = []
+        pending = list(chans)
+        deadline = None if self.io_timeout is None else time.monotonic() + self.io_timeout
+        while main is None and len(multifd) < nchan - 1:
+            for ch in list(pending):
+                if main is not None or len(multifd) == nchan - 1:
+                    break
+                head = ch.peek_nowait(4)
+                if head is None:
+                    continue
+                pending.remove(ch)
+                if head == b"QEVM":
+                    if main is not None:
+                        raise ChannelError("two connections start with QEVM; one main channel "
+                                           "expected", field="channels")
+                    main = ch
+                else:
+                    multifd.append(ch)
+            if main is None and len(multifd) < nchan - 1:
+                if self._cancelled:
+                    raise ChannelError("incoming migration cancelled", field="channels")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ChannelError("no data on the incoming connections to tell the main "
+                                       "channel from the multifd ones", field="channels")
+                time.sleep(0.002)
+        if main is None:
+            if not pending:
+                raise ChannelError("no incoming connection starts with QEVM: no main channel",
+                                   field="channels")
+            main = pending.pop(0)
+        return main, multifd + pending
+
     def _load(self, main, receiver) -> None:
         """Load the incoming stream: a dispatch over phases (QEMU's qemu_loadvm_state_main).
 
@@ -275,6 +331,7 @@ class MigrationDestination(Side):
         """
         self.rp = ReturnPathWriter(main.write)
         self._parser = StreamParser(registry=self.registry)
+        self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
         phase = self._precopy_phase
         while phase is not None:
@@ -295,6 +352,11 @@ class MigrationDestination(Side):
                 if t is RamPages:
                     self.loader.on_pages(ev)
                 elif t is RamEOS:
+                    # 7.2's model: every RAM EOS is a sync point; per round
+                    # (QEMU 10) only MULTIFD_FLUSH is (qemu10.md §4.4)
+                    if receiver is not None and parser.ctx.multifd_sync != "round":
+                        receiver.wait_sync(self.io_timeout)
+                elif t is RamMultifdFlush:
                     if receiver is not None:
                         receiver.wait_sync(self.io_timeout)
                 elif t is Command:
@@ -318,6 +380,10 @@ class MigrationDestination(Side):
         if t is RamSetup:
             self._setup_blocks(self.loader, ev)
             res.setup = ev
+        elif t is RamMappedBlock:
+            self.loader.on_mapped_block(ev)
+        elif t is RamMappedPages:
+            self.loader.on_mapped_pages(ev)
         elif t is SectionRecord:
             h = self.registry.live(ev.section.idstr)
             if h not in self._started:
@@ -365,17 +431,21 @@ class MigrationDestination(Side):
                               f"and local is '{mt}'",
                               offset=cfg.offset, section="configuration", field="machine_type")
         received = set(cfg.capabilities)
-        for name in received - {"x-ignore-shared"}:
+        validated = ("x-ignore-shared", "mapped-ram")  # the capabilities QEMU 10 validates
+        for name in received - set(validated):
             raise StreamError(f"Received unknown capability {printable_name(name)}",
                               offset=cfg.offset,
                               section="configuration", field="capabilities")
-        mine = bool(self.c.caps.get("x-ignore-shared"))
-        theirs = "x-ignore-shared" in received
-        if mine != theirs:
-            raise StreamError(
-                f"Capability x-ignore-shared is {'on' if mine else 'off'}, "
-                f"but received capability is {'on' if theirs else 'off'}",
-                offset=cfg.offset, section="configuration", field="capabilities")
+        for name in validated:
+            mine = bool(self.c.caps.as_dict().get(name, False))
+            theirs = name in received
+            if name == "mapped-ram" and theirs and self.accept_mapped_ram:
+                continue  # qmigx reads a mapped-ram file whatever it was told
+            if mine != theirs:
+                raise StreamError(
+                    f"Capability {name} is {'on' if mine else 'off'}, "
+                    f"but received capability is {'on' if theirs else 'off'}",
+                    offset=cfg.offset, section="configuration", field="capabilities")
 
     def _command(self, ev: Command):
         """Handle a command; return the phase it hands over to, if any."""
@@ -383,6 +453,9 @@ class MigrationDestination(Side):
         res.commands.append(ev)
         if ev.cmd == MigCmd.OPEN_RETURN_PATH:
             res.return_path = True
+            if self.c.caps.get("switchover-ack"):
+                # no device here waits for anything: agree at once, as QEMU 10 does
+                self.rp.switchover_ack()
         elif ev.cmd == MigCmd.PING:
             if not res.return_path:
                 raise StreamError("PING without an open return path", offset=ev.offset,

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from qmigx import returnpath, transport
 from qmigx.autoconverge import AutoConverge
+from qmigx.compat import MigrationCompat, migration_compat
 from qmigx.crypto import ObjectRoot, TLSSettings
 from qmigx.control import (
     Capabilities,
@@ -85,6 +86,13 @@ class MigrationSource(Side):
         handlers: further live sections (``block``, ``dirty-bitmap``:
             :class:`~qmigx.savevm.SaveVMHandler`), run with RAM in QEMU's
             order (by section id) and skipped when not ``is_active()``.
+        compat: the wire conventions to follow (:mod:`qmigx.compat`);
+            default: those of the machine type (``configuration``'s, else
+            ``machine_type``) as QEMU 10 migrates it, which QEMU 7.2 shares
+            for the machine types it has. They decide the multifd sync
+            model (per section, or per round announced by MULTIFD_FLUSH:
+            mixing them hangs QEMU 10), whether SWITCHOVER_START is sent and
+            QEMU 10's SYNC packet layout.
         objects: the VM's objects (:class:`~qmigx.crypto.ObjectRoot`) that
             ``tls-creds`` names; default: an empty root of its own
             (:attr:`objects`).
@@ -99,6 +107,7 @@ class MigrationSource(Side):
                  clear_bitmap_shift: int = 18, globalstate: bool = True,
                  ram_section_id: int = 2, handlers: Sequence[SaveVMHandler] = (),
                  connect_timeout: float = 30.0, io_timeout: Optional[float] = 60.0,
+                 compat: Optional[MigrationCompat] = None,
                  objects: Optional[ObjectRoot] = None) -> None:
         self.blocks = blocks
         self.objects = objects if objects is not None else ObjectRoot()
@@ -110,6 +119,9 @@ class MigrationSource(Side):
         self.c = Controls("source", capabilities, parameters)
         self.machine_type = machine_type
         self.configuration = configuration
+        self.compat = compat or migration_compat(
+            configuration.machine_type if configuration is not None else machine_type, "10.0")
+        self._switchover_acked = threading.Event()
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
         self.globalstate = globalstate
@@ -137,8 +149,12 @@ class MigrationSource(Side):
         st = self.c.state
         if st.is_running():
             raise MigrationError("There's a migration process in progress")
-        transport.parse_uri(uri)  # bad URIs fail here, before any state change
-        if self.c.caps.get("multifd") and not transport.parse_uri(uri).multi_channel:
+        parsed = transport.parse_uri(uri)  # bad URIs fail here, before any state change
+        mapped = self.c.caps.get("mapped-ram")
+        if mapped and parsed.scheme != "file":
+            raise CapabilityError("Mapped-ram migration requires a seekable transport (file:)",
+                                  field="mapped-ram")
+        if self.c.caps.get("multifd") and not parsed.multi_channel and not mapped:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
         prev = self._thread
@@ -153,6 +169,7 @@ class MigrationSource(Side):
         self._cancel.clear()
         self._continue.clear()
         self._shut.clear()
+        self._switchover_acked.clear()
         self.iterations = []
         self._log = IterationLog()
         self._converge.reset()
@@ -266,11 +283,14 @@ class MigrationSource(Side):
         main = None
         failure: Optional[BaseException] = None
         try:
+            compat = self.compat
+            per_round = compat.multifd_sync == "round"
+            mapped_ram = bool(caps.get("mapped-ram"))
             options = self.connection_options()
             main = transport.connect(uri, options=options)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
-            if caps.get("multifd"):
+            if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
                 # One at a time, each handshake complete and its init packet sent
                 # before the next connection, as QEMU's source does: a 7.2
@@ -287,17 +307,29 @@ class MigrationSource(Side):
                 level = {"zlib": params.multifd_zlib_level,
                          "zstd": params.multifd_zstd_level}.get(comp)
                 sender = MultifdSender(extra, compression=comp, level=level, uuid=self.uuid,
-                                       init_sent=True)
+                                       init_sent=True,
+                                       sync_format="10.0" if per_round else "7.2")
             f = QEMUFile(main.write, sink_v=main.writev)
             w = StreamWriter(f)
             rw = RamWriter(f)
             ignore_shared = bool(caps.get("x-ignore-shared"))
+            mapped = None
+            if mapped_ram:
+                from qmigx.mapped_ram import MappedRamFile
+
+                mapped = MappedRamFile(f, main.fileno(), main.file_offset)
+            # where zero pages go: QEMU 10's parameter (7.2 has ZERO records only)
+            zpd = ("legacy" if params.qemu_version == "7.2"
+                   else params.get("zero-page-detection"))
             ram = RamSaveState(
                 self.blocks, dirty_logs=self.dirty_logs,
                 xbzrle_cache_size=params.xbzrle_cache_size if caps.get("xbzrle") else None,
                 compress_level=params.compress_level if caps.get("compress") else None,
                 multifd=sender, ignore_shared=ignore_shared,
-                clear_bitmap_shift=self.clear_bitmap_shift)
+                clear_bitmap_shift=self.clear_bitmap_shift,
+                multifd_zero_pages=zpd == "multifd", mapped=mapped)
+            if sender is not None and per_round:
+                ram.on_round = lambda: self._multifd_flush(rw, sender)
             self.ram = ram
             period = DirtyRatePeriod()
             # -- setup
@@ -305,7 +337,8 @@ class MigrationSource(Side):
             if self.configuration is not None:
                 w.raw_configuration(self.configuration.raw)
             else:
-                w.configuration(self.machine_type, self._config_subsections(ignore_shared))
+                w.configuration(self.machine_type,
+                                self._config_subsections(ignore_shared, mapped_ram))
             rp = bool(caps.get("return-path"))
             if rp:
                 if not main.has_return_path:
@@ -330,7 +363,9 @@ class MigrationSource(Side):
                 pass_no = period.begin_sync(stats, now_ms())
                 ram.setup(rw)
                 self.c.events.dirty_pass(pass_no)
-                self._ram_eos(rw, sender, w, sec)
+                if sender is not None and per_round:
+                    self._multifd_flush(rw, sender)
+                self._ram_eos(rw, None if per_round else sender, w, sec)
             f.flush()
             f.check()
             stats.setup_time = now_ms() - stats.start_time
@@ -371,6 +406,8 @@ class MigrationSource(Side):
                         self._check_cancel()
             # -- completion
             self._check_cancel()
+            if rp and caps.get("switchover-ack") and self.guest.running:
+                self._wait_switchover_ack()
             runstate = self.guest.runstate()
             stats.downtime_start = now_ms()
             if self.guest.running:
@@ -385,6 +422,8 @@ class MigrationSource(Side):
                 if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
                     self._lost_transition()
             f.rate_limit_max = 0
+            if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
+                w.command(MigCmd.SWITCHOVER_START)
             for lsec, h in live:
                 if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
                     continue
@@ -396,7 +435,9 @@ class MigrationSource(Side):
                 pass_no = period.begin_sync(stats, now_ms())
                 ram.complete(rw)
                 self.c.events.dirty_pass(pass_no)
-                self._ram_eos(rw, sender, w, sec)
+                if sender is not None and per_round:
+                    self._multifd_flush(rw, sender)
+                self._ram_eos(rw, None if per_round else sender, w, sec)
             self._write_devices(w, runstate, first_id=max(s.section_id for s, _ in live) + 1)
             f.flush()
             f.check()
@@ -449,7 +490,8 @@ class MigrationSource(Side):
                 w.footer(lsec)
             else:
                 done = self.ram.iterate(rw, over_budget=f.rate_limit_exceeded)
-                self._ram_eos(rw, sender, w, lsec)
+                self._ram_eos(rw, None if self.compat.multifd_sync == "round" else sender,
+                              w, lsec)
             if not done:
                 return
 
@@ -493,12 +535,14 @@ class MigrationSource(Side):
             if st.try_transition(old, S.FAILED):
                 break
 
-    def _config_subsections(self, ignore_shared: bool) -> list:
+    def _config_subsections(self, ignore_shared: bool, mapped_ram: bool = False) -> list:
         subs = []
-        if ignore_shared:
-            name = b"x-ignore-shared"
+        names = [n for n, on in ((b"x-ignore-shared", ignore_shared), (b"mapped-ram", mapped_ram))
+                 if on]
+        if names:  # the validated capabilities (QEMU 10 adds mapped-ram)
             subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         struct.pack(">I", 1) + bytes((len(name),)) + name))
+                                         struct.pack(">I", len(names))
+                                         + b"".join(bytes((len(n),)) + n for n in names)))
         if self.c.caps.get("validate-uuid") and self.uuid is not None:
             subs.append(ConfigSubsection("configuration/uuid", 1, bytes(self.uuid)))
         return subs
@@ -508,11 +552,24 @@ class MigrationSource(Side):
         return 0 if sender is None else sender.bytes_charged
 
     def _ram_eos(self, rw: RamWriter, sender, w: StreamWriter, sec: Section) -> None:
+        """EOS of a RAM section; ``sender``: sync multifd first (7.2's per-section model)."""
         if sender is not None:
             charged = sender.sync()
             rw.stats.transferred += charged
         rw.eos()
         w.footer(sec)
+
+    @staticmethod
+    def _multifd_flush(rw: RamWriter, sender) -> None:
+        """QEMU 10's per-round sync: every channel's SYNC, then a MULTIFD_FLUSH record.
+
+        The record goes out at once: the destination's channels wait after
+        their SYNC until its main thread reads it, so while it sat in our
+        buffer the next pages would fill the channels and nobody would move.
+        """
+        rw.stats.transferred += sender.sync()
+        rw.multifd_flush()
+        rw.f.flush()
 
     def _sync(self, ram: RamSaveState, period: DirtyRatePeriod, stats: MigrationStats) -> None:
         pass_no = period.begin_sync(stats, now_ms())
@@ -618,6 +675,9 @@ class MigrationSource(Side):
                     return
                 parser.feed(memoryview(buf)[:n])
                 for msg in parser.messages():
+                    if msg.type == MigRpMsg.SWITCHOVER_ACK:
+                        self._switchover_acked.set()
+                        continue
                     if msg.type == MigRpMsg.SHUT:
                         self._shut_status = msg.value
                         self._shut.set()
@@ -635,6 +695,19 @@ class MigrationSource(Side):
             raise self._rp_error
         if self._shut_status:  # a failed destination says so before it closes
             raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
+
+    def _wait_switchover_ack(self) -> None:
+        """``switchover-ack``: a running guest is not stopped before the destination agrees."""
+        deadline = time.monotonic() + (self.io_timeout or 3600)
+        while not self._switchover_acked.wait(0.1):
+            self._check_cancel()
+            self._rp_check()
+            if self._shut.is_set():
+                raise ChannelError("return path ended without SWITCHOVER_ACK",
+                                   field="switchover-ack")
+            if time.monotonic() > deadline:
+                raise ChannelError("timed out waiting for the destination's SWITCHOVER_ACK",
+                                   field="switchover-ack")
 
     def _wait_shut(self) -> None:
         deadline = time.monotonic() + (self.io_timeout or 3600)

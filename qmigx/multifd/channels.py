@@ -1,4 +1,4 @@
-"""Multifd channels: sender and receiver threads (QEMU 7.2's multifd.c).
+"""Multifd channels: sender and receiver threads (QEMU 7.2's and 10.0's multifd.c).
 
 The byte formats are in :mod:`qmigx.multifd.packet`; this module moves them. A
 :class:`MultifdSender` owns one thread per extra connection: the RAM
@@ -9,9 +9,13 @@ parallel) and writes them. ``sync()`` puts a SYNC packet on every channel
 and waits until each has written it, as QEMU does before every RAM EOS.
 
 A :class:`MultifdReceiver` reads each channel in its own thread, checks
-every header, places pages straight into the RAM blocks and, at a SYNC
-packet, waits until the main channel — which has just read a RAM EOS —
-releases all channels together (multifd.md §5).
+every header, places pages straight into the RAM blocks (and zeroes the
+pages a QEMU 10 packet lists as zero pages) and, at a SYNC packet, waits
+until the main channel releases all channels together: at each RAM EOS
+for a source that syncs per section (QEMU 7.2, multifd.md §5), at each
+MULTIFD_FLUSH record for one that syncs per round (QEMU 10, qemu10.md
+§4.4). Every packet header is read at the receiver's own size (1344
+bytes), whatever its ``pages_alloc`` says: QEMU 10's SYNC packets say 0.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class _SendChannel:
 
     def _run(self) -> None:
         item = None
+        raw = self.owner.compression == "none"
         try:
             if not self.owner.init_sent:
                 self.chan.write(pack_init_packet(self.owner.uuid, self.idx))
@@ -67,35 +72,51 @@ class _SendChannel:
                 item = self.q.get()
                 if item is _STOP:
                     return
-                name, offsets, pages, flags, done = item
-                if len(offsets):
-                    data = self.stream.compress_pages(pages)
-                    if self.owner.compression != "none":
-                        flags |= COMPRESSION_FLAGS[self.owner.compression]
-                else:
+                name, offsets, pages, flags, done, zeros = item
+                iov = None
+                if not len(offsets):
                     data = b""
-                n = pack_packet_header(
-                    self.header, flags=flags, pages_alloc=self.owner.pages_alloc,
+                elif raw and isinstance(pages, list):  # the pages where they are
+                    iov = pages
+                    data = b""
+                elif raw:  # the pages themselves, as the caller's rows: no copy
+                    data = np.ascontiguousarray(pages).reshape(-1)
+                else:
+                    data = self.stream.compress_pages(pages)
+                nbytes = len(offsets) * self.owner.page_size if iov is not None else len(data)
+                listed = len(offsets) + (len(zeros) if zeros is not None else 0)
+                if listed and self.owner.compression != "none":
+                    # QEMU 10: the method's bit on every data packet, zero pages only too
+                    flags |= COMPRESSION_FLAGS[self.owner.compression]
+                sync10 = flags & MultifdFlag.SYNC and self.owner.sync_format == "10.0"
+                if sync10:  # QEMU 10's SYNC: zeroed, pages_alloc 0, still 1344 bytes
+                    self.header[:] = 0
+                pack_packet_header(
+                    self.header, flags=flags, pages_alloc=0 if sync10 else self.owner.pages_alloc,
                     normal_pages=len(offsets),
-                    next_packet_size=len(data) if len(offsets) else 0,
+                    next_packet_size=nbytes if len(offsets) else 0,
                     packet_num=next(self.owner.packet_num), ramblock=name,
-                    offsets=offsets)
-                self.chan.write(memoryview(self.header)[:n])
-                if len(data):
-                    self.chan.write(data)
-                self.bytes += n + len(data)
+                    offsets=offsets, zero_offsets=zeros)
+                n = len(self.header)
+                if iov is not None:  # header and pages in one gathering write
+                    self.chan.writev([self.header, *iov])
+                elif len(data):
+                    self.chan.writev([self.header, data])
+                else:
+                    self.chan.write(self.header)
+                self.bytes += n + nbytes
                 if done is not None:
                     done.release()
         except BaseException as exc:  # latched; the engine sees it at the next call
             self.owner._fail(exc)
-            if item is not None and item is not _STOP and item[-1] is not None:
-                item[-1].release()  # the SYNC being written when it failed: sync() waits on it
+            if item is not None and item is not _STOP and item[4] is not None:
+                item[4].release()  # the SYNC being written when it failed: sync() waits on it
             while True:  # keep draining so producers never block forever
                 item = self.q.get()
                 if item is _STOP:
                     return
-                if item[-1] is not None:
-                    item[-1].release()
+                if item[4] is not None:
+                    item[4].release()
 
 
 class MultifdSender:
@@ -107,13 +128,17 @@ class MultifdSender:
         compression: ``none``, ``zlib`` or ``zstd`` (``multifd-compression``).
         level: the zlib or zstd level.
         uuid: the VM's 16-byte UUID, or None.
+        sync_format: ``"7.2"`` (a SYNC packet has the channel's
+            ``pages_alloc``) or ``"10.0"`` (QEMU 10's: zeroed, ``pages_alloc``
+            0); either is 1344 bytes and both versions read both.
         init_sent: the caller already wrote each channel's init packet (as
             soon as it connected, see :func:`pack_init_packet`).
     """
 
     def __init__(self, channels: list, *, compression: str = "none", level: Optional[int] = None,
                  uuid: Optional[bytes] = None, pages_alloc: int = DEFAULT_MAX_PAGES,
-                 page_size: int = TARGET_PAGE_SIZE, init_sent: bool = False) -> None:
+                 page_size: int = TARGET_PAGE_SIZE, init_sent: bool = False,
+                 sync_format: str = "7.2") -> None:
         if compression not in COMPRESSION_FLAGS:
             raise ValueError(f"unknown multifd compression {compression!r}")
         self.compression = compression
@@ -122,6 +147,7 @@ class MultifdSender:
         self.init_sent = init_sent
         self.pages_alloc = pages_alloc
         self.page_size = page_size
+        self.sync_format = sync_format
         self.packet_num = itertools.count(1)
         self.error: Optional[BaseException] = None
         self._chans = [_SendChannel(self, i, c) for i, c in enumerate(channels)]
@@ -140,11 +166,15 @@ class MultifdSender:
                 raise self.error
             raise ChannelError(f"multifd channel failed: {self.error}") from self.error
 
-    def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False) -> int:
+    def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False,
+              zero: Optional[np.ndarray] = None) -> int:
         """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged.
 
         ``owned``: the caller hands ``pages`` over and will not touch them
         again, so they need not be copied before the channel thread sends.
+        ``zero`` (QEMU 10's ``zero-page-detection=multifd``): a bool per
+        page; those pages are listed as zero pages in the packets, without
+        data (qemu10.md §4.3).
         """
         self._check()
         charged = 0
@@ -152,14 +182,40 @@ class MultifdSender:
         for lo in range(0, len(offsets), step):
             offs = np.ascontiguousarray(offsets[lo : lo + step], dtype=np.uint64)
             rows = pages[lo : lo + step]
-            if not owned:
+            zoffs = None
+            if zero is not None:
+                z = zero[lo : lo + step]
+                if z.any():
+                    zoffs = offs[z]
+                    offs = offs[~z]
+                    # uncompressed: the channel sends each kept row where it is
+                    rows = ([rows[i] for i in np.flatnonzero(~z)]
+                            if self.compression == "none" else rows[~z])
+                else:
+                    zoffs = offs[:0]
+            elif not owned:
                 rows = np.array(rows)  # the caller reuses its buffer
-            ch = self._chans[self._next]
-            self._next = (self._next + 1) % len(self._chans)
-            ch.q.put((block.idstr, offs, rows, 0, None))
+            ch = self._idle_channel()
+            ch.q.put((block.idstr, offs, rows, 0, None, zoffs))
             charged += HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
         self.bytes_charged += charged
         return charged
+
+    def _idle_channel(self) -> "_SendChannel":
+        """The next channel, round-robin, that has room: a slow one must not stall the rest.
+
+        (QEMU hands each packet to the next idle channel.) When every queue
+        is full, the next in turn is waited for.
+        """
+        n = len(self._chans)
+        for k in range(n):
+            ch = self._chans[(self._next + k) % n]
+            if not ch.q.full():
+                self._next = (self._next + k + 1) % n
+                return ch
+        ch = self._chans[self._next]
+        self._next = (self._next + 1) % n
+        return ch
 
     def sync(self) -> int:
         """A SYNC packet on every channel, waiting until each is written."""
@@ -167,7 +223,7 @@ class MultifdSender:
         done = threading.Semaphore(0)
         empty = np.zeros(0, np.uint64)
         for ch in self._chans:
-            ch.q.put(("", empty, None, int(MultifdFlag.SYNC), done))
+            ch.q.put(("", empty, None, int(MultifdFlag.SYNC), done, None))
         for _ in self._chans:
             done.acquire()
         self._check()
@@ -207,53 +263,52 @@ class _RecvChannel:
         self.ended = False  # the source closed the channel
         self.packets = 0
         self.pages = 0
+        self.zero_pages = 0
+        self.syncs = 0
         self.thread = threading.Thread(target=self._run, name=f"multifd-recv-{idx}", daemon=True)
-
-    def _read_header_start(self, n: int):
-        buf = bytearray(n)
-        got = self.chan.readinto(buf)
-        if got == 0:
-            return None
-        if got < n:
-            self.chan.readinto_exact(memoryview(buf)[got:])
-        return bytes(buf)
 
     def _run(self) -> None:
         o = self.owner
         ps = o.page_size
-        fixed = header_size(0)
+        # every header is read at the wire's size, the receiver's own (QEMU 10's
+        # SYNC packets say pages_alloc 0 but are 1344 bytes like the others)
+        head = np.empty(header_size(o.max_pages), np.uint8)
+        hview = memoryview(head)
         scratch = np.empty((o.max_pages, ps), np.uint8)
         try:
             while not o.stopping:
-                head = self._read_header_start(fixed)
-                if head is None:  # the source closed the channel between packets
+                got = self.chan.readinto(hview)
+                if got == 0:  # the source closed the channel between packets
                     # fine after the last sync; wait_sync fails if one is still due
                     self.ended = True
                     self.synced.release()
                     return
-                pages_alloc = int.from_bytes(head[12:16], "big")
-                if pages_alloc > o.max_pages:
-                    raise MultifdPacketError(
-                        f"received packet with size {pages_alloc} and expected a size of "
-                        f"{o.max_pages}", field="pages_alloc")
-                rest = self.chan.read_exact(8 * pages_alloc)
-                hdr = unpack_packet_header(bytes(head) + bytes(rest), blocks=o.block_lengths(),
-                                           page_size=ps, max_pages=o.max_pages,
-                                           compression=o.compression)
+                if got < len(head):
+                    self.chan.readinto_exact(hview[got:])
+                hdr = unpack_packet_header(head, blocks=o.block_lengths(), page_size=ps,
+                                           max_pages=o.max_pages, compression=o.compression,
+                                           version="10.0")
                 n = hdr.normal_pages
+                if hdr.zero_pages:
+                    o.place_zero(o.block(hdr.ramblock), hdr.zero_offsets)
+                    self.zero_pages += hdr.zero_pages
                 if n:
                     blk = o.block(hdr.ramblock)
-                    if o.compression == "none":  # straight into a reused buffer
+                    offs = hdr.offsets
+                    direct = o.direct_buffer(blk, offs) if o.compression == "none" else None
+                    if direct is not None:  # one run of pages: read straight into RAM
+                        self.chan.readinto_exact(direct)
+                    elif o.compression == "none":  # into a reused buffer, then placed
                         self.chan.readinto_exact(scratch.reshape(-1)[: n * ps])
-                        data = scratch[:n]
+                        o.place(blk, scratch[:n], offs)
                     else:
                         raw = self.chan.read_exact(hdr.next_packet_size)
                         self.stream.decompress_into(raw, scratch, n, ps)
-                        data = scratch[:n]
-                    o.place(blk, data, hdr.offsets[:n])
+                        o.place(blk, scratch[:n], offs)
                     self.pages += n
                 self.packets += 1
                 if hdr.sync:
+                    self.syncs += 1
                     self.synced.release()
                     self.release.acquire()
         except BaseException as exc:
@@ -283,6 +338,7 @@ class MultifdReceiver:
         self.page_size = page_size
         self.error: Optional[BaseException] = None
         self.stopping = False
+        self._lengths: dict = {}
         self._chans = [_RecvChannel(self, i, c) for i, c in enumerate(channels)]
         for c in self._chans:
             c.thread.start()
@@ -318,8 +374,54 @@ class MultifdReceiver:
         for page, off in zip(data, offsets):
             pl.place(blk, int(off), page)
 
+    def direct_buffer(self, blk, offsets) -> Optional[memoryview]:
+        """Where a packet's pages go when they are one run in a plain copy placement, else None.
+
+        A bulk pass sends consecutive pages, so most packets are one run:
+        their data can be read from the socket straight into guest RAM,
+        sparing a copy of every page.
+        """
+        pl = self.placement
+        if pl is not None and (pl.tracks_batches or pl.buffer(blk) is None):
+            return None
+        n = len(offsets)
+        first = int(offsets[0])
+        if int(offsets[-1]) - first != (n - 1) * self.page_size:
+            return None
+        if n > 1 and not (np.diff(offsets) == self.page_size).all():
+            return None
+        buf = blk.buffer if pl is None else pl.buffer(blk)
+        if first + n * self.page_size > blk.used_length:
+            return None  # checked against the block already; never past it
+        return memoryview(buf[first : first + n * self.page_size])
+
+    def place_zero(self, blk, offsets) -> None:
+        """Zero the pages a packet lists as zero pages (QEMU 10)."""
+        pl = self.placement
+        ps = self.page_size
+        buf = blk.buffer if pl is None else pl.buffer(blk)
+        if buf is None:
+            for off in offsets:
+                pl.place_zero(blk, int(off))
+            return
+        idx = (np.asarray(offsets, np.uint64) // np.uint64(ps)).astype(np.intp)
+        pages = buf[: blk.used_length].reshape(-1, ps)
+        if len(idx) and int(idx.max()) >= len(pages):
+            raise MultifdPacketError(f"zero page beyond the {blk.used_length}-byte block "
+                                     f"{blk.idstr}", field="zero_offsets")
+        pages[idx] = 0
+        if pl is not None and pl.tracks_batches:
+            pl.mark_received(blk, offsets)
+
     def block_lengths(self) -> dict:
-        return {b.idstr: b.used_length for b in self.blocks}
+        """Block name -> used length (asked once per packet: remade only when blocks appear).
+
+        The setup record, which creates and sizes the blocks, comes before
+        any page; afterwards the table does not change.
+        """
+        if len(self._lengths) != len(self.blocks):
+            self._lengths = {b.idstr: b.used_length for b in self.blocks}
+        return self._lengths
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -359,3 +461,12 @@ class MultifdReceiver:
     @property
     def pages(self) -> int:
         return sum(c.pages for c in self._chans)
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(c.zero_pages for c in self._chans)
+
+    @property
+    def syncs(self) -> list[int]:
+        """SYNC packets received, per channel."""
+        return [c.syncs for c in self._chans]

@@ -40,6 +40,7 @@ header_size = _kernel.header_size
 InitPacket = _kernel.InitPacket
 PacketHeader = _kernel.PacketHeader
 PacketHeader41 = _kernel.PacketHeader41
+PacketHeader10 = _kernel.PacketHeader10
 pack_init_packet = _kernel.pack_init_packet
 unpack_init_packet = _kernel.unpack_init_packet
 pack_packet_header = _kernel.pack_packet_header
@@ -57,6 +58,7 @@ __all__ = [
     "InitPacket",
     "PacketHeader",
     "PacketHeader41",
+    "PacketHeader10",
     "pack_init_packet",
     "unpack_init_packet",
     "pack_packet_header",

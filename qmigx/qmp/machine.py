@@ -176,6 +176,12 @@ class Machine:
         paused: QEMU's ``-S``: do not start the guest (``prelaunch``), and
             leave a loaded destination ``paused``.
         seed: content seed of the synthetic guest.
+        qemu_version: the QEMU this machine is (``"7.2"`` or ``"10.0"``): its
+            greeting, commands, capabilities, parameters and replies.
+        machine_type: the machine type of a synthetic guest (default: the
+            version's ``pc-i440fx-X.Y``); a saved state keeps its own. It
+            decides the wire conventions an outgoing migration follows
+            (:mod:`qmigx.compat`) and the default ``zero-page-detection``.
         drives: the VM's disks, ``NAME=PATH`` raw images (QEMU's ``-drive``):
             sent by block migration (``migrate`` with ``blk``, or capability
             ``block``), or written by an incoming one.
@@ -183,16 +189,25 @@ class Machine:
 
     def __init__(self, *, ram_bytes: Optional[int] = None, dirty_rate: int = 0, load=None,
                  incoming: Optional[str] = None, paused: bool = False, seed: int = 1,
-                 drives=()) -> None:
+                 drives=(), qemu_version: str = "7.2",
+                 machine_type: Optional[str] = None) -> None:
         from qmigx.block import parse_drives
         from qmigx.block_image import check_image
+        from qmigx.compat import migration_compat
 
         self.drives = parse_drives(drives)
         for name, path in self.drives:
             check_image(name, path, writable=incoming is not None)
         self._remove_block_options = False
-        self.caps = Capabilities()
-        self.params = Parameters(capabilities=self.caps)
+        self.qemu_version = qemu_version
+        self.machine_type = machine_type or f"pc-i440fx-{qemu_version}"
+        if load is not None and load.configuration is not None:
+            self.machine_type = load.configuration.machine_type
+        zpd = migration_compat(self.machine_type, "10.0").zero_page_detection
+        self.caps = Capabilities(qemu_version=qemu_version)
+        self.params = Parameters(capabilities=self.caps, qemu_version=qemu_version,
+                                 defaults={"zero-page-detection": zpd})
+        self._exit_on_error = True
         #: user-created objects (``-object``, ``object-add``): TLS credentials, authz
         self.objects = ObjectRoot()
         self._lock = threading.RLock()
@@ -223,6 +238,7 @@ class Machine:
                 self.runstate = rec
         elif ram_bytes is not None:
             self.image = self._synthetic_image(ram_bytes, seed)
+            self.image.machine_type = self.machine_type
             self.runstate = "running" if self.autostart else "prelaunch"
         else:
             raise ParameterError("a served VM needs a guest: RAM, a saved state, or -incoming",
@@ -321,6 +337,8 @@ class Machine:
 
         with self._lock:
             state = self.runstate
+        if self.qemu_version == "10.0":  # no singlestep member any more
+            return qdict({"running": state == "running", "status": state})
         return qdict({"running": state == "running", "singlestep": False, "status": state})
 
     def stop(self) -> None:
@@ -393,7 +411,11 @@ class Machine:
             try:
                 parsed = transport.parse_uri(uri)
             except ParameterError as exc:
-                # QEMU enters setup before it looks at the URI, then fails
+                if self.qemu_version == "10.0":
+                    # QEMU 10 parses the URI first: no state change, its incoming text
+                    self.src = None
+                    raise QMPError(f"unknown migration protocol: {uri}") from None
+                # QEMU 7.2 enters setup before it looks at the URI, then fails
                 src.state.reset_for_new_migration()
                 src.state.try_transition(S.SETUP, S.FAILED)
                 self._block_options_done()
@@ -416,12 +438,17 @@ class Machine:
                 self._remove_block_options = False
                 self.caps.set_many([("block", False)])
 
-    def migrate_incoming(self, uri: str) -> None:
-        """QMP ``migrate-incoming`` (also ``-incoming URI`` at start)."""
+    def migrate_incoming(self, uri: str, *, exit_on_error: bool = True) -> None:
+        """QMP ``migrate-incoming`` (also ``-incoming URI`` at start).
+
+        ``exit_on_error`` (QEMU 10): False keeps the machine alive after a
+        failed load, ``failed`` in query-migrate with the error.
+        """
         from qmigx.block import BlockLoadHandler
         from qmigx.migration import MigrationDestination
 
         with self._lock:
+            self._exit_on_error = exit_on_error
             if self._incoming_started:
                 raise QMPError("The incoming migration has already been started")
             if self.runstate != "inmigrate":
@@ -474,6 +501,10 @@ class Machine:
             q = dst.query()
             if dst.state.state in (S.COMPLETED, S.FAILED):
                 q.pop("socket-address", None)
+            if (self.qemu_version == "10.0" and dst.state.state is S.FAILED
+                    and isinstance(dst.error, MigrationError)):
+                # QEMU 10 stays up with exit-on-error false and says why
+                q["error-desc"] = f"load of migration failed: {dst.error.message}"
             return q
         return {}
 
@@ -547,7 +578,8 @@ class Machine:
             dst = self.dst
             err = dst.error if dst is not None else None
             text = err.message if isinstance(err, MigrationError) else str(err)
-            self._fatal(1, f"load of migration failed: {text}")
+            if self._exit_on_error:
+                self._fatal(1, f"load of migration failed: {text}")
 
     def _incoming_done(self) -> None:
         """The stream is loaded: the machine now holds it and takes its runstate."""

@@ -33,9 +33,9 @@ from qmigx.qmp.protocol import JSONStreamer, encode_message, error_response
 __all__ = ["QMPServer", "parse_address", "greeting"]
 
 
-def greeting() -> dict:
-    """The first message of every connection (QEMU 7.2's shape)."""
-    return qdict({"QMP": qdict({"version": version_info(),
+def greeting(version: str = "7.2") -> dict:
+    """The first message of every connection (QEMU 7.2's and 10.0's shape)."""
+    return qdict({"QMP": qdict({"version": version_info(version),
                                 "capabilities": list(QMP_CAPABILITIES)})})
 
 
@@ -232,7 +232,7 @@ class QMPServer:
         self._clients.add(client)
         ctx = Context(self.machine, client.session, self)
         streamer = JSONStreamer()
-        client.send(greeting())
+        client.send(greeting(getattr(self.machine, "qemu_version", "7.2")))
         try:
             while not self._quitting:
                 data = await reader.read(65536)

@@ -27,6 +27,7 @@ __all__ = [
     "InitPacket",
     "PacketHeader",
     "PacketHeader41",
+    "PacketHeader10",
     "pack_init_packet",
     "unpack_init_packet",
     "pack_packet_header",
@@ -39,7 +40,7 @@ __all__ = [
 HEADER_FIXED_SIZE = 320
 INIT_PACKET_SIZE = 64
 DEFAULT_MAX_PAGES = 128
-LAYOUTS = ("7.2", "4.1")
+LAYOUTS = ("7.2", "4.1", "10.0")
 
 _NAME_OFF = 64
 _NAME_LEN = 256
@@ -68,6 +69,9 @@ _INIT_FIELDS = (
     ("unused", 25, 39),
 )
 _COMPRESSION_BITS = {"none": 0, "zlib": 0x2, "zstd": 0x4}
+#: compression bits of the flags: 7.2 (zlib, zstd) and 10.0 (+ qpl, uadk, qatzip)
+_MASK_72 = 0xE
+_MASK_10 = 0x3E
 
 
 # ---------------------------------------------------------------------------
@@ -332,8 +336,40 @@ class PacketHeader41(_PacketHeaderBase):
         return self._fields("pages_used")
 
 
+class PacketHeader10(_PacketHeaderBase):
+    """QEMU 10's header: ``normal_pages`` and ``zero_pages`` (see the kernel)."""
+
+    __slots__ = ("zero_pages", "zero_offsets")
+
+    def __init__(self, *, flags, pages_alloc, normal_pages, zero_pages, next_packet_size,
+                 packet_num, ramblock, offsets, zero_offsets, data_size):
+        self._set(flags, pages_alloc, normal_pages, next_packet_size, packet_num, ramblock,
+                  offsets, data_size)
+        arr = np.array(zero_offsets, dtype=np.uint64).reshape(-1)
+        arr.flags.writeable = False
+        self.zero_pages = zero_pages
+        self.zero_offsets = arr
+
+    @property
+    def normal_pages(self) -> int:
+        """Number of pages whose data follow the header."""
+        return self._npages
+
+    @property
+    def compression_bits(self) -> int:
+        """``flags & 0x3E``: QEMU 10's wider compression mask."""
+        return self.flags & _MASK_10
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict, offsets as lists of ints."""
+        d = self._fields("normal_pages")
+        d["zero_pages"] = self.zero_pages
+        d["zero_offsets"] = self.zero_offsets.tolist()
+        return d
+
+
 def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num, ramblock,
-                       offsets, normal_pages=None, pages_used=None) -> int:
+                       offsets, normal_pages=None, pages_used=None, zero_offsets=None) -> int:
     """Write a packet's header area into ``out`` and return its size (see the kernel)."""
     if normal_pages is None:
         if pages_used is None:
@@ -359,6 +395,17 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
     if b"\0" in name:
         raise ValueError("ramblock name contains a NUL byte")
     offs = _offsets_array(offsets)
+    zero_pages = 0
+    if zero_offsets is not None:
+        zoffs = _offsets_array(zero_offsets)
+        zero_pages = len(zoffs)
+        if len(offs) != normal_pages:
+            raise ValueError(f"offsets has {len(offs)} entries; with zero_offsets it holds "
+                             f"exactly the {normal_pages} normal pages")
+        if normal_pages + zero_pages > pages_alloc:
+            raise ValueError(f"{normal_pages} normal and {zero_pages} zero pages exceed "
+                             f"pages_alloc {pages_alloc}")
+        offs = np.concatenate([offs, zoffs])
     if not normal_pages <= len(offs) <= pages_alloc:
         raise ValueError(f"offsets has {len(offs)} entries; need {normal_pages}..{pages_alloc}")
     size = HEADER_FIXED_SIZE + 8 * pages_alloc
@@ -368,6 +415,7 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
     header = bytearray(size)
     _FIXED_FIELDS.pack_into(header, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, pages_alloc,
                             normal_pages, next_packet_size, packet_num)
+    struct.pack_into(">I", header, 32, zero_pages)
     header[_NAME_OFF:_NAME_OFF + len(name)] = name
     for i, off in enumerate(offs.tolist()):
         struct.pack_into(">Q", header, HEADER_FIXED_SIZE + 8 * i, off)
@@ -376,7 +424,8 @@ def pack_packet_header(out, *, flags, pages_alloc, next_packet_size, packet_num,
 
 
 def pack_packet(*, flags, pages_alloc, packet_num, ramblock, offsets, data=b"",
-                next_packet_size=None, normal_pages=None, pages_used=None) -> bytes:
+                next_packet_size=None, normal_pages=None, pages_used=None,
+                zero_offsets=None) -> bytes:
     """A whole packet as bytes: the header area followed by ``data``."""
     if normal_pages is None and pages_used is None:
         normal_pages = len(_offsets_array(offsets))
@@ -387,7 +436,8 @@ def pack_packet(*, flags, pages_alloc, packet_num, ramblock, offsets, data=b"",
     out = bytearray(size + len(payload))
     pack_packet_header(out, flags=flags, pages_alloc=pages_alloc, normal_pages=normal_pages,
                        pages_used=pages_used, next_packet_size=next_packet_size,
-                       packet_num=packet_num, ramblock=ramblock, offsets=offsets)
+                       packet_num=packet_num, ramblock=ramblock, offsets=offsets,
+                       zero_offsets=zero_offsets)
     out[size:] = payload
     return bytes(out)
 
@@ -448,30 +498,43 @@ def unpack_packet_header(buf, *, blocks: Mapping[str, int] | None = None, page_s
             field=f"offsets[{i}]",
             offset=HEADER_FIXED_SIZE + 8 * i,
         )
-    cls = PacketHeader if version == "7.2" else PacketHeader41
-    count_name = "normal_pages" if version == "7.2" else "pages_used"
+    v10 = version == "10.0"
+    zero = struct.unpack_from(">I", b, 32)[0] if v10 else 0
+    if zero > alloc - npages:
+        raise MultifdPacketError(
+            f"packet carries {npages} normal and {zero} zero pages but has room for {alloc}",
+            field="zero_pages",
+            offset=32,
+        )
+    count_name = "pages_used" if version == "4.1" else "normal_pages"
 
     def result(ramblock: str, offsets: list[int], data_size: int):
-        return cls(**{
+        fields = {
             "flags": flags,
             "pages_alloc": alloc,
             count_name: npages,
             "next_packet_size": next_size,
             "packet_num": num,
             "ramblock": ramblock,
-            "offsets": offsets,
+            "offsets": offsets[:npages],
             "data_size": data_size,
-        })
+        }
+        if v10:
+            return PacketHeader10(**fields, zero_pages=zero, zero_offsets=offsets[npages:])
+        return (PacketHeader if version == "7.2" else PacketHeader41)(**fields)
 
-    if npages == 0:
+    listed = npages + zero
+    if listed == 0:
         # ramblock, trailing offsets and next_packet_size may be stale here
         return result("", [], 0)
-    bits = flags & 0xE
+    bits = flags & (_MASK_10 if v10 else _MASK_72)
     if bits != want_bits:
         raise MultifdPacketError(
             f"compression flags 0x{bits:x}, negotiated 0x{want_bits:x}", field="flags", offset=8
         )
-    if want_bits:
+    if npages == 0:
+        data_size = 0
+    elif want_bits:
         data_limit = 2 * max_pages * page_size
         if next_size > data_limit:
             raise MultifdPacketError(
@@ -488,7 +551,7 @@ def unpack_packet_header(buf, *, blocks: Mapping[str, int] | None = None, page_s
             "ramblock name is not NUL-terminated", field="ramblock", offset=_NAME_OFF
         )
     name = raw_name[: raw_name.index(b"\0")].decode("utf-8", "surrogateescape")
-    offsets = list(struct.unpack_from(f">{npages}Q", b, HEADER_FIXED_SIZE))
+    offsets = list(struct.unpack_from(f">{listed}Q", b, HEADER_FIXED_SIZE))
     used_length = None
     if blocks is not None:
         try:

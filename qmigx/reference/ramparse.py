@@ -13,7 +13,9 @@ Scanning stops, and ``scan`` returns, when:
 * ``NEED_DATA``: the next record is not complete in ``buf[:end]``;
 * ``EOS``: an EOS record was consumed (the section payload ended);
 * ``MEM_SIZE``: a setup record starts at the returned position (the
-  caller parses it, since it is rare and variable).
+  caller parses it, since it is rare and variable);
+* ``MULTIFD_FLUSH``: a MULTIFD_FLUSH record (QEMU 10, the bare word
+  0x200) was consumed; the caller syncs its multifd channels.
 
 Malformed records raise :class:`~qmigx.errors.RamStreamError` naming the
 absolute offset of the record.
@@ -40,6 +42,7 @@ __all__ = [
     "NEED_DATA",
     "EOS",
     "MEM_SIZE",
+    "MULTIFD_FLUSH",
     "compress_bound",
 ]
 
@@ -52,6 +55,7 @@ FULL = 0
 NEED_DATA = 1
 EOS = 2
 MEM_SIZE = 3
+MULTIFD_FLUSH = 4
 
 _F_ZERO = 0x002
 _F_MEM_SIZE = 0x004
@@ -61,6 +65,7 @@ _F_CONTINUE = 0x020
 _F_XBZRLE = 0x040
 _F_HOOK = 0x080
 _F_COMPRESS = 0x100
+_F_MULTIFD_FLUSH = 0x200
 
 _BE64 = struct.Struct(">Q")
 _BE32 = struct.Struct(">I")
@@ -155,6 +160,12 @@ class RamScanner:
                 return p, EOS
             if kind_flags & _F_MEM_SIZE and kind_flags == _F_MEM_SIZE:
                 return start, MEM_SIZE
+            if kind_flags == _F_MULTIFD_FLUSH:
+                if hdr != _F_MULTIFD_FLUSH:
+                    raise RamStreamError(
+                        f"MULTIFD_FLUSH record 0x{hdr:016x}: it is the bare word 0x200 "
+                        f"(no offset, no CONTINUE)", offset=base + start, field="flags")
+                return p, MULTIFD_FLUSH
             if kind_flags not in (_F_ZERO, _F_PAGE, _F_XBZRLE, _F_COMPRESS):
                 if kind_flags & _F_HOOK:
                     raise RamStreamError(

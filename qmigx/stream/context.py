@@ -4,7 +4,8 @@ Section ids map to the sections their START or FULL record introduced;
 the RAM setup record fixes the block table; a RAM record without a name
 (CONTINUE) means the block of the record before it; the configuration
 says whether setup entries carry GPAs (x-ignore-shared) and page sizes
-(postcopy with huge pages). A COLO checkpoint and a PACKAGED blob carry
+(postcopy with huge pages) and whether blocks are mapped (mapped-ram);
+a MULTIFD_FLUSH in the setup section tells how multifd syncs. A COLO checkpoint and a PACKAGED blob carry
 no header and rely on all of that, so it lives in a :class:`StreamContext`
 that outlives one parser: the next parser of the same channel is given
 the same context and goes on where the last one stopped.
@@ -35,6 +36,14 @@ class StreamContext:
     postcopy_page_sizes: bool = False
     ram_blocks: tuple = ()
     block_names: tuple[str, ...] = ()
+    #: capability ``mapped-ram`` announced by the configuration section (QEMU 10)
+    mapped_ram: bool = False
+    #: how the source syncs multifd (qemu10.md §4.4): None until the ram
+    #: START section ended, then ``"round"`` (it held a MULTIFD_FLUSH) or
+    #: ``"section"`` (7.2's model: a sync before every RAM EOS)
+    multifd_sync: Optional[str] = None
+    #: MULTIFD_FLUSH records seen so far
+    multifd_flushes: int = 0
     #: the compiled RAM record scanner: holds the block table and the CONTINUE block
     scanner: Any = None
 

@@ -14,6 +14,7 @@ __all__ = [
     "Section", "StreamHeader", "Configuration", "ConfigSubsection", "SectionStart",
     "SectionData", "RamBlockInfo", "RamSetup", "RamPages", "RamEOS", "SectionEnd", "Command",
     "EndOfState", "VMDescription", "SectionRecord", "EndOfStream", "Event",
+    "MappedRamHeader", "RamMultifdFlush", "RamMappedBlock", "RamMappedPages",
 ]
 
 
@@ -89,13 +90,29 @@ class SectionData:
 
 
 @dataclass(frozen=True)
+class MappedRamHeader:
+    """The header after each setup entry of a ``mapped-ram`` stream (qemu10.md §5.2).
+
+    ``bitmap_offset`` and ``pages_offset`` are absolute file offsets: the
+    block's page bitmap (host-endian ``unsigned long`` words, LSB first)
+    and its page ``i`` at ``pages_offset + i * page_size``.
+    """
+
+    version: int
+    page_size: int
+    bitmap_offset: int
+    pages_offset: int
+
+
+@dataclass(frozen=True)
 class RamBlockInfo:
-    """One entry of the RAM setup record (ram.md §3)."""
+    """One entry of the RAM setup record (ram.md §3); ``mapped`` with mapped-ram."""
 
     idstr: str
     used_length: int
     page_size: Optional[int] = None
     gpa: Optional[int] = None
+    mapped: Optional[MappedRamHeader] = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,58 @@ class RamPages:
 @dataclass(frozen=True)
 class RamEOS:
     section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class RamMultifdFlush:
+    """A MULTIFD_FLUSH record (QEMU 10): every multifd channel syncs here.
+
+    A source that syncs multifd per round writes one in its setup section;
+    one that syncs per section never writes any (qemu10.md §4.4).
+    """
+
+    section: Section
+    offset: int
+
+
+@dataclass(frozen=True)
+class RamMappedBlock:
+    """mapped-ram: a setup entry, its header and its page bitmap (qemu10.md §5.2).
+
+    Comes before the block's :class:`RamMappedPages`; ``index`` is the
+    entry's position in the setup record. The :class:`RamSetup` of the
+    whole list follows the last block.
+    """
+
+    section: Section
+    index: int
+    info: RamBlockInfo
+    bitmap: bytes
+    offset: int
+
+    def page_bits(self):
+        """Bit ``i`` (page ``i`` stored) as a numpy bool array of the block's pages."""
+        import numpy as np
+
+        n = self.info.used_length // self.info.mapped.page_size
+        bits = np.unpackbits(np.frombuffer(self.bitmap, np.uint8), bitorder="little")
+        return bits[:n].astype(bool)
+
+
+@dataclass(frozen=True)
+class RamMappedPages:
+    """mapped-ram: whole pages of one block's page area as they pass in the input.
+
+    ``data`` holds pages ``first_page, first_page + 1, ...`` of block
+    ``index``; only those whose bitmap bit is set are meaningful. Like
+    :class:`RamPages`, ``data`` is a view of the input: use it at once.
+    """
+
+    section: Section
+    index: int
+    first_page: int
+    data: memoryview
     offset: int
 
 
@@ -191,4 +260,5 @@ class EndOfStream:
 Event = Union[
     StreamHeader, Configuration, SectionStart, SectionData, RamSetup, RamPages,
     RamEOS, SectionEnd, Command, EndOfState, VMDescription, EndOfStream, SectionRecord,
+    RamMultifdFlush, RamMappedBlock, RamMappedPages,
 ]

@@ -42,6 +42,7 @@ from qmigx.qemufile import Cursor, NeedData
 from qmigx.savevm import SaveVMRegistry, Section
 from qmigx.stream.buffer import ReceiveBuffer
 from qmigx.stream.context import StreamContext
+from qmigx.stream.mapped_ram import MappedSetupReader
 from qmigx.stream.events import (
     Command,
     ConfigSubsection,
@@ -51,6 +52,7 @@ from qmigx.stream.events import (
     Event,
     RamBlockInfo,
     RamEOS,
+    RamMultifdFlush,
     RamPages,
     RamSetup,
     SectionData,
@@ -84,6 +86,7 @@ _CMD_LEN = {
     MigCmd.PACKAGED: 4,
     MigCmd.ENABLE_COLO: 0,
     MigCmd.POSTCOPY_RESUME: 0,
+    MigCmd.SWITCHOVER_START: 0,
 }
 
 
@@ -170,7 +173,7 @@ def _plausible_record_start(mv, pos: int, end: int, known_ids: set[int],
 
 # -- the parser ---------------------------------------------------------------
 
-_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE, _S_LIVE = range(8)
+_S_HEADER, _S_TOP, _S_RAM, _S_FOOTER, _S_AFTER_EOF, _S_END, _S_DONE, _S_LIVE, _S_MAPPED = range(9)
 
 
 class StreamParser:
@@ -222,6 +225,7 @@ class StreamParser:
         self._cur_type: Optional[SectionType] = None
         self._cur: Optional[Section] = None
         self._records = _ramparse.RamRecords(batch)
+        self._mapped: Optional[MappedSetupReader] = None
 
     # -- the stream context, as attributes ------------------------------------
     @property
@@ -304,7 +308,7 @@ class StreamParser:
 
     def _truncated(self, nd: NeedData) -> TruncatedStreamError:
         where = (self._cur.label if self._cur is not None
-                 and self._state in (_S_RAM, _S_FOOTER, _S_LIVE) else None)
+                 and self._state in (_S_RAM, _S_FOOTER, _S_LIVE, _S_MAPPED) else None)
         return TruncatedStreamError(
             "unexpected end of stream", offset=self.rx.base + self.rx.pos, section=where)
 
@@ -316,6 +320,8 @@ class StreamParser:
             return self._read_ram(cur)
         if st == _S_LIVE:
             return self._read_live(cur)
+        if st == _S_MAPPED:
+            return self._read_mapped(cur)
         if st == _S_FOOTER:
             return self._read_footer(cur)
         if st == _S_AFTER_EOF:
@@ -413,6 +419,7 @@ class StreamParser:
         cfg = Configuration(name, tuple(subs), at, raw)
         self.ctx.configuration = cfg
         self.ctx.ignore_shared = "x-ignore-shared" in cfg.capabilities
+        self.ctx.mapped_ram = "mapped-ram" in cfg.capabilities
         self._commit(cur)
         return [cfg]
 
@@ -607,17 +614,65 @@ class StreamParser:
             raise
         evs: list = []
         if rec.count:
+            if self.ctx.mapped_ram:
+                raise RamStreamError(
+                    "Unexpected RAM flags: a page record in a mapped-ram stream",
+                    offset=cur.base + int(rec.start[0]), section=sec.label, field="flags")
             evs.append(RamPages(sec, rec.copy(), self.rx.view, self.rx.base, self.ctx.block_names))
         cur.pos = pos
         self._commit(cur)
         if status == _ramparse.EOS:
+            if self.ctx.multifd_sync is None and self._cur_type == SectionType.SECTION_START:
+                # a source syncing per round syncs once in setup (qemu10.md §4.4)
+                self.ctx.multifd_sync = "round" if self.ctx.multifd_flushes else "section"
             evs.append(RamEOS(sec, cur.tell() - 8))
             self._state = _S_FOOTER
+        elif status == _ramparse.MULTIFD_FLUSH:
+            evs.append(self._multifd_flush(cur.tell() - 8, sec))
         elif status == _ramparse.MEM_SIZE:
+            if self.ctx.mapped_ram:
+                at = cur.tell()
+                total = cur.read_be64() & ~(self.ctx.page_size - 1)
+                self._mapped = MappedSetupReader(sec, total, at, self.ctx.page_size,
+                                                 self.ctx.ignore_shared)
+                self._commit(cur)
+                self._state = _S_MAPPED
+                if not total:
+                    return evs + self._read_mapped(cur)
+                return evs
             evs.append(self._read_setup(cur, sec))
             self._commit(cur)
         elif status == _ramparse.NEED_DATA and not evs:
             raise NeedData(cur.base + cur.end)
+        return evs
+
+    def _multifd_flush(self, at: int, sec: Section) -> RamMultifdFlush:
+        """A MULTIFD_FLUSH record, checked against how this stream syncs multifd."""
+        if self.ctx.mapped_ram:
+            raise RamStreamError("Unexpected RAM flags: MULTIFD_FLUSH in a mapped-ram stream",
+                                 offset=at, section=sec.label, field="flags")
+        if self.ctx.multifd_sync == "section":
+            raise RamStreamError(
+                "MULTIFD_FLUSH in a stream whose setup section had none: its source syncs "
+                "multifd before every RAM EOS (machine types <= 8.0), never per round",
+                offset=at, section=sec.label, field="flags")
+        self.ctx.multifd_flushes += 1
+        return RamMultifdFlush(sec, at)
+
+    def _read_mapped(self, cur: Cursor) -> list:
+        """One piece of a mapped-ram setup record (see :mod:`qmigx.stream.mapped_ram`)."""
+        m = self._mapped
+        assert m is not None
+        evs = m.step(cur, self.rx.eof)
+        self._commit(cur)
+        if m.done:
+            blocks = tuple(m.blocks)
+            self.ctx.ram_blocks = blocks
+            self.ctx.block_names = tuple(b.idstr for b in blocks)
+            self.ctx.scanner.set_blocks([b.idstr.encode() for b in blocks],
+                                        [b.used_length for b in blocks])
+            self._mapped = None
+            self._state = _S_RAM
         return evs
 
     def _read_setup(self, cur: Cursor, sec: Section) -> RamSetup:

@@ -21,6 +21,8 @@ __all__ = ["Source", "StreamReader"]
 
 _CHUNK = 8 << 20
 _WINDOW = 64 << 20
+_START_SCAN = 64 << 20
+_MAGIC = b"QEVM"
 
 #: What a stream can be read from: a path, bytes, or a binary file object.
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
@@ -43,16 +45,22 @@ class StreamReader:
             copying it in: much faster when most page data is never looked
             at (analysis); when every page is copied out anyway (loading),
             reading is as fast and keeps the page cache out of RSS.
+        offset: where the stream starts in the input (QEMU 10's
+            ``file:PATH,offset=N`` writes N zero bytes first); None finds
+            it: 0, or for a seekable input that begins with zero bytes the
+            first ``QEVM`` after them (within 64 MiB). Offsets in events and
+            errors are offsets in the input, as mapped-ram's are.
     """
 
     def __init__(self, source: Source, *, vmdesc="auto", registry=None,
                  progress: Optional[Callable[[int], None]] = None, ordered: bool = False,
-                 use_mmap: bool = False) -> None:
+                 use_mmap: bool = False, offset: Optional[int] = None) -> None:
         self._source = source
         self._progress = progress
         self._use_mmap = use_mmap
         self.vmdesc_text: Optional[bytes] = None
         self.size: Optional[int] = None
+        self.offset = self._find_start() if offset is None else offset
         if vmdesc == "auto":
             found = self._locate_vmdesc()
             self.vmdesc_text = found[1] if found else None
@@ -60,6 +68,25 @@ class StreamReader:
         else:
             self.vmdesc = vmdesc
         self.parser = StreamParser(vmdesc=self.vmdesc, registry=registry)
+        self.parser.rx.base = self.offset
+
+    def _find_start(self) -> int:
+        """0, or the end of the zero bytes a ``file:...,offset=N`` stream starts with."""
+        src = self._source
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            head = bytes(memoryview(src)[: _START_SCAN])
+        elif isinstance(src, (str, os.PathLike)):
+            with open(src, "rb") as f:
+                if f.read(1) != b"\0":
+                    return 0
+                f.seek(0)
+                head = f.read(_START_SCAN)
+        else:
+            return 0
+        if not head or head[0] != 0:
+            return 0
+        n = len(head) - len(head.lstrip(b"\0"))
+        return n if head[n : n + 4] == _MAGIC else 0
 
     def _locate_vmdesc(self):
         src = self._source
@@ -96,13 +123,14 @@ class StreamReader:
         src = self._source
         p = self.parser
         if isinstance(src, (bytes, bytearray, memoryview)):
-            p.feed(src)
+            p.feed(memoryview(src)[self.offset :])
             p.feed_eof()
             yield from p.events()
             return
         if isinstance(src, (str, os.PathLike)):
             with open(src, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
+                f.seek(self.offset)
                 if self._use_mmap and size and os.path.isfile(src):
                     yield from self._pump_mmap(f.fileno(), size)
                 else:
@@ -130,14 +158,20 @@ class StreamReader:
                 return
             last = start + length >= size
             before = p.offset
-            with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start) as m:
-                view = memoryview(m)
+            m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+            view = memoryview(m)
+            try:
+                p.set_window(view, start, last=last)
+                yield from p.events()
+            finally:
+                p.set_window(memoryview(bytes(view[p.offset - start:])), p.offset)
+                view.release()
                 try:
-                    p.set_window(view, start, last=last)
-                    yield from p.events()
-                finally:
-                    p.set_window(memoryview(bytes(view[p.offset - start:])), p.offset)
-                    view.release()
+                    m.close()
+                except BufferError:
+                    # the caller still holds the last event's view of this
+                    # window (a RamMappedPages chunk): unmapped when it goes
+                    pass
             if self._progress is not None:
                 self._progress(p.offset)
             if last:

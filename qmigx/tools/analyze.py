@@ -20,6 +20,8 @@ from qmigx.stream.reader import Source, StreamReader
 from qmigx.stream import (
     Command,
     StreamParser,
+    RamMappedBlock,
+    RamMappedPages,
     RamPages,
     RamSetup,
     SectionData,
@@ -75,6 +77,8 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
         from qmigx.ram import RamLoader
 
         loader = RamLoader(None)
+    # QEMU 10's vmdesc (it starts with "configuration") is read by 10.0's script rules
+    by_name = isinstance(reader.vmdesc, dict) and "configuration" in reader.vmdesc
     for ev in reader.events():
         t = type(ev)
         if t is RamPages:
@@ -82,6 +86,14 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
                 loader.on_pages(ev)
             if memory:
                 _dump_pages(ev, loader, mem)
+        elif t is RamMappedBlock:
+            if loader is not None:
+                loader.on_mapped_block(ev)
+        elif t is RamMappedPages:
+            if loader is not None:
+                loader.on_mapped_pages(ev)
+            if memory:
+                _dump_mapped(ev, loader, mem)
         elif t is SectionStart:
             if ev.section.idstr == "ram" and ev.type in (SectionType.SECTION_START,
                                                         SectionType.SECTION_FULL):
@@ -95,7 +107,7 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
             for b in ev.blocks:
                 sizes[b.idstr] = "0x%016x" % b.used_length
         elif t is SectionData:
-            _device(ev, sections, analyze_value)
+            _device(ev, sections, analyze_value, by_name)
         elif t is SectionRecord:
             handler = reader.parser.registry.live(ev.section.idstr)
             if not ev.record.is_eos:
@@ -107,15 +119,15 @@ def analyze_state(source: Source, *, memory: bool = False, progress=None,
             sub.feed_eof()
             for inner in sub.events():
                 if type(inner) is SectionData:
-                    _device(inner, sections, analyze_value)
+                    _device(inner, sections, analyze_value, by_name)
     return sections
 
 
-def _device(ev: SectionData, sections: dict, analyze_value) -> None:
+def _device(ev: SectionData, sections: dict, analyze_value, by_name: bool) -> None:
     if ev.type not in (SectionType.SECTION_START, SectionType.SECTION_FULL):
         return
     if ev.value is not None:
-        sections[ev.section.label] = analyze_value(ev.value)
+        sections[ev.section.label] = analyze_value(ev.value, by_name=by_name)
     else:  # no description: the raw bytes, as the script shows unknown fields
         sections[ev.section.label] = " ".join("%02x" % c for c in ev.payload)
 
@@ -130,6 +142,16 @@ def _dump_pages(ev: RamPages, loader, mem: dict) -> None:
             mem[key] = "Filled with 0x%02x" % rec.fill[i]
         else:
             mem[key] = " ".join("%02x" % c for c in blk.buffer[off : off + TARGET_PAGE_SIZE])
+
+
+def _dump_mapped(ev: RamMappedPages, loader, mem: dict) -> None:
+    """``-m`` for a mapped-ram chunk: the stored pages (bitmap bit set), in file order."""
+    blk, bits, _ = loader._mapped[ev.index]
+    n = len(ev.data) // TARGET_PAGE_SIZE
+    for i in bits[ev.first_page : ev.first_page + n].nonzero()[0]:
+        off = (ev.first_page + int(i)) * TARGET_PAGE_SIZE
+        page = ev.data[int(i) * TARGET_PAGE_SIZE : (int(i) + 1) * TARGET_PAGE_SIZE]
+        mem["%s (0x%016x)" % (blk.idstr, off)] = " ".join("%02x" % c for c in page)
 
 
 def block_filename(idstr: str) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlockList, RamWriter
-from qmigx.stream import RamBlockInfo, Section, StreamWriter
+from qmigx.stream import RamBlockInfo, StreamWriter
 from qmigx.stream.reader import Source
 from qmigx.tools.physmap import main_ram_blocks
 from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag, SectionType

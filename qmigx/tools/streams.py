@@ -9,7 +9,6 @@ size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,24 +21,23 @@ from qmigx.ram import RAMBlockList, RamLoader, RamWriter, compress_page
 from qmigx.stream import (
     Command,
     Configuration,
-    EndOfState,
     EndOfStream,
-    RamEOS,
+    RamMappedBlock,
+    RamMappedPages,
+    RamMultifdFlush,
     RamPages,
     RamSetup,
     Section,
     SectionData,
-    SectionEnd,
     SectionRecord,
     SectionStart,
-    StreamHeader,
-    StreamParser,
     StreamWriter,
     VMDescription,
     default_registry,
     parse_vmdesc,
 )
 from qmigx.stream.reader import Source, StreamReader
+from qmigx.tools.packaged import packaged_events
 from qmigx.savevm import DeviceState, vmstate_device
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
@@ -56,7 +54,7 @@ __all__ = [
     "RAM_ENCODINGS",
 ]
 
-RAM_ENCODINGS = ("keep", "page", "zero", "xbzrle", "compress")
+from qmigx.tools.convert import RAM_ENCODINGS, convert_stream  # noqa: E402
 
 
 @dataclass
@@ -70,6 +68,8 @@ class LoadedStream:
     commands: list = field(default_factory=list)
     vmdesc: Optional[bytes] = None
     size: int = 0
+    #: how its source synced multifd: "round" (a MULTIFD_FLUSH in setup), else "section"
+    multifd_sync: Optional[str] = None
 
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
@@ -93,6 +93,10 @@ def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
         t = type(ev)
         if t is RamPages:
             loader.on_pages(ev)
+        elif t is RamMappedPages:
+            loader.on_mapped_pages(ev)
+        elif t is RamMappedBlock:
+            loader.on_mapped_block(ev)
         elif t is RamSetup:
             loader.on_setup(ev)
             out.ram_setup = ev
@@ -106,6 +110,7 @@ def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
             out.vmdesc = ev.json
         elif t is EndOfStream:
             out.size = ev.offset
+    out.multifd_sync = reader.parser.ctx.multifd_sync
     return out
 
 
@@ -128,7 +133,7 @@ def verify_stream(source: Source, progress=None) -> dict:
     reader = StreamReader(source, progress=progress, registry=registry)
     loader = RamLoader(None)
     summary = {"sections": 0, "pages": 0, "records": 0, "commands": 0, "vmdesc": False,
-               "bytes": 0}
+               "bytes": 0, "mapped_pages": 0, "multifd_flushes": 0}
     full: list[Section] = []
     for ev in reader.events():
         t = type(ev)
@@ -137,6 +142,14 @@ def verify_stream(source: Source, progress=None) -> dict:
         elif t is RamPages:
             loader.on_pages(ev)
             summary["pages"] += ev.records.count
+        elif t is RamMappedPages:
+            before = loader.pages_loaded
+            loader.on_mapped_pages(ev)
+            summary["mapped_pages"] += loader.pages_loaded - before
+        elif t is RamMappedBlock:
+            loader.on_mapped_block(ev)
+        elif t is RamMultifdFlush:
+            summary["multifd_flushes"] += 1
         elif t is RamSetup:
             loader.on_setup(ev)
         elif t is SectionStart:
@@ -170,170 +183,12 @@ def verify_stream(source: Source, progress=None) -> dict:
     return summary
 
 
-def convert_stream(source: Source, sink: Callable, encoding: str = "keep", *,
-                   compress_level: int = 1, progress=None) -> None:
-    """Re-encode a stream's RAM records, keeping everything else as it is.
-
-    ``encoding`` is one of :data:`RAM_ENCODINGS`. With ``keep`` the output is
-    byte-identical to the input. Otherwise the RAM records are re-made, in
-    the same order and sections, from the page contents the input gives at
-    that point: ``page`` sends every page in full, ``zero`` sends all-zero
-    pages as ZERO records (QEMU's default), ``xbzrle`` also sends a page the
-    output already carried as an XBZRLE delta against that earlier copy when
-    the delta is smaller, ``compress`` sends non-zero pages zlib-compressed.
-    """
-    if encoding not in RAM_ENCODINGS:
-        raise ValueError(f"unknown RAM encoding {encoding!r}; choose from {RAM_ENCODINGS}")
-    if encoding == "keep":
-        _copy(source, sink)
-        return
-    from qmigx import xbzrle, zeropage
-
-    reader = StreamReader(source, progress=progress)
-    f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    loader = RamLoader(None)
-    sent: dict[str, np.ndarray] = {}  # per block: pages already in the output
-    delta = np.empty(TARGET_PAGE_SIZE, np.uint8)
-    ps = TARGET_PAGE_SIZE
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            _convert_batch(ev, loader, ram, encoding, compress_level, sent, delta, xbzrle,
-                           zeropage)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            ram.setup(ev.blocks, ignore_shared=reader.parser.ignore_shared)
-            for b in ev.blocks:
-                sent[b.idstr] = np.zeros(b.used_length // ps, bool)
-        elif t is RamEOS:
-            ram.eos()
-        elif t is SectionStart:
-            w.section_header(ev.type, ev.section)
-        elif t is SectionData:
-            f.write(ev.payload)
-        elif t is SectionRecord:
-            f.write(ev.raw)
-        elif t is SectionEnd:
-            if ev.footer:
-                f.put_u8(SectionType.SECTION_FOOTER)
-                f.put_be32(ev.section.section_id)
-        elif t is StreamHeader:
-            w.header()
-        elif t is Configuration:
-            w.raw_configuration(ev.raw)
-        elif t is Command:
-            packaged = None
-            if ev.packaged is not None:  # decoded and written again, record by record
-                packaged = _rewrite_package(ev, reader.vmdesc)
-            w.command(ev.cmd, ev.payload, packaged)
-        elif t is EndOfState:
-            w.eof()
-        elif t is VMDescription:
-            w.vmdesc(ev.json)
-    f.flush()
-    f.check()
-
-
-def packaged_events(ev: Command, vmdesc: Optional[dict]) -> list:
-    """The records inside a PACKAGED command, parsed; errors name file offsets.
-
-    A package is a nested stream without header: device sections (each
-    delimited by the vmdesc when the stream has one, by its footer
-    otherwise) and commands (LISTEN, PING, RUN).
-    """
-    sub = StreamParser(header=False, vmdesc=vmdesc)
-    sub.feed(ev.packaged)
-    sub.feed_eof()
-    base = ev.offset + 1 + 2 + 2 + 4  # type, command, length, package length
-    try:
-        return list(sub.events())
-    except StreamError as exc:
-        if exc.offset is not None:
-            exc.offset += base
-        exc.message = f"{exc.message} (inside the PACKAGED command at 0x{ev.offset:x})"
-        exc.args = (exc.message,)
-        raise
-
-
-def _rewrite_package(ev: Command, vmdesc: Optional[dict]) -> bytes:
-    """A package written again from its parsed records (the same bytes)."""
-    out = bytearray()
-    f = QEMUFile(out.extend)
-    w = StreamWriter(f)
-    for inner in packaged_events(ev, vmdesc):
-        t = type(inner)
-        if t is SectionStart:
-            w.section_header(inner.type, inner.section)
-        elif t is SectionData:
-            f.write(inner.payload)
-        elif t is SectionEnd:
-            if inner.footer:
-                w.footer(inner.section)
-        elif t is Command:
-            w.command(inner.cmd, inner.payload, inner.packaged)
-        elif t is EndOfState:
-            w.eof()
-    f.flush()
-    return bytes(out)
-
-
-def _convert_batch(ev, loader, ram, encoding, level, sent, delta, xbzrle, zeropage) -> None:
-    """Re-encode one batch, record by record, from the content each leaves."""
-    rec = ev.records
-    ps = TARGET_PAGE_SIZE
-    old = np.empty(ps, np.uint8)
-    for i in range(rec.count):
-        blk = loader.block_of(ev, i)
-        off = int(rec.offset[i])
-        name = blk.idstr
-        pidx = off // ps
-        page = blk.buffer[off : off + ps]
-        was_sent = sent[name][pidx]
-        if encoding == "xbzrle" and was_sent:
-            old[:] = page
-        loader.apply_range(ev, i, i + 1)
-        if encoding != "page" and zeropage.is_zero(page):
-            ram.zero(name, off)
-        elif encoding == "compress":
-            ram.compressed(name, off, compress_page(page, level))
-        elif encoding == "xbzrle" and was_sent:
-            dlen = xbzrle.encode_buffer(old, page, delta)
-            if dlen > 0:
-                ram.xbzrle(name, off, delta[:dlen])
-            elif dlen < 0:  # the delta would not be smaller: the page goes whole
-                ram.page(name, off, page)
-            # 0: the destination already holds exactly this page: nothing to send
-        else:
-            ram.page(name, off, page)
-        sent[name][pidx] = True
-
-
-def _copy(source: Source, sink: Callable) -> None:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        sink(source)
-        return
-    if not isinstance(source, (str, os.PathLike)):  # a file object (a save image's body)
-        _copy_from(source, sink)
-        return
-    with open(source, "rb") as f:
-        _copy_from(f, sink)
-
-
-def _copy_from(f, sink: Callable) -> None:
-    while True:
-        chunk = f.read(8 << 20)
-        if not chunk:
-            break
-        sink(chunk)
-
-
 def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
                 machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
                 ignore_shared: bool = False, compress_level: int = 1,
                 first_section_id: int = 2, vmdesc=True,
-                configuration: Optional[Configuration] = None) -> RamWriter:
+                configuration: Optional[Configuration] = None,
+                mapped_ram: bool = False, start: int = 0) -> RamWriter:
     """Write a complete precopy stream of ``blocks`` and ``devices``.
 
     The shape is QEMU's for a paused guest: header, configuration, ``ram``
@@ -347,6 +202,11 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     section ids. ``vmdesc`` is True (built from the DeviceState entries),
     False (none) or the bytes of a whole vmdesc document to write as is.
     ``configuration`` replays a received configuration section.
+
+    ``mapped_ram`` writes a QEMU 10 ``mapped-ram`` file instead (the
+    capability in the configuration, pages at fixed offsets after each
+    setup entry, no page records; load it with ``file:PATH``); ``start``
+    is the file offset the stream will begin at (``file:PATH,offset=N``).
     """
     from qmigx import zeropage
     from qmigx.stream import ConfigSubsection, RamBlockInfo
@@ -361,15 +221,30 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
         w.raw_configuration(configuration.raw)
     else:
         subs = []
-        if ignore_shared:
-            name = b"x-ignore-shared"
+        caps = [n for n, on in ((b"x-ignore-shared", ignore_shared), (b"mapped-ram", mapped_ram))
+                if on]
+        if caps:
             subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         b"\0\0\0\1" + bytes((len(name),)) + name))
+                                         len(caps).to_bytes(4, "big")
+                                         + b"".join(bytes((len(n),)) + n for n in caps)))
         w.configuration(machine_type, subs)
     sec = Section(first_section_id, "ram", 0, 4)
     infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
              for b in blocks]
     w.section_header(SectionType.SECTION_START, sec)
+    if mapped_ram:
+        from qmigx.mapped_ram import write_mapped_blocks
+
+        write_mapped_blocks(f, list(blocks), start=start, gpa=ignore_shared)
+        ram.eos()
+        w.footer(sec)
+        w.section_header(SectionType.SECTION_END, sec)
+        ram.eos()
+        w.footer(sec)
+        _write_devices(w, devices, first_section_id, vmdesc)
+        f.flush()
+        f.check()
+        return ram
     ram.setup(infos, ignore_shared=ignore_shared)
     ram.eos()
     w.footer(sec)
@@ -400,6 +275,15 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     w.section_header(SectionType.SECTION_END, sec)
     ram.eos()
     w.footer(sec)
+    _write_devices(w, devices, first_section_id, vmdesc)
+    f.flush()
+    f.check()
+    return ram
+
+
+def _write_devices(w: StreamWriter, devices, first_section_id: int, vmdesc) -> None:
+    """FULL device sections, EOF and the vmdesc (see :func:`save_stream`)."""
+    ps = TARGET_PAGE_SIZE
     entries = []
     for i, dev in enumerate(devices):
         if isinstance(dev, SectionData):
@@ -415,6 +299,3 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     elif vmdesc:
         text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
         w.vmdesc(text.encode())
-    f.flush()
-    f.check()
-    return ram

@@ -90,7 +90,7 @@ def connect(uri: str, *, timeout: Optional[float] = None,
     elif u.scheme == "fd":
         ch = fd_channel(take_fd(u.fd_name), f"fd:{u.fd_name}")
     else:
-        return open_write(u.path)
+        return open_write(u.path, u.offset)
     return _secure_client(ch, u, opts)
 
 
@@ -143,4 +143,4 @@ def listen(uri: str, *, channels: int = 1, options: Optional[ConnectionOptions] 
         return Listener(u, channel=spawn(u.command, producer=True), **kw)
     if u.scheme == "fd":
         return Listener(u, channel=fd_channel(take_fd(u.fd_name), f"fd:{u.fd_name}"), **kw)
-    return Listener(u, channel=open_read(u.path), **kw)
+    return Listener(u, channel=open_read(u.path, u.offset), **kw)

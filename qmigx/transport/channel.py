@@ -107,6 +107,8 @@ class Channel:
         self._close_lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
+        #: ``file:``: the file offset the stream starts at
+        self.file_offset = 0
 
     def _poller(self, fd: int, events: int):
         if fd < 0:
@@ -237,6 +239,55 @@ class Channel:
         k = self.readinto(buf)
         del buf[k:]
         return bytes(buf)
+
+    @property
+    def can_peek(self) -> bool:
+        """Whether :meth:`peek` works (sockets only, as QEMU's channel feature)."""
+        return self._sock is not None
+
+    def peek_nowait(self, n: int) -> Optional[bytes]:
+        """The first ``n`` bytes if they are here (fewer at end of stream), else None."""
+        if self._sock is None:
+            raise ChannelError(f"{self.name}: this channel cannot peek", field="channel")
+        try:
+            data = self._sock.recv(n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise ChannelError(f"{self.name}: peek failed: {e.strerror}", field="channel") from None
+        return data if len(data) >= n or not data else None
+
+    def peek(self, n: int) -> bytes:
+        """The first ``n`` bytes, left unread (QEMU 10 tells channels apart this way).
+
+        Waits until ``n`` bytes arrived; fewer only if the peer closed (or
+        shut its side down) first. The channel's timeout applies.
+        """
+        if self._sock is None:
+            raise ChannelError(f"{self.name}: this channel cannot peek", field="channel")
+        hup = select.poll()
+        hup.register(self._sock.fileno(), getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP)
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            if self._shut:
+                raise self._shut_error()
+            try:
+                data = self._sock.recv(n, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                raise ChannelError(f"{self.name}: peek failed: {e.strerror}",
+                                   field="channel") from None
+            if data is not None and (len(data) >= n or not data):
+                return data
+            if data:  # part of it: more to come, unless the peer is gone
+                if hup.poll(10):
+                    return data
+            else:
+                self._wait(self._rpoll, "read")
+            if deadline is not None and time.monotonic() > deadline:
+                raise ChannelTimeout(f"{self.name}: timed out after {self._timeout:g} s "
+                                     f"waiting for the first bytes", field="channel")
 
     def write(self, data) -> int:
         """Write all of ``data`` (any buffer); returns its length."""

@@ -2,9 +2,9 @@
 
 :func:`parse_uri` turns ``tcp:``, ``unix:``, ``vsock:``, ``exec:``,
 ``fd:`` and ``file:`` URIs into a :class:`MigrationURI`; bad URIs raise
-:class:`~qmigx.errors.ParameterError` with QEMU's texts. ``file:PATH`` is a
-**qmigx extension** (QEMU 4.1 and 7.2 have no ``file:``; with them use
-``exec:cat > FILE`` / ``exec:cat FILE``).
+:class:`~qmigx.errors.ParameterError` with QEMU's texts. ``file:PATH`` and
+``file:PATH,offset=N`` are QEMU 10's (qemu10.md §5.1); QEMU 4.1 and 7.2
+have no ``file:`` (use ``exec:cat > FILE`` / ``exec:cat FILE`` with them).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class MigrationURI:
     command: Optional[str] = None
     fd_name: Optional[str] = None
     cid: Optional[int] = None
+    #: ``file:PATH,offset=N`` (QEMU 10): where in the file the stream starts
+    offset: int = 0
 
     @property
     def multi_channel(self) -> bool:
@@ -118,10 +120,29 @@ def parse_uri(uri: str, *, incoming: bool = False) -> MigrationURI:
             raise bad("empty fd name")
         return MigrationURI(uri, "fd", fd_name=rest)
     if scheme == "file":
-        if not rest:
+        path, offset = rest, 0
+        if ",offset=" in rest:  # QEMU 10's option (a number with an optional size suffix)
+            path, _, text = rest.rpartition(",offset=")
+            offset = _parse_size(text)
+            if offset is None:
+                raise bad(f"invalid offset '{text}'")
+        if not path:
             raise bad("empty file name")
-        return MigrationURI(uri, "file", path=rest)
+        return MigrationURI(uri, "file", path=path, offset=offset)
     raise bad()
+
+
+def _parse_size(text: str) -> Optional[int]:
+    """QEMU's size syntax: a number (decimal or 0x hex) with an optional K/M/G/T suffix."""
+    mult = 1
+    if text and text[-1] in "kKmMgGtT":
+        mult = 1 << (10 * "kmgt".index(text[-1].lower()) + 10)
+        text = text[:-1]
+    try:
+        n = int(text, 0)
+    except ValueError:
+        return None
+    return n * mult if n >= 0 else None
 
 
 def _parse_port(text: str, limit: int = 65535) -> Optional[int]:

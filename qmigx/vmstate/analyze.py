@@ -427,23 +427,39 @@ def _encode(desc: Any, node: StructValue, out: bytearray, path: str) -> None:
         _encode(sdesc, sub.value, out, f"{path}.{want}" if path else want)
 
 
-def analyze_value(tree: Union[StructValue, Leaf, list]) -> Any:
-    """The JSON-able structure analyze-migration.py shows for a decoded section."""
+def analyze_value(tree: Union[StructValue, Leaf, list], *, by_name: bool = False) -> Any:
+    """The JSON-able structure analyze-migration.py shows for a decoded section.
+
+    QEMU 7.2's script makes a list of the elements that carry an
+    ``index``. QEMU 10's vmdesc leaves the index off an array's last
+    element (and splits arrays of pointers at NULLs), so its script groups
+    by name instead: a name seen once is a value, seen again a list of all
+    its values. ``by_name`` selects the 10.0 rule (for a 10.0 vmdesc, the
+    one with a ``configuration`` entry).
+    """
     if isinstance(tree, Leaf):
         return tree.analyze()
     if isinstance(tree, list):
-        return [analyze_value(x) for x in tree]
+        return [analyze_value(x, by_name=by_name) for x in tree]
     d: dict[str, Any] = {}
     for name, index, node in tree.entries:
-        if index is None:
-            d[name] = analyze_value(node)
+        value = analyze_value(node, by_name=by_name)
+        if by_name:
+            if name not in d:
+                d[name] = value
+            elif type(d[name]) is list:
+                d[name].append(value)
+            else:
+                d[name] = [d[name], value]
+        elif index is None:
+            d[name] = value
         else:
             lst = d.get(name)
             if not isinstance(lst, list):
                 lst = d[name] = []
-            lst.append(analyze_value(node))
+            lst.append(value)
     for s in tree.subsections:
-        d[s.name.decode("utf-8", "replace")] = analyze_value(s.value)
+        d[s.name.decode("utf-8", "replace")] = analyze_value(s.value, by_name=by_name)
     return d
 
 

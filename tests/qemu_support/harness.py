@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,6 +37,8 @@ __all__ = [
     "StreamInfo",
     "DEVICE_NAMES",
     "qemu_binary",
+    "qemu10_binary",
+    "qemu_version",
     "parse_size",
     "qemu_args",
     "save_stream",
@@ -70,6 +73,27 @@ def qemu_binary() -> str | None:
     if env:
         return env if os.access(env, os.X_OK) else None
     return shutil.which(QEMU_NAME)
+
+
+_versions: dict[str | None, tuple[int, int]] = {}
+
+
+def qemu_version(binary: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``binary`` (default: :func:`qemu_binary`), from ``--version``."""
+    if binary not in _versions:
+        exe = binary or qemu_binary()
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        m = re.search(r"version (\d+)\.(\d+)", out)
+        if m is None:
+            raise QemuError(f"{exe} --version says {out!r}")
+        _versions[binary] = (int(m.group(1)), int(m.group(2)))
+    return _versions[binary]
+
+
+def qemu10_binary() -> str | None:
+    """The QEMU 10 wrapper named by ``$QMIGX_QEMU10`` (see .ci/install-qemu10.sh), or None."""
+    env = os.environ.get("QMIGX_QEMU10")
+    return env if env and os.access(env, os.X_OK) else None
 
 
 def parse_size(size: str | int) -> int:
@@ -401,6 +425,7 @@ class StreamInfo:
     argv: list[str]
     stats: dict[str, Any]  # source query-migrate at completion
     seconds: float  # wall time to produce the stream (boot included)
+    binary: str | None = None  # the QEMU that made it (None: the default QEMU 7.2)
 
     @property
     def ram_bytes(self) -> int:
@@ -508,6 +533,21 @@ class _ExecSink:
         pass
 
 
+class _FileUri:
+    """A URI QEMU writes the stream through itself (``file:PATH``): complete at completion."""
+
+    def __init__(self, path: str | os.PathLike[str], uri: str) -> None:
+        self.path = Path(path)
+        self.path.unlink(missing_ok=True)
+        self.uri = uri
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        pass
+
+
 def _ends_with_vmdesc(path: Path) -> bool:
     """True if the file ends with QEMU_VM_VMDESCRIPTION + be32 length + a complete JSON object."""
     try:
@@ -517,7 +557,7 @@ def _ends_with_vmdesc(path: Path) -> bool:
             tail = f.read()
     except OSError:
         return False
-    pos = tail.rfind(b'{"page_size"')
+    pos = max(tail.rfind(b'{"page_size"'), tail.rfind(b'{"configuration"'))  # 7.2 / 10.0 vmdesc
     if pos < 5 or tail[pos - 5] != 0x06:
         return False
     if int.from_bytes(tail[pos - 4:pos], "big") != len(tail) - pos:
@@ -556,6 +596,8 @@ def save_stream(
     attempts: int = 4,
     transport: str = "unix",
     timeout: float = 120.0,
+    binary: str | None = None,
+    uri_of=None,
 ) -> StreamInfo:
     """Boot the test guest, migrate it into ``path`` and describe what was made.
 
@@ -575,6 +617,11 @@ def save_stream(
     channel it sends SIGTERM to a child that has not exited yet.
     A live migration that converges too early despite the holding back
     (ram.md §6) is retried up to ``attempts`` times.
+
+    ``binary`` runs another QEMU (e.g. QEMU 10 through ``$QMIGX_QEMU10``);
+    ``uri_of(path)``, if given, names the URI the source migrates to
+    instead of the harness's socket (QEMU 10's ``file:`` URI, which
+    mapped-ram needs: QEMU then writes the file itself).
     """
     if transport not in ("unix", "exec"):
         raise ValueError(f"transport must be 'unix' or 'exec', not {transport!r}")
@@ -603,7 +650,7 @@ def save_stream(
                 path, mem_live, mem_copy, machine=machine, ram=ram, kernel=kernel, devices=devices,
                 disk=disk, workdir=workdir, name=name, caps=caps, params=params, live=live,
                 dirty=dirty and guest, guest=guest, min_syncs=min_syncs, hold_bandwidth=hold_bandwidth,
-                transport=transport, timeout=timeout,
+                transport=transport, timeout=timeout, binary=binary, uri_of=uri_of,
             )
             break
         except _EarlyCompletion as e:
@@ -613,7 +660,7 @@ def save_stream(
         name=name, stream=str(path), mem=str(mem_copy), machine=machine, ram=ram, seed=seed,
         caps=caps, params=params, devices=devices, live=live,
         kernel=str(kernel) if kernel else None, disk=str(disk) if disk else None,
-        argv=argv, stats=stats, seconds=round(time.monotonic() - t0, 3),
+        argv=argv, stats=stats, seconds=round(time.monotonic() - t0, 3), binary=binary,
     )
 
 
@@ -621,19 +668,25 @@ def _save_once(
     path: Path, mem_live: Path, mem_copy: Path, *, machine: str, ram: str, kernel: Path | None,
     devices: tuple[str, ...], disk: Path | None, workdir: Path, name: str, caps: dict[str, bool],
     params: dict[str, Any], live: bool, dirty: bool, guest: bool, min_syncs: int, hold_bandwidth: int,
-    transport: str, timeout: float,
+    transport: str, timeout: float, binary: str | None = None, uri_of=None,
 ) -> tuple[dict[str, Any], list[str]]:
     if mem_live.exists():
         mem_live.unlink()
     sockdir = tempfile.mkdtemp(prefix="qmigx-sink-")
     try:
         with Qemu(machine=machine, ram=ram, kernel=kernel, mem_path=mem_live, devices=devices, disk=disk,
-                  workdir=workdir, name=f"{name}.src", timeout=30) as vm:
+                  workdir=workdir, name=f"{name}.src", timeout=30, binary=binary) as vm:
             if guest:
                 vm.wait_guest_ready(timeout=60, min_counter=1000 if dirty else 0)
             vm.set_capabilities(caps)
             vm.set_parameters(params)
-            sink: _SocketSink | _ExecSink = _SocketSink(path, sockdir) if transport == "unix" else _ExecSink(path)
+            sink: _SocketSink | _ExecSink | _FileUri
+            if uri_of is not None:
+                sink = _FileUri(path, uri_of(path))
+            elif transport == "unix":
+                sink = _SocketSink(path, sockdir)
+            else:
+                sink = _ExecSink(path)
             try:
                 if not live:
                     vm.stop()
@@ -730,8 +783,16 @@ def load_stream(
     mem_path: str | os.PathLike[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
     timeout: float = 120.0,
+    binary: str | None = None,
+    uri: str | None = None,
+    resave: str | os.PathLike[str] | None = None,
 ) -> bytes:
-    """Load ``path`` into a fresh QEMU 7.2 configured like ``like``'s source; return its RAM.
+    """Load ``path`` into a fresh QEMU configured like ``like``'s source; return its RAM.
+
+    The QEMU is ``binary``, else the one that made ``like`` (QEMU 7.2 by
+    default); ``uri`` replaces ``exec:cat PATH`` (e.g. QEMU 10's ``file:``).
+    ``resave`` migrates the loaded (never run) VM into that file before it
+    quits, so its device state can be compared with the stream's.
 
     The destination runs with ``-S -incoming defer`` (so the loaded guest
     never runs and RAM stays exactly as received) and its RAM on a new
@@ -743,8 +804,10 @@ def load_stream(
     (``share=on``, so it is ignored there too and the GPA check runs).
     Raises :class:`QemuError` (with QEMU's log) if loading fails.
     """
-    dest_caps = {k: True for k in ("x-ignore-shared", "compress") if like.caps.get(k)}
+    dest_caps = {k: True for k in ("x-ignore-shared", "compress", "mapped-ram") if like.caps.get(k)}
     dest_caps.update({k.replace("_", "-"): bool(v) for k, v in (caps or {}).items()})
+    if qemu_version(binary or like.binary) >= (8, 2):
+        dest_caps.pop("compress", None)  # gone from QEMU 10 (qemu10.md §7.1)
     own = workdir is None
     wd = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="qmigx-dst-"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -759,11 +822,23 @@ def load_stream(
             shutil.copyfile(like.disk, disk)
         with Qemu(machine=like.machine, ram=like.ram, kernel=like.kernel, mem_path=mem_path,
                   devices=like.devices, disk=disk, paused=True, incoming=True, workdir=wd,
-                  name="dst") as vm:
+                  name="dst", binary=binary or like.binary) as vm:
             vm.set_capabilities(dest_caps)
-            vm.migrate_incoming("exec:cat " + shlex.quote(str(path)))
+            vm.migrate_incoming(uri or "exec:cat " + shlex.quote(str(path)))
             vm.wait_migration(timeout)
             data = Path(mem_path).read_bytes()
+            if resave is not None:
+                sockdir = tempfile.mkdtemp(prefix="qmigx-resave-")
+                try:
+                    sink = _SocketSink(resave, sockdir)
+                    try:
+                        vm.migrate(sink.uri)
+                        vm.wait_migration(timeout)
+                        sink.wait()
+                    finally:
+                        sink.close()
+                finally:
+                    shutil.rmtree(sockdir, ignore_errors=True)
             vm.quit()
         return data
     finally:

@@ -120,6 +120,8 @@ def _listening(uri: str) -> bool:
         return unix_listening(uri[5:])
     if uri.startswith("tcp:"):
         return tcp_listening(int(uri.rsplit(":", 1)[1]))
+    if uri.startswith("file:"):
+        return True  # a file is read as soon as the process runs
     raise ValueError(f"cannot tell whether {uri!r} listens")
 
 

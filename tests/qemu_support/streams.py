@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from .guest import build_guest
-from .harness import DEVICE_NAMES, StreamInfo, parse_size, save_stream
+from .harness import DEVICE_NAMES, StreamInfo, parse_size, qemu10_binary, save_stream
 
 __all__ = [
     "RECIPES",
     "STREAM_NAMES",
+    "RECIPES10",
+    "STREAM_NAMES10",
     "get_stream",
     "cache_dir",
     "set_default_cache_dir",
@@ -55,6 +57,10 @@ class Recipe:
     params: tuple[tuple[str, Any], ...] = ()
     devices: tuple[str, ...] = ()
     seed: int = 0x5EED
+    #: which QEMU makes it: "7.2" (the system's) or "10.0" ($QMIGX_QEMU10)
+    qemu: str = "7.2"
+    #: QEMU 10 writes the file itself through ``file:PATH[,offset=N]`` (mapped-ram)
+    file_offset: int | None = None
 
 
 #: name -> how to make it
@@ -69,6 +75,30 @@ RECIPES: dict[str, Recipe] = {
     "pc-devices": Recipe(devices=DEVICE_NAMES, seed=0x5EED0007),
 }
 STREAM_NAMES = tuple(RECIPES)
+
+#: streams QEMU 10.0 writes: its own machine types (pc = pc-i440fx-10.0, q35 =
+#: pc-q35-10.0), a 7.2 machine type, each zero-page-detection, and mapped-ram files
+RECIPES10: dict[str, Recipe] = {
+    "q10-pc-paused": Recipe(qemu="10.0", seed=0x5EED1001),
+    "q10-q35-paused": Recipe(machine="q35", qemu="10.0", seed=0x5EED1002),
+    "q10-pc-live": Recipe(live=True, qemu="10.0", seed=0x5EED1003),
+    "q10-q35-live": Recipe(machine="q35", live=True, qemu="10.0", seed=0x5EED100A),
+    "q10-pc-xbzrle": Recipe(live=True, caps=(("xbzrle", True),),
+                            params=(("xbzrle-cache-size", 1 << 20),), qemu="10.0", seed=0x5EED1004),
+    "q10-pc-zpd-none": Recipe(params=(("zero-page-detection", "none"),), qemu="10.0",
+                              seed=0x5EED1005),
+    "q10-pc-zpd-legacy": Recipe(live=True, params=(("zero-page-detection", "legacy"),),
+                                qemu="10.0", seed=0x5EED100B),
+    "q10-pc72-paused": Recipe(machine="pc-i440fx-7.2", qemu="10.0", seed=0x5EED1006),
+    "q10-pc-mapped": Recipe(caps=(("mapped-ram", True),), qemu="10.0", file_offset=0,
+                            seed=0x5EED1007),
+    "q10-pc-mapped-live": Recipe(live=True, caps=(("mapped-ram", True),), qemu="10.0",
+                                 file_offset=0, seed=0x5EED1008),
+    "q10-pc-mapped-multifd": Recipe(caps=(("mapped-ram", True), ("multifd", True)),
+                                    params=(("multifd-channels", 2),), qemu="10.0",
+                                    file_offset=0x1000, seed=0x5EED1009),
+}
+STREAM_NAMES10 = tuple(RECIPES10)
 
 _default_dir: Path | None = None
 _memo: dict[tuple[str, str], StreamInfo] = {}
@@ -104,13 +134,22 @@ def _fingerprint(name: str, recipe: Recipe) -> str:
 
 def get_stream(name: str) -> StreamInfo:
     """The named stream (see :data:`RECIPES`), made on first use."""
-    if name not in RECIPES:
-        raise KeyError(f"unknown stream {name!r}; known: {', '.join(STREAM_NAMES)}")
+    if name not in RECIPES and name not in RECIPES10:
+        raise KeyError(f"unknown stream {name!r}; known: {', '.join(STREAM_NAMES + STREAM_NAMES10)}")
     d = cache_dir()
     key = (str(d), name)
     if key in _memo:
         return _memo[key]
-    recipe = RECIPES[name]
+    recipe = RECIPES.get(name) or RECIPES10[name]
+    binary = None
+    if recipe.qemu != "7.2":
+        binary = qemu10_binary()
+        if binary is None:
+            raise KeyError(f"stream {name!r} needs QEMU 10 ($QMIGX_QEMU10)")
+    uri_of = None
+    if recipe.file_offset is not None:
+        off = recipe.file_offset
+        uri_of = lambda p: f"file:{p}" + (f",offset={off:#x}" if off else "")  # noqa: E731
     fp = _fingerprint(name, recipe)
     info_path = d / f"{name}.json"
     with open(d / f"{name}.lock", "w") as lock:
@@ -120,7 +159,7 @@ def get_stream(name: str) -> StreamInfo:
             info = save_stream(
                 d / f"{name}.stream", name=name, machine=recipe.machine, ram=RAM, seed=recipe.seed,
                 caps=dict(recipe.caps), params=dict(recipe.params), devices=recipe.devices,
-                live=recipe.live, workdir=d,
+                live=recipe.live, workdir=d, binary=binary, uri_of=uri_of,
             )
             tmp = info_path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"fingerprint": fp, "info": json.loads(info.to_json())}, indent=1))
@@ -221,8 +260,11 @@ def first_page_record(data: bytes, *, ignore_shared: bool) -> tuple[int, int]:
 
 
 def vmdesc(data: bytes) -> dict[str, Any]:
-    """The JSON trailer (QEMU_VM_VMDESCRIPTION), which must end exactly at end of file."""
-    pos = data.rfind(b'{"page_size"')
+    """The JSON trailer (QEMU_VM_VMDESCRIPTION), which must end exactly at end of file.
+
+    7.2's starts with ``{"page_size"``, 10.0's with ``{"configuration"``.
+    """
+    pos = max(data.rfind(b'{"page_size"'), data.rfind(b'{"configuration"'))
     if pos < 5 or data[pos - 5] != 0x06 or struct.unpack_from(">I", data, pos - 4)[0] != len(data) - pos:
         raise ValueError("no vmdesc trailer at the end of the stream")
     return json.loads(data[pos:])
