@@ -177,6 +177,7 @@ def cmd_incoming(args) -> int:
                                handlers=[disks] + ([bitmaps] if bitmaps else []),
                                objects=objects)
     dst.on_refused = _print_refusal
+    dst.touch_rate = args.touch
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -209,8 +210,16 @@ def cmd_incoming(args) -> int:
                      timings={"listen_s": t_listen - t_start,
                               "first_byte_s": (dst.t_first_byte or t_end) - t_listen,
                               "migration_s": t_end - (dst.t_first_byte or t_end)},
-                     extra=_bitmap_report(bitmaps) if bitmaps is not None else None)
+                     extra=_incoming_extra(dst, bitmaps))
     return 0
+
+
+def _incoming_extra(dst, bitmaps) -> Optional[dict]:
+    extra = dict(_bitmap_report(bitmaps)) if bitmaps is not None else {}
+    pc = dst.postcopy_report()
+    if pc is not None:
+        extra["postcopy"] = pc
+    return extra or None
 
 
 def send_compat(loaded):

@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
                    help="a block node bitmaps may land on (size in bytes); with any given, "
                         "bitmaps for other nodes are dropped as QEMU drops them")
+    i.add_argument("--touch", metavar="RATE", nargs="?", type=float, const=1000.0, default=0.0,
+                   help="postcopy: once the destination runs, read random guest pages at RATE "
+                        "per second (default 1000), as a vCPU would; missing ones are requested")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -368,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable")
     s.add_argument("--bitmaps", metavar="IN.json",
                    help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
+    s.add_argument("--start-postcopy", action="store_true",
+                   help="switch to postcopy at the first opportunity (needs "
+                        "--cap postcopy-ram=on, on both sides)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))

@@ -31,6 +31,8 @@ from qmigx.errors import (
     StreamError,
     printable_name,
 )
+from qmigx.migration.postcopy_incoming import PostcopyIncoming, Toucher
+from qmigx.migration.preempt import PreemptReader
 from qmigx.migration.side import Controls, S, Side
 from qmigx.multifd.channels import MultifdReceiver
 from qmigx.ram import RAMBlockList, RamLoader
@@ -39,6 +41,7 @@ from qmigx.savevm import SaveVMHandler
 from qmigx.stream import (
     Command,
     Configuration,
+    EndOfState,
     EndOfStream,
     RamEOS,
     RamMappedBlock,
@@ -56,6 +59,8 @@ from qmigx.wire import MigCmd
 
 __all__ = ["IncomingResult", "MigrationDestination"]
 
+_POSTCOPY_COMMANDS = frozenset({MigCmd.POSTCOPY_ADVISE, MigCmd.POSTCOPY_RAM_DISCARD,
+                                MigCmd.PACKAGED, MigCmd.POSTCOPY_LISTEN, MigCmd.POSTCOPY_RUN})
 _log = logging.getLogger("qmigx.migration")
 
 
@@ -135,6 +140,14 @@ class MigrationDestination(Side):
         self.socket_address: Optional[list] = None
         self.t_first_byte: Optional[float] = None
         self.t_done: Optional[float] = None
+        self._preempt = False
+        self._preempt_reader: Optional[PreemptReader] = None
+        self.postcopy: Optional[PostcopyIncoming] = None
+        #: pages per second the vCPU stand-in reads once postcopy runs (0: none)
+        self.touch_rate = 0.0
+        self.toucher: Optional[Toucher] = None
+        #: called with the destination when postcopy RUN arrives (a program starts using RAM)
+        self.on_postcopy_run = None
 
     @property
     def blocks(self) -> RAMBlockList:
@@ -149,6 +162,13 @@ class MigrationDestination(Side):
         mapped_file = self.c.caps.get("mapped-ram") and parsed.scheme == "file"
         multifd = self.c.caps.get("multifd") and not mapped_file
         nchan = 1 + (self.c.params.multifd_channels if multifd else 0)
+        # 7.2's postcopy-preempt: a second connection for requested pages
+        self._preempt = bool(self.c.caps.get("postcopy-preempt")) and not multifd
+        if self._preempt:
+            if not parsed.multi_channel:
+                raise CapabilityError("Postcopy preempt needs a socket transport",
+                                      field="postcopy-preempt")
+            nchan = 2
         if multifd and not parsed.multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
@@ -224,18 +244,26 @@ class MigrationDestination(Side):
                                     create_missing=self.loader_create_missing,
                                     # a destination that is QEMU 10 refuses fill bytes but 0
                                     zero_fill=getattr(caps, "qemu_version", None) == "10.0")
+            preempt = extra.pop(0) if self._preempt and extra else None
+            self.postcopy = PostcopyIncoming(self.loader, None,
+                                             enabled=bool(caps.get("postcopy-ram")),
+                                             blocktime=bool(caps.get("postcopy-blocktime")))
+            self._preempt_reader = (PreemptReader(preempt, self.loader, self.registry)
+                                    if preempt is not None else None)
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
                                            compression=self.c.params.multifd_compression,
                                            placement=self.loader.placement)
             self._load(main, receiver)
+            self._postcopy_end()
             self._load_cleanup(True)
             st.transition(S.COMPLETED)
         except BaseException as exc:  # noqa: BLE001
             if self._cancelled and isinstance(exc, ChannelError):
                 exc = MigrationCancelled("incoming migration cancelled")
             failure = exc
+            self._postcopy_stop()
             self._load_cleanup(False)
             self.c.fail(exc)
             if self.result.return_path and self.rp is not None:
@@ -330,6 +358,8 @@ class MigrationDestination(Side):
         every thread go out through one locked :class:`ReturnPathWriter`.
         """
         self.rp = ReturnPathWriter(main.write)
+        if self.postcopy is not None:
+            self.postcopy.rp = self.rp
         self._parser = StreamParser(registry=self.registry)
         self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
@@ -368,6 +398,8 @@ class MigrationDestination(Side):
                     return None
                 elif t is EndOfStream:
                     return None
+                elif t is EndOfState and self.postcopy.state >= PostcopyIncoming.LISTENING:
+                    return None  # a postcopy stream ends at EOF: no vmdesc follows
                 else:
                     self._dispatch(ev)
             if n == 0:
@@ -395,10 +427,6 @@ class MigrationDestination(Side):
         elif t is Configuration:
             self._check_configuration(ev)
             res.configuration = ev
-
-    def _postcopy_listen_phase(self, main, receiver):
-        raise StreamError("POSTCOPY_LISTEN: postcopy is not supported yet", offset=self._parser.offset,
-                          field="command")
 
     def _colo_phase(self, main, receiver):
         raise StreamError("ENABLE_COLO: COLO is not supported yet", offset=self._parser.offset,
@@ -461,12 +489,101 @@ class MigrationDestination(Side):
                 raise StreamError("PING without an open return path", offset=ev.offset,
                                   field="command")
             self.rp.pong(struct.unpack(">I", ev.payload)[0])
-        elif ev.cmd == MigCmd.POSTCOPY_LISTEN:
-            return self._postcopy_listen_phase
         elif ev.cmd == MigCmd.ENABLE_COLO:
             return self._colo_phase
-        elif ev.cmd in (MigCmd.POSTCOPY_RUN, MigCmd.POSTCOPY_RAM_DISCARD, MigCmd.PACKAGED,
-                        MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
-            raise StreamError(f"{ev.cmd.name}: postcopy is not supported yet",
+        elif ev.cmd in _POSTCOPY_COMMANDS:
+            self._postcopy_command(ev)
+        elif ev.cmd in (MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
+            raise StreamError(f"{ev.cmd.name} outside a postcopy recovery",
                               offset=ev.offset, field="command")
         return None
+
+    def _postcopy_command(self, ev: Command) -> None:
+        """ADVISE, DISCARD, the PACKAGED device state, LISTEN and RUN (postcopy.md §2-5)."""
+        pc = self.postcopy
+        cmd = ev.cmd
+        if cmd == MigCmd.POSTCOPY_ADVISE:
+            pc.advise(ev.payload, ev.offset)
+        elif cmd == MigCmd.POSTCOPY_RAM_DISCARD:
+            pc.discard(ev.payload, ev.offset)
+        elif cmd == MigCmd.PACKAGED:
+            self._package(ev)
+        elif cmd == MigCmd.POSTCOPY_LISTEN:
+            pc.on_error = self._postcopy_failed
+            pc.listen(ev.offset)
+            if not self.c.state.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+                raise MigrationError("POSTCOPY_LISTEN: the incoming migration is not active")
+            if self._preempt_reader is not None:
+                self._preempt_reader.start(pc.placement, self._postcopy_failed)
+        elif cmd == MigCmd.POSTCOPY_RUN:
+            pc.run(ev.offset)
+            if self.touch_rate > 0:
+                self.toucher = Toucher(self.loader._table or list(self.loader.blocks),
+                                       self.touch_rate)
+                self.toucher.start()
+            if self.on_postcopy_run is not None:
+                self.on_postcopy_run(self)
+
+    def _package(self, ev: Command) -> None:
+        """A PACKAGED command: the device state and LISTEN/RUN, read from its blob.
+
+        QEMU hands the package to the load loop while a listen thread takes
+        over the main channel; here the package is already whole in memory,
+        so it is loaded in place and the main channel is read on after it.
+        """
+        sub = StreamParser(header=False, registry=self.registry)
+        sub.feed(ev.packaged)
+        sub.feed_eof()
+        base = ev.offset + 9  # type, command, length, package length
+        try:
+            for inner in sub.events():
+                t = type(inner)
+                if t is Command:
+                    self._command(inner)
+                elif t in (SectionData, SectionRecord, Configuration):
+                    self._dispatch(inner)
+        except StreamError as exc:
+            if exc.offset is not None:
+                exc.offset += base
+            raise
+
+    def postcopy_report(self) -> Optional[dict]:
+        """Faults, requests and fault-to-placed latencies (ms), or None without postcopy."""
+        pc = self.postcopy
+        if pc is None or pc.state < PostcopyIncoming.LISTENING:
+            return None
+        return pc.report(preempt_pages=self._preempt_reader.pages if self._preempt_reader else 0,
+                         touched=self.toucher.touched if self.toucher else 0)
+
+    def _postcopy_failed(self, exc: BaseException) -> None:
+        """A fault or preempt thread failed: stop the load (the main channel's read ends)."""
+        self._postcopy_error = exc
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def _postcopy_end(self) -> None:
+        """After the main stream's EOF: the preempt channel's EOS, then the fault thread stops."""
+        pc = self.postcopy
+        if pc is None or pc.state < PostcopyIncoming.LISTENING:
+            return
+        if self._preempt_reader is not None:
+            self._preempt_reader.join(self.io_timeout)
+        err = getattr(self, "_postcopy_error", None)
+        if err is not None:
+            raise err
+        self._postcopy_stop()
+        if pc.blocktime:
+            ms = pc.blocktime_ms
+            self.c.stats.postcopy_blocktime = ms
+            self.c.stats.postcopy_vcpu_blocktime = [ms]
+
+    def _postcopy_stop(self) -> None:
+        if self.toucher is not None:
+            self.toucher.stop()
+        if self._preempt_reader is not None:
+            self._preempt_reader.stop()
+        if self.postcopy is not None and self.postcopy.state >= PostcopyIncoming.LISTENING:
+            self.postcopy.finish()
