@@ -225,6 +225,25 @@ class RamSaveState:
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
 
+    def take_requested(self) -> Iterator[tuple[str, int, np.ndarray]]:
+        """Pop the queued requests: ``(block, offset, page)`` for each page not sent yet.
+
+        For a sender of its own (the postcopy preempt channel); pages taken
+        here are no longer dirty, so the background scan skips them.
+        """
+        ps = TARGET_PAGE_SIZE
+        while self._requests:
+            si, first, n, queued = self._requests.popleft()
+            s = self._states[si]
+            blk = s.block
+            for p in range(first, first + n):
+                if s.bitmap.take(p):
+                    self.pages_sent += 1
+                    self.normal_pages += 1
+                    yield blk.idstr, p * ps, blk.buffer[p * ps : (p + 1) * ps]
+            self.requests_served += 1
+            self.request_wait += time.monotonic() - queued
+
     def discard_ranges(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
         """Per block, the runs of pages still dirty or unsent, as ``(first page, count)``.
 
@@ -243,17 +262,19 @@ class RamSaveState:
 
     # -- sending ------------------------------------------------------------
     def iterate(self, w: RamWriter, *, over_budget: Callable[[], bool] = lambda: False,
-                max_wait: float = MAX_WAIT_S) -> bool:
+                max_wait: float = MAX_WAIT_S, serve_requests: bool = True) -> bool:
         """Send dirty pages until the budget is spent or none is left.
 
         Returns True when a whole pass found nothing more to send (QEMU's
         "done"). ``over_budget`` is polled between batches (the rate limit).
+        Queued page requests go first, unless ``serve_requests`` is False
+        (postcopy-preempt serves them on its own channel).
         """
         t0 = time.monotonic()
         empty_blocks = 0
         nblocks = len(self._states)
         while empty_blocks <= nblocks:
-            if self._requests:
+            if self._requests and serve_requests:
                 self._serve_requests(w)
             if over_budget():
                 return False

@@ -16,6 +16,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,3 +101,66 @@ def test_qemu_postcopy_to_qmigx(transport, preempt, tmp_path, uris, guest):
     got = (rd / "mem0.bin").read_bytes()
     diff = first_difference(got, src)
     assert diff is None, f"mem0 after postcopy: {diff}"
+
+
+# --- qmigx send --start-postcopy -> QEMU 7.2 destination ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_streams(tmp_path_factory):
+    """Streams QEMU 7.2 saved: a paused idle guest, and a dirtying guest migrated live."""
+    from qemu_support import streams
+
+    streams.set_default_cache_dir(tmp_path_factory.getbasetemp() / "qemu-streams")
+    return {"idle": streams.get_stream("pc-paused"), "dirtying": streams.get_stream("pc-live")}
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+@pytest.mark.parametrize(("transport", "guest_kind"),
+                         [("unix", "idle"), ("tcp", "idle"), ("unix", "dirtying")])
+def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, saved_streams):
+    """QEMU runs the guest while pages still arrive.
+
+    Idle guest: QEMU's RAM (on tmpfs: shmem) ends equal to the stream's.
+    Dirtying guest: it writes all over its RAM once running, so most of
+    its pages are requested (on the preempt channel when it is on) and it
+    goes on counting from where the stream left it.
+    """
+    info = saved_streams[guest_kind]
+    uri = uris.make(transport)
+    caps = {"postcopy-ram": True, "postcopy-preempt": preempt}
+    shm = Path(tempfile.mkdtemp(prefix="qmigx-pc-", dir="/dev/shm"))
+    report = tmp_path / "send.json"
+    try:
+        with Qemu(ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram", incoming=True,
+                  workdir=tmp_path, name="dst") as dst:
+            dst.set_capabilities(caps)
+            dst.migrate_incoming(uri)
+            argv = qmigx_argv("send", info.stream, uri, "--start-postcopy", "-v",
+                              "--report", report,
+                              "--param", f"max-postcopy-bandwidth={256 << 10}",
+                              *[a for k, v in caps.items() if v for a in ("--cap", f"{k}=on")])
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=qmigx_env())
+            assert r.returncode == 0, f"qmigx send exited {r.returncode}:\n{r.stderr[-3000:]}\n" \
+                                      f"{dst.log_tail()}"
+            st = dst.wait_migration(60)
+            assert st["status"] == "completed"
+            assert dst.status() == "running"
+            if guest_kind == "dirtying":
+                time.sleep(0.5)
+            ram = (shm / "dst.ram").read_bytes()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    rep = json.loads(report.read_text())
+    assert rep["query-migrate"]["status"] == "completed"
+    pc = rep["postcopy"]
+    # the running guest asked for pages it touched before the background stream got there
+    assert pc["requests"] > 0 and pc["served"] > 0, pc
+    want = Path(info.mem).read_bytes()
+    if guest_kind == "idle":
+        diff = first_difference(ram, want)
+        assert diff is None, f"QEMU's RAM after postcopy: {diff}"
+    else:
+        assert pc["requests"] > 20, pc
+        assert (pc["preempt_pages"] > 0) == preempt, pc
+        assert read_marker(ram).counter > read_marker(want).counter

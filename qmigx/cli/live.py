@@ -319,6 +319,8 @@ def cmd_send(args) -> int:
         compat=compat, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
     src.migrate(args.uri)
+    if args.start_postcopy:
+        src.start_postcopy()
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
     if disks.is_active():
         total += sum(check_image(name, path, writable=False) for name, path in disks.drives)
@@ -333,7 +335,7 @@ def cmd_send(args) -> int:
         from qmigx.report import write_report
 
         write_report(args.report, side="source", query=q, iterations=src.iterations,
-                     timings={"load_file_s": 0.0})
+                     timings={"load_file_s": 0.0}, extra=src.postcopy_report())
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

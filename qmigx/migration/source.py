@@ -42,6 +42,7 @@ from qmigx.errors import (
     StreamError,
 )
 from qmigx.guest import Guest, SimpleGuest
+from qmigx.migration.postcopy_source import advise_payload, stream_rest, switch_over
 from qmigx.migration.side import Controls, S, Side, now_ms
 from qmigx.multifd import pack_init_packet
 from qmigx.multifd.channels import MultifdSender
@@ -122,6 +123,11 @@ class MigrationSource(Side):
         self.compat = compat or migration_compat(
             configuration.machine_type if configuration is not None else machine_type, "10.0")
         self._switchover_acked = threading.Event()
+        self._start_postcopy = threading.Event()
+        self._postcopy_request = threading.Event()
+        self.preempt_pages = 0
+        self._pc_stopped = False  # the guest was stopped for postcopy
+        self._pc_ran = False  # the destination was told to RUN: the guest never resumes here
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
         self.globalstate = globalstate
@@ -196,6 +202,15 @@ class MigrationSource(Side):
                 ch.shutdown()
             except Exception:
                 pass
+
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to postcopy at the next opportunity."""
+        if not self.c.caps.get("postcopy-ram"):
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
+                                 "of migration", field="postcopy-ram")
+        if self._thread is None or self.c.state.state == S.NONE:
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self._start_postcopy.set()
 
     def migrate_continue(self, state: str) -> None:
         """``migrate-continue``: leave ``pre-switchover``."""
@@ -290,6 +305,12 @@ class MigrationSource(Side):
             main = transport.connect(uri, options=options)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
+            postcopy = bool(caps.get("postcopy-ram"))
+            preempt = None
+            if postcopy and caps.get("postcopy-preempt"):  # 7.2: the second connection
+                preempt = transport.connect_extra(uri, options=options)
+                preempt.set_timeout(self.io_timeout)
+                self._add_channel(preempt)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
                 # One at a time, each handshake complete and its init packet sent
@@ -339,7 +360,7 @@ class MigrationSource(Side):
             else:
                 w.configuration(self.machine_type,
                                 self._config_subsections(ignore_shared, mapped_ram))
-            rp = bool(caps.get("return-path"))
+            rp = bool(caps.get("return-path")) or postcopy  # postcopy always opens it
             if rp:
                 if not main.has_return_path:
                     raise ChannelError("return path not available on this transport",
@@ -349,7 +370,9 @@ class MigrationSource(Side):
                 self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
-            if caps.get("dirty-bitmaps") and not caps.get("postcopy-ram"):
+            if postcopy:
+                w.command(MigCmd.POSTCOPY_ADVISE, advise_payload(self.blocks, ignore_shared))
+            elif caps.get("dirty-bitmaps"):
                 # QEMU advises postcopy (without page sizes) whenever bitmaps may migrate
                 w.command(MigCmd.POSTCOPY_ADVISE)
             sec = Section(self.ram_section_id, "ram", 0, 4)
@@ -383,10 +406,13 @@ class MigrationSource(Side):
                 if pending < window.threshold_size:
                     self._sync(ram, period, stats)
                     pending = ram.pending()
-                pending += sum(sum(h.save_pending(window.threshold_size))
-                               for _, h in live if h is not None)
+                others = [h.save_pending(window.threshold_size) for _, h in live if h is not None]
+                pending += sum(sum(p) for p in others)
                 if not pending or pending < window.threshold_size:
                     break
+                if self._start_postcopy.is_set() and \
+                        sum(p[0] for p in others) <= window.threshold_size:
+                    break  # RAM goes on in postcopy; the precopy-only rest is small enough
                 t0 = time.monotonic()
                 sent_before = f.total_transferred
                 self._iterate(live, w, rw, sender, f)
@@ -405,50 +431,54 @@ class MigrationSource(Side):
                     if delay > 0 and self._cancel.wait(delay):
                         self._check_cancel()
             # -- completion
-            self._check_cancel()
-            if rp and caps.get("switchover-ack") and self.guest.running:
-                self._wait_switchover_ack()
-            runstate = self.guest.runstate()
-            stats.downtime_start = now_ms()
-            if self.guest.running:
-                self.guest.stop()
-                stopped_by_us = True
-            if caps.get("pause-before-switchover"):
-                if not st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER):
-                    self._lost_transition()
-                while not self._continue.wait(0.1):
-                    self._check_cancel()
+            in_postcopy = postcopy and self._start_postcopy.is_set() and self.ram.dirty_pages() > 0
+            if in_postcopy:
+                self._postcopy(w, rw, f, live, sec, preempt)
+            else:
                 self._check_cancel()
-                if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
+                if rp and caps.get("switchover-ack") and self.guest.running:
+                    self._wait_switchover_ack()
+                runstate = self.guest.runstate()
+                stats.downtime_start = now_ms()
+                if self.guest.running:
+                    self.guest.stop()
+                    stopped_by_us = True
+                if caps.get("pause-before-switchover"):
+                    if not st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER):
+                        self._lost_transition()
+                    while not self._continue.wait(0.1):
+                        self._check_cancel()
+                    self._check_cancel()
+                    if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
+                        self._lost_transition()
+                f.rate_limit_max = 0
+                if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
+                    w.command(MigCmd.SWITCHOVER_START)
+                for lsec, h in live:
+                    if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
+                        continue
+                    w.section_header(SectionType.SECTION_END, lsec)
+                    if h is not None:
+                        h.save_complete_precopy(f)
+                        w.footer(lsec)
+                        continue
+                    pass_no = period.begin_sync(stats, now_ms())
+                    ram.complete(rw)
+                    self.c.events.dirty_pass(pass_no)
+                    if sender is not None and per_round:
+                        self._multifd_flush(rw, sender)
+                    self._ram_eos(rw, None if per_round else sender, w, sec)
+                self._write_devices(w, runstate, first_id=max(s.section_id for s, _ in live) + 1)
+                f.flush()
+                f.check()
+                self._account(ram, rw, stats, f, sender)
+                if rp:
+                    self._wait_shut()
+                stats.remaining = 0
+                stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
+                if not (st.try_transition(S.ACTIVE, S.COMPLETED)
+                        or st.try_transition(S.DEVICE, S.COMPLETED)):
                     self._lost_transition()
-            f.rate_limit_max = 0
-            if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
-                w.command(MigCmd.SWITCHOVER_START)
-            for lsec, h in live:
-                if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
-                    continue
-                w.section_header(SectionType.SECTION_END, lsec)
-                if h is not None:
-                    h.save_complete_precopy(f)
-                    w.footer(lsec)
-                    continue
-                pass_no = period.begin_sync(stats, now_ms())
-                ram.complete(rw)
-                self.c.events.dirty_pass(pass_no)
-                if sender is not None and per_round:
-                    self._multifd_flush(rw, sender)
-                self._ram_eos(rw, None if per_round else sender, w, sec)
-            self._write_devices(w, runstate, first_id=max(s.section_id for s, _ in live) + 1)
-            f.flush()
-            f.check()
-            self._account(ram, rw, stats, f, sender)
-            if rp:
-                self._wait_shut()
-            stats.remaining = 0
-            stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
-            if not (st.try_transition(S.ACTIVE, S.COMPLETED)
-                    or st.try_transition(S.DEVICE, S.COMPLETED)):
-                self._lost_transition()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a state
             failure = exc
         finally:
@@ -458,10 +488,50 @@ class MigrationSource(Side):
                 self._cleanup(sender)
             finally:
                 if failure is not None:
-                    if stopped_by_us and guest_was_running:
+                    stopped_by_us = stopped_by_us or self._pc_stopped
+                    if stopped_by_us and guest_was_running and not self._pc_ran:
                         self.guest.start()
                     self._finish_failure(failure)
                 self.c.done.set()
+
+    def _postcopy(self, w: StreamWriter, rw: RamWriter, f: QEMUFile, live: list, sec: Section,
+                  preempt) -> None:
+        """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4)."""
+        st, stats = self.c.state, self.c.stats
+        self._check_cancel()
+        if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+            self._lost_transition()
+        runstate = self.guest.runstate()
+        stats.downtime_start = now_ms()
+        if self.guest.running:
+            self.guest.stop()
+            self._pc_stopped = True
+        f.rate_limit_max = 0
+        precopy_bytes = f.total_transferred
+        switch_over(self, w, rw, live, runstate)
+        self._pc_ran = True
+        stats.downtime = now_ms() - stats.downtime_start
+        stream_rest(self, w, rw, sec, preempt)
+        self._account(self.ram, rw, stats, f, None)
+        stats.postcopy_bytes = f.total_transferred - precopy_bytes
+        self._wait_shut()
+        stats.remaining = 0
+        downtime = stats.downtime
+        stats.complete(now_ms(), f.total_transferred)
+        stats.downtime = downtime  # postcopy's downtime ends when the package went
+        if not st.try_transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
+            self._lost_transition()
+
+    def postcopy_report(self) -> Optional[dict]:
+        """Page requests served (count, time queued) after a postcopy switch-over, else None."""
+        if not self._pc_ran or self.ram is None:
+            return None
+        ram = self.ram
+        wait = ram.request_wait / ram.requests_served if ram.requests_served else 0.0
+        return {"postcopy": {"requests": self.c.stats.postcopy_requests,
+                             "served": ram.requests_served,
+                             "queued_ms_mean": round(wait * 1000, 3),
+                             "preempt_pages": self.preempt_pages}}
 
     def _live_sections(self, ram_sec: Section) -> list:
         """The active live sections in QEMU's order; RAM's handler slot is None."""
@@ -531,7 +601,9 @@ class MigrationSource(Side):
             st.try_transition(S.CANCELLING, S.CANCELLED)
             return
         self.c.fail(exc)
-        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG):
+        if self._pc_ran and st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED):
+            return  # the destination runs the guest: nothing here may resume it
+        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG, S.POSTCOPY_ACTIVE):
             if st.try_transition(old, S.FAILED):
                 break
 
@@ -627,7 +699,9 @@ class MigrationSource(Side):
         return write_report(path, side="source", query=self.query(),
                             iterations=self.iterations, timings=timings)
 
-    def _write_devices(self, w: StreamWriter, runstate: str, first_id: int) -> None:
+    def _write_devices(self, w: StreamWriter, runstate: str, first_id: int,
+                       package: bool = False) -> None:
+        """The FULL device sections, then EOF and the vmdesc (not in a postcopy package)."""
         from qmigx.savevm import vmstate_device
         from qmigx.vmstate import VMSTATE_GLOBALSTATE, globalstate
 
@@ -651,6 +725,8 @@ class MigrationSource(Side):
         text = self.vmdesc
         if text is None:
             text = ('{"page_size": %d, "devices": [%s]}' % (TARGET_PAGE_SIZE, ", ".join(entries))).encode()
+        if package:
+            return
         w.eof()
         w.vmdesc(text)
 
@@ -683,8 +759,12 @@ class MigrationSource(Side):
                         self._shut.set()
                         return
                     if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
-                        raise StreamError("postcopy page request during precopy",
-                                          offset=msg.offset, field="return-path")
+                        if not self._pc_stopped and not self._start_postcopy.is_set():
+                            raise StreamError("postcopy page request during precopy",
+                                              offset=msg.offset, field="return-path")
+                        self.ram.request_pages(msg.block, msg.start, msg.length)
+                        self.c.stats.postcopy_requests += 1
+                        self._postcopy_request.set()
         except BaseException as exc:
             if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
                 self._rp_error = exc
