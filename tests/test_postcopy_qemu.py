@@ -164,3 +164,107 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
         assert pc["requests"] > 20, pc
         assert (pc["preempt_pages"] > 0) == preempt, pc
         assert read_marker(ram).counter > read_marker(want).counter
+
+
+# --- qmigx serve driven over QMP, both ways -------------------------------------------------------
+
+
+def _events_until(client, status: str, timeout: float = 120) -> list:
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    while not any(e["event"] == "MIGRATION" and e["data"]["status"] == status for e in seen):
+        ev = client.pull_event(timeout=max(0.1, deadline - time.monotonic()))
+        seen.append(ev)
+        assert not (ev["event"] == "MIGRATION" and ev["data"]["status"] == "failed"), seen
+    return seen
+
+
+def _statuses(events) -> list:
+    return [e["data"]["status"] for e in events if e["event"] == "MIGRATION"]
+
+
+def test_served_source_postcopy_to_qemu(tmp_path, saved_streams):
+    """``qmigx serve --load`` as source, QMP migrate + migrate-start-postcopy, into a running QEMU."""
+    from qemu_support.qmp import QMPClient
+    from test_qmp import Served
+
+    info = saved_streams["idle"]
+    sockdir = tempfile.mkdtemp(prefix="qmigx-pq-")
+    shm = Path(tempfile.mkdtemp(prefix="qmigx-pc-", dir="/dev/shm"))
+    uri = f"unix:{sockdir}/mig.sock"
+    src = Served("src", "--load", info.stream, sockdir=sockdir)
+    try:
+        with Qemu(ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram", incoming=True,
+                  workdir=tmp_path, name="dst") as dst:
+            dst.set_capabilities({"postcopy-ram": True})
+            dst.migrate_incoming(uri)
+            with QMPClient(src.sock) as s:
+                s.connect()
+                with pytest.raises(Exception, match="Enable postcopy with migrate_set_capability"):
+                    s.execute("migrate-start-postcopy")
+                s.execute("migrate-set-capabilities", capabilities=[
+                    {"capability": "events", "state": True},
+                    {"capability": "postcopy-ram", "state": True}])
+                with pytest.raises(Exception, match="Postcopy must be started after migration"):
+                    s.execute("migrate-start-postcopy")
+                s.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 256 << 10})
+                s.execute("migrate", uri=uri)
+                s.execute("migrate-start-postcopy")
+                events = _events_until(s, "completed")
+                assert _statuses(events) == ["setup", "active", "postcopy-active", "completed"]
+                q = s.execute("query-migrate")
+                assert q["status"] == "completed" and q["ram"]["postcopy-requests"] > 0, q
+                assert s.execute("query-status")["status"] == "postmigrate"
+                s.execute("quit")
+            assert src.wait() == 0
+            dst.wait_migration(60)
+            assert dst.status() == "running"
+            ram = (shm / "dst.ram").read_bytes()
+    finally:
+        src.close()
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    diff = first_difference(ram, Path(info.mem).read_bytes())
+    assert diff is None, f"QEMU's RAM after postcopy from qmigx serve: {diff}"
+
+
+def test_qemu_postcopy_to_served_destination(tmp_path, guest):
+    """A running QEMU migrates in postcopy to ``qmigx serve --incoming defer``, whose guest
+    stand-in reads memory once it runs: QEMU serves its page requests."""
+    from qemu_support.qmp import QMPClient
+    from test_qmp import Served
+
+    sockdir = tempfile.mkdtemp(prefix="qmigx-pq-")
+    uri = f"unix:{sockdir}/mig.sock"
+    dst = Served("dst", "--incoming", "defer", sockdir=sockdir)
+    try:
+        with Qemu(ram=RAM, kernel=guest, workdir=tmp_path, name="src") as vm, \
+                QMPClient(dst.sock) as d:
+            vm.wait_guest_ready(60, min_counter=1000)
+            d.connect()
+            d.execute("migrate-set-capabilities", capabilities=[
+                {"capability": "events", "state": True},
+                {"capability": "postcopy-ram", "state": True}])
+            d.execute("migrate-incoming", uri=uri)
+            vm.set_capabilities({"postcopy-ram": True})
+            vm.set_parameters({"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
+                               "downtime-limit": 1})
+            vm.migrate(uri)
+            _wait_status(vm, {"active"})
+            time.sleep(0.3)
+            vm.cmd("migrate-start-postcopy")
+            stats = _wait_status(vm, {"completed"}, timeout=120)
+            events = _events_until(d, "completed")
+            assert _statuses(events) == ["setup", "active", "postcopy-active", "completed"]
+            assert stats["ram"]["postcopy-requests"] > 0, stats["ram"]
+            assert d.execute("query-status")["status"] == "running"
+            ram = {b["id"]: b for b in d.execute("x-query-qmigx-ram")}
+            import hashlib
+
+            want = hashlib.sha256(vm.read_ram()).hexdigest()
+            assert ram["mem0"]["sha256"] == want
+            d.execute("quit")
+        assert dst.wait() == 0
+    finally:
+        dst.close()
+        shutil.rmtree(sockdir, ignore_errors=True)

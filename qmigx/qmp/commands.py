@@ -394,6 +394,7 @@ _TABLE = (
     Command("migrate_cancel", lambda ctx, a: ctx.machine.migrate_cancel()),
     Command("migrate-continue", lambda ctx, a: ctx.machine.migrate_continue(a["state"]),
             (Arg("state", "enum", True, _STATES),)),
+    Command("migrate-start-postcopy", lambda ctx, a: ctx.machine.start_postcopy()),
     Command("migrate-pause", _migrate_pause, allow_oob=True),
     Command("migrate-recover", _migrate_recover, (Arg("uri", "str"),), allow_oob=True),
     Command("migrate-set-capabilities",

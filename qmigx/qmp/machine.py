@@ -57,6 +57,10 @@ BLOCK_INCREMENTAL_REFUSED = ("Block migration of the top image layer only (inc, 
 SYNTHETIC_ROM_BYTES = 128 * 1024
 
 
+#: pages per second the served guest's stand-in reads once postcopy runs it here
+POSTCOPY_TOUCH_RATE = 1000
+
+
 @dataclass
 class GuestImage:
     """What ``migrate`` sends: RAM blocks in RAM-list order and device sections.
@@ -459,6 +463,7 @@ class Machine:
                                        objects=self.objects)
             dst.events.subscribe(self._destination_event)
             dst.state.add_listener(self._destination_state)
+            dst.on_postcopy_run = self._postcopy_run
             try:
                 dst.incoming(uri)
             except MigrationError as exc:
@@ -475,6 +480,29 @@ class Machine:
         # a synthetic guest's layout (qmigx.synthetic), zero-filled: the content comes in
         return RAMBlockList([RAMBlock.anonymous("pc.ram", self._ram_bytes),
                              RAMBlock.anonymous("pc.rom", SYNTHETIC_ROM_BYTES)])
+
+    def start_postcopy(self) -> None:
+        """QMP ``migrate-start-postcopy`` (QEMU 7.2's checks)."""
+        if not (self.caps.get("postcopy-ram") or self.caps.get("dirty-bitmaps")):
+            raise QMPError("Enable postcopy with migrate_set_capability before the start of "
+                           "migration")
+        src = self.src
+        if src is None or src.state.state is S.NONE:
+            raise QMPError("Postcopy must be started after migration has been started")
+        if self.caps.get("postcopy-ram"):
+            src.start_postcopy()
+
+    def _postcopy_run(self, dst) -> None:
+        """POSTCOPY_RUN: the guest runs here now; its stand-in reads memory, faulting pages in."""
+        from qmigx.migration.postcopy_incoming import Toucher
+
+        with self._lock:
+            if not self.autostart:
+                return
+            self.runstate = "running"
+        blocks = dst.loader._table or list(dst.blocks)
+        dst.toucher = Toucher(blocks, POSTCOPY_TOUCH_RATE)
+        dst.toucher.start()
 
     def migrate_cancel(self) -> None:
         src = self.src
