@@ -133,6 +133,8 @@ class RamSaveState:
         self.xbzrle_pages = 0
         self.compressed_pages = 0
         self.skipped_pages = 0
+        #: pages taken per batch (postcopy takes fewer, so requests wait less)
+        self.batch_pages = BATCH_PAGES
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()
@@ -244,6 +246,24 @@ class RamSaveState:
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
 
+    def load_received_bitmap(self, idstr: str, bitmap: bytes) -> None:
+        """Postcopy recovery: what the destination has not received is dirty again.
+
+        ``bitmap`` is the destination's RECV_BITMAP blob body (bit p = page
+        p, little-endian bit order, padded to whole 8-byte words).
+        """
+        s = next((st for st in self._states if st.block.idstr == idstr), None)
+        if s is None:
+            raise ReturnPathError(f"received bitmap for unknown block {idstr!r}", field="rbname")
+        npages = s.bitmap.npages
+        want = -(-npages // 64) * 8
+        if len(bitmap) != want:
+            raise ReturnPathError(f"received bitmap of {idstr} has {len(bitmap)} bytes, "
+                                  f"expected {want}", field="size")
+        received = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[:npages]
+        s.bitmap.clear(0, npages)
+        s.bitmap.sync(np.packbits(received == 0, bitorder="little").tobytes())
+
     def discard_ranges(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
         """Per block, the runs of pages still dirty or unsent, as ``(first page, count)``.
 
@@ -279,7 +299,7 @@ class RamSaveState:
             if over_budget():
                 return False
             s = self._states[self._cursor_block]
-            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, BATCH_PAGES,
+            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, self.batch_pages,
                                                          self._taken)
             if n == 0:
                 empty_blocks += 1

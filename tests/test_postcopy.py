@@ -240,3 +240,112 @@ def test_preempt_records_roundtrip_and_bad_input():
         dec.feed(bad)
         with pytest.raises(RamStreamError, match=what):
             list(dec.records())
+
+
+class Proxy:
+    """A TCP forwarder the test can cut: every connection through it dies at once."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target = target_port
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.socks: list = []
+        self.bytes = 0
+        self._cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while not self._cut.is_set():
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                d = a.recv(1 << 16)
+                if not d:
+                    break
+                self.bytes += len(d)
+                b.sendall(d)
+        except OSError:
+            pass
+        finally:
+            self.cut_one(b)
+
+    @staticmethod
+    def cut_one(s):
+        import socket
+
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def cut(self):
+        self._cut.set()
+        self.lsock.close()
+        for s in self.socks:
+            self.cut_one(s)
+
+
+def _wait_state(side, state, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while side.c.state.state is not state:
+        assert time.monotonic() < deadline, f"{side.c.state.state} instead of {state}: {side.error}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_postcopy_pause_and_recovery(preempt):
+    """The connection is cut mid-postcopy: both sides pause, nothing is lost, recovery completes."""
+    _uffd_or_skip()
+    caps = ["postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
+    blocks = _blocks()
+    logs = {b.idstr: ExplicitDirtyLog(b) for b in blocks}
+    dc, dp = controls(*caps)
+    dst = MigrationDestination(None, capabilities=dc, parameters=dp, io_timeout=WAIT)
+    dst.touch_rate = 2000
+    dst.incoming("tcp:127.0.0.1:0")
+    proxy = Proxy(int(dst.connect_uri.rsplit(":", 1)[1]))
+    guest = Writer(blocks, logs)
+    sc, sp = controls(*caps, max_bandwidth=32 << 20, max_postcopy_bandwidth=2 << 20,
+                      downtime_limit=1)
+    src = MigrationSource(blocks, dirty_logs=logs, guest=guest, capabilities=sc, parameters=sp,
+                          io_timeout=WAIT)
+    try:
+        src.migrate(f"tcp:127.0.0.1:{proxy.port}")
+        time.sleep(0.2)
+        src.start_postcopy()
+        _wait_state(src, S.POSTCOPY_ACTIVE)
+        time.sleep(1.0)  # some of the background stream and some requests
+        snapshot = {b.idstr: b.memory.copy() for b in blocks}
+        proxy.cut()
+        _wait_state(src, S.POSTCOPY_PAUSED)
+        _wait_state(dst, S.POSTCOPY_PAUSED)
+        assert not src.c.done.is_set() and not dst.c.done.is_set()
+        for b in blocks:  # the source's memory is intact while paused
+            assert np.array_equal(snapshot[b.idstr], b.memory)
+        with pytest.raises(MigrationError, match="Cannot resume if there is no paused"):
+            MigrationSource(blocks).migrate("tcp:127.0.0.1:1", resume=True)
+        uri = dst.recover("tcp:127.0.0.1:0")
+        src.migrate(uri, resume=True)
+        assert src.wait(60) is S.COMPLETED, src.error
+        assert dst.wait(60) is S.COMPLETED, dst.error
+    finally:
+        src.cancel()
+        dst.cancel()
+        proxy.cut()
+    for b in blocks:
+        assert np.array_equal(dst.blocks[b.idstr].memory, b.memory), b.idstr
+    pc = dst.postcopy_report()
+    assert pc["requests"] > 0, pc

@@ -142,6 +142,12 @@ class MigrationDestination(Side):
         self.t_done: Optional[float] = None
         self._preempt = False
         self._preempt_reader: Optional[PreemptReader] = None
+        self._recover_uri: Optional[str] = None
+        self._recover_listener = None
+        self._recover_event = threading.Event()
+        self._postcopy_error: Optional[BaseException] = None
+        #: why postcopy paused last (the broken connection's error)
+        self.pause_reason: Optional[BaseException] = None
         self.postcopy: Optional[PostcopyIncoming] = None
         #: pages per second the vCPU stand-in reads once postcopy runs (0: none)
         self.touch_rate = 0.0
@@ -207,6 +213,7 @@ class MigrationDestination(Side):
     def cancel(self) -> None:
         """Stop the incoming migration now: it ends ``failed`` (a destination has no cancelled)."""
         self._cancelled = True
+        self._recover_event.set()
         if self._listener is not None:
             self._listener.shutdown()
         for ch in list(self._chans):
@@ -294,7 +301,7 @@ class MigrationDestination(Side):
                 if failure is not None:
                     if st.state == S.NONE:
                         st.transition(S.ACTIVE)
-                    if st.state == S.ACTIVE:
+                    if st.state in (S.ACTIVE, S.POSTCOPY_ACTIVE):
                         st.transition(S.FAILED)
                 self.c.done.set()
 
@@ -365,7 +372,11 @@ class MigrationDestination(Side):
         self._started: set = set()
         phase = self._precopy_phase
         while phase is not None:
-            phase = phase(main, receiver)
+            try:
+                phase = phase(main, receiver)
+            except BaseException as exc:  # noqa: BLE001 - postcopy pauses instead of failing
+                main = self._postcopy_pause(exc)
+                phase = self._precopy_phase
         if receiver is not None:
             receiver._check()
         if self.result.return_path:
@@ -493,10 +504,97 @@ class MigrationDestination(Side):
             return self._colo_phase
         elif ev.cmd in _POSTCOPY_COMMANDS:
             self._postcopy_command(ev)
-        elif ev.cmd in (MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
-            raise StreamError(f"{ev.cmd.name} outside a postcopy recovery",
-                              offset=ev.offset, field="command")
+        elif ev.cmd == MigCmd.RECV_BITMAP:
+            self._send_recv_bitmap(ev)
+        elif ev.cmd == MigCmd.POSTCOPY_RESUME:
+            # QEMU ignores a RESUME outside postcopy-recover
+            if self.c.state.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE):
+                self.rp.resume_ack()
+                self.postcopy.resend_requests()
         return None
+
+    # -- postcopy pause and recovery (postcopy.md §6) ------------------------------------
+    def recover(self, uri: str) -> str:
+        """``migrate-recover``: listen on ``uri`` for the source that resumes; returns its connect URI."""
+        if self.c.state.state is not S.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        if self._recover_uri is not None:
+            raise MigrationError("Migrate recovery is triggered already")
+        nchan = 2 if self._preempt else 1
+        self._recover_listener = transport.listen(uri, channels=nchan,
+                                                  options=self.connection_options(),
+                                                  on_refused=self._refuse)
+        self._recover_uri = uri
+        self.c.events.incoming_setup()  # QEMU announces setup again
+        self._recover_event.set()
+        return self._recover_listener.connect_uri
+
+    def pause(self) -> None:
+        """``migrate-pause``: cut the connection now; postcopy pauses."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is currently only supported during "
+                                 "postcopy-active state")
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def _postcopy_pause(self, exc: BaseException):
+        """A broken postcopy: keep every placed page, wait for recover(), return the new channel."""
+        pc = self.postcopy
+        if (self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING
+                or not self.c.state.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)):
+            raise exc
+        _log.warning("postcopy paused: %s", exc)
+        self.pause_reason = exc
+        self.rp.close()
+        if self._preempt_reader is not None:
+            self._preempt_reader.stop()
+        for ch in list(self._chans):
+            try:
+                ch.close(timeout=1)
+            except Exception:
+                pass
+        self._chans.clear()
+        self._postcopy_error = None
+        while not self._recover_event.wait(0.2) and not self._cancelled:
+            pass
+        if self._cancelled:
+            raise MigrationCancelled("incoming migration cancelled while postcopy was paused")
+        self._recover_event.clear()
+        lst = self._recover_listener
+        try:
+            main = lst.accept(None)
+            self._add_channel(main)
+            if self._preempt:  # 7.2 tells the preempt channel by its order
+                pre = lst.accept(self.io_timeout)
+                self._add_channel(pre)
+                self._preempt_reader = PreemptReader(pre, self.loader)
+        finally:
+            lst.close()
+            self._recover_uri = None
+        self.c.state.transition(S.POSTCOPY_RECOVER)
+        self.rp = ReturnPathWriter(main.write)
+        pc.rp = self.rp
+        # a new connection: no header; sections and blocks as established before
+        self._parser = StreamParser(header=False, registry=self.registry,
+                                    context=self._parser.ctx)
+        if self._preempt_reader is not None:
+            self._preempt_reader.start(pc.placement, self._postcopy_failed)
+        return main
+
+    def _send_recv_bitmap(self, ev: Command) -> None:
+        if self.c.state.state is not S.POSTCOPY_RECOVER:
+            raise StreamError("RECV_BITMAP outside a postcopy recovery", offset=ev.offset,
+                              field="command")
+        n = ev.payload[0] if ev.payload else 0
+        name = ev.payload[1 : 1 + n].decode("utf-8", "replace")
+        blk = self.loader.blocks.get(name)
+        if blk is None or len(ev.payload) != 1 + n:
+            raise StreamError(f"RECV_BITMAP for unknown block {printable_name(name)}",
+                              offset=ev.offset, field="rbname")
+        self.rp.recv_bitmap(name, self.postcopy.placement.received[name])
 
     def _postcopy_command(self, ev: Command) -> None:
         """ADVISE, DISCARD, the PACKAGED device state, LISTEN and RUN (postcopy.md §2-5)."""
@@ -557,6 +655,8 @@ class MigrationDestination(Side):
 
     def _postcopy_failed(self, exc: BaseException) -> None:
         """A fault or preempt thread failed: stop the load (the main channel's read ends)."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            return  # paused already: the old channels are gone
         self._postcopy_error = exc
         for ch in list(self._chans):
             try:

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-from qmigx import returnpath, transport
+from qmigx import transport
 from qmigx.autoconverge import AutoConverge
 from qmigx.compat import MigrationCompat, migration_compat
 from qmigx.crypto import ObjectRoot, TLSSettings
@@ -36,14 +36,18 @@ from qmigx.control import (
 from qmigx.errors import (
     CapabilityError,
     ChannelError,
-    ChannelTimeout,
     MigrationCancelled,
     MigrationError,
-    StreamError,
 )
 from qmigx.guest import Guest, SimpleGuest
-from qmigx.migration.postcopy_source import advise_payload, stream_rest, switch_over
+from qmigx.migration.postcopy_source import (
+    advise_payload,
+    pause_and_resume,
+    stream_rest,
+    switch_over,
+)
 from qmigx.migration.side import Controls, S, Side, now_ms
+from qmigx.migration.source_rp import SourceReturnPath
 from qmigx.multifd import pack_init_packet
 from qmigx.multifd.channels import MultifdSender
 from qmigx.precopy import RamSaveState
@@ -58,12 +62,12 @@ from qmigx.stream import (
     SectionData,
     StreamWriter,
 )
-from qmigx.wire import TARGET_PAGE_SIZE, MigCmd, MigRpMsg, SectionType
+from qmigx.wire import TARGET_PAGE_SIZE, MigCmd, SectionType
 
 __all__ = ["MigrationSource"]
 
 
-class MigrationSource(Side):
+class MigrationSource(SourceReturnPath, Side):
     """An outgoing migration of ``blocks`` (and device state) to a URI.
 
     Args:
@@ -128,6 +132,13 @@ class MigrationSource(Side):
         self.preempt_pages = 0
         self._pc_stopped = False  # the guest was stopped for postcopy
         self._pc_ran = False  # the destination was told to RUN: the guest never resumes here
+        self._resume = threading.Event()
+        self._resume_uri: Optional[str] = None
+        self._resume_acked = threading.Event()
+        self._recv_bitmaps: dict = {}
+        self._rp_event = threading.Event()
+        #: seconds a paused postcopy waits for migrate(resume=True); None: for ever
+        self.recover_timeout: Optional[float] = None
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
         self.globalstate = globalstate
@@ -150,9 +161,20 @@ class MigrationSource(Side):
         self._dirty_found = 0
 
     # -- public --------------------------------------------------------------
-    def migrate(self, uri: str) -> None:
-        """Start migrating to ``uri`` in the background (QMP ``migrate``)."""
+    def migrate(self, uri: str, *, resume: bool = False) -> None:
+        """Start migrating to ``uri`` in the background (QMP ``migrate``).
+
+        ``resume``: reconnect a paused postcopy to ``uri`` (a destination
+        that ran ``migrate-recover`` there).
+        """
         st = self.c.state
+        if resume:
+            if st.state is not S.POSTCOPY_PAUSED:
+                raise MigrationError("Cannot resume if there is no paused migration")
+            transport.parse_uri(uri)
+            self._resume_uri = uri
+            self._resume.set()
+            return
         if st.is_running():
             raise MigrationError("There's a migration process in progress")
         parsed = transport.parse_uri(uri)  # bad URIs fail here, before any state change
@@ -197,6 +219,17 @@ class MigrationSource(Side):
             return
         self._cancel.set()
         self._continue.set()
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def pause(self) -> None:
+        """``migrate-pause``: break the connection; postcopy pauses."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is currently only supported during "
+                                 "postcopy-active state")
         for ch in list(self._chans):
             try:
                 ch.shutdown()
@@ -511,7 +544,14 @@ class MigrationSource(Side):
         switch_over(self, w, rw, live, runstate)
         self._pc_ran = True
         stats.downtime = now_ms() - stats.downtime_start
-        stream_rest(self, w, rw, sec, preempt)
+        while True:
+            try:
+                stream_rest(self, w, rw, sec, preempt)
+                break
+            except (ChannelError, OSError) as exc:
+                if self._cancel.is_set():
+                    raise
+                w, rw, preempt = pause_and_resume(self, sec, exc, rw)
         self._account(self.ram, rw, stats, f, None)
         stats.postcopy_bytes = f.total_transferred - precopy_bytes
         self._wait_shut()
@@ -729,73 +769,3 @@ class MigrationSource(Side):
             return
         w.eof()
         w.vmdesc(text)
-
-    # -- return path ----------------------------------------------------------
-    def _rp_reader(self, ch) -> None:
-        parser = returnpath.ReturnPathParser()
-        buf = bytearray(4096)
-        try:
-            while True:
-                try:
-                    n = ch.readinto(buf)
-                except ChannelTimeout:
-                    # Between PONG and SHUT the return path is idle for as long as
-                    # the migration runs: the channel's I/O timeout, meant for a
-                    # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
-                    if not self._cancel.is_set():
-                        continue
-                    raise
-                if n == 0:
-                    if not self._shut.is_set():
-                        raise ChannelError("return path closed before SHUT", field="return-path")
-                    return
-                parser.feed(memoryview(buf)[:n])
-                for msg in parser.messages():
-                    if msg.type == MigRpMsg.SWITCHOVER_ACK:
-                        self._switchover_acked.set()
-                        continue
-                    if msg.type == MigRpMsg.SHUT:
-                        self._shut_status = msg.value
-                        self._shut.set()
-                        return
-                    if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
-                        if not self._pc_stopped and not self._start_postcopy.is_set():
-                            raise StreamError("postcopy page request during precopy",
-                                              offset=msg.offset, field="return-path")
-                        self.ram.request_pages(msg.block, msg.start, msg.length)
-                        self.c.stats.postcopy_requests += 1
-                        self._postcopy_request.set()
-        except BaseException as exc:
-            if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
-                self._rp_error = exc
-            self._shut.set()
-
-    def _rp_check(self) -> None:
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._shut_status:  # a failed destination says so before it closes
-            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
-
-    def _wait_switchover_ack(self) -> None:
-        """``switchover-ack``: a running guest is not stopped before the destination agrees."""
-        deadline = time.monotonic() + (self.io_timeout or 3600)
-        while not self._switchover_acked.wait(0.1):
-            self._check_cancel()
-            self._rp_check()
-            if self._shut.is_set():
-                raise ChannelError("return path ended without SWITCHOVER_ACK",
-                                   field="switchover-ack")
-            if time.monotonic() > deadline:
-                raise ChannelError("timed out waiting for the destination's SWITCHOVER_ACK",
-                                   field="switchover-ack")
-
-    def _wait_shut(self) -> None:
-        deadline = time.monotonic() + (self.io_timeout or 3600)
-        while not self._shut.wait(0.1):
-            self._check_cancel()
-            if time.monotonic() > deadline:
-                raise ChannelError("timed out waiting for the destination's SHUT",
-                                   field="return-path")
-        self._rp_check()
-        if self._shut_status:
-            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
