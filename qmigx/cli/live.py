@@ -281,17 +281,22 @@ def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
 
-    shared = _shared_ram(args.shared_ram, private=False)
-    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
-    compat = send_compat(loaded)
-    caps, params = settings_from_args(args.cap, args.param, incoming=False,
-                                      defaults={"zero-page-detection": compat.zero_page_detection})
+    # the options are checked before FILE is read (its machine type only sets defaults)
+    caps, params = settings_from_args(args.cap, args.param, incoming=False)
     if args.drive and not caps.get("block"):
         raise ParameterError("--drive needs --cap block=on (without it no disk is migrated)",
                              field="drive")
     if caps.get("block") and params.get("block-incremental"):
         raise ParameterError("block-incremental is not supported: the disks are raw images, "
                              "migrated whole", field="block-incremental")
+    if args.start_postcopy and not caps.get("postcopy-ram"):
+        raise CapabilityError("--start-postcopy needs --cap postcopy-ram=on (on both sides)",
+                              field="postcopy-ram")
+    shared = _shared_ram(args.shared_ram, private=False)
+    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
+    compat = send_compat(loaded)
+    caps, params = settings_from_args(args.cap, args.param, incoming=False,
+                                      defaults={"zero-page-detection": compat.zero_page_detection})
     disks = BlockSaveHandler(args.drive, capabilities=caps)
     objects = objects_from_args(args.object)
     setup = loaded.ram_setup
