@@ -34,6 +34,7 @@ from qmigx.migration.preempt import PreemptRecords, PreemptWriter
 from qmigx.ram import RAMBlock, RAMBlockList, RamLoader
 from qmigx.stream import Command, StreamParser
 from qmigx.wire import MigCmd
+from qemu_support.proxy import Proxy
 
 S = MigrationStatus
 PAGE = 4096
@@ -240,62 +241,6 @@ def test_preempt_records_roundtrip_and_bad_input():
         dec.feed(bad)
         with pytest.raises(RamStreamError, match=what):
             list(dec.records())
-
-
-class Proxy:
-    """A TCP forwarder the test can cut: every connection through it dies at once."""
-
-    def __init__(self, target_port: int):
-        import socket
-
-        self.target = target_port
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.socks: list = []
-        self.bytes = 0
-        self._cut = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import socket
-
-        while not self._cut.is_set():
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.target))
-            self.socks += [c, u]
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a, b):
-        try:
-            while True:
-                d = a.recv(1 << 16)
-                if not d:
-                    break
-                self.bytes += len(d)
-                b.sendall(d)
-        except OSError:
-            pass
-        finally:
-            self.cut_one(b)
-
-    @staticmethod
-    def cut_one(s):
-        import socket
-
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def cut(self):
-        self._cut.set()
-        self.lsock.close()
-        for s in self.socks:
-            self.cut_one(s)
 
 
 def _wait_state(side, state, timeout=WAIT):

@@ -268,3 +268,102 @@ def test_qemu_postcopy_to_served_destination(tmp_path, guest):
     finally:
         dst.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# --- pause and recovery (QEMU's /postcopy/recovery/plain and /postcopy/preempt/recovery/plain) ---
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_qemu_postcopy_recovery_to_qmigx(preempt, tmp_path, guest):
+    """The connection is cut mid-postcopy (a proxy dies): QEMU pauses, qmigx incoming listens
+    again on its URI, QEMU resumes there with ``migrate resume=true``; nothing is lost."""
+    from qemu_support.proxy import Proxy
+
+    port = _free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    caps = {"postcopy-ram": True, "postcopy-preempt": preempt}
+    rd = tmp_path / "rd"
+    report = tmp_path / "report.json"
+    inc = QmigxIncoming(uri, tmp_path, caps={k: v for k, v in caps.items() if v}, ram_dir=rd,
+                        report=report, extra=["--touch", "2000"])
+    with Qemu(ram=RAM, kernel=guest, workdir=tmp_path, name="src") as vm:
+        vm.wait_guest_ready(60, min_counter=1000)
+        with inc:
+            proxy = Proxy(port)
+            vm.set_capabilities(caps)
+            vm.set_parameters({"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
+                               "downtime-limit": 1})
+            vm.migrate(f"tcp:127.0.0.1:{proxy.port}")
+            _wait_status(vm, {"active"})
+            time.sleep(0.3)
+            vm.cmd("migrate-start-postcopy")
+            _wait_status(vm, {"postcopy-active"})
+            time.sleep(1.0)
+            proxy.cut()
+            _wait_status(vm, {"postcopy-paused"})
+            deadline = time.monotonic() + 30  # qmigx listens again on the same URI
+            while "waiting for the source to resume" not in inc.stderr():
+                assert time.monotonic() < deadline, inc.stderr()
+                time.sleep(0.05)
+            vm.cmd("migrate", uri=uri, resume=True)
+            stats = _wait_status(vm, {"completed"}, timeout=120)
+            rc, err = inc.wait(120)
+        assert rc == 0, f"qmigx incoming exited {rc}:\n{err[-3000:]}"
+        src = vm.read_ram()
+    assert stats["ram"]["postcopy-requests"] > 0, stats["ram"]
+    diff = first_difference((rd / "mem0.bin").read_bytes(), src)
+    assert diff is None, f"mem0 after a recovered postcopy: {diff}"
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_qmigx_postcopy_recovery_to_qemu(preempt, tmp_path, saved_streams):
+    """``qmigx send`` through a proxy that dies mid-postcopy: QEMU pauses; after
+    ``migrate-recover`` and a new proxy on the same address, qmigx's retries resume it."""
+    from qemu_support.proxy import Proxy
+
+    info = saved_streams["dirtying"]
+    caps = {"postcopy-ram": True, "postcopy-preempt": preempt}
+    shm = Path(tempfile.mkdtemp(prefix="qmigx-pc-", dir="/dev/shm"))
+    report = tmp_path / "send.json"
+    qport, pport = _free_port(), _free_port()
+    try:
+        with Qemu(ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram", incoming=True,
+                  paused=True, workdir=tmp_path, name="dst") as dst:
+            dst.set_capabilities(caps)
+            dst.migrate_incoming(f"tcp:127.0.0.1:{qport}")
+            proxy = Proxy(qport, port=pport)
+            argv = qmigx_argv("send", info.stream, f"tcp:127.0.0.1:{pport}", "--start-postcopy",
+                              "-v", "--report", report,
+                              "--param", f"max-postcopy-bandwidth={1 << 20}",
+                              *[a for k, v in caps.items() if v for a in ("--cap", f"{k}=on")])
+            send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=qmigx_env())
+            try:
+                _wait_status(dst, {"postcopy-active"})
+                time.sleep(1.0)
+                proxy.cut()
+                _wait_status(dst, {"postcopy-paused"})
+                qport2 = _free_port()
+                dst.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{qport2}")
+                proxy = Proxy(qport2, port=pport)  # the address qmigx keeps retrying
+                out, err = send.communicate(timeout=120)
+            finally:
+                if send.poll() is None:
+                    send.kill()
+                proxy.cut()
+            assert send.returncode == 0, f"qmigx send exited {send.returncode}:\n{err[-3000:]}"
+            st = dst.wait_migration(60)
+            assert st["status"] == "completed"
+            ram = (shm / "dst.ram").read_bytes()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    diff = first_difference(ram, Path(info.mem).read_bytes())
+    assert diff is None, f"QEMU's RAM after a recovered postcopy: {diff}"

@@ -149,10 +149,12 @@ def info_migrate(q: dict) -> str:
     return "\n".join(lines)
 
 
-def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus:
+def _watch(mig, label: str, total: Optional[int], done_bytes, tick=None) -> MigrationStatus:
     bar = Progress(label, total)
     try:
         while not mig.c.done.wait(0.1):
+            if tick is not None:
+                tick()
             bar.update(done_bytes(), mig.state.state.value)
     finally:
         bar.close()
@@ -182,9 +184,15 @@ def cmd_incoming(args) -> int:
         dst.loader_create_missing = True
     dst.incoming(args.uri)
     t_listen = time.monotonic()
+    def recover() -> None:  # a broken postcopy listens again for the source that resumes
+        if dst.state.state is MigrationStatus.POSTCOPY_PAUSED and dst._recover_uri is None:
+            where = dst.recover(args.recover_uri or args.uri)
+            print(f"qmigx: postcopy paused ({dst.pause_reason}); waiting for the source to "
+                  f"resume on {where}", file=sys.stderr, flush=True)
+
     state = _watch(dst, "incoming", None,
                    lambda: (dst.loader.pages_loaded * TARGET_PAGE_SIZE if dst.loader else 0)
-                   + disks.bytes_written)
+                   + disks.bytes_written, tick=recover)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
@@ -323,13 +331,22 @@ def cmd_send(args) -> int:
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
         compat=compat, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
+    src.recover_timeout = args.recover_timeout
     src.migrate(args.uri)
     if args.start_postcopy:
         src.start_postcopy()
+    last_try = [0.0]
+
+    def resume() -> None:  # a broken postcopy: reconnect to the same URI, again and again
+        if src.state.state is MigrationStatus.POSTCOPY_PAUSED and not src._resume.is_set() \
+                and time.monotonic() - last_try[0] > 0.5:
+            last_try[0] = time.monotonic()
+            src.migrate(args.uri, resume=True)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
     if disks.is_active():
         total += sum(check_image(name, path, writable=False) for name, path in disks.drives)
-    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent)
+    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent,
+                   tick=resume)
     q = src.query()
     if sys.stdout.isatty() or args.verbose:
         print(info_migrate(q))

@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
                    help="a block node bitmaps may land on (size in bytes); with any given, "
                         "bitmaps for other nodes are dropped as QEMU drops them")
+    i.add_argument("--recover-uri", metavar="URI",
+                   help="postcopy: where to listen for a resuming source after a lost "
+                        "connection (default: the URI above)")
     i.add_argument("--touch", metavar="RATE", nargs="?", type=float, const=1000.0, default=0.0,
                    help="postcopy: once the destination runs, read random guest pages at RATE "
                         "per second (default 1000), as a vCPU would; missing ones are requested")
@@ -374,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start-postcopy", action="store_true",
                    help="switch to postcopy at the first opportunity (needs "
                         "--cap postcopy-ram=on, on both sides)")
+    s.add_argument("--recover-timeout", metavar="SECONDS", type=float, default=60.0,
+                   help="postcopy: after a lost connection, retry URI with resume for this "
+                        "long (default 60)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))

@@ -521,6 +521,8 @@ class MigrationDestination(Side):
         if self._recover_uri is not None:
             raise MigrationError("Migrate recovery is triggered already")
         nchan = 2 if self._preempt else 1
+        if self._listener is not None:  # QEMU keeps its first listener until migrate-recover
+            self._listener.close()
         self._recover_listener = transport.listen(uri, channels=nchan,
                                                   options=self.connection_options(),
                                                   on_refused=self._refuse)

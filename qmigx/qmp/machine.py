@@ -382,7 +382,10 @@ class Machine:
 
         with self._lock:
             if resume:
-                raise QMPError("Cannot resume if there is no paused migration")
+                if self.src is None or self.src.state.state is not S.POSTCOPY_PAUSED:
+                    raise QMPError("Cannot resume if there is no paused migration")
+                self.src.migrate(uri, resume=True)
+                return
             if self.src is not None and self.src.state.is_running():
                 raise QMPError(MIGRATION_ACTIVE)
             if self.runstate == "inmigrate":
@@ -491,6 +494,24 @@ class Machine:
             raise QMPError("Postcopy must be started after migration has been started")
         if self.caps.get("postcopy-ram"):
             src.start_postcopy()
+
+    def migrate_pause(self) -> bool:
+        """QMP ``migrate-pause`` on whichever side is in postcopy-active; False: none is."""
+        for side in (self.src, self.dst):
+            if side is not None and side.state.state is S.POSTCOPY_ACTIVE:
+                side.pause()
+                return True
+        return False
+
+    def migrate_recover(self, uri: str) -> None:
+        """QMP ``migrate-recover``: a paused incoming postcopy listens on ``uri``."""
+        dst = self.dst
+        if dst is None or dst.state.state is not S.POSTCOPY_PAUSED:
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        try:
+            dst.recover(uri)
+        except MigrationError as exc:
+            raise QMPError(exc.message) from None
 
     def _postcopy_run(self, dst) -> None:
         """POSTCOPY_RUN: the guest runs here now; its stand-in reads memory, faulting pages in."""
