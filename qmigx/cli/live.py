@@ -300,12 +300,13 @@ def cmd_send(args) -> int:
     if args.start_postcopy and not caps.get("postcopy-ram"):
         raise CapabilityError("--start-postcopy needs --cap postcopy-ram=on (on both sides)",
                               field="postcopy-ram")
+    disks = BlockSaveHandler(args.drive, capabilities=caps)  # checks the drive names too
     shared = _shared_ram(args.shared_ram, private=False)
     loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
     compat = send_compat(loaded)
     caps, params = settings_from_args(args.cap, args.param, incoming=False,
                                       defaults={"zero-page-detection": compat.zero_page_detection})
-    disks = BlockSaveHandler(args.drive, capabilities=caps)
+    disks.capabilities = caps
     objects = objects_from_args(args.object)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
