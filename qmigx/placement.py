@@ -26,6 +26,7 @@ at a time through :meth:`PagePlacement.place`.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from typing import Optional, Sequence
 
@@ -201,10 +202,13 @@ class UffdPlacement(PagePlacement):
     a :class:`~qmigx.errors.RamStreamError`).
     """
 
-    def __init__(self, blocks: Sequence, page_size: int = TARGET_PAGE_SIZE) -> None:
+    def __init__(self, blocks: Sequence, page_size: int = TARGET_PAGE_SIZE,
+                 fd: int = -1) -> None:
         super().__init__(page_size)
         self.blocks = list(blocks)
-        self.fd = -1
+        #: a userfaultfd the memory's owner registered already (another process's)
+        self.external = fd >= 0
+        self.fd = fd
         self._lock = threading.Lock()
         self._staging: dict[tuple[str, int], np.ndarray] = {}
         self._staged: dict[tuple[str, int], np.ndarray] = {}
@@ -214,6 +218,8 @@ class UffdPlacement(PagePlacement):
         self.attach(self.blocks)
 
     def register(self) -> None:
+        if self.external:
+            return  # the owner registered its memory with this userfaultfd
         fd, _ = uffd.create_uffd(user_mode_only_first=False)
         try:
             uffd.api(fd, 0)
@@ -230,8 +236,6 @@ class UffdPlacement(PagePlacement):
                     raise uffd.UffdUnavailable(
                         f"UFFDIO_REGISTER of {b.idstr} failed: {uffd.errtext(e.errno)}") from None
         except BaseException:
-            import os
-
             os.close(fd)
             raise
         self.fd = fd
@@ -270,7 +274,8 @@ class UffdPlacement(PagePlacement):
 
     def place_zero(self, block, offset: int) -> None:
         hps = self._host_page(block)
-        if hps != self.page_size:
+        if hps != self.page_size or getattr(block, "shared", False):
+            # huge pages gather their parts; shared memory (shmem) has no UFFDIO_ZEROPAGE
             self.place(block, offset, bytes(self.page_size))
             return
         _check(block, offset, self.page_size)
@@ -305,8 +310,9 @@ class UffdPlacement(PagePlacement):
             self.on_placed(block, host_offset)
 
     def close(self) -> None:
-        import os
-
+        if self.fd >= 0 and self.external:  # the owner unregisters its memory
+            os.close(self.fd)
+            self.fd = -1
         if self.fd >= 0:
             for b in self.blocks:
                 try:

@@ -294,3 +294,56 @@ def test_postcopy_pause_and_recovery(preempt):
         assert np.array_equal(dst.blocks[b.idstr].memory, b.memory), b.idstr
     pc = dst.postcopy_report()
     assert pc["requests"] > 0, pc
+
+
+_SENDER = """
+import sys, time, os, json
+import numpy as np
+import qmigx
+from qmigx.ram import aligned_array
+size, uri, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+w = aligned_array(size)
+w[:] = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8)
+w[: 256 * 4096] = 0
+while not os.path.exists(path):
+    time.sleep(0.02)
+q = qmigx.migrate_memory({"weights": w}, uri, track="none", postcopy=True,
+                         parameters={"max-postcopy-bandwidth": 4 << 20}, timeout=120)
+print(json.dumps(q["ram"]))
+"""
+
+
+def test_receive_memory_postcopy_arrays_usable_at_once(tmp_path):
+    """The program's arrays come back at RUN; its own threads read missing pages (GIL held,
+    no deadlock: the pages are fetched by the receiving child) and see the source's bytes.
+    The sender is another process, as it would be."""
+    _uffd_or_skip()
+    import json
+    import subprocess
+    import sys
+
+    import qmigx
+
+    size = 32 << 20
+    want = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8)
+    want[: 256 * PAGE] = 0
+    sock = tmp_path / "pc.sock"
+    sender = subprocess.Popen([sys.executable, "-c", _SENDER, str(size), f"unix:{sock}", str(sock)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        arrays = qmigx.receive_memory(f"unix:{sock}", postcopy=True, timeout=60)
+        assert arrays.status == "postcopy-active"  # handed over before every page arrived
+        got = arrays["weights"]
+        # pages far ahead of the throttled background stream: each a fault served on request
+        probe = np.arange(size // PAGE - 1, size // PAGE - 400, -7) * PAGE
+        for off in probe.tolist():
+            assert bytes(got[off : off + 64]) == bytes(want[off : off + 64])
+        assert arrays.wait(120) == "completed"
+        out, err = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    assert sender.returncode == 0, err
+    assert np.array_equal(got, want)
+    assert arrays.report["requests"] > 0 and arrays.report["served"] > 0, arrays.report
+    assert json.loads(out)["postcopy-requests"] == arrays.report["requests"]

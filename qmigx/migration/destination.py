@@ -154,6 +154,11 @@ class MigrationDestination(Side):
         self.toucher: Optional[Toucher] = None
         #: called with the destination when postcopy RUN arrives (a program starts using RAM)
         self.on_postcopy_run = None
+        #: makes the blocks the setup record announces (default: anonymous memory)
+        self.block_factory = None
+        #: postcopy into another process's memory: the userfaultfd it registered that
+        #: memory with (its blocks carry ``uffd_address``); -1: this process's own
+        self.uffd_fd = -1
 
     @property
     def blocks(self) -> RAMBlockList:
@@ -249,10 +254,11 @@ class MigrationDestination(Side):
                                     ignore_shared=bool(caps.get("x-ignore-shared")),
                                     compress=bool(caps.get("compress")),
                                     create_missing=self.loader_create_missing,
+                                    factory=self.block_factory,
                                     # a destination that is QEMU 10 refuses fill bytes but 0
                                     zero_fill=getattr(caps, "qemu_version", None) == "10.0")
             preempt = extra.pop(0) if self._preempt and extra else None
-            self.postcopy = PostcopyIncoming(self.loader, None,
+            self.postcopy = PostcopyIncoming(self.loader, None, uffd_fd=self.uffd_fd,
                                              enabled=bool(caps.get("postcopy-ram")),
                                              blocktime=bool(caps.get("postcopy-blocktime")))
             self._preempt_reader = (PreemptReader(preempt, self.loader, self.registry)

@@ -77,8 +77,11 @@ class PostcopyIncoming:
 
     NONE, ADVISE, DISCARD, LISTENING, RUNNING, END = range(6)
 
-    def __init__(self, loader, rp, *, enabled: bool, blocktime: bool = False) -> None:
+    def __init__(self, loader, rp, *, enabled: bool, blocktime: bool = False,
+                 uffd_fd: int = -1) -> None:
         self.loader = loader
+        #: the userfaultfd of another process that registered the memory (-1: make our own)
+        self.uffd_fd = uffd_fd
         self.rp = rp
         self.enabled = enabled
         self.blocktime = blocktime
@@ -166,7 +169,7 @@ class PostcopyIncoming:
                 continue
             for first, n in _runs(~rb):
                 _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
-        pl = UffdPlacement(blocks)
+        pl = UffdPlacement(blocks, fd=self.uffd_fd)
         for b in blocks:
             if b.idstr in received:
                 pl.received[b.idstr][:] = received[b.idstr]
@@ -352,7 +355,7 @@ def _drop(block, start: int, length: int) -> None:
             _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, length)
         except OSError:
             pass
-    addr = uffd.buffer_address(block) + start
+    addr = uffd.local_address(block) + start
     uffd.madvise(addr, length, _MADV_DONTNEED)
 
 
