@@ -213,6 +213,8 @@ class UffdPlacement(PagePlacement):
         self._staging: dict[tuple[str, int], np.ndarray] = {}
         self._staged: dict[tuple[str, int], np.ndarray] = {}
         self.placed_host_pages = 0
+        # where each block is for the kernel: computed once, not per page
+        self._addr = {b.idstr: uffd.buffer_address(b) for b in self.blocks}
         #: called as ``on_placed(block, host_offset)`` after each host page is placed
         self.on_placed = None
         self.attach(self.blocks)
@@ -286,7 +288,7 @@ class UffdPlacement(PagePlacement):
                 raise RamStreamError(f"page 0x{offset:x} of {block.idstr} placed twice",
                                      section="ram", field="offset")
             try:
-                uffd.zeropage(self.fd, uffd.buffer_address(block) + offset, hps)
+                uffd.zeropage(self.fd, self._addr[block.idstr] + offset, hps)
             except OSError as e:
                 raise RamStreamError(f"UFFDIO_ZEROPAGE at 0x{offset:x} of {block.idstr} failed: "
                                      f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
@@ -301,7 +303,7 @@ class UffdPlacement(PagePlacement):
 
     def _copy(self, block, host_offset: int, src: np.ndarray, length: int) -> None:
         try:
-            uffd.copy(self.fd, uffd.buffer_address(block) + host_offset, int(src.ctypes.data), length)
+            uffd.copy(self.fd, self._addr[block.idstr] + host_offset, _address_of(src), length)
         except OSError as e:
             raise RamStreamError(f"UFFDIO_COPY at 0x{host_offset:x} of {block.idstr} failed: "
                                  f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
@@ -322,3 +324,10 @@ class UffdPlacement(PagePlacement):
                     pass
             os.close(self.fd)
             self.fd = -1
+
+
+def _address_of(data) -> int:
+    """The address of a page's bytes (a numpy array, or any buffer)."""
+    if isinstance(data, np.ndarray):
+        return int(data.ctypes.data)
+    return int(np.frombuffer(data, np.uint8).ctypes.data)

@@ -151,9 +151,10 @@ class PostcopyIncoming:
                     f"POSTCOPY_RAM_DISCARD 0x{start:x}+0x{length:x} outside block {name} "
                     f"(0x{blk.used_length:x} bytes) or not page aligned",
                     offset=offset, section="ram", field="range")
-            if rb is not None:
+            if rb is not None:  # dropped from memory at LISTEN, with every page not received
                 rb[start // TARGET_PAGE_SIZE : (start + length) // TARGET_PAGE_SIZE] = False
-            _drop(blk, start, length)
+            else:
+                _drop(blk, start, length)
 
     def listen(self, offset: int) -> None:
         """POSTCOPY_LISTEN: missing pages become faults from here on."""
@@ -219,7 +220,7 @@ class PostcopyIncoming:
     def _fault(self, addr: int) -> None:
         pl = self.placement
         for b in pl.blocks:
-            base = uffd.buffer_address(b)
+            base = pl._addr[b.idstr]
             if base <= addr < base + b.used_length:
                 break
         else:
