@@ -349,3 +349,75 @@ def test_receive_memory_postcopy_arrays_usable_at_once(tmp_path):
     assert np.array_equal(got, want)
     assert arrays.report["requests"] > 0 and arrays.report["served"] > 0, arrays.report
     assert json.loads(out)["postcopy-requests"] == arrays.report["requests"]
+
+
+def _hugetlb_block(name: str, size: int) -> RAMBlock:
+    """A 2 MiB-page hugetlbfs block (memfd), or a skip with the kernel's reason."""
+    import mmap
+    import os
+
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    except OSError as e:
+        pytest.skip(f"no hugetlbfs memfd here: {e}")
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        m[:1] = b"\0"  # the pool may be empty: a fault here is SIGBUS, not a test failure
+    except OSError as e:
+        os.close(fd)
+        pytest.skip(f"hugetlbfs memory unavailable (vm.nr_hugepages): {e}")
+    blk = RAMBlock(name, m, size, page_size=2 << 20, shared=True)
+    blk.fd = fd
+    return blk
+
+
+def _free_huge_pages() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.parametrize("backing", ["memfd", "hugetlbfs"])
+def test_postcopy_into_shared_and_huge_page_memory(backing, tmp_path):
+    """The destination's RAM is a memfd (shmem) or hugetlbfs with 2 MiB host pages: setup
+    entries carry the page size, huge pages are placed whole, each exactly once."""
+    _uffd_or_skip()
+    size = 8 << 20
+    if backing == "hugetlbfs" and _free_huge_pages() < size >> 21:
+        pytest.skip(f"{_free_huge_pages()} free 2 MiB huge pages (vm.nr_hugepages), "
+                    f"{size >> 21} needed")
+    page = (2 << 20) if backing == "hugetlbfs" else PAGE
+    rng = np.random.default_rng(4)
+    src_blocks = RAMBlockList([RAMBlock.anonymous("pc.ram", size, page_size=page)])
+    src_blocks["pc.ram"].memory[:] = rng.integers(0, 256, size, dtype=np.uint8)
+    src_blocks["pc.ram"].memory[: 2 << 20] = 0
+    dblk = (_hugetlb_block("pc.ram", size) if backing == "hugetlbfs"
+            else RAMBlock.memfd("pc.ram", size))
+    if backing == "hugetlbfs":
+        dblk.memory[:1] = 0
+    logs = {b.idstr: ExplicitDirtyLog(b) for b in src_blocks}
+    dc, dp = controls("postcopy-ram")
+    dst = MigrationDestination(RAMBlockList([dblk]), capabilities=dc, parameters=dp,
+                               io_timeout=WAIT)
+    dst.touch_rate = 500
+    dst.incoming(f"unix:{tmp_path / 'h.sock'}")
+    sc, sp = controls("postcopy-ram", max_postcopy_bandwidth=8 << 20)
+    src = MigrationSource(src_blocks, dirty_logs=logs, capabilities=sc, parameters=sp,
+                          io_timeout=WAIT)
+    try:
+        src.migrate(dst.connect_uri)
+        src.start_postcopy()
+        assert src.wait(60) is S.COMPLETED, src.error
+        assert dst.wait(60) is S.COMPLETED, dst.error
+    finally:
+        src.cancel()
+        dst.cancel()
+    assert dst.result.setup.blocks[0].page_size == (page if backing == "hugetlbfs" else None)
+    assert np.array_equal(dblk.memory, src_blocks["pc.ram"].memory)
+    assert dst.postcopy.placement.placed_host_pages <= size // page

@@ -55,7 +55,7 @@ from qmigx.stream import (
     VMDescription,
     default_registry,
 )
-from qmigx.wire import MigCmd
+from qmigx.wire import TARGET_PAGE_SIZE, MigCmd
 
 __all__ = ["IncomingResult", "MigrationDestination"]
 
@@ -374,6 +374,9 @@ class MigrationDestination(Side):
         if self.postcopy is not None:
             self.postcopy.rp = self.rp
         self._parser = StreamParser(registry=self.registry)
+        if self.loader_blocks is not None:
+            self._parser.ctx.huge_page_blocks = frozenset(
+                b.idstr for b in self.loader_blocks if b.page_size != TARGET_PAGE_SIZE)
         self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
         phase = self._precopy_phase

@@ -168,6 +168,12 @@ class PostcopyIncoming:
             if rb is None:
                 _drop(b, 0, b.used_length)
                 continue
+            per = max(int(b.page_size or 0), mmap.PAGESIZE) // TARGET_PAGE_SIZE
+            if per > 1:  # a huge page is there whole or not at all: partly received goes
+                n = len(rb) // per * per
+                whole = rb[:n].reshape(-1, per).all(axis=1)
+                rb[:n] = np.repeat(whole, per)
+                rb[n:] = False
             for first, n in _runs(~rb):
                 _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
         pl = UffdPlacement(blocks, fd=self.uffd_fd)
