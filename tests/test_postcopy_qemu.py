@@ -138,7 +138,7 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
             dst.migrate_incoming(uri)
             argv = qmigx_argv("send", info.stream, uri, "--start-postcopy", "-v",
                               "--report", report,
-                              "--param", f"max-postcopy-bandwidth={256 << 10}",
+                              "--param", f"max-postcopy-bandwidth={8 << 20}",
                               *[a for k, v in caps.items() if v for a in ("--cap", f"{k}=on")])
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=qmigx_env())
             assert r.returncode == 0, f"qmigx send exited {r.returncode}:\n{r.stderr[-3000:]}\n" \
@@ -207,7 +207,7 @@ def test_served_source_postcopy_to_qemu(tmp_path, saved_streams):
                     {"capability": "postcopy-ram", "state": True}])
                 with pytest.raises(Exception, match="Postcopy must be started after migration"):
                     s.execute("migrate-start-postcopy")
-                s.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 256 << 10})
+                s.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 8 << 20})
                 s.execute("migrate", uri=uri)
                 s.execute("migrate-start-postcopy")
                 events = _events_until(s, "completed")
@@ -342,7 +342,7 @@ def test_qmigx_postcopy_recovery_to_qemu(preempt, tmp_path, saved_streams):
             proxy = Proxy(qport, port=pport)
             argv = qmigx_argv("send", info.stream, f"tcp:127.0.0.1:{pport}", "--start-postcopy",
                               "-v", "--report", report,
-                              "--param", f"max-postcopy-bandwidth={1 << 20}",
+                              "--param", f"max-postcopy-bandwidth={8 << 20}",
                               *[a for k, v in caps.items() if v for a in ("--cap", f"{k}=on")])
             send = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env=qmigx_env())
