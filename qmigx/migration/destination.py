@@ -31,6 +31,8 @@ from qmigx.errors import (
     StreamError,
     printable_name,
 )
+from qmigx.migration.colo import ColoSecondary
+from qmigx.migration.colo_failover import ColoStatus
 from qmigx.migration.side import Controls, S, Side
 from qmigx.multifd.channels import MultifdReceiver
 from qmigx.ram import RAMBlockList, RamLoader
@@ -135,6 +137,11 @@ class MigrationDestination(Side):
         self.socket_address: Optional[list] = None
         self.t_first_byte: Optional[float] = None
         self.t_done: Optional[float] = None
+        #: COLO: the secondary's checkpoint thread once ENABLE_COLO arrived, its status,
+        #: and (beyond QEMU) a failover when no checkpoint comes for this many seconds
+        self.colo: Optional[ColoSecondary] = None
+        self.colo_status = ColoStatus()
+        self.colo_heartbeat_timeout: Optional[float] = None
 
     @property
     def blocks(self) -> RAMBlockList:
@@ -231,7 +238,8 @@ class MigrationDestination(Side):
                                            placement=self.loader.placement)
             self._load(main, receiver)
             self._load_cleanup(True)
-            st.transition(S.COMPLETED)
+            if st.state is not S.COMPLETED:  # a COLO secondary is there after failover
+                st.transition(S.COMPLETED)
         except BaseException as exc:  # noqa: BLE001
             if self._cancelled and isinstance(exc, ChannelError):
                 exc = MigrationCancelled("incoming migration cancelled")
@@ -401,8 +409,17 @@ class MigrationDestination(Side):
                           field="command")
 
     def _colo_phase(self, main, receiver):
-        raise StreamError("ENABLE_COLO: COLO is not supported yet", offset=self._parser.offset,
-                          field="command")
+        """ENABLE_COLO: load the migration to its end, then checkpoints until failover."""
+        if receiver is not None:
+            raise CapabilityError("COLO with multifd is not supported", field="multifd")
+        self.c.caps.set("x-colo", True)  # as QEMU's secondary shows it, failover or not
+        if self._precopy_phase(main, receiver) is not None:
+            raise StreamError("a COLO migration may not hand over to another phase",
+                              offset=self._parser.offset, field="command")
+        self.colo = ColoSecondary(self, main, self._parser,
+                                  heartbeat_timeout=self.colo_heartbeat_timeout)
+        self.colo.run()
+        return None
 
     def _load_cleanup(self, ok: bool) -> None:
         for h in self.handlers:
