@@ -75,6 +75,9 @@ __all__ = ["ColoPrimary", "ColoSecondary", "CheckpointLog", "check_colo_capabili
 
 _log = logging.getLogger("qmigx.colo")
 
+#: how often a primary between checkpoints looks for a new x-checkpoint-delay (s)
+_PARAMETER_POLL = 0.05
+
 
 def check_colo_capabilities(caps) -> None:
     """Refuse what qmigx cannot checkpoint: x-colo with multifd, postcopy or a return path.
@@ -229,11 +232,15 @@ class ColoPrimary(_ColoSide):
             self._expect(COLOMessage.CHECKPOINT_READY)
             src.guest.start()
             last = time.monotonic()
+            delay_ms = src.c.params.x_checkpoint_delay
             while not self.failover.requested:
-                delay = src.c.params.x_checkpoint_delay / 1000
-                left = delay - (time.monotonic() - last)
+                now_delay = src.c.params.x_checkpoint_delay
+                if now_delay != delay_ms:  # a new delay in COLO: a checkpoint at once, as QEMU
+                    delay_ms = now_delay
+                    self._wake.set()
+                left = delay_ms / 1000 - (time.monotonic() - last)
                 if left > 0 and not self._wake.is_set():
-                    self._wake.wait(left)
+                    self._wake.wait(min(left, _PARAMETER_POLL))
                     continue
                 self._wake.clear()
                 if self.failover.requested:

@@ -107,7 +107,7 @@ class ColoStatus:
             reason = COLOExitReason.PROCESSING
         else:
             reason = COLOExitReason.ERROR
-        if self.exit_reason is COLOExitReason.ERROR and fs is FailoverStatus.NONE:
+        if self.exit_reason is COLOExitReason.ERROR:
             reason = COLOExitReason.ERROR  # COLO ended on an error, not on a request
         return {"mode": self.mode.qapi_name, "last-mode": self.last_mode.qapi_name,
                 "reason": reason.qapi_name}
