@@ -433,6 +433,7 @@ class ColoSecondary(_ColoSide):
         with self._apply_lock:
             flushed = self.placement.flush(self.side.loader._table)
             self.devices = devices
+            self.side.result.sections = list(devices)  # what the machine now holds
         self._send(COLOMessage.VMSTATE_LOADED)
         return self.log.add(dirty_pages=pages, flushed_pages=flushed, device_bytes=size,
                             pause_ms=(time.monotonic() - t0) * 1000, time=time.time())
