@@ -529,6 +529,16 @@ class Machine:
             raise QMPError(COLO_FEATURE_DISABLED)
         side.colo.lost_heartbeat()
 
+    def colo_checkpoints(self) -> dict:
+        """``x-query-qmigx-colo``: this side's checkpoints (count and the last one's figures)."""
+        from qmigx.control._qdict import qdict
+
+        side = self._colo_side()
+        colo = side.colo if side is not None else None
+        rows = colo.log.rows if colo is not None else []
+        last = {k.replace("_", "-"): v for k, v in rows[-1].items()} if rows else {}
+        return qdict({"checkpoints": len(rows), "last": qdict(last)})
+
     def query_colo_status(self) -> dict:
         """``query-colo-status``: ``{mode, last-mode, reason}``."""
         from qmigx.control._qdict import qdict
@@ -638,8 +648,9 @@ class Machine:
             self._setup_vcpu()
             rec = None if colo else recorded_runstate(dst.result.sections)
             if rec is None or rec == "running":
-                if self.autostart and self.runstate != "running":
-                    self._vm_start_locked()
+                if self.autostart:
+                    if self.runstate != "running":  # a COLO secondary runs already
+                        self._vm_start_locked()
                 else:
                     self.runstate = "paused"
             else:
