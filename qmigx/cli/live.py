@@ -177,6 +177,7 @@ def cmd_incoming(args) -> int:
                                handlers=[disks] + ([bitmaps] if bitmaps else []),
                                objects=objects)
     dst.on_refused = _print_refusal
+    dst.colo_heartbeat_timeout = getattr(args, "colo_heartbeat", None)
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -188,6 +189,10 @@ def cmd_incoming(args) -> int:
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
             f"incoming migration {state.value}: {dst.error}")
+    if dst.colo is not None:  # a COLO secondary that failed over: what it now holds
+        print(f"qmigx: COLO secondary took over after {dst.colo.checkpoints} checkpoint(s)"
+              + (f" ({dst.colo.error})" if dst.colo.error is not None else ""),
+              file=sys.stderr, flush=True)
     res = dst.result
     if args.save:
         with open(args.save, "wb") as f:
@@ -203,13 +208,16 @@ def cmd_incoming(args) -> int:
     if bitmaps is not None and args.bitmaps:
         bitmaps.result.save(args.bitmaps)
     if args.report:
-        from qmigx.report import write_report
+        from qmigx.report import colo_report, write_report
 
+        extra = _bitmap_report(bitmaps) if bitmaps is not None else {}
+        if dst.colo is not None:
+            extra.update(colo_report(dst.colo, dst.colo_status))
         write_report(args.report, side="destination", query=dst.query(), iterations=[],
                      timings={"listen_s": t_listen - t_start,
                               "first_byte_s": (dst.t_first_byte or t_end) - t_listen,
                               "migration_s": t_end - (dst.t_first_byte or t_end)},
-                     extra=_bitmap_report(bitmaps) if bitmaps is not None else None)
+                     extra=extra or None)
     return 0
 
 
@@ -323,8 +331,11 @@ def cmd_send(args) -> int:
     if args.report:
         from qmigx.report import write_report
 
+        from qmigx.report import colo_report
+
         write_report(args.report, side="source", query=q, iterations=src.iterations,
-                     timings={"load_file_s": 0.0})
+                     timings={"load_file_s": 0.0},
+                     extra=colo_report(src.colo, src.colo_status) if src.colo else None)
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

@@ -194,6 +194,8 @@ class ColoPrimary(_ColoSide):
         self.ram_section = ram_section
         self.first_device_id = first_device_id
         self._rx_buf = bytearray(16)
+        #: the secondary said checkpoint-ready: checkpoints may be asked for
+        self.ready = False
 
     def checkpoint_now(self) -> None:
         """Start a checkpoint at once (on demand, or ``x-checkpoint-delay`` changed)."""
@@ -231,6 +233,7 @@ class ColoPrimary(_ColoSide):
             self.channel.set_timeout(src.io_timeout)
             self._expect(COLOMessage.CHECKPOINT_READY)
             src.guest.start()
+            self.ready = True
             last = time.monotonic()
             delay_ms = src.c.params.x_checkpoint_delay
             while not self.failover.requested:
@@ -327,6 +330,11 @@ class ColoSecondary(_ColoSide):
         self.devices: list = [s for s in destination.result.sections
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
+        #: where the protocol is: "waiting" for a request, "receiving" a checkpoint,
+        #: "applying" one (the only time RAM changes), "ended"
+        self.phase = "waiting"
+        #: checkpoints that stopped half-way and were discarded
+        self.discarded = 0
         self._vmdesc = None
         if destination.result.vmdesc:
             try:
@@ -372,11 +380,16 @@ class ColoSecondary(_ColoSide):
         try:
             self._send(COLOMessage.CHECKPOINT_READY)
             while not self.failover.requested:
+                self.phase = "waiting"
                 if not self._wait_request():
                     break
+                self.phase = "receiving"
                 self.checkpoint()
         except BaseException as exc:  # noqa: BLE001 - every end of COLO is a failover
             error = exc
+        if self.phase == "receiving":
+            self.discarded += 1
+        self.phase = "ended"
         self.placement.discard(loader._table)  # a checkpoint cut short is never applied
         if isinstance(error, ChannelError) and self.failover.requested:
             error = None
@@ -431,6 +444,7 @@ class ColoSecondary(_ColoSide):
         self._send(COLOMessage.VMSTATE_RECEIVED)
         devices = self._parse_devices(blob, at)
         with self._apply_lock:
+            self.phase = "applying"
             flushed = self.placement.flush(self.side.loader._table)
             self.devices = devices
             self.side.result.sections = list(devices)  # what the machine now holds

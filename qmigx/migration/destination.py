@@ -349,10 +349,19 @@ class MigrationDestination(Side):
         if self.result.return_path:
             self.rp.shut(0)
 
-    def _precopy_phase(self, main, receiver):
+    def _precopy_phase(self, main, receiver, *, buffered: bool = False):
+        """Load until EOF (and vmdesc) or a command hands over.
+
+        ``buffered``: parse what is already buffered before reading more
+        (a phase that resumes after a command, as COLO's does).
+        """
         parser = self._parser
         while True:
-            n = parser.fill(main.readinto_available)
+            if buffered:
+                buffered = False
+                n = None
+            else:
+                n = parser.fill(main.readinto_available)
             if self.t_first_byte is None and n:
                 self.t_first_byte = time.monotonic()
             for ev in parser.events():
@@ -413,7 +422,7 @@ class MigrationDestination(Side):
         if receiver is not None:
             raise CapabilityError("COLO with multifd is not supported", field="multifd")
         self.c.caps.set("x-colo", True)  # as QEMU's secondary shows it, failover or not
-        if self._precopy_phase(main, receiver) is not None:
+        if self._precopy_phase(main, receiver, buffered=True) is not None:
             raise StreamError("a COLO migration may not hand over to another phase",
                               offset=self._parser.offset, field="command")
         self.colo = ColoSecondary(self, main, self._parser,
