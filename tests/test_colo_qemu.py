@@ -36,7 +36,7 @@ from qemu_support import streams
 from qemu_support.guest import build_guest
 from qemu_support.harness import Qemu
 from qemu_support.live import LockedGuest
-from qemu_support.qmp import QMPClient
+from qemu_support.qmp import QMPClient, QMPCommandError
 from test_qmp import Served
 
 pytestmark = pytest.mark.qemu
@@ -212,3 +212,102 @@ def test_qmigx_primary_to_qemu_secondary_many_checkpoints_then_qemu_failover(soc
         finally:
             halt.set()
             t.join(10)
+
+
+def test_served_primary_to_qemu_secondary_over_qmp(sockdir, tmp_path):
+    """``qmigx serve --load`` as primary, driven over QMP as QEMU's COLO documentation does."""
+    info = streams.get_stream("pc-paused")
+    uri = f"unix:{os.path.join(sockdir, 'colo.sock')}"
+    src = Served("pvm", "--load", info.stream, "--dirty-rate", "4000", sockdir=sockdir)
+    try:
+        with Qemu(machine=info.machine, ram=info.ram, kernel=info.kernel,
+                  mem_path=tmp_path / "svm.ram", devices=info.devices, paused=True,
+                  incoming=True, workdir=tmp_path, name="svm") as svm, \
+                QMPClient(src.sock) as s:
+            svm.set_capabilities({"x-colo": True})
+            svm.migrate_incoming(uri)
+            s.connect()
+            # block replication and network comparison are not emulated: not found
+            for cmd in ("nbd-server-start", "x-blockdev-change", "xen-set-replication"):
+                with pytest.raises(QMPCommandError) as ei:
+                    s.execute(cmd)
+                assert (ei.value.error_class, ei.value.desc) == (
+                    "CommandNotFound", f"The command {cmd} has not been found")
+            with pytest.raises(QMPCommandError) as ei:
+                s.execute("x-colo-lost-heartbeat")
+            assert ei.value.desc == "The feature 'colo' is not enabled"
+            s.execute("migrate-set-capabilities",
+                      capabilities=[{"capability": "x-colo", "state": True}])
+            s.execute("migrate-set-parameters", **{"x-checkpoint-delay": 50})
+            s.execute("migrate", uri=uri)
+            _wait(lambda: svm.query_migrate().get("status") == "colo", "QEMU in colo")
+            _wait(lambda: s.execute("x-query-qmigx-colo")["checkpoints"] >= 20,
+                  "20 checkpoints acknowledged by QEMU", timeout=120)
+            assert s.execute("query-migrate")["status"] == "colo"
+            assert s.execute("query-colo-status") == {"mode": "primary", "last-mode": "none",
+                                                      "reason": "none"}
+            assert s.execute("x-query-qmigx-colo")["last"]["dirty-pages"] > 0
+            # no more timed checkpoints (a new delay takes one at once), then the
+            # primary stopped, its RAM hashed, and one checkpoint of exactly that
+            n = s.execute("x-query-qmigx-colo")["checkpoints"]
+            s.execute("migrate-set-parameters", **{"x-checkpoint-delay": 4000000000})
+            _wait(lambda: s.execute("x-query-qmigx-colo")["checkpoints"] > n, "a checkpoint")
+            s.execute("stop")
+            want = {b["id"]: b["sha256"] for b in s.execute("x-query-qmigx-ram")}["mem0"]
+            assert want
+            n = s.execute("x-query-qmigx-colo")["checkpoints"]
+            s.execute("migrate-set-parameters", **{"x-checkpoint-delay": 4000000001})
+            _wait(lambda: s.execute("x-query-qmigx-colo")["checkpoints"] > n, "a checkpoint")
+            assert s.execute("query-status")["status"] == "running"  # as QEMU: restarted
+            svm.cmd("x-colo-lost-heartbeat")
+            _wait(lambda: svm.query_migrate().get("status") == "completed",
+                  "QEMU completed after failover")
+            assert _sha(tmp_path / "svm.ram") == want
+            _wait(lambda: s.execute("query-migrate")["status"] == "completed",
+                  "the primary alone")
+            assert s.execute("query-colo-status") == {"mode": "none", "last-mode": "primary",
+                                                      "reason": "error"}
+            assert s.execute("query-status")["status"] == "running"
+            s.execute("quit")
+    finally:
+        src.close()
+
+
+def test_incoming_save_after_a_qemu_primary_loads_in_qemu_without_colo(tmp_path, sockdir):
+    """``qmigx incoming --cap x-colo=on --save``: the last checkpoint, as a plain stream."""
+    from qemu_support.live import QmigxIncoming
+
+    kernel = tmp_path / "dirty.elf"
+    kernel.write_bytes(build_guest(SEED, 64 << 20, dirty=True))
+    uri = f"unix:{os.path.join(sockdir, 'colo.sock')}"
+    save, report = tmp_path / "svm.qmigx", tmp_path / "report.json"
+    with QmigxIncoming(uri, tmp_path, caps={"x-colo": True}, save=save, report=report) as inc:
+        with Qemu(ram=RAM, kernel=kernel, workdir=tmp_path, name="pvm") as pvm:
+            pvm.wait_guest_ready(60, min_counter=1000)
+            pvm.set_capabilities({"x-colo": True})
+            pvm.set_parameters({"x-checkpoint-delay": 300})
+            pvm.migrate(uri)
+            # QEMU's own view while it still answers: colo, then (TCG) it hangs
+            # after a checkpoint with its VM stopped: wait until its RAM stays still
+            last, stable_since = None, time.monotonic()
+            deadline = time.monotonic() + 90
+            while True:
+                now = _sha(pvm.mem_path)
+                if now != last:
+                    last, stable_since = now, time.monotonic()
+                elif time.monotonic() - stable_since > 2.0:
+                    break
+                assert time.monotonic() < deadline, "the primary kept running"
+                time.sleep(0.3)
+            pvm.kill()  # the connection ends: the secondary takes over and saves
+        rc, err = inc.wait(60)
+        assert rc == 0, err
+    assert "COLO secondary took over after" in err
+    rep = __import__("json").loads(report.read_text())
+    assert rep["colo"]["checkpoints"] >= 1
+    with Qemu(ram=RAM, kernel=kernel, mem_path=tmp_path / "dst.ram", paused=True,
+              incoming=True, workdir=tmp_path, name="dst") as dst:
+        assert not dst.cmd("query-migrate-capabilities")[7]["state"]  # x-colo off
+        dst.migrate_incoming(f"exec:cat {save}")
+        assert dst.wait_migration(60)["status"] == "completed"
+        assert _sha(tmp_path / "dst.ram") == last

@@ -244,6 +244,7 @@ class ColoPrimary(_ColoSide):
                 left = delay_ms / 1000 - (time.monotonic() - last)
                 if left > 0 and not self._wake.is_set():
                     self._wake.wait(min(left, _PARAMETER_POLL))
+                    self._check_secondary()
                     continue
                 self._wake.clear()
                 if self.failover.requested:
@@ -255,6 +256,21 @@ class ColoPrimary(_ColoSide):
         if not src.guest.running:
             src.guest.start()  # the primary goes on alone
         self._finish(error)
+
+    def _check_secondary(self) -> None:
+        """Between checkpoints: a secondary that closed the connection ends COLO now.
+
+        QEMU's primary only finds out at its next checkpoint, which a long
+        ``x-checkpoint-delay`` may put far away.
+        """
+        can_peek = getattr(self.channel, "can_peek", False)
+        if can_peek and not self.failover.requested:
+            try:
+                gone = self.channel.peek_nowait(1) == b""
+            except ChannelError:
+                gone = True
+            if gone:
+                raise _PeerGone("the secondary closed the connection", field="colo")
 
     def checkpoint(self) -> dict:
         """One checkpoint transaction (QEMU's colo_do_checkpoint_transaction)."""
