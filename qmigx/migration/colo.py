@@ -346,6 +346,7 @@ class ColoSecondary(_ColoSide):
         self.devices: list = [s for s in destination.result.sections
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
+        self._ram_parser: Optional[StreamParser] = None
         #: where the protocol is: "waiting" for a request, "receiving" a checkpoint,
         #: "applying" one (the only time RAM changes), "ended"
         self.phase = "waiting"
@@ -470,8 +471,13 @@ class ColoSecondary(_ColoSide):
 
     def _load_ram_part(self) -> int:
         """The END section(s) and EOF after ``vmstate-send``: pages into the cache only."""
-        parser = StreamParser(registry=self.parser.registry, header=False, context=self.ctx,
-                              buffer=self.rx, stop_at_eof=True)
+        parser = self._ram_parser
+        if parser is None:
+            parser = self._ram_parser = StreamParser(
+                registry=self.parser.registry, header=False, context=self.ctx, buffer=self.rx,
+                stop_at_eof=True)
+        else:
+            parser.next_part()
         loader = self.side.loader
         pages = 0
         while True:
@@ -498,7 +504,7 @@ class ColoSecondary(_ColoSide):
     def _parse_devices(self, blob: bytes, at: int) -> list:
         """Check the device-state blob whole before anything is applied: FULL sections and EOF."""
         parser = StreamParser(vmdesc=self._vmdesc, registry=self.parser.registry, header=False,
-                              context=self.ctx, stop_at_eof=True)
+                              context=self.ctx, stop_at_eof=True, batch=16)  # no RAM in it
         parser.rx.base = at
         parser.feed(blob)
         parser.feed_eof()
