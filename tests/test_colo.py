@@ -324,7 +324,7 @@ def _spoiled_checkpoint(colo, fault: str) -> None:
         return
     colo._send(COLOMessage.VMSTATE_SEND)
     w.section_header(SectionType.SECTION_END, colo.ram_section)
-    colo.ram.complete(colo.rw)
+    colo.ram.complete(colo.rw, last_stage=False)
     colo.rw.eos()
     w.footer(colo.ram_section)
     if fault == "ram-cut":  # the pages went, the primary died before EOF
@@ -397,3 +397,15 @@ def test_a_spoiled_checkpoint_is_a_typed_error_and_leaves_the_secondary_ram_alon
         assert np.array_equal(got, exp)
     assert not np.array_equal(p.secondary_ram()[0], list(p.blocks)[0].memory)
     assert p.src.wait(WAIT) is S.COMPLETED
+
+
+def test_xbzrle_pages_in_checkpoints_decode_against_the_secondary_cache(pair):
+    p = pair(caps=("xbzrle",))
+    p.src.parameters.set({"xbzrle-cache-size": 1 << 20})
+    p.start(checkpoints=30)
+    assert p.src.ram.xbzrle_pages > 0  # pages went as deltas against the last checkpoint's
+    want = p.settle()
+    p.dst.colo.lost_heartbeat()
+    assert p.dst.wait(WAIT) is S.COMPLETED
+    for got, exp in zip(p.secondary_ram(), want):
+        assert np.array_equal(got, exp)

@@ -129,7 +129,9 @@ def test_qemu_primary_to_served_secondary_failover_holds_the_checkpoint(sockdir,
         dst.close()
 
 
-def test_qmigx_primary_to_qemu_secondary_many_checkpoints_then_qemu_failover(sockdir, tmp_path):
+@pytest.mark.parametrize("xbzrle", [False, True], ids=["pages", "xbzrle"])
+def test_qmigx_primary_to_qemu_secondary_many_checkpoints_then_qemu_failover(sockdir, tmp_path,
+                                                                             xbzrle):
     from qmigx.control import Capabilities, Parameters
     from qmigx.dirtylog import ExplicitDirtyLog
     from qmigx.migration import MigrationSource
@@ -145,9 +147,9 @@ def test_qmigx_primary_to_qemu_secondary_many_checkpoints_then_qemu_failover(soc
     log = ExplicitDirtyLog(mem0)
     guest = LockedGuest()
     caps = Capabilities()
-    caps.set_many([("x-colo", True), ("events", True)])
+    caps.set_many([("x-colo", True), ("events", True), ("xbzrle", xbzrle)])
     params = Parameters(capabilities=caps)
-    params.set({"x-checkpoint-delay": 20})
+    params.set({"x-checkpoint-delay": 20, "xbzrle-cache-size": 1 << 20})
     src = MigrationSource(blocks, devices=loaded.sections, vmdesc=loaded.vmdesc,
                           machine_type=loaded.configuration.machine_type, capabilities=caps,
                           parameters=params, globalstate=False, guest=guest,
@@ -190,6 +192,8 @@ def test_qmigx_primary_to_qemu_secondary_many_checkpoints_then_qemu_failover(soc
                   "30 checkpoints acknowledged by QEMU", timeout=120)
             assert src.state.state.value == "colo", src.colo.error
             assert sum(r["dirty_pages"] for r in src.colo.log.rows) > 0
+            if xbzrle:  # deltas QEMU decodes against its RAM cache
+                assert src.ram.xbzrle_pages > 0
             writing.clear()
             n = src.colo.log.count
             src.colo.checkpoint_now()

@@ -288,8 +288,7 @@ class ColoPrimary(_ColoSide):
         sent_before = ram.pages_sent
         bytes_before = f.total_transferred
         w.section_header(SectionType.SECTION_END, self.ram_section)
-        ram.complete(rw)
-        ram.last_stage = False  # XBZRLE keeps its cache up to date between checkpoints
+        ram.complete(rw, last_stage=False)  # XBZRLE's cache follows each checkpoint
         rw.eos()
         w.footer(self.ram_section)
         w.eof()
