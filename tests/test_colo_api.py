@@ -190,3 +190,10 @@ def test_incoming_with_x_colo_saves_the_last_checkpoint_as_a_plain_stream(tmp_pa
     assert rep["colo"]["checkpoints"] == 5
     assert rep["colo"]["status"] == {"mode": "none", "last-mode": "secondary", "reason": "error"}
     assert [r["checkpoint"] for r in rep["colo"]["rows"]] == [1, 2, 3, 4, 5]
+    assert all(r["dirty-pages"] >= 1 and r["pause-ms"] > 0 for r in rep["colo"]["rows"])
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "colo.png"
+    r = subprocess.run([sys.executable, "-m", "qmigx", "plot", str(report), "--out", str(png)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
