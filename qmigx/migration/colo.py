@@ -93,6 +93,16 @@ def check_colo_capabilities(caps) -> None:
             raise CapabilityError(f"COLO is not supported with {other}", field=other)
 
 
+#: socket buffers for the checkpoint bursts (both ways: pages one way, messages the other)
+_CHECKPOINT_BUFFER = 4 << 20
+
+
+def _large_buffers(channel) -> None:
+    setter = getattr(channel, "set_buffer_sizes", None)
+    if setter is not None:
+        setter(send=_CHECKPOINT_BUFFER, recv=_CHECKPOINT_BUFFER)
+
+
 class CheckpointLog:
     """Per-checkpoint figures (``--report``, ``qmigx plot``): count, dirty pages, pause."""
 
@@ -231,6 +241,7 @@ class ColoPrimary(_ColoSide):
         error: Optional[BaseException] = None
         try:
             self.channel.set_timeout(src.io_timeout)
+            _large_buffers(self.channel)
             self._expect(COLOMessage.CHECKPOINT_READY)
             src.guest.start()
             self.ready = True
@@ -394,6 +405,7 @@ class ColoSecondary(_ColoSide):
         loader.use_placement(self.placement)
         error: Optional[BaseException] = None
         try:
+            _large_buffers(self.channel)
             self._send(COLOMessage.CHECKPOINT_READY)
             while not self.failover.requested:
                 self.phase = "waiting"
