@@ -409,3 +409,51 @@ def test_xbzrle_pages_in_checkpoints_decode_against_the_secondary_cache(pair):
     assert p.dst.wait(WAIT) is S.COMPLETED
     for got, exp in zip(p.secondary_ram(), want):
         assert np.array_equal(got, exp)
+
+
+def test_a_checkpoint_on_the_wire_is_what_qemu_sends(pair):
+    """The bytes of one checkpoint, as verified between two QEMU 7.2 (END of ram, a
+    CONTINUE page, EOS, footer, EOF, then vmstate-size and a blob ending in EOF)."""
+    p = pair(delay_ms=60000)
+    p.start(checkpoints=0)
+    p.settle()
+    ram = p.blocks["pc.ram"]
+    log = p.logs["pc.ram"]
+    colo = p.dst.colo
+    for page in (0x3000, 0x10000):  # the first leaves pc.ram the block of the last record
+        ram.memory[page : page + 8] ^= 0xFF
+        log.mark_dirty(page, 8)
+        if page == 0x3000:
+            n = colo.checkpoints
+            p.src.colo.checkpoint_now()
+            wait_for(lambda: colo.checkpoints > n, "a checkpoint")
+    seen = bytearray()
+    waiting = threading.Event()
+    real = colo.channel.readinto_available
+
+    def tee(buf):
+        waiting.set()
+        k = real(buf)
+        seen.extend(bytes(buf[:k]))
+        return k
+
+    colo.channel.readinto_available = tee
+    # the secondary polls for the next request: once it reads through the tee, ask
+    assert waiting.wait(WAIT)
+    n = colo.checkpoints
+    p.src.colo.checkpoint_now()
+    wait_for(lambda: colo.checkpoints > n, "the recorded checkpoint")
+    sid = p.src.ram_section_id
+    head = (b"\0\0\0\x01" + b"\0\0\0\x03" + bytes([SectionType.SECTION_END]) + sid.to_bytes(4, "big")
+            + (0x10000 | 0x28).to_bytes(8, "big"))
+    assert bytes(seen[: len(head)]) == head
+    at = len(head)
+    assert bytes(seen[at : at + 4096]) == bytes(ram.memory[0x10000:0x11000])
+    at += 4096
+    tail = (0x10).to_bytes(8, "big") + b"\x7e" + sid.to_bytes(4, "big") + b"\x00" + b"\0\0\0\x04"
+    assert bytes(seen[at : at + len(tail)]) == tail
+    at += len(tail)
+    size = int.from_bytes(seen[at : at + 8], "big")
+    blob = bytes(seen[at + 8 : at + 8 + size])
+    assert len(blob) == size and blob[0] == SectionType.SECTION_FULL and blob[-1] == 0
+    assert len(seen) == at + 8 + size  # nothing else: the rest goes the other way
