@@ -457,3 +457,27 @@ def test_a_checkpoint_on_the_wire_is_what_qemu_sends(pair):
     blob = bytes(seen[at + 8 : at + 8 + size])
     assert len(blob) == size and blob[0] == SectionType.SECTION_FULL and blob[-1] == 0
     assert len(seen) == at + 8 + size  # nothing else: the rest goes the other way
+
+
+def test_the_secondary_guest_writes_are_put_back_by_each_checkpoint(pair):
+    p = pair(delay_ms=5)
+    p.start(checkpoints=1)
+    own = [p.dst.blocks[b.idstr] for b in p.blocks]
+    logs = {b.idstr: ExplicitDirtyLog(b) for b in own}
+    svm = WriterGuest(own, logs, seed=9)  # the secondary's guest runs between checkpoints
+    try:
+        p.dst.colo.dirty_logs = logs
+        p.dst.colo.guest = svm
+        n = p.dst.colo.checkpoints
+        wait_for(lambda: p.dst.colo.checkpoints >= n + 20 and svm.writes > 0, "20 checkpoints")
+        rows = p.dst.colo.log.rows[n:]
+        assert any(r["flushed_pages"] > r["dirty_pages"] for r in rows)  # own pages put back
+        svm.writing = False
+        want = p.settle()  # this checkpoint also puts back what the secondary wrote last
+        p.dst.colo.lost_heartbeat()
+        assert p.dst.wait(WAIT) is S.COMPLETED
+        assert svm.running  # the secondary goes on as the new primary
+    finally:
+        svm.close()
+    for got, exp in zip(p.secondary_ram(), want):
+        assert np.array_equal(got, exp)

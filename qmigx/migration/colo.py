@@ -36,6 +36,8 @@ import threading
 import time
 from typing import Callable, Optional
 
+import numpy as np
+
 from qmigx.errors import (
     CapabilityError,
     ChannelError,
@@ -357,6 +359,12 @@ class ColoSecondary(_ColoSide):
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
         self._ram_parser: Optional[StreamParser] = None
+        #: the secondary's own guest, run between checkpoints and stopped for each
+        #: (anything with ``stop()``/``start()``), and the dirty logs of its writes
+        #: (idstr → :mod:`qmigx.dirtylog` log): each checkpoint puts the pages it
+        #: wrote back to the checkpoint's content, as QEMU merges the SVM's dirty log
+        self.guest = None
+        self.dirty_logs: dict = {}
         #: where the protocol is: "waiting" for a request, "receiving" a checkpoint,
         #: "applying" one (the only time RAM changes), "ended"
         self.phase = "waiting"
@@ -418,6 +426,8 @@ class ColoSecondary(_ColoSide):
         if self.phase == "receiving":
             self.discarded += 1
         self.phase = "ended"
+        if self.guest is not None:
+            self.guest.start()  # the secondary goes on as the new primary
         self.placement.discard(loader._table)  # a checkpoint cut short is never applied
         if isinstance(error, ChannelError) and self.failover.requested:
             error = None
@@ -455,6 +465,8 @@ class ColoSecondary(_ColoSide):
     def checkpoint(self) -> dict:
         """Receive one checkpoint and apply it only once it arrived whole."""
         t0 = time.monotonic()
+        if self.guest is not None:
+            self.guest.stop()
         self._send(COLOMessage.CHECKPOINT_REPLY)
         self._expect(COLOMessage.VMSTATE_SEND)
         pages = self._load_ram_part()
@@ -473,12 +485,29 @@ class ColoSecondary(_ColoSide):
         devices = self._parse_devices(blob, at)
         with self._apply_lock:
             self.phase = "applying"
+            self._merge_own_writes()
             flushed = self.placement.flush(self.side.loader._table)
             self.devices = devices
             self.side.result.sections = list(devices)  # what the machine now holds
         self._send(COLOMessage.VMSTATE_LOADED)
+        if self.guest is not None:
+            self.guest.start()
         return self.log.add(dirty_pages=pages, flushed_pages=flushed, device_bytes=size,
                             pause_ms=(time.monotonic() - t0) * 1000, time=time.time())
+
+    def _merge_own_writes(self) -> int:
+        """Mark the pages the secondary's guest wrote since the last checkpoint for the flush."""
+        n = 0
+        for idstr, log in self.dirty_logs.items():
+            dirty = self.placement.dirty.get(idstr)
+            words = log.sync()
+            if dirty is None or words is None:
+                continue
+            bits = np.unpackbits(np.asarray(words).view(np.uint8), bitorder="little")
+            own = bits[: len(dirty)].astype(bool)
+            n += int(own.sum())
+            dirty |= own
+        return n
 
     def _load_ram_part(self) -> int:
         """The END section(s) and EOF after ``vmstate-send``: pages into the cache only."""

@@ -313,8 +313,8 @@ class Machine:
     def _engine_stop(self) -> None:
         with self._lock:
             if self.runstate == "running":
-                src = self.src
-                in_colo = src is not None and src.state.state is S.COLO
+                in_colo = any(side is not None and side.state.state is S.COLO
+                              for side in (self.src, self.dst))
                 self._vm_stop_locked("colo" if in_colo else "finish-migrate")
 
     def _engine_start(self) -> None:
@@ -631,6 +631,10 @@ class Machine:
             if dst is None:
                 return
             self.image = image_from_incoming(dst.blocks, dst.result)
+            self._setup_vcpu()  # --dirty-rate: the secondary's guest writes too
+            if dst.colo is not None:
+                dst.colo.guest = self._guest
+                dst.colo.dirty_logs = self._dirty_logs  # reverted by each checkpoint
             if self.runstate != "running":
                 self._vm_start_locked()
 
