@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterable, Iterator, Mapping, Optional
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class _WriterLock:
         pass
 
 
-def _settings(capabilities: Iterable[str], parameters: Optional[Mapping]) -> tuple:
+def _settings(capabilities: Iterable[str], parameters: Mapping | None) -> tuple:
     caps = Capabilities()
     names = list(capabilities)
     if names:
@@ -99,9 +99,9 @@ class ColoPrimaryMemory:
     """
 
     def __init__(self, arrays: Mapping[str, object], uri: str, *,
-                 interval: Optional[float] = None, track: str = "explicit",
-                 capabilities: Iterable[str] = (), parameters: Optional[Mapping] = None,
-                 io_timeout: Optional[float] = 60.0) -> None:
+                 interval: float | None = None, track: str = "explicit",
+                 capabilities: Iterable[str] = (), parameters: Mapping | None = None,
+                 io_timeout: float | None = 60.0) -> None:
         from qmigx.dirtylog import ExplicitDirtyLog, best_dirty_log
         from qmigx.migration import MigrationSource
         from qmigx.ram import RAMBlock, RAMBlockList
@@ -127,7 +127,7 @@ class ColoPrimaryMemory:
                                       io_timeout=io_timeout)
 
     # -- lifetime ---------------------------------------------------------------------------
-    def start(self, timeout: Optional[float] = 60.0) -> None:
+    def start(self, timeout: float | None = 60.0) -> None:
         """Copy the arrays to the standby (a live migration) and enter COLO."""
         for log in self.logs.values():
             log.start()
@@ -161,7 +161,7 @@ class ColoPrimaryMemory:
         for log in self.logs.values():
             log.close()
 
-    def __enter__(self) -> "ColoPrimaryMemory":
+    def __enter__(self) -> ColoPrimaryMemory:
         self.start()
         return self
 
@@ -177,7 +177,7 @@ class ColoPrimaryMemory:
         """Record a write to ``arrays[name][offset:offset+length]`` (``track="explicit"``)."""
         self.logs[name].mark_dirty(offset, length)
 
-    def checkpoint(self, timeout: Optional[float] = 60.0) -> dict:
+    def checkpoint(self, timeout: float | None = 60.0) -> dict:
         """Take a checkpoint now and wait until the standby applied it; its figures."""
         colo = self.source.colo
         if colo is None or not self.source.colo_status.mode.value:
@@ -224,9 +224,9 @@ class ColoSecondaryMemory:
             connection.
     """
 
-    def __init__(self, uri: str, *, into: Optional[Mapping[str, object]] = None,
-                 heartbeat_timeout: Optional[float] = None,
-                 io_timeout: Optional[float] = 60.0) -> None:
+    def __init__(self, uri: str, *, into: Mapping[str, object] | None = None,
+                 heartbeat_timeout: float | None = None,
+                 io_timeout: float | None = 60.0) -> None:
         from qmigx.migration import MigrationDestination
         from qmigx.ram import RAMBlock, RAMBlockList
 
@@ -252,7 +252,7 @@ class ColoSecondaryMemory:
             raise StateError("The feature 'colo' is not enabled", field="colo")
         colo.lost_heartbeat()
 
-    def wait(self, timeout: Optional[float] = None) -> dict[str, np.ndarray]:
+    def wait(self, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Wait for the failover; return the arrays as of the last complete checkpoint."""
         state = self.destination.wait(timeout)
         if state is not MigrationStatus.COMPLETED:
@@ -276,7 +276,7 @@ class ColoSecondaryMemory:
         return colo.checkpoints if colo is not None else 0
 
     @property
-    def error(self) -> Optional[BaseException]:
+    def error(self) -> BaseException | None:
         """Why COLO ended, when it was not asked to (a lost primary, a spoiled checkpoint)."""
         colo = self.destination.colo
         return colo.error if colo is not None else self.destination.error

@@ -333,6 +333,11 @@ class RamLoader:
         self.placement.attach(table)
         self._buffers = self.placement.buffers(table)
 
+    @property
+    def table(self) -> list:
+        """The blocks of the setup record, in its order (what placements attach)."""
+        return self._table
+
     def use_placement(self, placement: PagePlacement) -> None:
         """Place the following pages with ``placement`` (a COLO secondary's RAM cache).
 

@@ -126,7 +126,7 @@ def test_a_primary_killed_mid_checkpoint_leaves_the_previous_one(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"colo\n", child.stderr.read()
-        colo = lambda: standby.destination.colo  # noqa: E731
+        colo = lambda: standby.destination.colo
         _wait(lambda: colo() is not None and colo().checkpoints >= 2, "two checkpoints")
         # every checkpoint carries 48 MiB: catch one on the wire and kill the primary
         _wait(lambda: colo().phase == "receiving" and colo().rx.offset > 0, "a checkpoint")

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from qemu_support import streams
 from qemu_support.guest import build_guest
 from qemu_support.harness import Qemu

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,9 +71,15 @@ from qmigx.stream import (
     StreamWriter,
     parse_vmdesc,
 )
-from qmigx.wire import COLOExitReason, COLOMessage, COLOMode, FailoverStatus, SectionType
+from qmigx.wire import (
+    COLOExitReason,
+    COLOMessage,
+    COLOMode,
+    FailoverStatus,
+    SectionType,
+)
 
-__all__ = ["ColoPrimary", "ColoSecondary", "CheckpointLog", "check_colo_capabilities"]
+__all__ = ["CheckpointLog", "ColoPrimary", "ColoSecondary", "check_colo_capabilities"]
 
 _log = logging.getLogger("qmigx.colo")
 
@@ -110,7 +116,7 @@ class CheckpointLog:
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
-        self.on_checkpoint: Optional[Callable[[dict], None]] = None
+        self.on_checkpoint: Callable[[dict], None] | None = None
 
     @property
     def count(self) -> int:
@@ -143,7 +149,7 @@ class _ColoSide:
         self.failover = status.failover
         self.failover.on_request = self._on_failover_request
         self.log = CheckpointLog()
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._wake = threading.Event()
 
     def _on_failover_request(self) -> None:
@@ -159,7 +165,7 @@ class _ColoSide:
         self.status.check_enabled()
         self.failover.request()
 
-    def _finish(self, error: Optional[BaseException]) -> None:
+    def _finish(self, error: BaseException | None) -> None:
         """The failover work both sides do once the COLO loop ended (QEMU's *_vm_do_failover)."""
         fs = self.failover
         requested = fs.state is not FailoverStatus.NONE and not isinstance(error, _PeerGone)
@@ -240,7 +246,7 @@ class ColoPrimary(_ColoSide):
             src._lost_transition()
         self.status.enter(COLOMode.PRIMARY)
         self.failover.on_request = self._on_failover_request
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             self.channel.set_timeout(src.io_timeout)
             _large_buffers(self.channel)
@@ -345,7 +351,7 @@ class ColoSecondary(_ColoSide):
     mode = COLOMode.SECONDARY
 
     def __init__(self, destination, channel, parser: StreamParser, *,
-                 heartbeat_timeout: Optional[float] = None,
+                 heartbeat_timeout: float | None = None,
                  max_device_state: int = MAX_DEVICE_STATE) -> None:
         super().__init__(destination, channel, destination.colo_status)
         self.parser = parser
@@ -358,7 +364,7 @@ class ColoSecondary(_ColoSide):
         self.devices: list = [s for s in destination.result.sections
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
-        self._ram_parser: Optional[StreamParser] = None
+        self._ram_parser: StreamParser | None = None
         #: the secondary's own guest, run between checkpoints and stopped for each
         #: (anything with ``stop()``/``start()``), and the dirty logs of its writes
         #: (idstr → :mod:`qmigx.dirtylog` log): each checkpoint puts the pages it
@@ -411,7 +417,7 @@ class ColoSecondary(_ColoSide):
         self.status.enter(COLOMode.SECONDARY)
         self.failover.on_request = self._on_failover_request
         loader.use_placement(self.placement)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             _large_buffers(self.channel)
             self._send(COLOMessage.CHECKPOINT_READY)
@@ -428,7 +434,7 @@ class ColoSecondary(_ColoSide):
         self.phase = "ended"
         if self.guest is not None:
             self.guest.start()  # the secondary goes on as the new primary
-        self.placement.discard(loader._table)  # a checkpoint cut short is never applied
+        self.placement.discard(loader.table)  # a checkpoint cut short is never applied
         if isinstance(error, ChannelError) and self.failover.requested:
             error = None
         self._finish(error)
@@ -486,7 +492,7 @@ class ColoSecondary(_ColoSide):
         with self._apply_lock:
             self.phase = "applying"
             self._merge_own_writes()
-            flushed = self.placement.flush(self.side.loader._table)
+            flushed = self.placement.flush(self.side.loader.table)
             self.devices = devices
             self.side.result.sections = list(devices)  # what the machine now holds
         self._send(COLOMessage.VMSTATE_LOADED)

@@ -23,12 +23,12 @@ mode and the failover state, as QEMU's qmp_query_colo_status does.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from qmigx.errors import StateError
 from qmigx.wire import COLOExitReason, COLOMode, FailoverStatus
 
-__all__ = ["FailoverState", "ColoStatus", "COLO_FEATURE_DISABLED", "FAILOVER_ALREADY_ACTIVE"]
+__all__ = ["COLO_FEATURE_DISABLED", "FAILOVER_ALREADY_ACTIVE", "ColoStatus", "FailoverState"]
 
 #: QEMU's error for x-colo-lost-heartbeat outside COLO (QERR_FEATURE_DISABLED)
 COLO_FEATURE_DISABLED = "The feature 'colo' is not enabled"
@@ -39,7 +39,7 @@ FAILOVER_ALREADY_ACTIVE = "COLO failover is already activated"
 class FailoverState:
     """The failover state machine; ``on_request`` wakes whoever must act on a request."""
 
-    def __init__(self, on_request: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, on_request: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._state = FailoverStatus.NONE
         self.on_request = on_request

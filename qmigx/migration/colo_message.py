@@ -11,13 +11,19 @@ applies a checkpoint, hence the cap :data:`MAX_DEVICE_STATE`.
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from qmigx.errors import ColoError
 from qmigx.wire import COLOMessage
 
-__all__ = ["MAX_DEVICE_STATE", "encode_message", "encode_message_value", "decode_message",
-           "check_message", "decode_value", "check_device_state_size"]
+__all__ = [
+    "MAX_DEVICE_STATE",
+    "check_device_state_size",
+    "check_message",
+    "decode_message",
+    "decode_value",
+    "encode_message",
+    "encode_message_value",
+]
 
 #: the largest device-state blob a secondary accepts (QEMU has no cap; a
 #: corrupted size would otherwise make it allocate whatever the be64 says)
@@ -37,7 +43,7 @@ def encode_message_value(msg: COLOMessage, value: int) -> bytes:
     return _BE32.pack(COLOMessage(msg)) + _BE64.pack(value)
 
 
-def decode_message(raw: bytes, *, offset: Optional[int] = None) -> COLOMessage:
+def decode_message(raw: bytes, *, offset: int | None = None) -> COLOMessage:
     """Four bytes as a message; 7 and more: QEMU's "Invalid message"."""
     if len(raw) != 4:
         raise ColoError(f"Can't receive COLO message: {len(raw)} of 4 bytes", offset=offset,
@@ -51,14 +57,14 @@ def decode_message(raw: bytes, *, offset: Optional[int] = None) -> COLOMessage:
 
 
 def check_message(msg: COLOMessage, expected: COLOMessage, *,
-                  offset: Optional[int] = None) -> None:
+                  offset: int | None = None) -> None:
     """A valid message other than the one the protocol is at: QEMU's "Unexpected" error."""
     if msg != expected:
         raise ColoError(f"Unexpected COLO message {int(msg)}, expected {int(expected)}",
                         offset=offset, field="colo-message")
 
 
-def decode_value(raw: bytes, msg: COLOMessage, *, offset: Optional[int] = None) -> int:
+def decode_value(raw: bytes, msg: COLOMessage, *, offset: int | None = None) -> int:
     """The be64 that follows ``msg``."""
     if len(raw) != 8:
         raise ColoError(f"Failed to get value for COLO message: {msg.qapi_name}",
@@ -67,7 +73,7 @@ def decode_value(raw: bytes, msg: COLOMessage, *, offset: Optional[int] = None) 
 
 
 def check_device_state_size(size: int, limit: int = MAX_DEVICE_STATE, *,
-                            offset: Optional[int] = None) -> None:
+                            offset: int | None = None) -> None:
     """A ``vmstate-size`` larger than the secondary will hold is refused before any allocation."""
     if size > limit:
         raise ColoError(f"COLO device state of {size} bytes is larger than the {limit} bytes "
