@@ -225,6 +225,8 @@ class UffdPlacement(PagePlacement):
         self._staging: dict[tuple[str, int], np.ndarray] = {}
         self._staged: dict[tuple[str, int], np.ndarray] = {}
         self.placed_host_pages = 0
+        #: called as ``on_placed(block, host_offset)`` after each host page is placed
+        self.on_placed = None
         self.attach(self.blocks)
 
     def register(self) -> None:
@@ -301,6 +303,8 @@ class UffdPlacement(PagePlacement):
                                      f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
             rb[idx] = True
             self.placed_host_pages += 1
+        if self.on_placed is not None:
+            self.on_placed(block, offset)
 
     def view(self, block, offset: int) -> np.ndarray:
         raise RamStreamError("XBZRLE pages cannot be placed in postcopy", section="ram",
@@ -313,6 +317,8 @@ class UffdPlacement(PagePlacement):
             raise RamStreamError(f"UFFDIO_COPY at 0x{host_offset:x} of {block.idstr} failed: "
                                  f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
         self.placed_host_pages += 1
+        if self.on_placed is not None:
+            self.on_placed(block, host_offset)
 
     def close(self) -> None:
         import os

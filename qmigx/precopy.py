@@ -133,6 +133,8 @@ class RamSaveState:
         self.xbzrle_pages = 0
         self.compressed_pages = 0
         self.skipped_pages = 0
+        #: pages taken per batch (postcopy takes fewer, so requests wait less)
+        self.batch_pages = BATCH_PAGES
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()
@@ -225,6 +227,43 @@ class RamSaveState:
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
 
+    def take_requested(self) -> Iterator[tuple[str, int, np.ndarray]]:
+        """Pop the queued requests: ``(block, offset, page)`` for each page not sent yet.
+
+        For a sender of its own (the postcopy preempt channel); pages taken
+        here are no longer dirty, so the background scan skips them.
+        """
+        ps = TARGET_PAGE_SIZE
+        while self._requests:
+            si, first, n, queued = self._requests.popleft()
+            s = self._states[si]
+            blk = s.block
+            for p in range(first, first + n):
+                if s.bitmap.take(p):
+                    self.pages_sent += 1
+                    self.normal_pages += 1
+                    yield blk.idstr, p * ps, blk.buffer[p * ps : (p + 1) * ps]
+            self.requests_served += 1
+            self.request_wait += time.monotonic() - queued
+
+    def load_received_bitmap(self, idstr: str, bitmap: bytes) -> None:
+        """Postcopy recovery: what the destination has not received is dirty again.
+
+        ``bitmap`` is the destination's RECV_BITMAP blob body (bit p = page
+        p, little-endian bit order, padded to whole 8-byte words).
+        """
+        s = next((st for st in self._states if st.block.idstr == idstr), None)
+        if s is None:
+            raise ReturnPathError(f"received bitmap for unknown block {idstr!r}", field="rbname")
+        npages = s.bitmap.npages
+        want = -(-npages // 64) * 8
+        if len(bitmap) != want:
+            raise ReturnPathError(f"received bitmap of {idstr} has {len(bitmap)} bytes, "
+                                  f"expected {want}", field="size")
+        received = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[:npages]
+        s.bitmap.clear(0, npages)
+        s.bitmap.sync(np.packbits(received == 0, bitorder="little").tobytes())
+
     def discard_ranges(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
         """Per block, the runs of pages still dirty or unsent, as ``(first page, count)``.
 
@@ -243,22 +282,24 @@ class RamSaveState:
 
     # -- sending ------------------------------------------------------------
     def iterate(self, w: RamWriter, *, over_budget: Callable[[], bool] = lambda: False,
-                max_wait: float = MAX_WAIT_S) -> bool:
+                max_wait: float = MAX_WAIT_S, serve_requests: bool = True) -> bool:
         """Send dirty pages until the budget is spent or none is left.
 
         Returns True when a whole pass found nothing more to send (QEMU's
         "done"). ``over_budget`` is polled between batches (the rate limit).
+        Queued page requests go first, unless ``serve_requests`` is False
+        (postcopy-preempt serves them on its own channel).
         """
         t0 = time.monotonic()
         empty_blocks = 0
         nblocks = len(self._states)
         while empty_blocks <= nblocks:
-            if self._requests:
+            if self._requests and serve_requests:
                 self._serve_requests(w)
             if over_budget():
                 return False
             s = self._states[self._cursor_block]
-            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, BATCH_PAGES,
+            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, self.batch_pages,
                                                          self._taken)
             if n == 0:
                 empty_blocks += 1

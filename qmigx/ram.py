@@ -237,10 +237,14 @@ def _populate_in_background(m: mmap.mmap, size: int, chunk: int = 32 << 20) -> N
     threading.Thread(target=run, name="ram-populate", daemon=True).start()
 
 
-def _fresh_block(info: RamBlockInfo) -> "RAMBlock":
-    """A destination block made from a setup entry, populated in the background."""
-    blk = RAMBlock.anonymous(info.idstr, info.used_length, gpa=info.gpa or 0)
-    if info.used_length >= 16 << 20:
+def _fresh_block(info: RamBlockInfo, populate: bool = True) -> "RAMBlock":
+    """A destination block made from a setup entry, populated in the background.
+
+    Not populated for postcopy, whose pages must stay missing until placed.
+    """
+    blk = RAMBlock.anonymous(info.idstr, info.used_length, gpa=info.gpa or 0,
+                             page_size=info.page_size or TARGET_PAGE_SIZE)
+    if populate and info.used_length >= 16 << 20:
         _populate_in_background(blk._backing, info.used_length)
     return blk
 
@@ -293,7 +297,9 @@ class RamLoader:
                  placement: Optional[PagePlacement] = None, zero_fill: bool = False) -> None:
         self.placement = placement if placement is not None else CopyPlacement()
         self.create = blocks is None or create_missing
-        self.factory = factory or _fresh_block
+        self.factory = factory
+        #: populate fresh blocks ahead of use (off in postcopy)
+        self.populate = True
         self.blocks = RAMBlockList() if blocks is None else blocks
         self.ignore_shared = ignore_shared
         self.compress = compress
@@ -313,7 +319,9 @@ class RamLoader:
                 raise RamStreamError(
                     f'Unknown ramblock "{info.idstr}", cannot accept migration',
                     offset=offset, section=label, field="idstr")
-            return self.blocks.add(self.factory(info))
+            if self.factory is not None:
+                return self.blocks.add(self.factory(info))
+            return self.blocks.add(_fresh_block(info, self.populate))
         if blk.used_length != info.used_length:
             # QEMU resizes only resizable blocks (ACPI tables, ROM blobs),
             # and never past their maximum; any other mismatch is fatal

@@ -9,6 +9,7 @@ engine finds them ready.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class RpMessage:
     start: Optional[int] = None
     length: Optional[int] = None
     block: Optional[str] = None
+    #: RECV_BITMAP: the received-page bitmap that followed it (little-endian bit order)
+    bitmap: Optional[bytes] = None
 
 
 def encode(msg_type: MigRpMsg, payload: bytes = b"") -> bytes:
@@ -63,6 +66,21 @@ def recv_bitmap(block: str) -> bytes:
     """RECV_BITMAP: the received-page bitmap of ``block`` follows on the main channel."""
     raw = block.encode()
     return encode(MigRpMsg.RECV_BITMAP, bytes((len(raw),)) + raw)
+
+
+#: the be64 that ends a received bitmap (postcopy.md §6)
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF
+#: the largest bitmap a destination may announce (2 TiB of 4 KiB pages)
+MAX_RECV_BITMAP = 1 << 26
+
+
+def recv_bitmap_blob(received) -> bytes:
+    """be64 size, the bitmap (bit p = page p, little-endian bit order, whole be64 words), marker."""
+    import numpy as np
+
+    bits = np.packbits(np.asarray(received, bool), bitorder="little").tobytes()
+    bits += bytes(-len(bits) % 8)
+    return struct.pack(">Q", len(bits)) + bits + struct.pack(">Q", RECV_BITMAP_ENDING)
 
 
 def resume_ack(value: int = MIGRATION_RESUME_ACK_VALUE) -> bytes:
@@ -109,6 +127,13 @@ class ReturnPathWriter:
     def switchover_ack(self) -> None:
         self.send(switchover_ack())
 
+    def recv_bitmap(self, block: str, received) -> None:
+        """RECV_BITMAP and the block's received bitmap right after it, as one write."""
+        self.send(recv_bitmap(block) + recv_bitmap_blob(received))
+
+    def resume_ack(self) -> None:
+        self.send(resume_ack())
+
     def close(self) -> None:
         with self._lock:
             self.closed = True
@@ -126,6 +151,7 @@ class ReturnPathParser:
         self._buf = bytearray()
         self._base = 0
         self.max_type = max_type
+        self._bitmap_of: Optional[RpMessage] = None  # a RECV_BITMAP waiting for its bitmap
 
     def feed(self, data) -> None:
         self._buf += data
@@ -134,7 +160,16 @@ class ReturnPathParser:
         buf = self._buf
         pos = 0
         try:
-            while len(buf) - pos >= 4:
+            while True:
+                if self._bitmap_of is not None:
+                    got = self._bitmap(buf, pos)
+                    if got is None:
+                        break
+                    msg, pos = got
+                    yield msg
+                    continue
+                if len(buf) - pos < 4:
+                    break
                 at = self._base + pos
                 mtype, length = struct.unpack_from(">HH", buf, pos)
                 if mtype == 0 or mtype > self.max_type:
@@ -153,10 +188,34 @@ class ReturnPathParser:
                     break
                 payload = bytes(buf[pos + 4 : pos + 4 + length])
                 pos += 4 + length
-                yield self._decode(t, payload, at)
+                msg = self._decode(t, payload, at)
+                if t == MigRpMsg.RECV_BITMAP:
+                    self._bitmap_of = msg  # yielded once its bitmap is here
+                    continue
+                yield msg
         finally:
             del buf[:pos]
             self._base += pos
+
+    def _bitmap(self, buf: bytearray, pos: int):
+        """The bitmap after a RECV_BITMAP, whole, or None while it is incomplete."""
+        at = self._base + pos
+        if len(buf) - pos < 8:
+            return None
+        size = struct.unpack_from(">Q", buf, pos)[0]
+        if size > MAX_RECV_BITMAP or size % 8:
+            raise ReturnPathError(f"received bitmap of {self._bitmap_of.block} announces "
+                                  f"{size} bytes", offset=at, field="size")
+        if len(buf) - pos < 16 + size:
+            return None
+        end = struct.unpack_from(">Q", buf, pos + 8 + size)[0]
+        if end != RECV_BITMAP_ENDING:
+            raise ReturnPathError(f"received bitmap of {self._bitmap_of.block} ends with "
+                                  f"0x{end:016x}, not 0x{RECV_BITMAP_ENDING:016x}",
+                                  offset=at + 8 + size, field="ending")
+        msg = dataclasses.replace(self._bitmap_of, bitmap=bytes(buf[pos + 8 : pos + 8 + size]))
+        self._bitmap_of = None
+        return msg, pos + 16 + size
 
     @staticmethod
     def _decode(t: MigRpMsg, payload: bytes, at: int) -> RpMessage:

@@ -269,3 +269,15 @@ def zeropage(fd: int, dst: int, length: int) -> int:
     arg = bytearray(ZEROPAGE_ARG.pack(dst, length, 0, 0))
     fcntl.ioctl(fd, UFFDIO_ZEROPAGE, arg, True)
     return struct.unpack_from("=q", arg, 24)[0]
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    """``madvise(2)`` on a raw range (MADV_DONTNEED makes private pages missing again)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(0x{addr:x}, 0x{length:x}, {advice}): {os.strerror(err)}")

@@ -231,7 +231,8 @@ def device_states(path) -> dict:
 #: the bytes that are the host's clock at saving time, not guest state: the timer
 #: section's offsets, and the RTC's time-of-day registers (CMOS 0x00-0x09) that it
 #: refreshes when saved
-_CLOCK_FIELDS = {"timer": ("cpu_ticks_offset", "cpu_clock_offset")}
+#: fields that follow the host clock (the RTC's next update depends on when the state was loaded)
+_CLOCK_FIELDS = {"timer": ("cpu_ticks_offset", "cpu_clock_offset"), "mc146818rtc": ("update_timer",)}
 
 
 def same_devices(a: dict, b: dict) -> None:
@@ -253,8 +254,9 @@ def same_devices(a: dict, b: dict) -> None:
                 dx.pop(field)
                 dy.pop(field)
             if name == "mc146818rtc":
-                for d in (dx, dy):
-                    d["cmos_data"] = d["cmos_data"].split()[10:]
+                for d in (dx, dy):  # the clock registers, and register C's update flag
+                    cmos = d["cmos_data"].split()
+                    d["cmos_data"] = cmos[10:12] + cmos[13:]
             assert dx == dy, f"device {key} differs"
         elif name == "globalstate":
             # be32 size, then the runstate; QEMU 10 also sets vm_was_suspended's flag

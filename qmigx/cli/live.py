@@ -149,10 +149,12 @@ def info_migrate(q: dict) -> str:
     return "\n".join(lines)
 
 
-def _watch(mig, label: str, total: Optional[int], done_bytes) -> MigrationStatus:
+def _watch(mig, label: str, total: Optional[int], done_bytes, tick=None) -> MigrationStatus:
     bar = Progress(label, total)
     try:
         while not mig.c.done.wait(0.1):
+            if tick is not None:
+                tick()
             bar.update(done_bytes(), mig.state.state.value)
     finally:
         bar.close()
@@ -177,14 +179,21 @@ def cmd_incoming(args) -> int:
                                handlers=[disks] + ([bitmaps] if bitmaps else []),
                                objects=objects)
     dst.on_refused = _print_refusal
-    dst.colo_heartbeat_timeout = getattr(args, "colo_heartbeat", None)
+    dst.touch_rate = args.touch
+    dst.colo_heartbeat_timeout = args.colo_heartbeat
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
     t_listen = time.monotonic()
+    def recover() -> None:  # a broken postcopy listens again for the source that resumes
+        if dst.state.state is MigrationStatus.POSTCOPY_PAUSED and dst._recover_uri is None:
+            where = dst.recover(args.recover_uri or args.uri)
+            print(f"qmigx: postcopy paused ({dst.pause_reason}); waiting for the source to "
+                  f"resume on {where}", file=sys.stderr, flush=True)
+
     state = _watch(dst, "incoming", None,
                    lambda: (dst.loader.pages_loaded * TARGET_PAGE_SIZE if dst.loader else 0)
-                   + disks.bytes_written)
+                   + disks.bytes_written, tick=recover)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
@@ -208,17 +217,35 @@ def cmd_incoming(args) -> int:
     if bitmaps is not None and args.bitmaps:
         bitmaps.result.save(args.bitmaps)
     if args.report:
-        from qmigx.report import colo_report, write_report
+        from qmigx.report import write_report
 
-        extra = _bitmap_report(bitmaps) if bitmaps is not None else {}
-        if dst.colo is not None:
-            extra.update(colo_report(dst.colo, dst.colo_status))
         write_report(args.report, side="destination", query=dst.query(), iterations=[],
                      timings={"listen_s": t_listen - t_start,
                               "first_byte_s": (dst.t_first_byte or t_end) - t_listen,
                               "migration_s": t_end - (dst.t_first_byte or t_end)},
-                     extra=extra or None)
+                     extra=_incoming_extra(dst, bitmaps))
     return 0
+
+
+def _incoming_extra(dst, bitmaps) -> Optional[dict]:
+    extra = dict(_bitmap_report(bitmaps)) if bitmaps is not None else {}
+    pc = dst.postcopy_report()
+    if pc is not None:
+        extra["postcopy"] = pc
+    if dst.colo is not None:
+        from qmigx.report import colo_report
+
+        extra.update(colo_report(dst.colo, dst.colo_status))
+    return extra or None
+
+
+def _send_extra(src) -> Optional[dict]:
+    extra = src.postcopy_report() or {}
+    if src.colo is not None:
+        from qmigx.report import colo_report
+
+        extra = dict(extra, **colo_report(src.colo, src.colo_status))
+    return extra or None
 
 
 def send_compat(loaded):
@@ -280,18 +307,24 @@ def cmd_send(args) -> int:
     from qmigx.migration import MigrationSource
     from qmigx.tools.streams import load_stream
 
-    shared = _shared_ram(args.shared_ram, private=False)
-    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
-    compat = send_compat(loaded)
-    caps, params = settings_from_args(args.cap, args.param, incoming=False,
-                                      defaults={"zero-page-detection": compat.zero_page_detection})
+    # the options are checked before FILE is read (its machine type only sets defaults)
+    caps, params = settings_from_args(args.cap, args.param, incoming=False)
     if args.drive and not caps.get("block"):
         raise ParameterError("--drive needs --cap block=on (without it no disk is migrated)",
                              field="drive")
     if caps.get("block") and params.get("block-incremental"):
         raise ParameterError("block-incremental is not supported: the disks are raw images, "
                              "migrated whole", field="block-incremental")
-    disks = BlockSaveHandler(args.drive, capabilities=caps)
+    if args.start_postcopy and not caps.get("postcopy-ram"):
+        raise CapabilityError("--start-postcopy needs --cap postcopy-ram=on (on both sides)",
+                              field="postcopy-ram")
+    disks = BlockSaveHandler(args.drive, capabilities=caps)  # checks the drive names too
+    shared = _shared_ram(args.shared_ram, private=False)
+    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
+    compat = send_compat(loaded)
+    caps, params = settings_from_args(args.cap, args.param, incoming=False,
+                                      defaults={"zero-page-detection": compat.zero_page_detection})
+    disks.capabilities = caps
     objects = objects_from_args(args.object)
     setup = loaded.ram_setup
     blocks = RAMBlockList()
@@ -317,11 +350,22 @@ def cmd_send(args) -> int:
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
         compat=compat, objects=objects)
     src.guest.running = False  # replaying a recorded state: nothing runs
+    src.recover_timeout = args.recover_timeout
     src.migrate(args.uri)
+    if args.start_postcopy:
+        src.start_postcopy()
+    last_try = [0.0]
+
+    def resume() -> None:  # a broken postcopy: reconnect to the same URI, again and again
+        if src.state.state is MigrationStatus.POSTCOPY_PAUSED and not src._resume.is_set() \
+                and time.monotonic() - last_try[0] > 0.5:
+            last_try[0] = time.monotonic()
+            src.migrate(args.uri, resume=True)
     total = src.ram.total if src.ram else sum(b.used_length for b in blocks)
     if disks.is_active():
         total += sum(check_image(name, path, writable=False) for name, path in disks.drives)
-    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent)
+    state = _watch(src, "send", total, lambda: src.stats.transferred + disks.bytes_sent,
+                   tick=resume)
     q = src.query()
     if sys.stdout.isatty() or args.verbose:
         print(info_migrate(q))
@@ -331,11 +375,8 @@ def cmd_send(args) -> int:
     if args.report:
         from qmigx.report import write_report
 
-        from qmigx.report import colo_report
-
         write_report(args.report, side="source", query=q, iterations=src.iterations,
-                     timings={"load_file_s": 0.0},
-                     extra=colo_report(src.colo, src.colo_status) if src.colo else None)
+                     timings={"load_file_s": 0.0}, extra=_send_extra(src))
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--colo-heartbeat", metavar="SECONDS", type=float,
                    help="COLO secondary (a primary with x-colo): fail over when no checkpoint "
                         "arrives for this long (QEMU has no such timeout)")
+    i.add_argument("--recover-uri", metavar="URI",
+                   help="postcopy: where to listen for a resuming source after a lost "
+                        "connection (default: the URI above)")
+    i.add_argument("--touch", metavar="RATE", nargs="?", type=float, const=1000.0, default=0.0,
+                   help="postcopy: once the destination runs, read random guest pages at RATE "
+                        "per second (default 1000), as a vCPU would; missing ones are requested")
     _settings_args(i)
     i.set_defaults(func=_live("cmd_incoming"))
 
@@ -371,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable")
     s.add_argument("--bitmaps", metavar="IN.json",
                    help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
+    s.add_argument("--start-postcopy", action="store_true",
+                   help="switch to postcopy at the first opportunity (needs "
+                        "--cap postcopy-ram=on, on both sides)")
+    s.add_argument("--recover-timeout", metavar="SECONDS", type=float, default=60.0,
+                   help="postcopy: after a lost connection, retry URI with resume for this "
+                        "long (default 60)")
     s.add_argument("-v", "--verbose", action="store_true", help="print the final summary")
     _settings_args(s)
     s.set_defaults(func=_live("cmd_send"))

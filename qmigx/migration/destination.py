@@ -33,6 +33,8 @@ from qmigx.errors import (
 )
 from qmigx.migration.colo import ColoSecondary
 from qmigx.migration.colo_failover import ColoStatus
+from qmigx.migration.postcopy_incoming import PostcopyIncoming, Toucher
+from qmigx.migration.preempt import PreemptReader
 from qmigx.migration.side import Controls, S, Side
 from qmigx.multifd.channels import MultifdReceiver
 from qmigx.ram import RAMBlockList, RamLoader
@@ -41,6 +43,7 @@ from qmigx.savevm import SaveVMHandler
 from qmigx.stream import (
     Command,
     Configuration,
+    EndOfState,
     EndOfStream,
     RamEOS,
     RamMappedBlock,
@@ -58,6 +61,8 @@ from qmigx.wire import MigCmd
 
 __all__ = ["IncomingResult", "MigrationDestination"]
 
+_POSTCOPY_COMMANDS = frozenset({MigCmd.POSTCOPY_ADVISE, MigCmd.POSTCOPY_RAM_DISCARD,
+                                MigCmd.PACKAGED, MigCmd.POSTCOPY_LISTEN, MigCmd.POSTCOPY_RUN})
 _log = logging.getLogger("qmigx.migration")
 
 
@@ -142,6 +147,20 @@ class MigrationDestination(Side):
         self.colo: Optional[ColoSecondary] = None
         self.colo_status = ColoStatus()
         self.colo_heartbeat_timeout: Optional[float] = None
+        self._preempt = False
+        self._preempt_reader: Optional[PreemptReader] = None
+        self._recover_uri: Optional[str] = None
+        self._recover_listener = None
+        self._recover_event = threading.Event()
+        self._postcopy_error: Optional[BaseException] = None
+        #: why postcopy paused last (the broken connection's error)
+        self.pause_reason: Optional[BaseException] = None
+        self.postcopy: Optional[PostcopyIncoming] = None
+        #: pages per second the vCPU stand-in reads once postcopy runs (0: none)
+        self.touch_rate = 0.0
+        self.toucher: Optional[Toucher] = None
+        #: called with the destination when postcopy RUN arrives (a program starts using RAM)
+        self.on_postcopy_run = None
 
     @property
     def blocks(self) -> RAMBlockList:
@@ -156,6 +175,13 @@ class MigrationDestination(Side):
         mapped_file = self.c.caps.get("mapped-ram") and parsed.scheme == "file"
         multifd = self.c.caps.get("multifd") and not mapped_file
         nchan = 1 + (self.c.params.multifd_channels if multifd else 0)
+        # 7.2's postcopy-preempt: a second connection for requested pages
+        self._preempt = bool(self.c.caps.get("postcopy-preempt")) and not multifd
+        if self._preempt:
+            if not parsed.multi_channel:
+                raise CapabilityError("Postcopy preempt needs a socket transport",
+                                      field="postcopy-preempt")
+            nchan = 2
         if multifd and not parsed.multi_channel:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
@@ -194,6 +220,7 @@ class MigrationDestination(Side):
     def cancel(self) -> None:
         """Stop the incoming migration now: it ends ``failed`` (a destination has no cancelled)."""
         self._cancelled = True
+        self._recover_event.set()
         if self._listener is not None:
             self._listener.shutdown()
         for ch in list(self._chans):
@@ -231,12 +258,19 @@ class MigrationDestination(Side):
                                     create_missing=self.loader_create_missing,
                                     # a destination that is QEMU 10 refuses fill bytes but 0
                                     zero_fill=getattr(caps, "qemu_version", None) == "10.0")
+            preempt = extra.pop(0) if self._preempt and extra else None
+            self.postcopy = PostcopyIncoming(self.loader, None,
+                                             enabled=bool(caps.get("postcopy-ram")),
+                                             blocktime=bool(caps.get("postcopy-blocktime")))
+            self._preempt_reader = (PreemptReader(preempt, self.loader, self.registry)
+                                    if preempt is not None else None)
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
                                            compression=self.c.params.multifd_compression,
                                            placement=self.loader.placement)
             self._load(main, receiver)
+            self._postcopy_end()
             self._load_cleanup(True)
             if st.state is not S.COMPLETED:  # a COLO secondary is there after failover
                 st.transition(S.COMPLETED)
@@ -244,6 +278,7 @@ class MigrationDestination(Side):
             if self._cancelled and isinstance(exc, ChannelError):
                 exc = MigrationCancelled("incoming migration cancelled")
             failure = exc
+            self._postcopy_stop()
             self._load_cleanup(False)
             self.c.fail(exc)
             if self.result.return_path and self.rp is not None:
@@ -274,7 +309,7 @@ class MigrationDestination(Side):
                 if failure is not None:
                     if st.state == S.NONE:
                         st.transition(S.ACTIVE)
-                    if st.state == S.ACTIVE:
+                    if st.state in (S.ACTIVE, S.POSTCOPY_ACTIVE):
                         st.transition(S.FAILED)
                 self.c.done.set()
 
@@ -338,12 +373,18 @@ class MigrationDestination(Side):
         every thread go out through one locked :class:`ReturnPathWriter`.
         """
         self.rp = ReturnPathWriter(main.write)
+        if self.postcopy is not None:
+            self.postcopy.rp = self.rp
         self._parser = StreamParser(registry=self.registry)
         self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
         phase = self._precopy_phase
         while phase is not None:
-            phase = phase(main, receiver)
+            try:
+                phase = phase(main, receiver)
+            except BaseException as exc:  # noqa: BLE001 - postcopy pauses instead of failing
+                main = self._postcopy_pause(exc)
+                phase = self._precopy_phase
         if receiver is not None:
             receiver._check()
         if self.result.return_path:
@@ -385,6 +426,8 @@ class MigrationDestination(Side):
                     return None
                 elif t is EndOfStream:
                     return None
+                elif t is EndOfState and self.postcopy.state >= PostcopyIncoming.LISTENING:
+                    return None  # a postcopy stream ends at EOF: no vmdesc follows
                 else:
                     self._dispatch(ev)
             if n == 0:
@@ -412,10 +455,6 @@ class MigrationDestination(Side):
         elif t is Configuration:
             self._check_configuration(ev)
             res.configuration = ev
-
-    def _postcopy_listen_phase(self, main, receiver):
-        raise StreamError("POSTCOPY_LISTEN: postcopy is not supported yet", offset=self._parser.offset,
-                          field="command")
 
     def _colo_phase(self, main, receiver):
         """ENABLE_COLO: load the migration to its end, then checkpoints until failover."""
@@ -487,12 +526,192 @@ class MigrationDestination(Side):
                 raise StreamError("PING without an open return path", offset=ev.offset,
                                   field="command")
             self.rp.pong(struct.unpack(">I", ev.payload)[0])
-        elif ev.cmd == MigCmd.POSTCOPY_LISTEN:
-            return self._postcopy_listen_phase
         elif ev.cmd == MigCmd.ENABLE_COLO:
             return self._colo_phase
-        elif ev.cmd in (MigCmd.POSTCOPY_RUN, MigCmd.POSTCOPY_RAM_DISCARD, MigCmd.PACKAGED,
-                        MigCmd.POSTCOPY_RESUME, MigCmd.RECV_BITMAP):
-            raise StreamError(f"{ev.cmd.name}: postcopy is not supported yet",
-                              offset=ev.offset, field="command")
+        elif ev.cmd in _POSTCOPY_COMMANDS:
+            self._postcopy_command(ev)
+        elif ev.cmd == MigCmd.RECV_BITMAP:
+            self._send_recv_bitmap(ev)
+        elif ev.cmd == MigCmd.POSTCOPY_RESUME:
+            # QEMU ignores a RESUME outside postcopy-recover
+            if self.c.state.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE):
+                self.rp.resume_ack()
+                self.postcopy.resend_requests()
         return None
+
+    # -- postcopy pause and recovery (postcopy.md §6) ------------------------------------
+    def recover(self, uri: str) -> str:
+        """``migrate-recover``: listen on ``uri`` for the source that resumes; returns its connect URI."""
+        if self.c.state.state is not S.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        if self._recover_uri is not None:
+            raise MigrationError("Migrate recovery is triggered already")
+        nchan = 2 if self._preempt else 1
+        if self._listener is not None:  # QEMU keeps its first listener until migrate-recover
+            self._listener.close()
+        self._recover_listener = transport.listen(uri, channels=nchan,
+                                                  options=self.connection_options(),
+                                                  on_refused=self._refuse)
+        self._recover_uri = uri
+        self.c.events.incoming_setup()  # QEMU announces setup again
+        self._recover_event.set()
+        return self._recover_listener.connect_uri
+
+    def pause(self) -> None:
+        """``migrate-pause``: cut the connection now; postcopy pauses."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is currently only supported during "
+                                 "postcopy-active state")
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def _postcopy_pause(self, exc: BaseException):
+        """A broken postcopy: keep every placed page, wait for recover(), return the new channel."""
+        pc = self.postcopy
+        if (self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING
+                or not self.c.state.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)):
+            raise exc
+        _log.warning("postcopy paused: %s", exc)
+        self.pause_reason = exc
+        self.rp.close()
+        if self._preempt_reader is not None:
+            self._preempt_reader.stop()
+        for ch in list(self._chans):
+            try:
+                ch.close(timeout=1)
+            except Exception:
+                pass
+        self._chans.clear()
+        self._postcopy_error = None
+        while not self._recover_event.wait(0.2) and not self._cancelled:
+            pass
+        if self._cancelled:
+            raise MigrationCancelled("incoming migration cancelled while postcopy was paused")
+        self._recover_event.clear()
+        lst = self._recover_listener
+        try:
+            main = lst.accept(None)
+            self._add_channel(main)
+            if self._preempt:  # 7.2 tells the preempt channel by its order
+                pre = lst.accept(self.io_timeout)
+                self._add_channel(pre)
+                self._preempt_reader = PreemptReader(pre, self.loader)
+        finally:
+            lst.close()
+            self._recover_uri = None
+        self.c.state.transition(S.POSTCOPY_RECOVER)
+        self.rp = ReturnPathWriter(main.write)
+        pc.rp = self.rp
+        # a new connection: no header; sections and blocks as established before
+        self._parser = StreamParser(header=False, registry=self.registry,
+                                    context=self._parser.ctx)
+        if self._preempt_reader is not None:
+            self._preempt_reader.start(pc.placement, self._postcopy_failed)
+        return main
+
+    def _send_recv_bitmap(self, ev: Command) -> None:
+        if self.c.state.state is not S.POSTCOPY_RECOVER:
+            raise StreamError("RECV_BITMAP outside a postcopy recovery", offset=ev.offset,
+                              field="command")
+        n = ev.payload[0] if ev.payload else 0
+        name = ev.payload[1 : 1 + n].decode("utf-8", "replace")
+        blk = self.loader.blocks.get(name)
+        if blk is None or len(ev.payload) != 1 + n:
+            raise StreamError(f"RECV_BITMAP for unknown block {printable_name(name)}",
+                              offset=ev.offset, field="rbname")
+        self.rp.recv_bitmap(name, self.postcopy.placement.received[name])
+
+    def _postcopy_command(self, ev: Command) -> None:
+        """ADVISE, DISCARD, the PACKAGED device state, LISTEN and RUN (postcopy.md §2-5)."""
+        pc = self.postcopy
+        cmd = ev.cmd
+        if cmd == MigCmd.POSTCOPY_ADVISE:
+            pc.advise(ev.payload, ev.offset)
+        elif cmd == MigCmd.POSTCOPY_RAM_DISCARD:
+            pc.discard(ev.payload, ev.offset)
+        elif cmd == MigCmd.PACKAGED:
+            self._package(ev)
+        elif cmd == MigCmd.POSTCOPY_LISTEN:
+            pc.on_error = self._postcopy_failed
+            pc.listen(ev.offset)
+            if not self.c.state.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+                raise MigrationError("POSTCOPY_LISTEN: the incoming migration is not active")
+            if self._preempt_reader is not None:
+                self._preempt_reader.start(pc.placement, self._postcopy_failed)
+        elif cmd == MigCmd.POSTCOPY_RUN:
+            pc.run(ev.offset)
+            if self.touch_rate > 0:
+                self.toucher = Toucher(self.loader._table or list(self.loader.blocks),
+                                       self.touch_rate)
+                self.toucher.start()
+            if self.on_postcopy_run is not None:
+                self.on_postcopy_run(self)
+
+    def _package(self, ev: Command) -> None:
+        """A PACKAGED command: the device state and LISTEN/RUN, read from its blob.
+
+        QEMU hands the package to the load loop while a listen thread takes
+        over the main channel; here the package is already whole in memory,
+        so it is loaded in place and the main channel is read on after it.
+        """
+        sub = StreamParser(header=False, registry=self.registry)
+        sub.feed(ev.packaged)
+        sub.feed_eof()
+        base = ev.offset + 9  # type, command, length, package length
+        try:
+            for inner in sub.events():
+                t = type(inner)
+                if t is Command:
+                    self._command(inner)
+                elif t in (SectionData, SectionRecord, Configuration):
+                    self._dispatch(inner)
+        except StreamError as exc:
+            if exc.offset is not None:
+                exc.offset += base
+            raise
+
+    def postcopy_report(self) -> Optional[dict]:
+        """Faults, requests and fault-to-placed latencies (ms), or None without postcopy."""
+        pc = self.postcopy
+        if pc is None or pc.state < PostcopyIncoming.LISTENING:
+            return None
+        return pc.report(preempt_pages=self._preempt_reader.pages if self._preempt_reader else 0,
+                         touched=self.toucher.touched if self.toucher else 0)
+
+    def _postcopy_failed(self, exc: BaseException) -> None:
+        """A fault or preempt thread failed: stop the load (the main channel's read ends)."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            return  # paused already: the old channels are gone
+        self._postcopy_error = exc
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def _postcopy_end(self) -> None:
+        """After the main stream's EOF: the preempt channel's EOS, then the fault thread stops."""
+        pc = self.postcopy
+        if pc is None or pc.state < PostcopyIncoming.LISTENING:
+            return
+        if self._preempt_reader is not None:
+            self._preempt_reader.join(self.io_timeout)
+        err = getattr(self, "_postcopy_error", None)
+        if err is not None:
+            raise err
+        self._postcopy_stop()
+        if pc.blocktime:
+            ms = pc.blocktime_ms
+            self.c.stats.postcopy_blocktime = ms
+            self.c.stats.postcopy_vcpu_blocktime = [ms]
+
+    def _postcopy_stop(self) -> None:
+        if self.toucher is not None:
+            self.toucher.stop()
+        if self._preempt_reader is not None:
+            self._preempt_reader.stop()
+        if self.postcopy is not None and self.postcopy.state >= PostcopyIncoming.LISTENING:
+            self.postcopy.finish()

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-from qmigx import returnpath, transport
+from qmigx import transport
 from qmigx.autoconverge import AutoConverge
 from qmigx.compat import MigrationCompat, migration_compat
 from qmigx.crypto import ObjectRoot, TLSSettings
@@ -36,15 +36,20 @@ from qmigx.control import (
 from qmigx.errors import (
     CapabilityError,
     ChannelError,
-    ChannelTimeout,
     MigrationCancelled,
     MigrationError,
-    StreamError,
 )
 from qmigx.guest import Guest, SimpleGuest
 from qmigx.migration.colo import ColoPrimary, check_colo_capabilities
 from qmigx.migration.colo_failover import ColoStatus
+from qmigx.migration.postcopy_source import (
+    advise_payload,
+    pause_and_resume,
+    stream_rest,
+    switch_over,
+)
 from qmigx.migration.side import Controls, S, Side, now_ms
+from qmigx.migration.source_rp import SourceReturnPath
 from qmigx.multifd import pack_init_packet
 from qmigx.multifd.channels import MultifdSender
 from qmigx.precopy import RamSaveState
@@ -59,12 +64,12 @@ from qmigx.stream import (
     SectionData,
     StreamWriter,
 )
-from qmigx.wire import TARGET_PAGE_SIZE, MigCmd, MigRpMsg, SectionType
+from qmigx.wire import TARGET_PAGE_SIZE, MigCmd, SectionType
 
 __all__ = ["MigrationSource"]
 
 
-class MigrationSource(Side):
+class MigrationSource(SourceReturnPath, Side):
     """An outgoing migration of ``blocks`` (and device state) to a URI.
 
     Args:
@@ -124,6 +129,18 @@ class MigrationSource(Side):
         self.compat = compat or migration_compat(
             configuration.machine_type if configuration is not None else machine_type, "10.0")
         self._switchover_acked = threading.Event()
+        self._start_postcopy = threading.Event()
+        self._postcopy_request = threading.Event()
+        self.preempt_pages = 0
+        self._pc_stopped = False  # the guest was stopped for postcopy
+        self._pc_ran = False  # the destination was told to RUN: the guest never resumes here
+        self._resume = threading.Event()
+        self._resume_uri: Optional[str] = None
+        self._resume_acked = threading.Event()
+        self._recv_bitmaps: dict = {}
+        self._rp_event = threading.Event()
+        #: seconds a paused postcopy waits for migrate(resume=True); None: for ever
+        self.recover_timeout: Optional[float] = None
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
         self.globalstate = globalstate
@@ -149,9 +166,20 @@ class MigrationSource(Side):
         self.colo_status = ColoStatus()
 
     # -- public --------------------------------------------------------------
-    def migrate(self, uri: str) -> None:
-        """Start migrating to ``uri`` in the background (QMP ``migrate``)."""
+    def migrate(self, uri: str, *, resume: bool = False) -> None:
+        """Start migrating to ``uri`` in the background (QMP ``migrate``).
+
+        ``resume``: reconnect a paused postcopy to ``uri`` (a destination
+        that ran ``migrate-recover`` there).
+        """
         st = self.c.state
+        if resume:
+            if st.state is not S.POSTCOPY_PAUSED:
+                raise MigrationError("Cannot resume if there is no paused migration")
+            transport.parse_uri(uri)
+            self._resume_uri = uri
+            self._resume.set()
+            return
         if st.is_running():
             raise MigrationError("There's a migration process in progress")
         parsed = transport.parse_uri(uri)  # bad URIs fail here, before any state change
@@ -202,6 +230,26 @@ class MigrationSource(Side):
                 ch.shutdown()
             except Exception:
                 pass
+
+    def pause(self) -> None:
+        """``migrate-pause``: break the connection; postcopy pauses."""
+        if self.c.state.state is not S.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is currently only supported during "
+                                 "postcopy-active state")
+        for ch in list(self._chans):
+            try:
+                ch.shutdown()
+            except Exception:
+                pass
+
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to postcopy at the next opportunity."""
+        if not self.c.caps.get("postcopy-ram"):
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
+                                 "of migration", field="postcopy-ram")
+        if self._thread is None or self.c.state.state == S.NONE:
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self._start_postcopy.set()
 
     def migrate_continue(self, state: str) -> None:
         """``migrate-continue``: leave ``pre-switchover``."""
@@ -296,6 +344,12 @@ class MigrationSource(Side):
             main = transport.connect(uri, options=options)
             main.set_timeout(self.io_timeout)
             self._add_channel(main)
+            postcopy = bool(caps.get("postcopy-ram"))
+            preempt = None
+            if postcopy and caps.get("postcopy-preempt"):  # 7.2: the second connection
+                preempt = transport.connect_extra(uri, options=options)
+                preempt.set_timeout(self.io_timeout)
+                self._add_channel(preempt)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
                 # One at a time, each handshake complete and its init packet sent
@@ -345,7 +399,7 @@ class MigrationSource(Side):
             else:
                 w.configuration(self.machine_type,
                                 self._config_subsections(ignore_shared, mapped_ram))
-            rp = bool(caps.get("return-path"))
+            rp = bool(caps.get("return-path")) or postcopy  # postcopy always opens it
             if rp:
                 if not main.has_return_path:
                     raise ChannelError("return path not available on this transport",
@@ -355,7 +409,9 @@ class MigrationSource(Side):
                 self._rp_thread = threading.Thread(target=self._rp_reader, args=(main,),
                                                    name="return-path", daemon=True)
                 self._rp_thread.start()
-            if caps.get("dirty-bitmaps") and not caps.get("postcopy-ram"):
+            if postcopy:
+                w.command(MigCmd.POSTCOPY_ADVISE, advise_payload(self.blocks, ignore_shared))
+            elif caps.get("dirty-bitmaps"):
                 # QEMU advises postcopy (without page sizes) whenever bitmaps may migrate
                 w.command(MigCmd.POSTCOPY_ADVISE)
             if caps.get("x-colo"):
@@ -391,10 +447,13 @@ class MigrationSource(Side):
                 if pending < window.threshold_size:
                     self._sync(ram, period, stats)
                     pending = ram.pending()
-                pending += sum(sum(h.save_pending(window.threshold_size))
-                               for _, h in live if h is not None)
+                others = [h.save_pending(window.threshold_size) for _, h in live if h is not None]
+                pending += sum(sum(p) for p in others)
                 if not pending or pending < window.threshold_size:
                     break
+                if self._start_postcopy.is_set() and \
+                        sum(p[0] for p in others) <= window.threshold_size:
+                    break  # RAM goes on in postcopy; the precopy-only rest is small enough
                 t0 = time.monotonic()
                 sent_before = f.total_transferred
                 self._iterate(live, w, rw, sender, f)
@@ -413,54 +472,58 @@ class MigrationSource(Side):
                     if delay > 0 and self._cancel.wait(delay):
                         self._check_cancel()
             # -- completion
-            self._check_cancel()
-            if rp and caps.get("switchover-ack") and self.guest.running:
-                self._wait_switchover_ack()
-            runstate = self.guest.runstate()
-            stats.downtime_start = now_ms()
-            if self.guest.running:
-                self.guest.stop()
-                stopped_by_us = True
-            if caps.get("pause-before-switchover"):
-                if not st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER):
-                    self._lost_transition()
-                while not self._continue.wait(0.1):
-                    self._check_cancel()
+            in_postcopy = postcopy and self._start_postcopy.is_set() and self.ram.dirty_pages() > 0
+            if in_postcopy:
+                self._postcopy(w, rw, f, live, sec, preempt)
+            else:
                 self._check_cancel()
-                if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
+                if rp and caps.get("switchover-ack") and self.guest.running:
+                    self._wait_switchover_ack()
+                runstate = self.guest.runstate()
+                stats.downtime_start = now_ms()
+                if self.guest.running:
+                    self.guest.stop()
+                    stopped_by_us = True
+                if caps.get("pause-before-switchover"):
+                    if not st.try_transition(S.ACTIVE, S.PRE_SWITCHOVER):
+                        self._lost_transition()
+                    while not self._continue.wait(0.1):
+                        self._check_cancel()
+                    self._check_cancel()
+                    if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
+                        self._lost_transition()
+                f.rate_limit_max = 0
+                if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
+                    w.command(MigCmd.SWITCHOVER_START)
+                for lsec, h in live:
+                    if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
+                        continue
+                    w.section_header(SectionType.SECTION_END, lsec)
+                    if h is not None:
+                        h.save_complete_precopy(f)
+                        w.footer(lsec)
+                        continue
+                    pass_no = period.begin_sync(stats, now_ms())
+                    ram.complete(rw)
+                    self.c.events.dirty_pass(pass_no)
+                    if sender is not None and per_round:
+                        self._multifd_flush(rw, sender)
+                    self._ram_eos(rw, None if per_round else sender, w, sec)
+                first_device_id = max(s.section_id for s, _ in live) + 1
+                self._write_devices(w, runstate, first_id=first_device_id)
+                f.flush()
+                f.check()
+                self._account(ram, rw, stats, f, sender)
+                if rp:
+                    self._wait_shut()
+                stats.remaining = 0
+                stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
+                if caps.get("x-colo"):  # checkpoints until failover, then completed
+                    self.colo = ColoPrimary(self, main, f, w, rw, ram, sec, first_device_id)
+                    self.colo.run()
+                elif not (st.try_transition(S.ACTIVE, S.COMPLETED)
+                          or st.try_transition(S.DEVICE, S.COMPLETED)):
                     self._lost_transition()
-            f.rate_limit_max = 0
-            if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
-                w.command(MigCmd.SWITCHOVER_START)
-            for lsec, h in live:
-                if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup
-                    continue
-                w.section_header(SectionType.SECTION_END, lsec)
-                if h is not None:
-                    h.save_complete_precopy(f)
-                    w.footer(lsec)
-                    continue
-                pass_no = period.begin_sync(stats, now_ms())
-                ram.complete(rw)
-                self.c.events.dirty_pass(pass_no)
-                if sender is not None and per_round:
-                    self._multifd_flush(rw, sender)
-                self._ram_eos(rw, None if per_round else sender, w, sec)
-            first_device_id = max(s.section_id for s, _ in live) + 1
-            self._write_devices(w, runstate, first_id=first_device_id)
-            f.flush()
-            f.check()
-            self._account(ram, rw, stats, f, sender)
-            if rp:
-                self._wait_shut()
-            stats.remaining = 0
-            stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
-            if caps.get("x-colo"):  # checkpoints until failover, then completed
-                self.colo = ColoPrimary(self, main, f, w, rw, ram, sec, first_device_id)
-                self.colo.run()
-            elif not (st.try_transition(S.ACTIVE, S.COMPLETED)
-                      or st.try_transition(S.DEVICE, S.COMPLETED)):
-                self._lost_transition()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a state
             failure = exc
         finally:
@@ -470,10 +533,57 @@ class MigrationSource(Side):
                 self._cleanup(sender)
             finally:
                 if failure is not None:
-                    if stopped_by_us and guest_was_running:
+                    stopped_by_us = stopped_by_us or self._pc_stopped
+                    if stopped_by_us and guest_was_running and not self._pc_ran:
                         self.guest.start()
                     self._finish_failure(failure)
                 self.c.done.set()
+
+    def _postcopy(self, w: StreamWriter, rw: RamWriter, f: QEMUFile, live: list, sec: Section,
+                  preempt) -> None:
+        """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4)."""
+        st, stats = self.c.state, self.c.stats
+        self._check_cancel()
+        if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+            self._lost_transition()
+        runstate = self.guest.runstate()
+        stats.downtime_start = now_ms()
+        if self.guest.running:
+            self.guest.stop()
+            self._pc_stopped = True
+        f.rate_limit_max = 0
+        precopy_bytes = f.total_transferred
+        switch_over(self, w, rw, live, runstate)
+        self._pc_ran = True
+        stats.downtime = now_ms() - stats.downtime_start
+        while True:
+            try:
+                stream_rest(self, w, rw, sec, preempt)
+                break
+            except (ChannelError, OSError) as exc:
+                if self._cancel.is_set():
+                    raise
+                w, rw, preempt = pause_and_resume(self, sec, exc, rw)
+        self._account(self.ram, rw, stats, f, None)
+        stats.postcopy_bytes = f.total_transferred - precopy_bytes
+        self._wait_shut()
+        stats.remaining = 0
+        downtime = stats.downtime
+        stats.complete(now_ms(), f.total_transferred)
+        stats.downtime = downtime  # postcopy's downtime ends when the package went
+        if not st.try_transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
+            self._lost_transition()
+
+    def postcopy_report(self) -> Optional[dict]:
+        """Page requests served (count, time queued) after a postcopy switch-over, else None."""
+        if not self._pc_ran or self.ram is None:
+            return None
+        ram = self.ram
+        wait = ram.request_wait / ram.requests_served if ram.requests_served else 0.0
+        return {"postcopy": {"requests": self.c.stats.postcopy_requests,
+                             "served": ram.requests_served,
+                             "queued_ms_mean": round(wait * 1000, 3),
+                             "preempt_pages": self.preempt_pages}}
 
     def _live_sections(self, ram_sec: Section) -> list:
         """The active live sections in QEMU's order; RAM's handler slot is None."""
@@ -543,7 +653,9 @@ class MigrationSource(Side):
             st.try_transition(S.CANCELLING, S.CANCELLED)
             return
         self.c.fail(exc)
-        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG):
+        if self._pc_ran and st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED):
+            return  # the destination runs the guest: nothing here may resume it
+        for old in (S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.WAIT_UNPLUG, S.POSTCOPY_ACTIVE):
             if st.try_transition(old, S.FAILED):
                 break
 
@@ -639,7 +751,9 @@ class MigrationSource(Side):
         return write_report(path, side="source", query=self.query(),
                             iterations=self.iterations, timings=timings)
 
-    def _write_devices(self, w: StreamWriter, runstate: str, first_id: int) -> None:
+    def _write_devices(self, w: StreamWriter, runstate: str, first_id: int,
+                       package: bool = False) -> None:
+        """The FULL device sections, then EOF and the vmdesc (not in a postcopy package)."""
         from qmigx.savevm import vmstate_device
         from qmigx.vmstate import VMSTATE_GLOBALSTATE, globalstate
 
@@ -663,71 +777,7 @@ class MigrationSource(Side):
         text = self.vmdesc
         if text is None:
             text = ('{"page_size": %d, "devices": [%s]}' % (TARGET_PAGE_SIZE, ", ".join(entries))).encode()
+        if package:
+            return
         w.eof()
         w.vmdesc(text)
-
-    # -- return path ----------------------------------------------------------
-    def _rp_reader(self, ch) -> None:
-        parser = returnpath.ReturnPathParser()
-        buf = bytearray(4096)
-        try:
-            while True:
-                try:
-                    n = ch.readinto(buf)
-                except ChannelTimeout:
-                    # Between PONG and SHUT the return path is idle for as long as
-                    # the migration runs: the channel's I/O timeout, meant for a
-                    # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
-                    if not self._cancel.is_set():
-                        continue
-                    raise
-                if n == 0:
-                    if not self._shut.is_set():
-                        raise ChannelError("return path closed before SHUT", field="return-path")
-                    return
-                parser.feed(memoryview(buf)[:n])
-                for msg in parser.messages():
-                    if msg.type == MigRpMsg.SWITCHOVER_ACK:
-                        self._switchover_acked.set()
-                        continue
-                    if msg.type == MigRpMsg.SHUT:
-                        self._shut_status = msg.value
-                        self._shut.set()
-                        return
-                    if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
-                        raise StreamError("postcopy page request during precopy",
-                                          offset=msg.offset, field="return-path")
-        except BaseException as exc:
-            if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
-                self._rp_error = exc
-            self._shut.set()
-
-    def _rp_check(self) -> None:
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._shut_status:  # a failed destination says so before it closes
-            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")
-
-    def _wait_switchover_ack(self) -> None:
-        """``switchover-ack``: a running guest is not stopped before the destination agrees."""
-        deadline = time.monotonic() + (self.io_timeout or 3600)
-        while not self._switchover_acked.wait(0.1):
-            self._check_cancel()
-            self._rp_check()
-            if self._shut.is_set():
-                raise ChannelError("return path ended without SWITCHOVER_ACK",
-                                   field="switchover-ack")
-            if time.monotonic() > deadline:
-                raise ChannelError("timed out waiting for the destination's SWITCHOVER_ACK",
-                                   field="switchover-ack")
-
-    def _wait_shut(self) -> None:
-        deadline = time.monotonic() + (self.io_timeout or 3600)
-        while not self._shut.wait(0.1):
-            self._check_cancel()
-            if time.monotonic() > deadline:
-                raise ChannelError("timed out waiting for the destination's SHUT",
-                                   field="return-path")
-        self._rp_check()
-        if self._shut_status:
-            raise MigrationError(f"destination reported failure (SHUT {self._shut_status})")

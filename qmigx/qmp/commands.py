@@ -365,6 +365,8 @@ def _qom_list_types(ctx: Context, args: dict) -> list:
 
 
 def _migrate_pause(ctx: Context, args: dict) -> None:
+    if ctx.machine.migrate_pause():
+        return
     if _version(ctx) == "10.0":
         raise QMPError("migrate-pause is currently only supported during postcopy-active or "
                        "postcopy-recover state")
@@ -372,7 +374,7 @@ def _migrate_pause(ctx: Context, args: dict) -> None:
 
 
 def _migrate_recover(ctx: Context, args: dict) -> None:
-    raise QMPError("Migrate recover can only be run when postcopy is paused.")
+    ctx.machine.migrate_recover(args["uri"])
 
 
 _STATES = tuple(s.value for s in MigrationStatus)
@@ -394,6 +396,7 @@ _TABLE = (
     Command("migrate_cancel", lambda ctx, a: ctx.machine.migrate_cancel()),
     Command("migrate-continue", lambda ctx, a: ctx.machine.migrate_continue(a["state"]),
             (Arg("state", "enum", True, _STATES),)),
+    Command("migrate-start-postcopy", lambda ctx, a: ctx.machine.start_postcopy()),
     Command("migrate-pause", _migrate_pause, allow_oob=True),
     Command("migrate-recover", _migrate_recover, (Arg("uri", "str"),), allow_oob=True),
     Command("migrate-set-capabilities",

@@ -58,6 +58,10 @@ BLOCK_INCREMENTAL_REFUSED = ("Block migration of the top image layer only (inc, 
 SYNTHETIC_ROM_BYTES = 128 * 1024
 
 
+#: pages per second the served guest's stand-in reads once postcopy runs it here
+POSTCOPY_TOUCH_RATE = 1000
+
+
 @dataclass
 class GuestImage:
     """What ``migrate`` sends: RAM blocks in RAM-list order and device sections.
@@ -381,7 +385,10 @@ class Machine:
 
         with self._lock:
             if resume:
-                raise QMPError("Cannot resume if there is no paused migration")
+                if self.src is None or self.src.state.state is not S.POSTCOPY_PAUSED:
+                    raise QMPError("Cannot resume if there is no paused migration")
+                self.src.migrate(uri, resume=True)
+                return
             if self.src is not None and self.src.state.is_running():
                 raise QMPError(MIGRATION_ACTIVE)
             if self.runstate == "inmigrate":
@@ -462,6 +469,7 @@ class Machine:
                                        objects=self.objects)
             dst.events.subscribe(self._destination_event)
             dst.state.add_listener(self._destination_state)
+            dst.on_postcopy_run = self._postcopy_run
             try:
                 dst.incoming(uri)
             except MigrationError as exc:
@@ -478,6 +486,47 @@ class Machine:
         # a synthetic guest's layout (qmigx.synthetic), zero-filled: the content comes in
         return RAMBlockList([RAMBlock.anonymous("pc.ram", self._ram_bytes),
                              RAMBlock.anonymous("pc.rom", SYNTHETIC_ROM_BYTES)])
+
+    def start_postcopy(self) -> None:
+        """QMP ``migrate-start-postcopy`` (QEMU 7.2's checks)."""
+        if not (self.caps.get("postcopy-ram") or self.caps.get("dirty-bitmaps")):
+            raise QMPError("Enable postcopy with migrate_set_capability before the start of "
+                           "migration")
+        src = self.src
+        if src is None or src.state.state is S.NONE:
+            raise QMPError("Postcopy must be started after migration has been started")
+        if self.caps.get("postcopy-ram"):
+            src.start_postcopy()
+
+    def migrate_pause(self) -> bool:
+        """QMP ``migrate-pause`` on whichever side is in postcopy-active; False: none is."""
+        for side in (self.src, self.dst):
+            if side is not None and side.state.state is S.POSTCOPY_ACTIVE:
+                side.pause()
+                return True
+        return False
+
+    def migrate_recover(self, uri: str) -> None:
+        """QMP ``migrate-recover``: a paused incoming postcopy listens on ``uri``."""
+        dst = self.dst
+        if dst is None or dst.state.state is not S.POSTCOPY_PAUSED:
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        try:
+            dst.recover(uri)
+        except MigrationError as exc:
+            raise QMPError(exc.message) from None
+
+    def _postcopy_run(self, dst) -> None:
+        """POSTCOPY_RUN: the guest runs here now; its stand-in reads memory, faulting pages in."""
+        from qmigx.migration.postcopy_incoming import Toucher
+
+        with self._lock:
+            if not self.autostart:
+                return
+            self.runstate = "running"
+        blocks = dst.loader._table or list(dst.blocks)
+        dst.toucher = Toucher(blocks, POSTCOPY_TOUCH_RATE)
+        dst.toucher.start()
 
     def migrate_cancel(self) -> None:
         src = self.src

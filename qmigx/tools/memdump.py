@@ -179,15 +179,22 @@ class _BlockFiles(RamFileSink):
 
     def on_setup(self, ev: RamSetup) -> None:
         for info in ev.blocks:
-            if info.idstr in self.fds:
-                continue
-            path = os.path.join(self.directory, self.name_of(info.idstr))
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, info.used_length)
-            self.fds[info.idstr] = fd
-            self.paths.append(path)
-            self.regions[info.idstr] = [Region(0, info.used_length, fd, 0)]
+            self._file(info.idstr, info.used_length)
         super().on_setup(ev)
+
+    def on_mapped_block(self, ev) -> None:
+        self._file(ev.info.idstr, ev.info.used_length)
+        super().on_mapped_block(ev)
+
+    def _file(self, idstr: str, length: int) -> None:
+        if idstr in self.fds:
+            return
+        path = os.path.join(self.directory, self.name_of(idstr))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, length)
+        self.fds[idstr] = fd
+        self.paths.append(path)
+        self.regions[idstr] = [Region(0, length, fd, 0)]
 
     def close(self) -> None:
         for fd in self.fds.values():

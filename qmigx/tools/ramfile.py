@@ -95,6 +95,7 @@ class RamFileSink:
         self._blocks: dict[str, _Block] = {}
         self._zero = bytes(page_size)
         self._xbzrle = None
+        self._mapped: dict = {}  # mapped-ram: block index -> (block, page bitmap)
         self.pages = 0
 
     # -- setup ----------------------------------------------------------------
@@ -108,6 +109,31 @@ class RamFileSink:
                 self._blocks[info.idstr] = blk
             table.append(blk)
         self._table = table
+
+    def on_mapped_block(self, ev) -> None:
+        """mapped-ram (QEMU 10): one block; its bitmap says which of its pages the file holds."""
+        blk = self._blocks.get(ev.info.idstr)
+        if blk is None:
+            blk = self._make_block(ev.info.idstr, ev.info.used_length)
+            self._blocks[ev.info.idstr] = blk
+        self._mapped[ev.index] = (blk, ev.page_bits())
+
+    def on_mapped_pages(self, ev) -> None:
+        """mapped-ram: a chunk of a block's pages; those its bitmap marks are written."""
+        blk, bits = self._mapped[ev.index]
+        ps = self.page_size
+        n = len(ev.data) // ps
+        first = ev.first_page
+        sel = bits[first : first + n]
+        if not sel.any():
+            return
+        data = memoryview(ev.data)
+        edges = np.flatnonzero(np.diff(np.r_[0, sel.astype(np.int8), 0]))
+        for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            for i in range(a, b):  # page by page: regions may split a run
+                self._write_all(blk, (first + i) * ps, data[i * ps : (i + 1) * ps])
+            blk.nonzero[first + a : first + b] = True
+        self.pages += int(sel.sum())
 
     def _make_block(self, idstr: str, length: int) -> _Block:
         regions = sorted(self.regions.get(idstr, ()), key=lambda r: r.block_offset)

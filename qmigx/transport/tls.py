@@ -40,6 +40,9 @@ _CIPHER_READ = 256 << 10
 class TLSChannel(Channel):
     """A :class:`Channel` whose bytes travel inside a TLS session over ``inner``."""
 
+    #: the bytes on the socket are TLS records: channels are told apart by their order
+    can_peek = False
+
     def __init__(self, inner: Channel, session) -> None:  # noqa: D107 - see class
         self.name = inner.name
         self.inner = inner

@@ -187,7 +187,8 @@ class QmigxIncoming:
                  shared_ram: Sequence[tuple[str, str | os.PathLike[str]]] = (),
                  report: str | os.PathLike[str] | None = None, name: str = "incoming",
                  peak_file: str | os.PathLike[str] | None = None,
-                 drives: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> None:
+                 drives: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+                 extra: Sequence[str] = ()) -> None:
         self.uri = uri
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ class QmigxIncoming:
             args += ["--report", report]
         for drive, path in drives:
             args += ["--drive", f"{drive}={path}"]
-        self.argv = qmigx_argv(*args) + cap_args(caps) + param_args(params)
+        self.argv = qmigx_argv(*args) + cap_args(caps) + param_args(params) + list(extra)
         self.peak_file = Path(peak_file) if peak_file is not None else None
         if self.peak_file is not None:
             self.peak_file.unlink(missing_ok=True)

@@ -1,0 +1,366 @@
+"""The postcopy destination (QEMU's postcopy-ram.c, incoming side, and the load half of savevm.c).
+
+Before POSTCOPY_LISTEN pages are copied as in precopy, but each one is
+recorded as received. At LISTEN every page not received is dropped from
+memory and the blocks are registered with userfaultfd (missing mode), so
+a read of such a page blocks its thread in the kernel; the fault thread
+here turns each fault into a page request on the return path, and the
+page, when it arrives on the main or the preempt channel, is placed with
+one ``UFFDIO_COPY`` of its host page (:class:`~qmigx.placement.UffdPlacement`)
+which wakes the reader.
+
+Nothing that may block on a missing page holds the GIL: the fault thread
+waits in ``poll(2)``, and the stand-in for a vCPU (:class:`Toucher`) reads
+pages through the kernel (``pwrite(2)`` from guest memory into a memfd),
+so a Python thread blocked on a page never stops the threads that fetch it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import select
+import struct
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from qmigx import uffd
+from qmigx.errors import CapabilityError, RamStreamError, StreamError
+from qmigx.placement import CopyPlacement, UffdPlacement
+from qmigx.wire import TARGET_PAGE_SIZE
+
+__all__ = ["PostcopyIncoming", "Toucher", "host_page_summary", "parse_discard"]
+
+_MSG = struct.Struct("=BBHIQQI4x")  # uffd_msg, page-fault form (see qmigx.uffd)
+_EVENT_PAGEFAULT = 0x12
+_MADV_DONTNEED = 4
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+
+def host_page_summary(blocks) -> int:
+    """OR of the host page sizes of the blocks (ADVISE's first field)."""
+    summary = 0
+    for b in blocks:
+        summary |= max(int(getattr(b, "page_size", 0) or 0), mmap.PAGESIZE)
+    return summary or mmap.PAGESIZE
+
+
+def parse_discard(payload: bytes) -> tuple[str, list[tuple[int, int]]]:
+    """POSTCOPY_RAM_DISCARD: u8 version 0, u8 name length, name, NUL, then be64 start/length pairs."""
+    n = payload[1]
+    name = payload[2 : 2 + n].decode("utf-8", "replace")
+    body = payload[3 + n :]
+    ranges = [struct.unpack_from(">QQ", body, i) for i in range(0, len(body), 16)]
+    return name, ranges
+
+
+class TrackingCopyPlacement(CopyPlacement):
+    """Precopy placement that records every page received (postcopy needs the bitmap)."""
+
+    tracks_batches = True
+
+
+class PostcopyIncoming:
+    """A destination's postcopy: advise, discards, listen, run, the fault thread and the end.
+
+    Args:
+        loader: the destination's :class:`~qmigx.ram.RamLoader`.
+        rp: the return-path writer page requests go out through.
+        blocktime: capability ``postcopy-blocktime``: measure time spent
+            waiting for pages.
+    """
+
+    NONE, ADVISE, DISCARD, LISTENING, RUNNING, END = range(6)
+
+    def __init__(self, loader, rp, *, enabled: bool, blocktime: bool = False) -> None:
+        self.loader = loader
+        self.rp = rp
+        self.enabled = enabled
+        self.blocktime = blocktime
+        self.state = self.NONE
+        self.placement: Optional[UffdPlacement] = None
+        self.requests = 0
+        self.faults = 0
+        self.latencies: list[float] = []  # seconds, fault read to page placed
+        self._waiting: dict[tuple[str, int], float] = {}
+        self._last_block: Optional[str] = None
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = -1, -1
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.on_error: Optional[Callable[[BaseException], None]] = None
+
+    # -- commands -------------------------------------------------------------------
+    def advise(self, payload: bytes, offset: int) -> None:
+        """POSTCOPY_ADVISE: check what the source's RAM needs against this side."""
+        if len(payload) == 0:
+            if self.enabled:
+                raise StreamError("RAM postcopy is enabled but have 0 byte advise",
+                                  offset=offset, field="command")
+            return
+        if not self.enabled:
+            raise StreamError("RAM postcopy is disabled but have 16 byte advise",
+                              offset=offset, field="command")
+        if self.state != self.NONE:
+            raise StreamError("POSTCOPY_ADVISE in the wrong postcopy state", offset=offset,
+                              field="command")
+        summary, target = struct.unpack(">QQ", payload)
+        try:
+            uffd.create_uffd(user_mode_only_first=False)
+        except uffd.UffdUnavailable as e:
+            raise CapabilityError(f"Postcopy is not supported: {e.message}",
+                                  field="postcopy-ram") from None
+        given = list(self.loader.blocks)
+        if given and summary != host_page_summary(given):
+            raise StreamError(f"Postcopy needs matching RAM page sizes "
+                              f"(s=0x{summary:x} d=0x{host_page_summary(given):x})",
+                              offset=offset, field="command")
+        if target != TARGET_PAGE_SIZE:
+            raise StreamError(f"Postcopy needs matching target page sizes "
+                              f"(s=0x{target:x} d=0x{TARGET_PAGE_SIZE:x})",
+                              offset=offset, field="command")
+        # every page counts from now on; memory is not populated ahead of use
+        self.loader.placement = TrackingCopyPlacement()
+        self.loader.populate = False
+        self.state = self.ADVISE
+
+    def discard(self, payload: bytes, offset: int) -> None:
+        """POSTCOPY_RAM_DISCARD: these pages may be stale; drop them, they come again."""
+        if self.state not in (self.ADVISE, self.DISCARD):
+            raise StreamError("POSTCOPY_RAM_DISCARD outside the advise/discard state",
+                              offset=offset, field="command")
+        self.state = self.DISCARD
+        name, ranges = parse_discard(payload)
+        blk = self.loader.blocks.get(name)
+        if blk is None:
+            raise RamStreamError(f"POSTCOPY_RAM_DISCARD: unknown block {name!r}",
+                                 offset=offset, section="ram", field="rbname")
+        rb = self.loader.placement.received.get(name)
+        for start, length in ranges:
+            if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or \
+                    start + length > blk.used_length:
+                raise RamStreamError(
+                    f"POSTCOPY_RAM_DISCARD 0x{start:x}+0x{length:x} outside block {name} "
+                    f"(0x{blk.used_length:x} bytes) or not page aligned",
+                    offset=offset, section="ram", field="range")
+            if rb is not None:
+                rb[start // TARGET_PAGE_SIZE : (start + length) // TARGET_PAGE_SIZE] = False
+            _drop(blk, start, length)
+
+    def listen(self, offset: int) -> None:
+        """POSTCOPY_LISTEN: missing pages become faults from here on."""
+        if self.state not in (self.ADVISE, self.DISCARD):
+            raise StreamError("POSTCOPY_LISTEN without a postcopy advise", offset=offset,
+                              field="command")
+        blocks = list(self.loader._table) or list(self.loader.blocks)
+        received = self.loader.placement.received
+        for b in blocks:  # whatever did not arrive (or was discarded) must fault
+            rb = received.get(b.idstr)
+            if rb is None:
+                _drop(b, 0, b.used_length)
+                continue
+            for first, n in _runs(~rb):
+                _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
+        pl = UffdPlacement(blocks)
+        for b in blocks:
+            if b.idstr in received:
+                pl.received[b.idstr][:] = received[b.idstr]
+        pl.on_placed = self._placed
+        try:
+            pl.register()
+        except uffd.UffdUnavailable as e:
+            raise CapabilityError(f"Postcopy is not supported: {e.message}",
+                                  field="postcopy-ram") from None
+        self.placement = pl
+        self.loader.placement = pl
+        self.loader._buffers = None  # one page at a time, through UFFDIO_COPY
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._fault_thread, name="postcopy/fault",
+                                        daemon=True)
+        self._thread.start()
+        self.state = self.LISTENING
+
+    def run(self, offset: int) -> None:
+        if self.state != self.LISTENING:
+            raise StreamError("POSTCOPY_RUN before POSTCOPY_LISTEN", offset=offset,
+                              field="command")
+        self.state = self.RUNNING
+
+    # -- faults ----------------------------------------------------------------------
+    def _fault_thread(self) -> None:
+        pl = self.placement
+        fd = pl.fd
+        try:
+            while True:
+                ready, _, _ = select.select([fd, self._stop_r], [], [])
+                if self._stop_r in ready:
+                    return
+                try:
+                    data = os.read(fd, _MSG.size * 64)
+                except BlockingIOError:
+                    continue
+                for i in range(0, len(data) - _MSG.size + 1, _MSG.size):
+                    event, _, _, _, _flags, addr, _ptid = _MSG.unpack_from(data, i)
+                    if event == _EVENT_PAGEFAULT:
+                        self._fault(addr)
+        except BaseException as exc:  # noqa: BLE001 - reported to the load thread
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def _fault(self, addr: int) -> None:
+        pl = self.placement
+        for b in pl.blocks:
+            base = uffd.buffer_address(b)
+            if base <= addr < base + b.used_length:
+                break
+        else:
+            return  # not guest RAM (cannot happen: only the blocks are registered)
+        hps = pl._host_page(b)
+        host = (addr - base) // hps * hps
+        self.faults += 1
+        with self._lock:
+            if pl.received[b.idstr][host // TARGET_PAGE_SIZE]:
+                return  # placed meanwhile: the kernel woke the reader already
+            key = (b.idstr, host)
+            if key in self._waiting:
+                return
+            self._waiting[key] = time.monotonic()
+            name = None if b.idstr == self._last_block else b.idstr
+            self._last_block = b.idstr
+            self.requests += 1
+        self.rp.req_pages(host, hps, name)
+
+    def _placed(self, block, host_offset: int) -> None:
+        with self._lock:
+            t = self._waiting.pop((block.idstr, host_offset), None)
+        if t is not None:
+            self.latencies.append(time.monotonic() - t)
+
+    def resend_requests(self) -> None:
+        """Ask again for every page still waited for (after recovery, as 7.2 does)."""
+        with self._lock:
+            keys = sorted(self._waiting)
+            self._last_block = None
+        for name, host in keys:
+            hps = self.placement._host_page(self.loader.blocks[name])
+            with self._lock:
+                blk = None if name == self._last_block else name
+                self._last_block = name
+            self.rp.req_pages(host, hps, blk)
+
+    def report(self, **extra) -> dict:
+        """Counts and latency percentiles (ms) of the requested pages."""
+        lat = np.sort(np.asarray(self.latencies, float)) * 1000
+        pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if len(lat) else (lambda q: None)
+        return {"faults": self.faults, "requests": self.requests, "served": len(lat),
+                "latency_ms": {"p50": pct(50), "p99": pct(99),
+                               "max": round(float(lat[-1]), 3) if len(lat) else None},
+                "blocktime_ms": self.blocktime_ms, **extra}
+
+    @property
+    def blocktime_ms(self) -> int:
+        return int(sum(self.latencies) * 1000)
+
+    def finish(self) -> None:
+        """The end (or a failure): stop the fault thread, unregister the memory."""
+        if self._stop_w >= 0:
+            os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
+        if self.placement is not None:
+            self.placement.close()
+        self.state = self.END
+
+
+class Toucher:
+    """A stand-in for a vCPU: reads random guest pages at ``rate`` pages per second.
+
+    Each read goes through the kernel (``pwrite(2)`` of the page into a
+    memfd), so a read of a missing page waits in the kernel for the page
+    to be placed, without holding the GIL. ``touched`` counts pages read.
+    """
+
+    def __init__(self, blocks, rate: float, seed: Optional[int] = None) -> None:
+        self.blocks = [b for b in blocks if b.used_length >= TARGET_PAGE_SIZE]
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.touched = 0
+        self.wait_time = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        if self.rate <= 0 or not self.blocks:
+            return
+        self._thread = threading.Thread(target=self._run, name="postcopy/touch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = os.memfd_create("qmigx-touch", os.MFD_CLOEXEC)
+        try:
+            weights = [b.used_length for b in self.blocks]
+            period = 1.0 / self.rate
+            nxt = time.monotonic()
+            while not self._stop.is_set():
+                b = self.rng.choices(self.blocks, weights)[0]
+                p = self.rng.randrange(b.used_length // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
+                t0 = time.monotonic()
+                os.pwrite(fd, memoryview(b.buffer[p : p + TARGET_PAGE_SIZE]), 0)
+                self.wait_time += time.monotonic() - t0
+                self.touched += 1
+                nxt += period
+                delay = nxt - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                else:
+                    nxt = time.monotonic()
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def _runs(mask: np.ndarray):
+    """(first, count) of each run of True in a bool array."""
+    if not mask.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _drop(block, start: int, length: int) -> None:
+    """Make pages missing again: hole-punch shared memory, DONTNEED private memory."""
+    if length <= 0:
+        return
+    fd = getattr(block, "fd", None)
+    if fd is not None and block.shared:
+        try:
+            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, length)
+        except OSError:
+            pass
+    addr = uffd.buffer_address(block) + start
+    uffd.madvise(addr, length, _MADV_DONTNEED)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -1,0 +1,208 @@
+"""The postcopy-preempt channel (QEMU 7.2's second connection for requested pages).
+
+The channel carries bare RAM page records (ram.md §4: be64 offset|flags,
+the block name unless CONTINUE, the page) with no header, sections or
+footers, and ends with a RAM EOS record (postcopy.md §7). The source sends
+the pages the destination asked for there, so they do not queue behind
+the background stream on the main channel.
+
+:class:`PreemptRecords` is the sans-IO decoder; :class:`PreemptReader`
+feeds it from the channel on a thread and places each page;
+:class:`PreemptWriter` is the source's side.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from typing import Callable, Iterator, Optional
+
+from qmigx.errors import ChannelError, RamStreamError
+from qmigx.wire import TARGET_PAGE_SIZE, RamFlag
+
+__all__ = ["PreemptRecords", "PreemptReader", "PreemptWriter"]
+
+_ALLOWED = RamFlag.ZERO | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE | RamFlag.COMPRESS_PAGE
+_MAX_COMPRESSED = TARGET_PAGE_SIZE + TARGET_PAGE_SIZE // 2 + 64
+
+
+class PreemptRecords:
+    """Decode bare RAM records; :meth:`records` yields ``(kind, block, offset, data)``.
+
+    ``kind`` is ``"page"`` (data: the page), ``"zero"`` (data: the fill
+    byte) or ``"eos"``. Offsets in errors count bytes from the channel's start.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.offset = 0  # of self._buf[0]
+        self.block: Optional[str] = None
+        self.ended = False
+
+    def feed(self, data) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self.offset += self._pos
+            self._pos = 0
+        self._buf += data
+
+    def _need(self, n: int) -> bool:
+        return len(self._buf) - self._pos >= n
+
+    def records(self) -> Iterator[tuple]:
+        while not self.ended:
+            start = self._pos
+            at = self.offset + start
+            if not self._need(8):
+                return
+            addr = struct.unpack_from(">Q", self._buf, start)[0]
+            flags = addr & (TARGET_PAGE_SIZE - 1)
+            offset = addr - flags
+            if flags & ~int(_ALLOWED) or not flags:
+                raise RamStreamError(f"Unknown combination of migration flags: 0x{flags:x} "
+                                     "(postcopy mode)", offset=at, section="ram", field="flags")
+            p = start + 8
+            if flags & RamFlag.EOS:
+                self._pos = p
+                self.ended = True
+                yield ("eos", None, 0, None)
+                return
+            block = self.block
+            if not flags & RamFlag.CONTINUE:
+                if not self._need(p - start + 1):
+                    return
+                n = self._buf[p]
+                if not self._need(p - start + 1 + n):
+                    return
+                block = bytes(self._buf[p + 1 : p + 1 + n]).decode("utf-8", "replace")
+                p += 1 + n
+            elif block is None:
+                raise RamStreamError("Ack, bad migration stream! (CONTINUE without a block)",
+                                     offset=at, section="ram", field="flags")
+            if flags & RamFlag.ZERO:
+                if len(self._buf) < p + 1:
+                    return
+                data = self._buf[p]
+                p += 1
+                kind = "zero"
+            elif flags & RamFlag.PAGE:
+                if len(self._buf) < p + TARGET_PAGE_SIZE:
+                    return
+                data = bytes(self._buf[p : p + TARGET_PAGE_SIZE])
+                p += TARGET_PAGE_SIZE
+                kind = "page"
+            else:  # COMPRESS_PAGE
+                if len(self._buf) < p + 4:
+                    return
+                n = struct.unpack_from(">I", self._buf, p)[0]
+                if n > _MAX_COMPRESSED:
+                    raise RamStreamError(f"compressed page of {n} bytes", offset=at,
+                                         section="ram", field="len")
+                if len(self._buf) < p + 4 + n:
+                    return
+                try:
+                    data = zlib.decompress(bytes(self._buf[p + 4 : p + 4 + n]))
+                except zlib.error as e:
+                    raise RamStreamError(f"compressed page does not inflate: {e}", offset=at,
+                                         section="ram", field="data") from None
+                if len(data) != TARGET_PAGE_SIZE:
+                    raise RamStreamError("compressed page inflates to "
+                                         f"{len(data)} bytes", offset=at, section="ram",
+                                         field="data")
+                p += 4 + n
+                kind = "page"
+            self.block = block
+            self._pos = p
+            yield (kind, block, offset, data)
+
+
+class PreemptReader:
+    """The destination's reader of the preempt channel, on its own thread."""
+
+    def __init__(self, channel, loader, registry=None) -> None:
+        self.channel = channel
+        self.loader = loader
+        self.pages = 0
+        self.error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self._done = threading.Event()
+
+    def start(self, placement, on_error: Callable[[BaseException], None]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(placement, on_error),
+                                        name="postcopy/preempt", daemon=True)
+        self._thread.start()
+
+    def _run(self, placement, on_error) -> None:
+        dec = PreemptRecords()
+        buf = bytearray(1 << 16)
+        blocks = self.loader.blocks
+        try:
+            while not dec.ended:
+                n = self.channel.readinto_available(buf)
+                if n == 0:
+                    raise ChannelError("the postcopy preempt channel closed before its EOS",
+                                       field="postcopy-preempt")
+                dec.feed(memoryview(buf)[:n])
+                for kind, name, off, data in dec.records():
+                    if kind == "eos":
+                        break
+                    blk = blocks.get(name)
+                    if blk is None:
+                        raise RamStreamError(f"Unknown ramblock \"{name}\"",
+                                             offset=dec.offset, section="ram", field="idstr")
+                    if kind == "zero" and data == 0:
+                        placement.place_zero(blk, off)
+                    elif kind == "zero":
+                        placement.place(blk, off, bytes([data]) * TARGET_PAGE_SIZE)
+                    else:
+                        placement.place(blk, off, data)
+                    self.pages += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the load thread
+            if not self._done.is_set():
+                self.error = exc
+                on_error(exc)
+        finally:
+            self._done.set()
+
+    def join(self, timeout: Optional[float]) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise ChannelError("the postcopy preempt channel did not end with its EOS",
+                                   field="postcopy-preempt")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if not self._done.is_set():
+            self._done.set()
+            try:
+                self.channel.shutdown()
+            except Exception:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+class PreemptWriter:
+    """The source's side: requested pages as bare records, then EOS."""
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self.block: Optional[str] = None
+        self.pages = 0
+
+    def page(self, block: str, offset: int, data) -> None:
+        if block == self.block:
+            head = struct.pack(">Q", offset | RamFlag.PAGE | RamFlag.CONTINUE)
+        else:
+            raw = block.encode()
+            head = struct.pack(">QB", offset | RamFlag.PAGE, len(raw)) + raw
+            self.block = block
+        self._write(head + bytes(data))
+        self.pages += 1
+
+    def eos(self) -> None:
+        self._write(struct.pack(">Q", RamFlag.EOS))
