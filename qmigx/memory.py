@@ -69,7 +69,8 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
                    pause: Optional[Callable[[], None]] = None,
                    resume: Optional[Callable[[], None]] = None,
                    on_start: Optional[Callable[[dict], None]] = None,
-                   timeout: Optional[float] = None) -> dict:
+                   timeout: Optional[float] = None, postcopy: bool = False,
+                   on_migration: Optional[Callable[[object], None]] = None) -> dict:
     """Send ``arrays`` (name -> writable buffer) live to ``uri``; return query-migrate.
 
     ``track``: ``"auto"`` (userfaultfd write-protection, which needs
@@ -79,6 +80,14 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
     the logs ``on_start`` receives) or ``"none"`` (memory does not change).
     Each array's size must be a multiple of 4 KiB. Raises the migration's
     error if it did not complete.
+
+    ``postcopy``: capability ``postcopy-ram``, and the switch to postcopy
+    at the first opportunity: ``pause`` is called then, and the receiver
+    runs while the rest of the memory follows (on both sides the
+    capability must be on: ``receive_memory(..., postcopy=True)``). With
+    ``on_migration`` you get the :class:`~qmigx.migration.MigrationSource`
+    once it started: enable the capability yourself and call its
+    ``start_postcopy()`` when you choose.
     """
     from qmigx.dirtylog import ExplicitDirtyLog, best_dirty_log
     from qmigx.migration import MigrationSource
@@ -96,7 +105,8 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
         logs = {b.idstr: ExplicitDirtyLog(b) for b in blocks}
     elif track != "none":
         raise ValueError(f"track must be auto, explicit or none, not {track!r}")
-    caps, params = _settings(capabilities, parameters, incoming=False)
+    names = list(capabilities) + (["postcopy-ram"] if postcopy else [])
+    caps, params = _settings(names, parameters, incoming=False)
     src = MigrationSource(blocks, guest=_CallbackGuest(pause, resume), dirty_logs=logs,
                           capabilities=caps, parameters=params, globalstate=False)
     for log in logs.values():
@@ -105,6 +115,10 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
         if on_start is not None:
             on_start(logs)
         src.migrate(uri)
+        if postcopy:
+            src.start_postcopy()
+        if on_migration is not None:
+            on_migration(src)
         state = src.wait(timeout)
         if state != MigrationStatus.COMPLETED:
             if state in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
@@ -122,12 +136,27 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
 def receive_memory(uri: str, *, capabilities: Iterable[str] = (),
                    parameters: Optional[Mapping] = None,
                    into: Optional[Mapping[str, object]] = None,
-                   timeout: Optional[float] = None) -> dict[str, np.ndarray]:
+                   timeout: Optional[float] = None,
+                   postcopy: bool = False) -> dict[str, np.ndarray]:
     """Accept one migration on ``uri``; return each block's memory by name.
 
     ``into`` gives buffers to load into (checked against the sender's
     names and sizes); otherwise the blocks are created as announced.
+
+    ``postcopy``: capability ``postcopy-ram``; the arrays come back as soon
+    as the source switches to postcopy, usable at once from any thread:
+    a page that has not arrived yet is fetched when touched (the reading
+    thread waits in the kernel meanwhile). The result is a
+    :class:`~qmigx.memory_postcopy.PostcopyMemory`: call its ``wait()`` to
+    know every page arrived. Needs userfaultfd (Linux).
     """
+    if postcopy:
+        from qmigx.memory_postcopy import receive_postcopy
+
+        if into is not None:
+            raise ValueError("postcopy makes its own memory (shared, registered for faults): "
+                             "into= is not supported with it")
+        return receive_postcopy(uri, list(capabilities) + ["postcopy-ram"], parameters, timeout)
     from qmigx.migration import MigrationDestination
     from qmigx.ram import RAMBlock, RAMBlockList
 

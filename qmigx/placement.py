@@ -26,6 +26,7 @@ at a time through :meth:`PagePlacement.place`.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from typing import Optional, Sequence
 
@@ -217,19 +218,26 @@ class UffdPlacement(PagePlacement):
     a :class:`~qmigx.errors.RamStreamError`).
     """
 
-    def __init__(self, blocks: Sequence, page_size: int = TARGET_PAGE_SIZE) -> None:
+    def __init__(self, blocks: Sequence, page_size: int = TARGET_PAGE_SIZE,
+                 fd: int = -1) -> None:
         super().__init__(page_size)
         self.blocks = list(blocks)
-        self.fd = -1
+        #: a userfaultfd the memory's owner registered already (another process's)
+        self.external = fd >= 0
+        self.fd = fd
         self._lock = threading.Lock()
         self._staging: dict[tuple[str, int], np.ndarray] = {}
         self._staged: dict[tuple[str, int], np.ndarray] = {}
         self.placed_host_pages = 0
+        # where each block is for the kernel: computed once, not per page
+        self._addr = {b.idstr: uffd.buffer_address(b) for b in self.blocks}
         #: called as ``on_placed(block, host_offset)`` after each host page is placed
         self.on_placed = None
         self.attach(self.blocks)
 
     def register(self) -> None:
+        if self.external:
+            return  # the owner registered its memory with this userfaultfd
         fd, _ = uffd.create_uffd(user_mode_only_first=False)
         try:
             uffd.api(fd, 0)
@@ -246,8 +254,6 @@ class UffdPlacement(PagePlacement):
                     raise uffd.UffdUnavailable(
                         f"UFFDIO_REGISTER of {b.idstr} failed: {uffd.errtext(e.errno)}") from None
         except BaseException:
-            import os
-
             os.close(fd)
             raise
         self.fd = fd
@@ -286,7 +292,8 @@ class UffdPlacement(PagePlacement):
 
     def place_zero(self, block, offset: int) -> None:
         hps = self._host_page(block)
-        if hps != self.page_size:
+        if hps != self.page_size or getattr(block, "shared", False):
+            # huge pages gather their parts; shared memory (shmem) has no UFFDIO_ZEROPAGE
             self.place(block, offset, bytes(self.page_size))
             return
         _check(block, offset, self.page_size)
@@ -297,7 +304,7 @@ class UffdPlacement(PagePlacement):
                 raise RamStreamError(f"page 0x{offset:x} of {block.idstr} placed twice",
                                      section="ram", field="offset")
             try:
-                uffd.zeropage(self.fd, uffd.buffer_address(block) + offset, hps)
+                uffd.zeropage(self.fd, self._addr[block.idstr] + offset, hps)
             except OSError as e:
                 raise RamStreamError(f"UFFDIO_ZEROPAGE at 0x{offset:x} of {block.idstr} failed: "
                                      f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
@@ -312,7 +319,7 @@ class UffdPlacement(PagePlacement):
 
     def _copy(self, block, host_offset: int, src: np.ndarray, length: int) -> None:
         try:
-            uffd.copy(self.fd, uffd.buffer_address(block) + host_offset, int(src.ctypes.data), length)
+            uffd.copy(self.fd, self._addr[block.idstr] + host_offset, _address_of(src), length)
         except OSError as e:
             raise RamStreamError(f"UFFDIO_COPY at 0x{host_offset:x} of {block.idstr} failed: "
                                  f"{uffd.errtext(e.errno)}", section="ram", field="offset") from None
@@ -321,8 +328,9 @@ class UffdPlacement(PagePlacement):
             self.on_placed(block, host_offset)
 
     def close(self) -> None:
-        import os
-
+        if self.fd >= 0 and self.external:  # the owner unregisters its memory
+            os.close(self.fd)
+            self.fd = -1
         if self.fd >= 0:
             for b in self.blocks:
                 try:
@@ -332,3 +340,10 @@ class UffdPlacement(PagePlacement):
                     pass
             os.close(self.fd)
             self.fd = -1
+
+
+def _address_of(data) -> int:
+    """The address of a page's bytes (a numpy array, or any buffer)."""
+    if isinstance(data, np.ndarray):
+        return int(data.ctypes.data)
+    return int(np.frombuffer(data, np.uint8).ctypes.data)

@@ -133,6 +133,8 @@ class RamSaveState:
         self.xbzrle_pages = 0
         self.compressed_pages = 0
         self.skipped_pages = 0
+        #: postcopy-ram: setup entries of huge-page blocks carry their page size
+        self.send_page_sizes = False
         #: pages taken per batch (postcopy takes fewer, so requests wait less)
         self.batch_pages = BATCH_PAGES
         self._requests: collections.deque = collections.deque()
@@ -152,7 +154,9 @@ class RamSaveState:
         if self.mapped is not None:
             self.mapped.setup([s.block for s in self._states], gpa=self.ignore_shared)
         else:
-            w.setup([RamBlockInfo(s.block.idstr, s.block.used_length, None,
+            w.setup([RamBlockInfo(s.block.idstr, s.block.used_length,
+                                  s.block.page_size if self.send_page_sizes
+                                  and s.block.page_size != TARGET_PAGE_SIZE else None,
                                   s.block.gpa if self.ignore_shared else None)
                      for s in self._states], ignore_shared=self.ignore_shared)
         for s in self._states:
@@ -222,8 +226,8 @@ class RamSaveState:
             s = self._states[si]
             pages = np.fromiter((p for p in range(first, first + n) if s.bitmap.take(p)),
                                 np.int64)
-            if len(pages):
-                self._send(w, s, pages)
+            for i in range(0, len(pages), BATCH_PAGES):  # a huge page is more than a batch
+                self._send(w, s, pages[i : i + BATCH_PAGES])
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
 
@@ -263,6 +267,23 @@ class RamSaveState:
         received = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[:npages]
         s.bitmap.clear(0, npages)
         s.bitmap.sync(np.packbits(received == 0, bitorder="little").tobytes())
+
+    def canonicalize_host_pages(self) -> None:
+        """Huge-page blocks: a host page partly dirty becomes wholly dirty (postcopy places
+        host pages whole, so the destination discards and receives them whole)."""
+        for s in self._states:
+            per = s.block.page_size // TARGET_PAGE_SIZE
+            if s.ignored or per <= 1:
+                continue
+            bm = s.bitmap
+            bits = np.unpackbits(bm.words.view(np.uint8), bitorder="little")[: bm.npages]
+            n = -(-bm.npages // per) * per
+            padded = np.zeros(n, np.uint8)
+            padded[: bm.npages] = bits
+            hosts = padded.reshape(-1, per).any(axis=1)
+            for h in np.flatnonzero(hosts).tolist():
+                first = h * per
+                bm.set(first, min(per, bm.npages - first))
 
     def discard_ranges(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
         """Per block, the runs of pages still dirty or unsent, as ``(first page, count)``.

@@ -322,6 +322,10 @@ class RamLoader:
             if self.factory is not None:
                 return self.blocks.add(self.factory(info))
             return self.blocks.add(_fresh_block(info, self.populate))
+        if info.page_size is not None and info.page_size != blk.page_size:
+            raise RamStreamError(f"Mismatched RAM page size {info.idstr} (local) "
+                                 f"{blk.page_size} != {info.page_size}", offset=offset,
+                                 section=label, field="page_size")
         if blk.used_length != info.used_length:
             # QEMU resizes only resizable blocks (ACPI tables, ROM blobs),
             # and never past their maximum; any other mismatch is fatal

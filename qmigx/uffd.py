@@ -203,6 +203,20 @@ def supported_features() -> int:
 
 
 def buffer_address(block) -> int:
+    """Where the block is in the memory its userfaultfd serves.
+
+    Normally this process's own mapping; a block another process registered
+    (``block.uffd_address``: a postcopy receiver serving a program's memory
+    through the program's userfaultfd) is addressed as that process sees it.
+    """
+    theirs = getattr(block, "uffd_address", None)
+    if theirs is not None:
+        return theirs
+    return local_address(block)
+
+
+def local_address(block) -> int:
+    """The block's memory in this process."""
     arr = block.buffer
     if not isinstance(arr, np.ndarray):
         arr = np.frombuffer(arr, np.uint8)

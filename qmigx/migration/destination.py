@@ -57,7 +57,7 @@ from qmigx.stream import (
     VMDescription,
     default_registry,
 )
-from qmigx.wire import MigCmd
+from qmigx.wire import TARGET_PAGE_SIZE, MigCmd
 
 __all__ = ["IncomingResult", "MigrationDestination"]
 
@@ -161,6 +161,11 @@ class MigrationDestination(Side):
         self.toucher: Optional[Toucher] = None
         #: called with the destination when postcopy RUN arrives (a program starts using RAM)
         self.on_postcopy_run = None
+        #: makes the blocks the setup record announces (default: anonymous memory)
+        self.block_factory = None
+        #: postcopy into another process's memory: the userfaultfd it registered that
+        #: memory with (its blocks carry ``uffd_address``); -1: this process's own
+        self.uffd_fd = -1
 
     @property
     def blocks(self) -> RAMBlockList:
@@ -256,10 +261,11 @@ class MigrationDestination(Side):
                                     ignore_shared=bool(caps.get("x-ignore-shared")),
                                     compress=bool(caps.get("compress")),
                                     create_missing=self.loader_create_missing,
+                                    factory=self.block_factory,
                                     # a destination that is QEMU 10 refuses fill bytes but 0
                                     zero_fill=getattr(caps, "qemu_version", None) == "10.0")
             preempt = extra.pop(0) if self._preempt and extra else None
-            self.postcopy = PostcopyIncoming(self.loader, None,
+            self.postcopy = PostcopyIncoming(self.loader, None, uffd_fd=self.uffd_fd,
                                              enabled=bool(caps.get("postcopy-ram")),
                                              blocktime=bool(caps.get("postcopy-blocktime")))
             self._preempt_reader = (PreemptReader(preempt, self.loader, self.registry)
@@ -376,6 +382,9 @@ class MigrationDestination(Side):
         if self.postcopy is not None:
             self.postcopy.rp = self.rp
         self._parser = StreamParser(registry=self.registry)
+        if self.loader_blocks is not None:
+            self._parser.ctx.huge_page_blocks = frozenset(
+                b.idstr for b in self.loader_blocks if b.page_size != TARGET_PAGE_SIZE)
         self._parser.rx.base = getattr(main, "file_offset", 0)  # file:PATH,offset=N
         self._started: set = set()
         phase = self._precopy_phase

@@ -77,8 +77,11 @@ class PostcopyIncoming:
 
     NONE, ADVISE, DISCARD, LISTENING, RUNNING, END = range(6)
 
-    def __init__(self, loader, rp, *, enabled: bool, blocktime: bool = False) -> None:
+    def __init__(self, loader, rp, *, enabled: bool, blocktime: bool = False,
+                 uffd_fd: int = -1) -> None:
         self.loader = loader
+        #: the userfaultfd of another process that registered the memory (-1: make our own)
+        self.uffd_fd = uffd_fd
         self.rp = rp
         self.enabled = enabled
         self.blocktime = blocktime
@@ -148,9 +151,10 @@ class PostcopyIncoming:
                     f"POSTCOPY_RAM_DISCARD 0x{start:x}+0x{length:x} outside block {name} "
                     f"(0x{blk.used_length:x} bytes) or not page aligned",
                     offset=offset, section="ram", field="range")
-            if rb is not None:
+            if rb is not None:  # dropped from memory at LISTEN, with every page not received
                 rb[start // TARGET_PAGE_SIZE : (start + length) // TARGET_PAGE_SIZE] = False
-            _drop(blk, start, length)
+            else:
+                _drop(blk, start, length)
 
     def listen(self, offset: int) -> None:
         """POSTCOPY_LISTEN: missing pages become faults from here on."""
@@ -164,9 +168,15 @@ class PostcopyIncoming:
             if rb is None:
                 _drop(b, 0, b.used_length)
                 continue
+            per = max(int(b.page_size or 0), mmap.PAGESIZE) // TARGET_PAGE_SIZE
+            if per > 1:  # a huge page is there whole or not at all: partly received goes
+                n = len(rb) // per * per
+                whole = rb[:n].reshape(-1, per).all(axis=1)
+                rb[:n] = np.repeat(whole, per)
+                rb[n:] = False
             for first, n in _runs(~rb):
                 _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
-        pl = UffdPlacement(blocks)
+        pl = UffdPlacement(blocks, fd=self.uffd_fd)
         for b in blocks:
             if b.idstr in received:
                 pl.received[b.idstr][:] = received[b.idstr]
@@ -216,7 +226,7 @@ class PostcopyIncoming:
     def _fault(self, addr: int) -> None:
         pl = self.placement
         for b in pl.blocks:
-            base = uffd.buffer_address(b)
+            base = pl._addr[b.idstr]
             if base <= addr < base + b.used_length:
                 break
         else:
@@ -352,7 +362,7 @@ def _drop(block, start: int, length: int) -> None:
             _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, length)
         except OSError:
             pass
-    addr = uffd.buffer_address(block) + start
+    addr = uffd.local_address(block) + start
     uffd.madvise(addr, length, _MADV_DONTNEED)
 
 

@@ -60,6 +60,7 @@ def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
         h.save_complete_precopy(w.f)
         w.footer(lsec)
     ram.bitmap_sync()
+    ram.canonicalize_host_pages()
     for name, runs in ram.discard_ranges():
         ranges = [(first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE) for first, n in runs]
         for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):

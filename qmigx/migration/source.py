@@ -390,6 +390,7 @@ class MigrationSource(SourceReturnPath, Side):
                 multifd_zero_pages=zpd == "multifd", mapped=mapped)
             if sender is not None and per_round:
                 ram.on_round = lambda: self._multifd_flush(rw, sender)
+            ram.send_page_sizes = postcopy
             self.ram = ram
             period = DirtyRatePeriod()
             # -- setup

@@ -34,6 +34,9 @@ class StreamContext:
     configuration: Optional[Any] = None
     ignore_shared: bool = False
     postcopy_page_sizes: bool = False
+    #: blocks whose setup entry carries a page size (a postcopy destination's huge-page
+    #: blocks: the entry has one when the source's block is not of the host's page size)
+    huge_page_blocks: frozenset = frozenset()
     ram_blocks: tuple = ()
     block_names: tuple[str, ...] = ()
     #: capability ``mapped-ram`` announced by the configuration section (QEMU 10)

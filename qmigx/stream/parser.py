@@ -722,11 +722,11 @@ class StreamParser:
     def _setup_page_size_hook(self, name: str) -> bool:
         """Whether a setup entry carries a page size (hugepage blocks only).
 
-        A file reader cannot see the source's block page sizes; streams from
-        hugepage-backed postcopy sources are the only ones that carry it and
-        are not supported yet, so this says no.
+        QEMU's destination decides by its own block's page size; a
+        destination tells the context its huge-page blocks. A file reader
+        cannot know them, so for it no entry carries one.
         """
-        return False
+        return name in self.ctx.huge_page_blocks
 
     def _read_after_eof(self, cur: Cursor) -> list:
         if cur.remaining() == 0:
