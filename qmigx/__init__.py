@@ -12,6 +12,8 @@ command line starts fast):
 * devices: :mod:`qmigx.vmstate` (:class:`VMStateDescription` and the
   ``vmstate_*`` field helpers), :class:`DeviceState`, :func:`vmstate_device`;
 * live migration of plain memory: :func:`migrate_memory`, :func:`receive_memory`;
+* fault-tolerant memory (COLO checkpoints): :class:`ColoPrimaryMemory`,
+  :class:`ColoSecondaryMemory`;
 * live migration: :class:`MigrationSource`, :class:`MigrationDestination`,
   :class:`Capabilities`, :class:`Parameters`, :class:`MigrationStatus`;
 * errors: everything in :mod:`qmigx.errors`.
@@ -68,6 +70,8 @@ _LAZY = {
     "PhysicalMemory": "qmigx.tools.memdump",
     "migrate_memory": "qmigx.memory",
     "receive_memory": "qmigx.memory",
+    "ColoPrimaryMemory": "qmigx.colo_memory",
+    "ColoSecondaryMemory": "qmigx.colo_memory",
 }
 
 __all__ = ["backend", "__version__", *_errors_all, *_LAZY]
@@ -91,6 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from qmigx.bitmap import DirtyBitmap, DirtyLogSource
     from qmigx.control import Capabilities, MigrationStatus, Parameters
     from qmigx.dirtylog import ExplicitDirtyLog, UffdWriteProtectLog, best_dirty_log
+    from qmigx.colo_memory import ColoPrimaryMemory, ColoSecondaryMemory
     from qmigx.memory import migrate_memory, receive_memory
     from qmigx.migration import MigrationDestination, MigrationSource, SimpleGuest
     from qmigx.page_cache import PageCache

@@ -16,6 +16,7 @@ that catch ``ValueError`` keep working::
     │   ├── BlockStreamError              a block record is malformed, or names an unknown or too small disk
     │   ├── DirtyBitmapError              a dirty-bitmap record is malformed or does not fit
     │   ├── ReturnPathError               a return-path message is malformed
+    │   ├── ColoError                     a COLO message or checkpoint is invalid, unexpected or cut
     │   ├── IncompatibleStreamError       a valid stream another QEMU version cannot load
     │   ├── MachineLayoutError            guest-physical memory cannot be laid out
     │   └── SaveImageError                a libvirt save image's header or body is bad
@@ -58,6 +59,7 @@ __all__ = [
     "BlockStreamError",
     "DirtyBitmapError",
     "ReturnPathError",
+    "ColoError",
     "IncompatibleStreamError",
     "BitmapError",
     "MachineLayoutError",
@@ -235,6 +237,13 @@ class DirtyBitmapError(StreamError):
 
 class ReturnPathError(StreamError):
     """A return-path message is malformed or unexpected."""
+
+
+class ColoError(StreamError):
+    """A COLO message is invalid or unexpected, or a checkpoint is cut short or oversize.
+
+    The secondary fails over on it, holding the last complete checkpoint.
+    """
 
 
 class IncompatibleStreamError(StreamError):

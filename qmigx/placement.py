@@ -166,8 +166,7 @@ class ColoCachePlacement(PagePlacement):
                 continue
             pages = np.flatnonzero(d)
             if len(pages):
-                ram = b.buffer[: b.used_length].reshape(-1, ps)
-                ram[pages] = self.cache[b.idstr].reshape(-1, ps)[pages]
+                _copy_pages(b.buffer[: b.used_length], self.cache[b.idstr], pages, ps)
                 d[:] = False
                 n += len(pages)
         return n
@@ -181,8 +180,25 @@ class ColoCachePlacement(PagePlacement):
                 continue
             pages = np.flatnonzero(d)
             if len(pages):
-                self.cache[b.idstr].reshape(-1, ps)[pages] = b.buffer[: b.used_length].reshape(-1, ps)[pages]
+                _copy_pages(self.cache[b.idstr], b.buffer[: b.used_length], pages, ps)
                 d[:] = False
+
+
+def _copy_pages(dst: np.ndarray, src: np.ndarray, pages: np.ndarray, ps: int) -> None:
+    """Copy pages ``pages`` (sorted indexes) of ``src`` into ``dst``.
+
+    Runs of consecutive pages go as one slice copy each (a memcpy); pages
+    scattered one by one go through a single gather/scatter, which beats a
+    Python loop over thousands of tiny runs.
+    """
+    breaks = np.flatnonzero(np.diff(pages) != 1)
+    if len(breaks) + 1 > max(8, len(pages) // 16):
+        dst.reshape(-1, ps)[pages] = src.reshape(-1, ps)[pages]
+        return
+    starts = np.r_[pages[0], pages[breaks + 1]]
+    ends = np.r_[pages[breaks], pages[-1]] + 1
+    for a, e in zip(starts.tolist(), ends.tolist()):
+        dst[a * ps : e * ps] = src[a * ps : e * ps]
 
 
 class UffdPlacement(PagePlacement):

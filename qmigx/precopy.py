@@ -340,10 +340,15 @@ class RamSaveState:
                 return False
         return True
 
-    def complete(self, w: RamWriter) -> None:
-        """The final pass, VM stopped: sync, then send everything dirty."""
+    def complete(self, w: RamWriter, *, last_stage: bool = True) -> None:
+        """The final pass, VM stopped: sync, then send everything dirty.
+
+        ``last_stage`` False: a COLO checkpoint, after which the migration
+        goes on, so XBZRLE keeps its cache up to date (QEMU's ram_save_complete
+        in COLO state).
+        """
         self.bitmap_sync()
-        self.last_stage = True
+        self.last_stage = last_stage
         failed = lambda: w.f.error is not None  # noqa: E731 - a write failed: stop sending
         while not self.iterate(w, over_budget=failed, max_wait=float("inf")):
             w.f.check()

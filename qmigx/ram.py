@@ -345,6 +345,20 @@ class RamLoader:
         self.placement.attach(table)
         self._buffers = self.placement.buffers(table)
 
+    @property
+    def table(self) -> list:
+        """The blocks of the setup record, in its order (what placements attach)."""
+        return self._table
+
+    def use_placement(self, placement: PagePlacement) -> None:
+        """Place the following pages with ``placement`` (a COLO secondary's RAM cache).
+
+        The blocks of the setup record already read are attached to it.
+        """
+        self.placement = placement
+        placement.attach(self._table)
+        self._buffers = placement.buffers(self._table)
+
     def on_mapped_block(self, ev: RamMappedBlock) -> None:
         """mapped-ram: match (or create) one block; its bitmap says which pages follow."""
         blk = self._match(ev.info, ev.offset, ev.section.label)

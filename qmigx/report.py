@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["write_report", "REPORT_VERSION"]
+__all__ = ["colo_report", "write_report", "REPORT_VERSION"]
 
 REPORT_VERSION = 1
 
@@ -41,6 +41,19 @@ def write_report(path: str, *, side: str, query: dict, iterations: list,
         json.dump(report, f, indent=2)
         f.write("\n")
     return report
+
+
+def colo_report(colo, status) -> dict:
+    """A COLO side's part of a report: its checkpoints (count, dirty pages, pause) and exit."""
+    rows = [{k.replace("_", "-"): v for k, v in r.items()} for r in colo.log.rows]
+    pauses = [r["pause_ms"] for r in colo.log.rows]
+    return {"colo": {
+        "status": status.query(),
+        "checkpoints": len(rows),
+        "pause-ms": {"max": max(pauses), "mean": sum(pauses) / len(pauses)} if pauses else None,
+        "error": None if colo.error is None else str(colo.error),
+        "rows": rows,
+    }}
 
 
 class IterationLog:

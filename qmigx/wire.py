@@ -16,6 +16,10 @@ __all__ = [
     "SectionType",
     "MigCmd",
     "MigRpMsg",
+    "COLOMessage",
+    "COLOMode",
+    "COLOExitReason",
+    "FailoverStatus",
     "RamFlag",
     "ENCODING_FLAG_XBZRLE",
     "RAM_VERSION_ID",
@@ -92,6 +96,67 @@ class MigRpMsg(enum.IntEnum):
     RESUME_ACK = 6
     #: QEMU 10.0 (capability switchover-ack): the destination agrees to switch over
     SWITCHOVER_ACK = 7
+
+
+class COLOMessage(enum.IntEnum):
+    """COLO's messages (QAPI ``COLOMessage``): each is a bare be32 of its value on the wire.
+
+    The primary sends ``checkpoint-request``, ``vmstate-send`` and
+    ``vmstate-size`` (followed by a be64 size and that many bytes of device
+    state) on the main channel; the secondary answers the others on the
+    return path. A value of 7 or more is invalid.
+    """
+
+    CHECKPOINT_READY = 0  #: secondary: the initial migration is loaded, checkpoints may start
+    CHECKPOINT_REQUEST = 1  #: primary: a checkpoint begins
+    CHECKPOINT_REPLY = 2  #: secondary: stopped, ready to receive it
+    VMSTATE_SEND = 3  #: primary: the RAM part follows (END sections, EOF)
+    VMSTATE_SIZE = 4  #: primary: be64 size, then the device-state blob
+    VMSTATE_RECEIVED = 5  #: secondary: the whole checkpoint arrived
+    VMSTATE_LOADED = 6  #: secondary: the checkpoint is applied
+
+    @property
+    def qapi_name(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class COLOMode(enum.IntEnum):
+    """QAPI ``COLOMode``: which end of COLO this side is."""
+
+    NONE = 0
+    PRIMARY = 1
+    SECONDARY = 2
+
+    @property
+    def qapi_name(self) -> str:
+        return self.name.lower()
+
+
+class COLOExitReason(enum.IntEnum):
+    """QAPI ``COLOExitReason``: why COLO ended (``COLO_EXIT``, ``query-colo-status``)."""
+
+    NONE = 0
+    REQUEST = 1
+    ERROR = 2
+    PROCESSING = 3
+
+    @property
+    def qapi_name(self) -> str:
+        return self.name.lower()
+
+
+class FailoverStatus(enum.IntEnum):
+    """QAPI ``FailoverStatus``: the failover state machine of colo-failover.c."""
+
+    NONE = 0
+    REQUIRE = 1
+    ACTIVE = 2
+    COMPLETED = 3
+    RELAUNCH = 4
+
+    @property
+    def qapi_name(self) -> str:
+        return self.name.lower()
 
 
 class RamFlag(enum.IntFlag):

@@ -276,7 +276,6 @@ def test_query_capabilities_layout():
 
 
 CAP_CONFLICTS = [
-    ([("x-colo", True)], "QEMU compiled without replication module can't enable COLO", "x-colo"),
     ([("postcopy-ram", True), ("x-ignore-shared", True)],
      "Postcopy is not compatible with ignore-shared", "postcopy-ram"),
     ([("postcopy-preempt", True)], "Postcopy preempt requires postcopy-ram", "postcopy-preempt"),
@@ -308,8 +307,6 @@ def test_background_snapshot_incompatibilities_in_qemu_order():
              "return-path", "multifd", "pause-before-switchover", "auto-converge", "release-ram",
              "rdma-pin-all", "compress", "xbzrle", "x-colo", "validate-uuid", "zero-copy-send"]
     for other in order:
-        if other == "x-colo":
-            continue  # refused earlier, as unsupported
         caps = Capabilities()
         with pytest.raises(CapabilityError) as ei:
             caps.set_many([("background-snapshot", True), (other, True)])
@@ -420,7 +417,6 @@ def test_capability_sets_are_atomic(first, second):
             expect = dict(before)
             expect.update(batch)
             assert caps.as_dict() == expect
-            assert not caps.get("x-colo")
 
 
 # ---------------------------------------------------------------------------

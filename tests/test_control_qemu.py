@@ -6,7 +6,7 @@ to QEMU and to qmigx; the error texts and the resulting query replies
 migration then checks query-migrate's layout and the event sequence.
 
 Known, deliberate differences are left out of the comparison: qmigx
-refuses ``x-colo`` (QEMU here is built with it) and stores ``multifd-zlib-level`` / ``multifd-zstd-level`` (7.2 ignores them).
+stores ``multifd-zlib-level`` / ``multifd-zstd-level`` (7.2 ignores them).
 """
 
 from __future__ import annotations

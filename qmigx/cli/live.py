@@ -180,6 +180,7 @@ def cmd_incoming(args) -> int:
                                objects=objects)
     dst.on_refused = _print_refusal
     dst.touch_rate = args.touch
+    dst.colo_heartbeat_timeout = args.colo_heartbeat
     if len(given):
         dst.loader_create_missing = True
     dst.incoming(args.uri)
@@ -197,6 +198,10 @@ def cmd_incoming(args) -> int:
     if state != MigrationStatus.COMPLETED:
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
             f"incoming migration {state.value}: {dst.error}")
+    if dst.colo is not None:  # a COLO secondary that failed over: what it now holds
+        print(f"qmigx: COLO secondary took over after {dst.colo.checkpoints} checkpoint(s)"
+              + (f" ({dst.colo.error})" if dst.colo.error is not None else ""),
+              file=sys.stderr, flush=True)
     res = dst.result
     if args.save:
         with open(args.save, "wb") as f:
@@ -227,6 +232,19 @@ def _incoming_extra(dst, bitmaps) -> Optional[dict]:
     pc = dst.postcopy_report()
     if pc is not None:
         extra["postcopy"] = pc
+    if dst.colo is not None:
+        from qmigx.report import colo_report
+
+        extra.update(colo_report(dst.colo, dst.colo_status))
+    return extra or None
+
+
+def _send_extra(src) -> Optional[dict]:
+    extra = src.postcopy_report() or {}
+    if src.colo is not None:
+        from qmigx.report import colo_report
+
+        extra = dict(extra, **colo_report(src.colo, src.colo_status))
     return extra or None
 
 
@@ -358,7 +376,7 @@ def cmd_send(args) -> int:
         from qmigx.report import write_report
 
         write_report(args.report, side="source", query=q, iterations=src.iterations,
-                     timings={"load_file_s": 0.0}, extra=src.postcopy_report())
+                     timings={"load_file_s": 0.0}, extra=_send_extra(src))
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--bitmap-node", metavar="NODE[=SIZE]", action="append", default=[],
                    help="a block node bitmaps may land on (size in bytes); with any given, "
                         "bitmaps for other nodes are dropped as QEMU drops them")
+    i.add_argument("--colo-heartbeat", metavar="SECONDS", type=float,
+                   help="COLO secondary (a primary with x-colo): fail over when no checkpoint "
+                        "arrives for this long (QEMU has no such timeout)")
     i.add_argument("--recover-uri", metavar="URI",
                    help="postcopy: where to listen for a resuming source after a lost "
                         "connection (default: the URI above)")

@@ -2,8 +2,10 @@
 
 Top: throughput and dirty rate per iteration, the shape that tells
 whether a migration converges. Bottom: the mix of page kinds each
-iteration sent (zero, normal, XBZRLE, compressed, multifd). matplotlib
-is an optional extra (``pip install qmigx[plot]``).
+iteration sent (zero, normal, XBZRLE, compressed, multifd). A COLO
+report (one with ``colo`` checkpoints) is drawn per checkpoint instead:
+the pause of each, and the dirty pages it carried. matplotlib is an
+optional extra (``pip install qmigx[plot]``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def plot_report(report_path: str, out_path: str, *, title: Optional[str] = None)
         except ValueError as exc:
             raise ParameterError(f"{report_path}: not a JSON report ({exc})",
                                  field="report") from None
+    colo = report.get("colo")
+    if isinstance(colo, dict) and colo.get("rows"):
+        return _plot_checkpoints(plt, report, colo["rows"], out_path, title)
     rows = report.get("iterations") or []
     if not isinstance(rows, list):
         raise ParameterError(f"{report_path}: 'iterations' is not a list", field="iterations")
@@ -60,6 +65,29 @@ def plot_report(report_path: str, out_path: str, *, title: Optional[str] = None)
     bottom.set_xlabel("iteration")
     if any(bottoms):
         bottom.legend(loc="upper right")
+    bottom.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def _plot_checkpoints(plt, report: dict, rows: list, out_path: str, title: Optional[str]) -> str:
+    """COLO: one point per checkpoint, its pause (ms) on top, its dirty pages below."""
+    if not all(isinstance(r, dict) for r in rows):
+        raise ParameterError("'colo.rows' holds something else than checkpoints", field="colo")
+    x = [r.get("checkpoint", i + 1) for i, r in enumerate(rows)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    status = report.get("colo", {}).get("status", {})
+    fig.suptitle(title or f"COLO {status.get('last-mode') or status.get('mode', '?')}: "
+                 f"{len(rows)} checkpoints, exit {status.get('reason', '?')}")
+    top.plot(x, [r.get("pause-ms", 0) for r in rows], marker=".", label="pause (ms)")
+    top.set_ylabel("ms")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper right")
+    bottom.bar(x, [r.get("dirty-pages", 0) for r in rows], label="dirty pages")
+    bottom.set_ylabel("pages")
+    bottom.set_xlabel("checkpoint")
     bottom.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

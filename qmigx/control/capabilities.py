@@ -7,8 +7,8 @@ set is checked as a whole (the current switches with the requested
 changes applied) and applied all-or-nothing.
 
 qmigx behaves like a QEMU built with old-style block migration
-(:mod:`qmigx.block`) and without the replication module: enabling
-``x-colo`` is refused with QEMU's message for such a build.
+(:mod:`qmigx.block`) and with COLO (:mod:`qmigx.migration.colo`), whose
+block replication and network comparison it does not emulate.
 
 Each :class:`Capabilities` speaks one QEMU version (``qemu_version``):
 10.0 has no ``compress`` and ``block`` and adds ``switchover-ack``,
@@ -92,9 +92,7 @@ _BY_VERSION: dict[Optional[str], tuple[str, ...]] = {
 _ALL_NAMES = frozenset(_BY_VERSION[None])
 
 #: Refused because qmigx does not implement them (QEMU's text for a build without them).
-UNSUPPORTED_CAPABILITIES: dict[str, str] = {
-    "x-colo": "QEMU compiled without replication module can't enable COLO",
-}
+UNSUPPORTED_CAPABILITIES: dict[str, str] = {}
 
 #: Checked in this order; the first one enabled is named in the error.
 BACKGROUND_SNAPSHOT_INCOMPATIBLE: tuple[str, ...] = (

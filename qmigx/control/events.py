@@ -1,4 +1,4 @@
-"""QMP events of a migration: ``MIGRATION`` and ``MIGRATION_PASS``.
+"""QMP events of a migration: ``MIGRATION``, ``MIGRATION_PASS`` and ``COLO_EXIT``.
 
 Management tools follow a migration through these events instead of
 polling (control.md §5). QEMU sends them only while the side's
@@ -68,6 +68,10 @@ class MigrationEvents:
     def incoming_setup(self) -> Event:
         """The destination's unconditional ``MIGRATION {"status": "setup"}`` at migrate-incoming."""
         return self._emit("MIGRATION", {"status": MigrationStatus.SETUP.value})
+
+    def colo_exit(self, mode: str, reason: str) -> Event:
+        """``COLO_EXIT {"mode", "reason"}``: COLO ended on this side (not gated by ``events``)."""
+        return self._emit("COLO_EXIT", {"mode": mode, "reason": reason})
 
     def dirty_pass(self, count: int) -> Event | None:
         """``MIGRATION_PASS {"pass": count}`` (count = dirty-sync-count) if ``events`` is on."""

@@ -31,6 +31,8 @@ from qmigx.errors import (
     StreamError,
     printable_name,
 )
+from qmigx.migration.colo import ColoSecondary
+from qmigx.migration.colo_failover import ColoStatus
 from qmigx.migration.postcopy_incoming import PostcopyIncoming, Toucher
 from qmigx.migration.preempt import PreemptReader
 from qmigx.migration.side import Controls, S, Side
@@ -140,6 +142,11 @@ class MigrationDestination(Side):
         self.socket_address: Optional[list] = None
         self.t_first_byte: Optional[float] = None
         self.t_done: Optional[float] = None
+        #: COLO: the secondary's checkpoint thread once ENABLE_COLO arrived, its status,
+        #: and (beyond QEMU) a failover when no checkpoint comes for this many seconds
+        self.colo: Optional[ColoSecondary] = None
+        self.colo_status = ColoStatus()
+        self.colo_heartbeat_timeout: Optional[float] = None
         self._preempt = False
         self._preempt_reader: Optional[PreemptReader] = None
         self._recover_uri: Optional[str] = None
@@ -271,7 +278,8 @@ class MigrationDestination(Side):
             self._load(main, receiver)
             self._postcopy_end()
             self._load_cleanup(True)
-            st.transition(S.COMPLETED)
+            if st.state is not S.COMPLETED:  # a COLO secondary is there after failover
+                st.transition(S.COMPLETED)
         except BaseException as exc:  # noqa: BLE001
             if self._cancelled and isinstance(exc, ChannelError):
                 exc = MigrationCancelled("incoming migration cancelled")
@@ -391,10 +399,19 @@ class MigrationDestination(Side):
         if self.result.return_path:
             self.rp.shut(0)
 
-    def _precopy_phase(self, main, receiver):
+    def _precopy_phase(self, main, receiver, *, buffered: bool = False):
+        """Load until EOF (and vmdesc) or a command hands over.
+
+        ``buffered``: parse what is already buffered before reading more
+        (a phase that resumes after a command, as COLO's does).
+        """
         parser = self._parser
         while True:
-            n = parser.fill(main.readinto_available)
+            if buffered:
+                buffered = False
+                n = None
+            else:
+                n = parser.fill(main.readinto_available)
             if self.t_first_byte is None and n:
                 self.t_first_byte = time.monotonic()
             for ev in parser.events():
@@ -449,8 +466,17 @@ class MigrationDestination(Side):
             res.configuration = ev
 
     def _colo_phase(self, main, receiver):
-        raise StreamError("ENABLE_COLO: COLO is not supported yet", offset=self._parser.offset,
-                          field="command")
+        """ENABLE_COLO: load the migration to its end, then checkpoints until failover."""
+        if receiver is not None:
+            raise CapabilityError("COLO with multifd is not supported", field="multifd")
+        self.c.caps.set("x-colo", True)  # as QEMU's secondary shows it, failover or not
+        if self._precopy_phase(main, receiver, buffered=True) is not None:
+            raise StreamError("a COLO migration may not hand over to another phase",
+                              offset=self._parser.offset, field="command")
+        self.colo = ColoSecondary(self, main, self._parser,
+                                  heartbeat_timeout=self.colo_heartbeat_timeout)
+        self.colo.run()
+        return None
 
     def _load_cleanup(self, ok: bool) -> None:
         for h in self.handlers:

@@ -40,6 +40,8 @@ from qmigx.errors import (
     MigrationError,
 )
 from qmigx.guest import Guest, SimpleGuest
+from qmigx.migration.colo import ColoPrimary, check_colo_capabilities
+from qmigx.migration.colo_failover import ColoStatus
 from qmigx.migration.postcopy_source import (
     advise_payload,
     pause_and_resume,
@@ -159,6 +161,9 @@ class MigrationSource(SourceReturnPath, Side):
         self._log = IterationLog()
         self._converge = AutoConverge()
         self._dirty_found = 0
+        #: COLO: the checkpointing thread while in ``colo`` (x-colo), and its status
+        self.colo: Optional[ColoPrimary] = None
+        self.colo_status = ColoStatus()
 
     # -- public --------------------------------------------------------------
     def migrate(self, uri: str, *, resume: bool = False) -> None:
@@ -185,6 +190,7 @@ class MigrationSource(SourceReturnPath, Side):
         if self.c.caps.get("multifd") and not parsed.multi_channel and not mapped:
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
+        check_colo_capabilities(self.c.caps)
         prev = self._thread
         if prev is not None and prev is not threading.current_thread():
             prev.join(timeout=30)  # the last run is idle but may still be cleaning up
@@ -409,6 +415,8 @@ class MigrationSource(SourceReturnPath, Side):
             elif caps.get("dirty-bitmaps"):
                 # QEMU advises postcopy (without page sizes) whenever bitmaps may migrate
                 w.command(MigCmd.POSTCOPY_ADVISE)
+            if caps.get("x-colo"):
+                w.command(MigCmd.ENABLE_COLO)
             sec = Section(self.ram_section_id, "ram", 0, 4)
             live = self._live_sections(sec)
             for lsec, h in live:
@@ -502,7 +510,8 @@ class MigrationSource(SourceReturnPath, Side):
                     if sender is not None and per_round:
                         self._multifd_flush(rw, sender)
                     self._ram_eos(rw, None if per_round else sender, w, sec)
-                self._write_devices(w, runstate, first_id=max(s.section_id for s, _ in live) + 1)
+                first_device_id = max(s.section_id for s, _ in live) + 1
+                self._write_devices(w, runstate, first_id=first_device_id)
                 f.flush()
                 f.check()
                 self._account(ram, rw, stats, f, sender)
@@ -510,8 +519,11 @@ class MigrationSource(SourceReturnPath, Side):
                     self._wait_shut()
                 stats.remaining = 0
                 stats.complete(now_ms(), f.total_transferred + self._multifd_bytes(sender))
-                if not (st.try_transition(S.ACTIVE, S.COMPLETED)
-                        or st.try_transition(S.DEVICE, S.COMPLETED)):
+                if caps.get("x-colo"):  # checkpoints until failover, then completed
+                    self.colo = ColoPrimary(self, main, f, w, rw, ram, sec, first_device_id)
+                    self.colo.run()
+                elif not (st.try_transition(S.ACTIVE, S.COMPLETED)
+                          or st.try_transition(S.DEVICE, S.COMPLETED)):
                     self._lost_transition()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a state
             failure = exc

@@ -406,6 +406,12 @@ _TABLE = (
     Command("migrate-set-parameters", lambda ctx, a: ctx.machine.set_parameters(a), None),
     Command("query-migrate-parameters", lambda ctx, a: ctx.machine.params.as_qmp()),
     Command("query-migrate", lambda ctx, a: ctx.machine.query_migrate()),
+    # COLO (block replication and network comparison are not emulated: their
+    # commands and object types are not found, as in a QEMU built without them)
+    Command("x-colo-lost-heartbeat", lambda ctx, a: ctx.machine.colo_lost_heartbeat()),
+    Command("query-colo-status", lambda ctx, a: ctx.machine.query_colo_status()),
+    # qmigx extension: COLO's checkpoints so far (count, dirty pages, pause)
+    Command("x-query-qmigx-colo", lambda ctx, a: ctx.machine.colo_checkpoints()),
     # objects (the arguments of object-add depend on qom-type: the object root checks them)
     Command("object-add", _object_add, None),
     Command("object-del", lambda ctx, a: ctx.machine.objects.delete(a["id"]), (Arg("id", "str"),)),

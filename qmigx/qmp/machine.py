@@ -34,6 +34,7 @@ from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
 from qmigx.control.capabilities import MIGRATION_ACTIVE
 from qmigx.crypto import ObjectRoot
 from qmigx.errors import CapabilityError, MigrationError, ParameterError
+from qmigx.migration.colo_failover import COLO_FEATURE_DISABLED
 from qmigx.qmp.protocol import QMPError
 from qmigx.ram import RAMBlock, RAMBlockList
 from qmigx.stream import SectionData
@@ -316,7 +317,9 @@ class Machine:
     def _engine_stop(self) -> None:
         with self._lock:
             if self.runstate == "running":
-                self._vm_stop_locked("finish-migrate")
+                in_colo = any(side is not None and side.state.state is S.COLO
+                              for side in (self.src, self.dst))
+                self._vm_stop_locked("colo" if in_colo else "finish-migrate")
 
     def _engine_start(self) -> None:
         with self._lock:
@@ -557,6 +560,43 @@ class Machine:
             return q
         return {}
 
+    def _colo_side(self):
+        """The engine side in COLO now, else the one that was last, else None."""
+        sides = [x for x in (self.src, self.dst) if x is not None]
+        for side in sides:
+            if side.colo_status.mode.value:
+                return side
+        for side in sides:
+            if side.colo_status.last_mode.value:
+                return side
+        return None
+
+    def colo_lost_heartbeat(self) -> None:
+        """``x-colo-lost-heartbeat``: the secondary takes over, or the primary goes on alone."""
+        side = self._colo_side()
+        if side is None or side.colo is None:
+            raise QMPError(COLO_FEATURE_DISABLED)
+        side.colo.lost_heartbeat()
+
+    def colo_checkpoints(self) -> dict:
+        """``x-query-qmigx-colo``: this side's checkpoints (count and the last one's figures)."""
+        from qmigx.control._qdict import qdict
+
+        side = self._colo_side()
+        colo = side.colo if side is not None else None
+        rows = colo.log.rows if colo is not None else []
+        last = {k.replace("_", "-"): v for k, v in rows[-1].items()} if rows else {}
+        return qdict({"checkpoints": len(rows), "last": qdict(last)})
+
+    def query_colo_status(self) -> dict:
+        """``query-colo-status``: ``{mode, last-mode, reason}``."""
+        from qmigx.control._qdict import qdict
+        from qmigx.migration.colo_failover import ColoStatus
+
+        side = self._colo_side()
+        status = side.colo_status if side is not None else ColoStatus()
+        return qdict(status.query())
+
     def ram_digest(self) -> list:
         """``x-query-qmigx-ram``: each RAM block's name, size and SHA-256 (a qmigx extension).
 
@@ -598,12 +638,13 @@ class Machine:
         return None
 
     def _source_event(self, ev: dict) -> None:
-        if self._status_of(ev) == "completed":
+        src = self.src
+        if self._status_of(ev) == "completed" and (src is None or src.colo is None):
             self._outgoing_done()
         self._emit(ev)
 
     def _source_state(self, old: MigrationStatus, new: MigrationStatus) -> None:
-        if new is S.COMPLETED:
+        if new is S.COMPLETED and old is not S.COLO:  # after COLO the primary goes on alone
             self._outgoing_done()
         if new in (S.COMPLETED, S.FAILED, S.CANCELLED):
             self._block_options_done()
@@ -621,7 +662,9 @@ class Machine:
         self._emit(ev)
 
     def _destination_state(self, old: MigrationStatus, new: MigrationStatus) -> None:
-        if new is S.COMPLETED:
+        if new is S.COLO:
+            self._colo_secondary_started()
+        elif new is S.COMPLETED:
             self._incoming_done()
         elif new is S.FAILED:
             dst = self.dst
@@ -630,6 +673,20 @@ class Machine:
             if self._exit_on_error:
                 self._fatal(1, f"load of migration failed: {text}")
 
+    def _colo_secondary_started(self) -> None:
+        """COLO secondary: the migration is loaded and the VM runs between checkpoints."""
+        with self._lock:
+            dst = self.dst
+            if dst is None:
+                return
+            self.image = image_from_incoming(dst.blocks, dst.result)
+            self._setup_vcpu()  # --dirty-rate: the secondary's guest writes too
+            if dst.colo is not None:
+                dst.colo.guest = self._guest
+                dst.colo.dirty_logs = self._dirty_logs  # reverted by each checkpoint
+            if self.runstate != "running":
+                self._vm_start_locked()
+
     def _incoming_done(self) -> None:
         """The stream is loaded: the machine now holds it and takes its runstate."""
         with self._lock:
@@ -637,12 +694,16 @@ class Machine:
                 return
             self._incoming_finished = True
             dst = self.dst
+            colo = dst.colo is not None
+            if colo:  # failover: the secondary runs as the new primary, -S or not
+                self.autostart = True
             self.image = image_from_incoming(dst.blocks, dst.result)
             self._setup_vcpu()
-            rec = recorded_runstate(dst.result.sections)
+            rec = None if colo else recorded_runstate(dst.result.sections)
             if rec is None or rec == "running":
                 if self.autostart:
-                    self._vm_start_locked()
+                    if self.runstate != "running":  # a COLO secondary runs already
+                        self._vm_start_locked()
                 else:
                     self.runstate = "paused"
             else:

@@ -79,10 +79,13 @@ class ReceiveBuffer:
                 src = bytes(src)  # an overlapping move within the buffer: copy out first
             own[:pending] = src
         self._own = own
-        n = readinto(memoryview(own)[pending:]) or 0
+        # the pending bytes now sit at the front: say so before reading, so
+        # that a read that raises (a timeout the caller retries) loses nothing
         self.base += self.pos
-        self.view = memoryview(own)[: pending + n]
+        self.view = memoryview(own)[:pending]
         self.pos = 0
+        n = readinto(memoryview(own)[pending:]) or 0
+        self.view = memoryview(own)[: pending + n]
         if n == 0:
             self.eof = True
         return n

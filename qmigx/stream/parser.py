@@ -272,6 +272,18 @@ class StreamParser:
         """
         self.rx.set_window(view, base, last=last)
 
+    def next_part(self) -> None:
+        """Go on with another headerless part of the same input, ended by its own EOF.
+
+        A COLO secondary parses each checkpoint's RAM part with one parser
+        (``header=False, stop_at_eof=True``): building a new one per
+        checkpoint would cost more than an idle checkpoint may take.
+        """
+        if self._state != _S_DONE or not self._stop_at_eof:
+            raise StreamError("next_part: the parser has not stopped at an EOF",
+                              offset=self.offset)
+        self._state = _S_TOP
+
     def feed_eof(self) -> None:
         """Declare the input complete."""
         self.rx.eof = True
