@@ -104,8 +104,8 @@ def delta_info(vmdesc: Optional[bytes]) -> Optional[dict]:
 
 
 def _loaded(src: Union[Source, object]):
-    from qmigx.tools.memdump import _opened
-    from qmigx.tools.streams import LoadedStream, load_stream
+    from qmigx.tools.saveimage import opened_stream as _opened
+    from qmigx.tools.loaded import LoadedStream, load_plain as load_stream
 
     if isinstance(src, LoadedStream):
         return src
@@ -120,7 +120,7 @@ def _load_mapped(path):
     from qmigx.stream import (Command, Configuration, EndOfStream, RamPages, RamSetup,
                               SectionData, VMDescription)
     from qmigx.stream.reader import StreamReader
-    from qmigx.tools.streams import LoadedStream
+    from qmigx.tools.loaded import LoadedStream
 
     reader = StreamReader(path, use_mmap=True)
     loader = RamLoader(None)
@@ -307,8 +307,8 @@ def load_delta(delta: Source, base, *, chain: Sequence = ()):
     lists the deltas between BASE and this one, oldest first. Each delta's
     recorded base digest must match the RAM it is applied to.
     """
-    from qmigx.tools.memdump import _opened
-    from qmigx.tools.streams import load_stream
+    from qmigx.tools.saveimage import opened_stream as _opened
+    from qmigx.tools.loaded import load_plain as load_stream
 
     cur = _loaded(base)
     for step in [*chain, delta]:
@@ -335,7 +335,7 @@ def _vmdesc_of(step) -> Optional[bytes]:
     """A stream's vmdesc text: from its end when it can seek, else by reading it through."""
     from qmigx.stream import VMDescription
     from qmigx.stream.reader import StreamReader
-    from qmigx.tools.memdump import _opened
+    from qmigx.tools.saveimage import opened_stream as _opened
 
     with _opened(step) as src:
         reader = StreamReader(src)
@@ -350,7 +350,7 @@ def _vmdesc_of(step) -> Optional[bytes]:
 
 def apply_delta(base, delta: Source, sink: Callable, *, chain: Sequence = ()) -> None:
     """Write the full stream a delta stands for: its devices, and all RAM as loaded."""
-    from qmigx.tools.streams import save_stream
+    from qmigx.tools.savestream import save_stream
 
     loaded = load_delta(delta, base, chain=chain)
     text = _strip_key(loaded.vmdesc) if loaded.vmdesc else None

@@ -13,10 +13,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from qmigx.errors import MachineLayoutError
 from qmigx.stream import RamPages, RamSetup, SectionEnd
@@ -24,6 +23,7 @@ from qmigx.stream.reader import Source, StreamReader
 from qmigx.tools.elfcore import ElfLayout, cpu_states, elf_layout
 from qmigx.tools.physmap import PhysRange, guest_phys_ranges
 from qmigx.tools.ramfile import RamFileSink, Region
+from qmigx.tools.saveimage import opened_stream as _opened
 from qmigx.tools.savedstate import SavedState, saved_state
 from qmigx.wire import SectionType
 
@@ -87,19 +87,6 @@ def extract_elf(source: Source, path: str, *, progress: Optional[Callable[[int],
             os.unlink(tmp)
         raise
     return layout
-
-
-@contextlib.contextmanager
-def _opened(source: Source) -> Iterator[Source]:
-    """The stream of ``source``: a libvirt save image's body, opened afresh, or itself."""
-    from qmigx.tools.saveimage import open_stream
-
-    src = open_stream(source)
-    try:
-        yield src
-    finally:
-        if src is not source:
-            src.close()
 
 
 def _copy_shared(state: SavedState, ranges, layout: ElfLayout, fd: int,

@@ -30,6 +30,8 @@ its compressed stream does is a :class:`~qmigx.errors.SaveImageError`.
 
 from __future__ import annotations
 
+import contextlib
+
 import bz2
 import io
 import lzma
@@ -374,3 +376,14 @@ def open_stream(source):
     if is_save_image(source):
         return open_body(source)
     return source
+
+
+@contextlib.contextmanager
+def opened_stream(source):
+    """The stream of ``source``: a libvirt save image's body, opened afresh, or itself."""
+    src = open_stream(source)
+    try:
+        yield src
+    finally:
+        if src is not source:
+            src.close()

@@ -9,18 +9,14 @@ size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 
 from qmigx.block_dirty_bitmap import DirtyBitmapDestination
 from qmigx.errors import StreamError
-from qmigx.qemufile import QEMUFile
-from qmigx.ram import RAMBlockList, RamLoader, RamWriter, compress_page
+from qmigx.ram import RAMBlockList, RamLoader
 from qmigx.stream import (
     Command,
-    Configuration,
     EndOfStream,
     RamMappedBlock,
     RamMappedPages,
@@ -28,18 +24,17 @@ from qmigx.stream import (
     RamPages,
     RamSetup,
     Section,
-    SectionData,
     SectionRecord,
     SectionStart,
-    StreamWriter,
     VMDescription,
     default_registry,
     parse_vmdesc,
 )
 from qmigx.stream.reader import Source, StreamReader
+from qmigx.tools.loaded import LoadedStream, load_plain
 from qmigx.tools.packaged import packaged_events
 from qmigx.savevm import DeviceState, vmstate_device
-from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+from qmigx.wire import SectionType
 
 __all__ = [
     "Source",
@@ -55,21 +50,7 @@ __all__ = [
 ]
 
 from qmigx.tools.convert import RAM_ENCODINGS, convert_stream  # noqa: E402
-
-
-@dataclass
-class LoadedStream:
-    """What a stream carried, with RAM loaded into blocks."""
-
-    configuration: Optional[Configuration] = None
-    blocks: RAMBlockList = field(default_factory=RAMBlockList)
-    ram_setup: Optional[RamSetup] = None
-    sections: list = field(default_factory=list)  # SectionData of non-RAM sections
-    commands: list = field(default_factory=list)
-    vmdesc: Optional[bytes] = None
-    size: int = 0
-    #: how its source synced multifd: "round" (a MULTIFD_FLUSH in setup), else "section"
-    multifd_sync: Optional[str] = None
+from qmigx.tools.savestream import save_stream  # noqa: E402
 
 
 def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
@@ -86,32 +67,8 @@ def load_stream(source: Source, blocks: Optional[RAMBlockList] = None, *,
         from qmigx.tools.delta import load_delta
 
         return load_delta(source, base, chain=chain)
-    reader = StreamReader(source, progress=progress)
-    loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
-    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            loader.on_pages(ev)
-        elif t is RamMappedPages:
-            loader.on_mapped_pages(ev)
-        elif t is RamMappedBlock:
-            loader.on_mapped_block(ev)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            out.ram_setup = ev
-        elif t is SectionData:
-            out.sections.append(ev)
-        elif t is Configuration:
-            out.configuration = ev
-        elif t is Command:
-            out.commands.append(ev)
-        elif t is VMDescription:
-            out.vmdesc = ev.json
-        elif t is EndOfStream:
-            out.size = ev.offset
-    out.multifd_sync = reader.parser.ctx.multifd_sync
-    return out
+    return load_plain(source, blocks, factory=factory, progress=progress,
+                      create_missing=create_missing)
 
 
 def verify_stream(source: Source, progress=None) -> dict:
@@ -181,121 +138,3 @@ def verify_stream(source: Source, progress=None) -> dict:
     summary["bitmaps"] = len(bitmaps.result)
     summary["bitmap_warnings"] = list(bitmaps.warnings)
     return summary
-
-
-def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
-                machine_type: str = "pc-i440fx-7.2", encoding: str = "zero",
-                ignore_shared: bool = False, compress_level: int = 1,
-                first_section_id: int = 2, vmdesc=True,
-                configuration: Optional[Configuration] = None,
-                mapped_ram: bool = False, start: int = 0) -> RamWriter:
-    """Write a complete precopy stream of ``blocks`` and ``devices``.
-
-    The shape is QEMU's for a paused guest: header, configuration, ``ram``
-    START (setup), one PART with every page, END, a FULL section per
-    device, EOF and the vmdesc. ``encoding`` is ``page``, ``zero`` or
-    ``compress`` (see :func:`convert_stream`). Returns the RAM writer, whose
-    ``stats`` count what was sent.
-
-    ``devices`` holds :class:`DeviceState` values, or received
-    :class:`~qmigx.stream.SectionData` written back verbatim with their
-    section ids. ``vmdesc`` is True (built from the DeviceState entries),
-    False (none) or the bytes of a whole vmdesc document to write as is.
-    ``configuration`` replays a received configuration section.
-
-    ``mapped_ram`` writes a QEMU 10 ``mapped-ram`` file instead (the
-    capability in the configuration, pages at fixed offsets after each
-    setup entry, no page records; load it with ``file:PATH``); ``start``
-    is the file offset the stream will begin at (``file:PATH,offset=N``).
-    """
-    from qmigx import zeropage
-    from qmigx.stream import ConfigSubsection, RamBlockInfo
-
-    if encoding not in ("page", "zero", "compress"):
-        raise ValueError(f"save encoding must be page, zero or compress, not {encoding!r}")
-    f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    w.header()
-    if configuration is not None:
-        w.raw_configuration(configuration.raw)
-    else:
-        subs = []
-        caps = [n for n, on in ((b"x-ignore-shared", ignore_shared), (b"mapped-ram", mapped_ram))
-                if on]
-        if caps:
-            subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         len(caps).to_bytes(4, "big")
-                                         + b"".join(bytes((len(n),)) + n for n in caps)))
-        w.configuration(machine_type, subs)
-    sec = Section(first_section_id, "ram", 0, 4)
-    infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
-             for b in blocks]
-    w.section_header(SectionType.SECTION_START, sec)
-    if mapped_ram:
-        from qmigx.mapped_ram import write_mapped_blocks
-
-        write_mapped_blocks(f, list(blocks), start=start, gpa=ignore_shared)
-        ram.eos()
-        w.footer(sec)
-        w.section_header(SectionType.SECTION_END, sec)
-        ram.eos()
-        w.footer(sec)
-        _write_devices(w, devices, first_section_id, vmdesc)
-        f.flush()
-        f.check()
-        return ram
-    ram.setup(infos, ignore_shared=ignore_shared)
-    ram.eos()
-    w.footer(sec)
-    w.section_header(SectionType.SECTION_PART, sec)
-    ps = TARGET_PAGE_SIZE
-    for blk in blocks:
-        if ignore_shared and blk.shared:
-            continue
-        mem = blk.memory
-        zmap = zeropage.zero_page_map(mem, ps)
-        offsets = np.arange(len(zmap), dtype=np.uint64) * np.uint64(ps)
-        if encoding == "page":
-            ram.pages(blk.idstr, mem, offsets)
-            continue
-        # keep page order: alternate runs of zero and non-zero pages
-        edges = np.flatnonzero(np.diff(zmap.astype(np.int8))) + 1
-        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(zmap)]):
-            if zmap[lo]:
-                ram.zeros(blk.idstr, offsets[lo:hi])
-            elif encoding == "compress":
-                for off in offsets[lo:hi]:
-                    o = int(off)
-                    ram.compressed(blk.idstr, o, compress_page(mem[o : o + ps], compress_level))
-            else:
-                ram.pages(blk.idstr, mem, offsets[lo:hi])
-    ram.eos()
-    w.footer(sec)
-    w.section_header(SectionType.SECTION_END, sec)
-    ram.eos()
-    w.footer(sec)
-    _write_devices(w, devices, first_section_id, vmdesc)
-    f.flush()
-    f.check()
-    return ram
-
-
-def _write_devices(w: StreamWriter, devices, first_section_id: int, vmdesc) -> None:
-    """FULL device sections, EOF and the vmdesc (see :func:`save_stream`)."""
-    ps = TARGET_PAGE_SIZE
-    entries = []
-    for i, dev in enumerate(devices):
-        if isinstance(dev, SectionData):
-            w.section(SectionType.SECTION_FULL, dev.section, dev.payload)
-            continue
-        dsec = Section(first_section_id + 1 + i, dev.idstr, dev.instance_id, dev.version_id)
-        w.section(SectionType.SECTION_FULL, dsec, dev.payload)
-        if dev.vmdesc is not None:
-            entries.append(dev.vmdesc)
-    w.eof()
-    if isinstance(vmdesc, (bytes, bytearray)):
-        w.vmdesc(bytes(vmdesc))
-    elif vmdesc:
-        text = '{"page_size": %d, "devices": [%s]}' % (ps, ", ".join(entries))
-        w.vmdesc(text.encode())
