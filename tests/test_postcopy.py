@@ -26,7 +26,7 @@ import pytest
 
 from qmigx.control import Capabilities, MigrationStatus, Parameters
 from qmigx.dirtylog import ExplicitDirtyLog
-from qmigx.errors import MigrationError, RamStreamError, StreamError
+from qmigx.errors import ChannelError, MigrationError, RamStreamError, StreamError
 from qmigx.migration import MigrationDestination, MigrationSource, SimpleGuest
 from qmigx.migration.postcopy_incoming import PostcopyIncoming, parse_discard
 from qmigx.migration.postcopy_source import advise_payload, discard_payload
@@ -421,3 +421,46 @@ def test_postcopy_into_shared_and_huge_page_memory(backing, tmp_path):
     assert dst.result.setup.blocks[0].page_size == (page if backing == "hugetlbfs" else None)
     assert np.array_equal(dblk.memory, src_blocks["pc.ram"].memory)
     assert dst.postcopy.placement.placed_host_pages <= size // page
+
+
+def test_a_source_that_dies_in_postcopy_leaves_the_destination_paused(tmp_path):
+    """SIGKILL of the source process mid-postcopy: the destination pauses (never fails), says
+    why, and every page it placed stays placed and correct."""
+    _uffd_or_skip()
+    import signal
+    import subprocess
+    import sys
+
+    size = 32 << 20
+    want = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8)
+    want[: 256 * PAGE] = 0
+    sock = tmp_path / "pc.sock"
+    dc, dp = controls("postcopy-ram")
+    dst = MigrationDestination(None, capabilities=dc, parameters=dp, io_timeout=WAIT)
+    dst.touch_rate = 1000
+    ran = threading.Event()
+    dst.on_postcopy_run = lambda d: ran.set()
+    dst.incoming(f"unix:{sock}")
+    code = _SENDER.replace('{"max-postcopy-bandwidth": 4 << 20}', '{"max-postcopy-bandwidth": 1 << 20}')
+    sender = subprocess.Popen([sys.executable, "-c", code, str(size), f"unix:{sock}", str(sock)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert ran.wait(60), "postcopy never ran"
+        time.sleep(1.0)
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(10)
+        _wait_state(dst, S.POSTCOPY_PAUSED)
+        assert not dst.c.done.is_set()
+        assert dst.query()["status"] == "postcopy-paused"
+        assert isinstance(dst.pause_reason, (StreamError, ChannelError)), repr(dst.pause_reason)
+        got = dst.blocks["weights"].memory
+        rb = dst.postcopy.placement.received["weights"]
+        placed = np.flatnonzero(rb)
+        assert 0 < len(placed) < len(rb)
+        for p in placed[:: max(1, len(placed) // 500)].tolist():  # placed pages: no fault
+            assert bytes(got[p * PAGE : (p + 1) * PAGE]) == bytes(want[p * PAGE : (p + 1) * PAGE])
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        dst.cancel()
+    assert dst.wait(10) is S.POSTCOPY_PAUSED  # cancelled while paused: still not "failed"

@@ -647,3 +647,28 @@ def test_serve_object_option_and_tls_incoming(tmp_path, sockdir):
     finally:
         c.close()
         served.close()
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_postcopy_over_tls(tmp_path, preempt):
+    """Postcopy with x509 on every connection: the main one, its return path carrying the page
+    requests, and the preempt channel."""
+    from qmigx import uffd
+
+    try:
+        uffd.create_uffd(user_mode_only_first=False)
+    except uffd.UffdUnavailable as e:
+        pytest.skip(f"userfaultfd unavailable here: {e.message}")
+    caps = ("postcopy-ram", "postcopy-preempt") if preempt else ("postcopy-ram",)
+    d = make_x509_dir(tmp_path / "x509")
+    dst = destination("tcp:127.0.0.1:0", x509_objects(d, "server"), caps=caps)
+    dst.touch_rate = 2000
+    src = source(x509_objects(d, "client"), caps=caps,
+                 params={"max-postcopy-bandwidth": 1 << 20})
+    src.migrate(dst.connect_uri)
+    src.start_postcopy()
+    assert_delivered(src, dst)
+    assert not dst.refused
+    pc = dst.postcopy_report()
+    assert pc is not None and pc["requests"] > 0, pc
+    assert (pc["preempt_pages"] > 0) == preempt, pc
