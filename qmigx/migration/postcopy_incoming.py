@@ -93,6 +93,7 @@ class PostcopyIncoming:
         self._waiting: dict[tuple[str, int], float] = {}
         self._last_block: Optional[str] = None
         self._lock = threading.Lock()
+        self._given: set = set()
         self._stop_r, self._stop_w = -1, -1
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
@@ -127,6 +128,9 @@ class PostcopyIncoming:
             raise StreamError(f"Postcopy needs matching target page sizes "
                               f"(s=0x{target:x} d=0x{TARGET_PAGE_SIZE:x})",
                               offset=offset, field="command")
+        # blocks made from the setup record from here on start empty: a page of theirs
+        # not received is missing already, only one received and then discarded must go
+        self._given = {b.idstr for b in given}
         # every page counts from now on; memory is not populated ahead of use
         self.loader.placement = TrackingCopyPlacement()
         self.loader.populate = False
@@ -151,10 +155,14 @@ class PostcopyIncoming:
                     f"POSTCOPY_RAM_DISCARD 0x{start:x}+0x{length:x} outside block {name} "
                     f"(0x{blk.used_length:x} bytes) or not page aligned",
                     offset=offset, section="ram", field="range")
-            if rb is not None:  # dropped from memory at LISTEN, with every page not received
-                rb[start // TARGET_PAGE_SIZE : (start + length) // TARGET_PAGE_SIZE] = False
-            else:
+            if rb is None:
                 _drop(blk, start, length)
+                continue
+            first, stop = start // TARGET_PAGE_SIZE, (start + length) // TARGET_PAGE_SIZE
+            if name not in self._given:  # given blocks drop every page not received at LISTEN
+                for a, n in _runs(rb[first:stop]):
+                    _drop(blk, (first + a) * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
+            rb[first:stop] = False
 
     def listen(self, offset: int) -> None:
         """POSTCOPY_LISTEN: missing pages become faults from here on."""
@@ -169,11 +177,17 @@ class PostcopyIncoming:
                 _drop(b, 0, b.used_length)
                 continue
             per = max(int(b.page_size or 0), mmap.PAGESIZE) // TARGET_PAGE_SIZE
+            fresh = b.idstr not in self._given
             if per > 1:  # a huge page is there whole or not at all: partly received goes
                 n = len(rb) // per * per
                 whole = rb[:n].reshape(-1, per).all(axis=1)
+                partly = rb[:n].reshape(-1, per).any(axis=1) & ~whole
                 rb[:n] = np.repeat(whole, per)
                 rb[n:] = False
+                for h in np.flatnonzero(partly).tolist():
+                    _drop(b, h * per * TARGET_PAGE_SIZE, per * TARGET_PAGE_SIZE)
+            if fresh:
+                continue  # made empty, never populated: what it did not receive is missing
             for first, n in _runs(~rb):
                 _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
         pl = UffdPlacement(blocks, fd=self.uffd_fd)
