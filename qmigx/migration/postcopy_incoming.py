@@ -94,6 +94,7 @@ class PostcopyIncoming:
         self._last_block: Optional[str] = None
         self._lock = threading.Lock()
         self._given: set = set()
+        self._to_drop: dict[str, np.ndarray] = {}
         self._stop_r, self._stop_w = -1, -1
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
@@ -159,9 +160,11 @@ class PostcopyIncoming:
                 _drop(blk, start, length)
                 continue
             first, stop = start // TARGET_PAGE_SIZE, (start + length) // TARGET_PAGE_SIZE
-            if name not in self._given:  # given blocks drop every page not received at LISTEN
-                for a, n in _runs(rb[first:stop]):
-                    _drop(blk, (first + a) * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
+            if name not in self._given:  # received, now stale: dropped at LISTEN, in one pass
+                td = self._to_drop.get(name)
+                if td is None:
+                    td = self._to_drop[name] = np.zeros(len(rb), bool)
+                td[first:stop] |= rb[first:stop]
             rb[first:stop] = False
 
     def listen(self, offset: int) -> None:
@@ -186,8 +189,11 @@ class PostcopyIncoming:
                 rb[n:] = False
                 for h in np.flatnonzero(partly).tolist():
                     _drop(b, h * per * TARGET_PAGE_SIZE, per * TARGET_PAGE_SIZE)
-            if fresh:
-                continue  # made empty, never populated: what it did not receive is missing
+            if fresh:  # made empty, never populated: only what was received and discarded goes
+                td = self._to_drop.get(b.idstr)
+                for first, n in (_runs(td & ~rb) if td is not None else ()):
+                    _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
+                continue
             for first, n in _runs(~rb):
                 _drop(b, first * TARGET_PAGE_SIZE, n * TARGET_PAGE_SIZE)
         pl = UffdPlacement(blocks, fd=self.uffd_fd)
