@@ -70,6 +70,7 @@ _LAZY = {
     "PhysicalMemory": "qmigx.tools.memdump",
     "migrate_memory": "qmigx.memory",
     "receive_memory": "qmigx.memory",
+    "PostcopyMemory": "qmigx.memory_postcopy",
     "ColoPrimaryMemory": "qmigx.colo_memory",
     "ColoSecondaryMemory": "qmigx.colo_memory",
 }
@@ -97,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from qmigx.dirtylog import ExplicitDirtyLog, UffdWriteProtectLog, best_dirty_log
     from qmigx.colo_memory import ColoPrimaryMemory, ColoSecondaryMemory
     from qmigx.memory import migrate_memory, receive_memory
+    from qmigx.memory_postcopy import PostcopyMemory
     from qmigx.migration import MigrationDestination, MigrationSource, SimpleGuest
     from qmigx.page_cache import PageCache
     from qmigx.qemufile import QEMUFile
