@@ -111,38 +111,8 @@ def _loaded(src: Union[Source, object]):
         return src
     with _opened(src) as s:
         if isinstance(s, (str, os.PathLike)):  # a file: map it, page data is copied out once
-            return _load_mapped(s)
+            return load_stream(s, use_mmap=True)
         return load_stream(s)
-
-
-def _load_mapped(path):
-    from qmigx.ram import RamLoader
-    from qmigx.stream import (Command, Configuration, EndOfStream, RamPages, RamSetup,
-                              SectionData, VMDescription)
-    from qmigx.stream.reader import StreamReader
-    from qmigx.tools.loaded import LoadedStream
-
-    reader = StreamReader(path, use_mmap=True)
-    loader = RamLoader(None)
-    out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
-    for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            loader.on_pages(ev)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            out.ram_setup = ev
-        elif t is SectionData:
-            out.sections.append(ev)
-        elif t is Configuration:
-            out.configuration = ev
-        elif t is Command:
-            out.commands.append(ev)
-        elif t is VMDescription:
-            out.vmdesc = ev.json
-        elif t is EndOfStream:
-            out.size = ev.offset
-    return out
 
 
 def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaStats:

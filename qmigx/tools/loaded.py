@@ -43,9 +43,12 @@ class LoadedStream:
 
 def load_plain(source: Source, blocks: Optional[RAMBlockList] = None, *,
                factory: Optional[Callable] = None, progress=None,
-               create_missing: bool = False) -> LoadedStream:
-    """Read a whole stream, applying its RAM to ``blocks`` (see :func:`~qmigx.tools.streams.load_stream`)."""
-    reader = StreamReader(source, progress=progress)
+               create_missing: bool = False, use_mmap: bool = False) -> LoadedStream:
+    """Read a whole stream, applying its RAM to ``blocks`` (see :func:`~qmigx.tools.streams.load_stream`).
+
+    ``use_mmap``: a file is read through mmap windows (page data copied out once).
+    """
+    reader = StreamReader(source, progress=progress, use_mmap=use_mmap)
     loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
     out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
     for ev in reader.events():
