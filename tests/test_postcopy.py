@@ -17,6 +17,7 @@ input, and ADVISE/DISCARD checks on the destination.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 import time
@@ -45,7 +46,7 @@ def _uffd_or_skip():
     from qmigx import uffd
 
     try:
-        uffd.create_uffd(user_mode_only_first=False)
+        os.close(uffd.create_uffd(user_mode_only_first=False)[0])
     except uffd.UffdUnavailable as e:
         pytest.skip(f"userfaultfd unavailable here: {e.message}")
 

@@ -656,7 +656,7 @@ def test_postcopy_over_tls(tmp_path, preempt):
     from qmigx import uffd
 
     try:
-        uffd.create_uffd(user_mode_only_first=False)
+        os.close(uffd.create_uffd(user_mode_only_first=False)[0])
     except uffd.UffdUnavailable as e:
         pytest.skip(f"userfaultfd unavailable here: {e.message}")
     caps = ("postcopy-ram", "postcopy-preempt") if preempt else ("postcopy-ram",)

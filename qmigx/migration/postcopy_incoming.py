@@ -17,6 +17,7 @@ so a Python thread blocked on a page never stops the threads that fetch it.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import random
@@ -116,7 +117,7 @@ class PostcopyIncoming:
                               field="command")
         summary, target = struct.unpack(">QQ", payload)
         try:
-            uffd.create_uffd(user_mode_only_first=False)
+            os.close(uffd.create_uffd(user_mode_only_first=False)[0])  # only a check
         except uffd.UffdUnavailable as e:
             raise CapabilityError(f"Postcopy is not supported: {e.message}",
                                   field="postcopy-ram") from None
@@ -386,11 +387,14 @@ def _drop(block, start: int, length: int) -> None:
     uffd.madvise(addr, length, _MADV_DONTNEED)
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
+_libc = None
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
