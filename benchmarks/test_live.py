@@ -385,13 +385,21 @@ def qemu_state(qemu_source, uris, tmp_path_factory):
     return load_stream(str(d / "state.mig"))
 
 
-@needs_qemu
-def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, uris, tmp_path):
-    image = qemu_source.image
-    loaded = qemu_state
+def state_source(loaded, caps: dict, params: dict, **kw) -> MigrationSource:
+    """A qmigx source sending ``loaded`` (a stream QEMU's source produced: ``qemu_state``)."""
     blocks = RAMBlockList()
     for info in loaded.ram_setup.blocks:
         blocks.add(loaded.blocks[info.idstr])
+    c, p = settings(caps, params)
+    return MigrationSource(blocks, devices=loaded.sections, vmdesc=loaded.vmdesc,
+                           machine_type=loaded.configuration.machine_type, capabilities=c,
+                           parameters=p, globalstate=False, guest=SimpleGuest(running=False),
+                           ram_section_id=loaded.ram_setup.section.section_id, **kw)
+
+
+@needs_qemu
+def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, uris, tmp_path):
+    image = qemu_source.image
     dst_mem = qemu_source.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
     caps = {"return-path": True}
 
@@ -402,12 +410,7 @@ def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_stat
                    name="dst", timeout=60).start()
         dst.set_capabilities(caps)
         dst.migrate_incoming(uri)
-        c, p = settings(caps, {})
-        src = MigrationSource(blocks, devices=loaded.sections, vmdesc=loaded.vmdesc,
-                              machine_type=loaded.configuration.machine_type, capabilities=c,
-                              parameters=p, globalstate=False, guest=SimpleGuest(running=False),
-                              ram_section_id=loaded.ram_setup.section.section_id)
-        return (src, dst, uri), {}
+        return (state_source(qemu_state, caps, {}), dst, uri), {}
 
     def migrate(src: MigrationSource, dst: Qemu, uri: str) -> None:
         src.migrate(uri)
