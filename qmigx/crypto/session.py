@@ -55,19 +55,22 @@ class RecordTracker:
 
     def feed(self, data) -> None:
         mv = memoryview(data)
-        i, n = 0, len(mv)
-        while i < n:
-            if self._left:
-                k = min(self._left, n - i)
-                self._left -= k
-                i += k
-                continue
+        n = len(mv)
+        i = self._left
+        if self._head:  # complete a header split across feeds
             need = 5 - len(self._head)
-            self._head += mv[i : i + need]
-            i += min(need, n - i)
-            if len(self._head) == 5:
-                self._left = int.from_bytes(self._head[3:5], "big")
-                self._head.clear()
+            self._head += mv[:need]
+            if len(self._head) < 5:
+                return
+            i = need + int.from_bytes(self._head[3:5], "big")
+            self._head.clear()
+        # whole headers: hop from one to the next (the common case: one step per record)
+        while i + 5 <= n:
+            i += 5 + int.from_bytes(mv[i + 3 : i + 5], "big")
+        if i < n:
+            self._head += mv[i:]
+            i = n
+        self._left = i - n
 
     @property
     def inside_record(self) -> bool:

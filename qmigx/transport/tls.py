@@ -33,8 +33,8 @@ __all__ = ["TLSChannel", "tls_handshake"]
 
 #: plaintext encrypted per lock hold: bounds the ciphertext kept in memory
 _CHUNK = 256 << 10
-#: ciphertext read from the peer at a time
-_CIPHER_READ = 256 << 10
+#: ciphertext read from the peer at a time (at most: what the socket holds)
+_CIPHER_READ = 1 << 20
 
 
 class TLSChannel(Channel):
@@ -126,13 +126,16 @@ class TLSChannel(Channel):
     def readinto_available(self, buf) -> int:
         """Block for the first bytes, then take whatever else is already decryptable."""
         mv = _byteview(buf, writable=True)
-        got = self.readinto(mv)
-        while got and got < len(mv):
-            n = self._decrypt(mv[got:])
-            if not n:
-                break
-            self.bytes_read += n
-            got += n
+        first = got = self.readinto(mv)
+        if got and got < len(mv):
+            recv_into = self.session.recv_into
+            with self._slock:  # one record per call: drain them under one hold
+                while got < len(mv):
+                    n = recv_into(mv[got:])
+                    if not n:
+                        break
+                    got += n
+            self.bytes_read += got - first
         return got
 
     # -- writing ------------------------------------------------------------------------------
