@@ -33,6 +33,8 @@ __all__ = ["TLSChannel", "tls_handshake"]
 
 #: plaintext encrypted per lock hold: bounds the ciphertext kept in memory
 _CHUNK = 256 << 10
+#: a gathering write up to this size is joined into one buffer at once
+_GATHER = 4 << 20
 #: ciphertext read from the peer at a time (at most: what the socket holds)
 _CIPHER_READ = 1 << 20
 
@@ -52,7 +54,6 @@ class TLSChannel(Channel):
         self._rlock = threading.Lock()  # readers of the inner channel
         self._cbuf = bytearray(_CIPHER_READ)
         self._peer_ended = False
-        self._stage = bytearray()
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -148,39 +149,47 @@ class TLSChannel(Channel):
         if out:
             self.inner.write(out)
 
+    def _write_locked(self, mv: memoryview) -> None:
+        for off in range(0, len(mv), _CHUNK):
+            self._flush_locked(mv[off : off + _CHUNK])
+
     def write(self, data) -> int:
         mv = _byteview(data, writable=False)
-        total = len(mv)
         with self._wlock:
-            for off in range(0, total, _CHUNK):
-                self._flush_locked(mv[off : off + _CHUNK])
-            self.bytes_written += total
-        return total
+            self._write_locked(mv)
+            self.bytes_written += len(mv)
+        return len(mv)
 
     sendall = write
 
     def writev(self, buffers) -> int:
-        """Write the buffers in order; small ones are gathered so records stay full."""
-        total = 0
+        """Write the buffers in order; small ones are gathered so records stay full.
+
+        Up to :data:`_GATHER` bytes are joined in one go (a multifd packet:
+        its header and its pages); the records are encrypted from that copy.
+        """
+        views = [_byteview(b, writable=False) for b in buffers]
+        total = sum(map(len, views))
         with self._wlock:
-            stage = self._stage
-            for b in buffers:
-                v = _byteview(b, writable=False)
-                total += len(v)
-                if len(v) >= _CHUNK:
-                    if stage:
-                        self._flush_locked(stage)
-                        stage.clear()
-                    for off in range(0, len(v), _CHUNK):
-                        self._flush_locked(v[off : off + _CHUNK])
-                    continue
-                stage += v
-                if len(stage) >= _CHUNK:
-                    self._flush_locked(stage)
-                    stage.clear()
-            if stage:
-                self._flush_locked(stage)
-                stage.clear()
+            if total <= _GATHER:
+                self._write_locked(memoryview(b"".join(views)) if len(views) > 1 else views[0])
+            else:
+                group: list = []
+                size = 0
+                for v in views:
+                    if len(v) >= _CHUNK:
+                        if group:
+                            self._write_locked(memoryview(b"".join(group)))
+                            group, size = [], 0
+                        self._write_locked(v)
+                        continue
+                    group.append(v)
+                    size += len(v)
+                    if size >= _CHUNK:
+                        self._write_locked(memoryview(b"".join(group)))
+                        group, size = [], 0
+                if group:
+                    self._write_locked(memoryview(b"".join(group)))
             self.bytes_written += total
         return total
 
