@@ -29,6 +29,7 @@ them), not when the parameters are set.
 from __future__ import annotations
 
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,6 +41,10 @@ from qmigx.errors import ObjectError, TLSError, TLSPeerRejected
 
 __all__ = ["TLSSession", "X509Session", "PSKSession", "TLSSettings", "get_creds",
            "RecordTracker", "match_hostname"]
+
+
+#: a TLS record header's length field (bytes 3-4)
+_RECORD_LENGTH = struct.Struct(">H")
 
 
 class RecordTracker:
@@ -65,8 +70,9 @@ class RecordTracker:
             i = need + int.from_bytes(self._head[3:5], "big")
             self._head.clear()
         # whole headers: hop from one to the next (the common case: one step per record)
+        length = _RECORD_LENGTH.unpack_from
         while i + 5 <= n:
-            i += 5 + int.from_bytes(mv[i + 3 : i + 5], "big")
+            i += 5 + length(mv, i + 3)[0]
         if i < n:
             self._head += mv[i:]
             i = n
