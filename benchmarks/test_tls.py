@@ -23,6 +23,10 @@ reported, never asserted. Quotients printed and stored in ``extra_info``
 * ``vs_plain``: qmigx -> qmigx over TLS / the same over plain TCP (>= 0.6:
   TLS costs at most 40%).
 
+Each quotient is printed for the medians and for the best rounds
+(``*_best_round``): on a shared machine the medians of the two cases of a
+quotient may fall in calm and busy moments, the best rounds less so.
+
 Run: ``python -m pytest benchmarks/test_tls.py --benchmark-enable -q -s``.
 """
 
@@ -48,6 +52,8 @@ from tls_support import make_x509_dir  # noqa: E402
 ROUNDS = 5
 #: ratio to memcpy of each case, by name, for the quotients
 RATIOS: dict[str, float] = {}
+#: the same for each case's best round
+BEST: dict[str, float] = {}
 #: quotient name -> (numerator case, denominator case)
 QUOTIENTS = {
     "qmigx TLS / QEMU TLS": ("qmigx_tls", "qemu_to_qemu_tls"),
@@ -62,19 +68,29 @@ EXTRA_KEY = {"qemu_to_qemu_tls": "vs_qemu_to_qemu", "qmigx_plain": "vs_plain",
 
 
 def record(benchmark, name: str) -> None:
-    """Keep ``name``'s ratio; print (and store) every quotient it completes."""
+    """Keep ``name``'s ratios; print (and store) every quotient it completes.
+
+    Quotients of the medians (as ``vs_memcpy`` reports) and of the best
+    rounds: other work on the machine only ever adds time, so the best
+    rounds are the steadier comparison when the machine is shared.
+    """
     ratio = benchmark.extra_info.get("ratio_to_memcpy")
     if ratio is None:
         return
+    best = round(benchmark.extra_info["memcpy_seconds"] / benchmark.stats.stats.min, 4)
+    benchmark.extra_info["ratio_best_round"] = best
     RATIOS[name] = ratio
+    BEST[name] = best
     for label, (num, den) in QUOTIENTS.items():
         if name in (num, den) and num in RATIOS and den in RATIOS:
-            q = RATIOS[num] / RATIOS[den]
-            print(f"{label}: {q:.2f} ({RATIOS[num]:.3f} vs {RATIOS[den]:.3f}x memcpy)")
+            q, qb = RATIOS[num] / RATIOS[den], BEST[num] / BEST[den]
+            print(f"{label}: {q:.2f} ({RATIOS[num]:.3f} vs {RATIOS[den]:.3f}x memcpy); "
+                  f"best rounds {qb:.2f} ({BEST[num]:.3f} vs {BEST[den]:.3f})")
             if name == num:
                 key = "vs_qemu_tls" if den == "qemu_to_qemu_tls" and num.startswith("qmigx_tls") \
                     else EXTRA_KEY[den]
                 benchmark.extra_info[key] = round(q, 3)
+                benchmark.extra_info[key + "_best_round"] = round(qb, 3)
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +237,8 @@ def test_qmigx_to_qemu_tls(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_
 # --- qmigx -> qmigx incoming, 1 GiB ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels", [1, 4], ids=["single", "multifd4"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("channels", [1, 4], ids=["single", "multifd4"])
 def test_qmigx_to_qmigx(vs_memcpy, benchmark, monkeypatch, guest, x509_dir, uris, tmp_path, tls,  # noqa: F811
                         channels):
     caps: dict = {"return-path": True}
