@@ -171,8 +171,11 @@ class TLSChannel(Channel):
         views = [_byteview(b, writable=False) for b in buffers]
         total = sum(map(len, views))
         with self._wlock:
-            if total <= _GATHER:
-                self._write_locked(memoryview(b"".join(views)) if len(views) > 1 else views[0])
+            if len(views) <= 1:
+                for v in views:
+                    self._write_locked(v)
+            elif total <= _GATHER:
+                self._write_locked(memoryview(b"".join(views)))
             else:
                 group: list = []
                 size = 0
