@@ -404,14 +404,15 @@ class RamSaveState:
                     self.cache.insert_zero(s.base + int(off), self.dirty_sync_count)
         if not nz.any():
             return
-        offs = offsets[nz]
-        data = rows[nz] if not nz.all() else rows
-        if self.multifd is not None:
-            charged = self.multifd.queue(blk, offs, data, owned=True)
+        if self.multifd is not None:  # the zero pages went on the main channel
+            charged = self.multifd.queue(blk, offsets, rows, owned=True, skip=zmap)
             w.stats.transferred += charged
             w.f.rate_limit_used += charged  # 7.2 charges multifd to the main budget
-            self.multifd_pages += len(offs)
-        elif self.xbzrle_enabled:
+            self.multifd_pages += int(nz.sum())
+            return
+        offs = offsets[nz]
+        data = rows[nz] if not nz.all() else rows
+        if self.xbzrle_enabled:
             self._send_xbzrle(w, s, offs, data)
         elif self.compress_level is not None:
             for off, page in zip(offs, data):
