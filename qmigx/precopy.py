@@ -43,6 +43,8 @@ _ramparse = _backend.load("ramparse")
 #: Pages taken from a bitmap per batch (1 MiB): small enough for the rate
 #: limit to bite promptly, large enough that per-batch Python is noise.
 BATCH_PAGES = 256
+#: the most pages a multifd batch takes (4 MiB)
+MULTIFD_BATCH_MAX = 1024
 #: QEMU's MAX_WAIT: an iteration yields after 50 ms even within its budget.
 MAX_WAIT_S = 0.050
 
@@ -137,6 +139,9 @@ class RamSaveState:
         self.send_page_sizes = False
         #: pages taken per batch (postcopy takes fewer, so requests wait less)
         self.batch_pages = BATCH_PAGES
+        if multifd is not None:  # a packet for every channel per batch: fewer, larger handoffs
+            self.batch_pages = max(BATCH_PAGES, min(MULTIFD_BATCH_MAX, multifd.batch_hint))
+            self._taken = np.empty(self.batch_pages, np.int64)
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()

@@ -26,21 +26,9 @@ from libc.string cimport memchr, memcmp, memset
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd* fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-        POLLERR
-        POLLHUP
+from qmigx._core.fdwait cimport POLLIN, iovec, consume_iov, wait_fd
 
 cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void* iov_base
-        size_t iov_len
     ssize_t readv(int fd, const iovec* iov, int iovcnt)
 
 cdef extern from "<unistd.h>" nogil:
@@ -120,33 +108,13 @@ cdef struct Loop:
 
 cdef int _wait(Loop* s, Py_ssize_t want) noexcept nogil:
     """Wait until ``want`` bytes can be read; a status, or -1 to read again."""
-    cdef pollfd fds[2]
     cdef int lowat = <int>(want if want < _LOWAT_MAX else _LOWAT_MAX)
-    cdef int r
     if lowat < 1:
         lowat = 1
     if lowat != s.lowat:
         if setsockopt(s.fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(int)) == 0:
             s.lowat = lowat
-    fds[0].fd = s.fd
-    fds[0].events = POLLIN
-    fds[0].revents = 0
-    fds[1].fd = s.wake
-    fds[1].events = POLLIN
-    fds[1].revents = 0
-    while True:
-        r = poll(fds, 2, s.timeout_ms)
-        if r < 0 and errno == EINTR:
-            continue
-        break
-    if r < 0:
-        s.err = errno
-        return S_FAILED
-    if fds[1].revents:
-        return S_STOPPED
-    if r == 0:
-        return S_TIMEOUT
-    return -1
+    return wait_fd(s.fd, POLLIN, s.wake, s.timeout_ms, &s.err)
 
 
 cdef int _read_exact(Loop* s, iovec* iov, int cnt, bint first) noexcept nogil:
@@ -178,15 +146,7 @@ cdef int _read_exact(Loop* s, iovec* iov, int cnt, bint first) noexcept nogil:
         s.nbytes += <uint64_t>k
         done += <uint64_t>k
         left -= <size_t>k
-        while k > 0 and cnt:
-            if <size_t>k >= iov[0].iov_len:
-                k -= iov[0].iov_len
-                iov += 1
-                cnt -= 1
-            else:
-                iov[0].iov_base = <char*>iov[0].iov_base + k
-                iov[0].iov_len -= k
-                k = 0
+        cnt = consume_iov(&iov, cnt, <size_t>k)
     return -1
 
 

@@ -20,7 +20,6 @@ bytes), whatever its ``pages_alloc`` says: QEMU 10's SYNC packets say 0.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from typing import Optional
@@ -50,6 +49,7 @@ COMPRESSION_FLAGS = {"none": 0, "zlib": MultifdFlag.ZLIB, "zstd": MultifdFlag.ZS
 
 _STOP = object()
 _recv = _backend.load("multifd_recv")
+_send = _backend.load("multifd_send")
 _FAILURES = {_recv.STOPPED: "stopped", _recv.TIMEOUT: "timeout", _recv.TRUNCATED: "truncated",
              _recv.FAILED: "failed"}
 
@@ -92,6 +92,9 @@ class _SendChannel:
                 if item is _STOP:
                     return
                 name, offsets, pages, flags, done, zeros = item
+                if isinstance(pages, _Rows):
+                    self._send_rows(name, offsets, pages)
+                    continue
                 iov = None
                 if not len(offsets):
                     data = b""
@@ -114,7 +117,7 @@ class _SendChannel:
                     self.header, flags=flags, pages_alloc=0 if sync10 else self.owner.pages_alloc,
                     normal_pages=len(offsets),
                     next_packet_size=nbytes if len(offsets) else 0,
-                    packet_num=next(self.owner.packet_num), ramblock=name,
+                    packet_num=self.owner.take_numbers(1), ramblock=name,
                     offsets=offsets, zero_offsets=zeros)
                 n = len(self.header)
                 if iov is not None:  # header and pages in one gathering write
@@ -136,6 +139,39 @@ class _SendChannel:
                     return
                 if item[4] is not None:
                     item[4].release()
+
+    def _send_rows(self, name: str, offsets: np.ndarray, rows: "_Rows") -> None:
+        """Uncompressed pages as packets: without the GIL on a socket, else packet by packet."""
+        o = self.owner
+        ps, alloc = o.page_size, o.pages_alloc
+        chan = self.chan
+        fds = chan.socket_fds()
+        if fds is not None:
+            st, _, nbytes, err = _send.send_packets(
+                fds[0], fds[1], self.header, name.encode("utf-8", "surrogateescape"), rows.rows,
+                rows.index, offsets, ps, alloc, rows.first_num, 0, chan.timeout)
+            chan.bytes_written += nbytes
+            self.bytes += nbytes
+            if st != _send.DONE:
+                raise chan.failure(_FAILURES[st], writing=True, err=err)
+            return
+        for k, lo in enumerate(range(0, len(offsets), alloc)):
+            sel = rows.index[lo : lo + alloc]
+            pack_packet_header(self.header, flags=0, pages_alloc=alloc, normal_pages=len(sel),
+                               next_packet_size=len(sel) * ps, packet_num=rows.first_num + k,
+                               ramblock=name, offsets=offsets[lo : lo + alloc])
+            self.bytes += chan.writev([self.header, *_row_runs(rows.rows, sel)])
+
+
+class _Rows:
+    """Pages to send: rows ``index`` of ``rows``, packets numbered from ``first_num``."""
+
+    __slots__ = ("rows", "index", "first_num")
+
+    def __init__(self, rows: np.ndarray, index: np.ndarray, first_num: int) -> None:
+        self.rows = rows
+        self.index = index
+        self.first_num = first_num
 
 
 class MultifdSender:
@@ -167,7 +203,8 @@ class MultifdSender:
         self.pages_alloc = pages_alloc
         self.page_size = page_size
         self.sync_format = sync_format
-        self.packet_num = itertools.count(1)
+        self._num = 1
+        self._num_lock = threading.Lock()
         self.error: Optional[BaseException] = None
         self._chans = [_SendChannel(self, i, c) for i, c in enumerate(channels)]
         self._next = 0
@@ -225,15 +262,38 @@ class MultifdSender:
         return charged
 
     def _queue_kept(self, block, offsets: np.ndarray, pages: np.ndarray, kept: np.ndarray) -> int:
-        """Uncompressed pages ``kept`` (indices) in full packets, each sent from where it is."""
-        charged = 0
+        """Uncompressed pages ``kept`` (indices), shared out among the idle channels.
+
+        Each channel gets whole packets, which it writes each page from
+        where it is.
+        """
         step = self.pages_alloc
-        for lo in range(0, len(kept), step):
-            sel = kept[lo : lo + step]
-            offs = np.ascontiguousarray(offsets[sel], dtype=np.uint64)
-            charged += self._put(block, offs, _row_runs(pages, sel), None)
+        npackets = -(-len(kept) // step)
+        if not npackets:
+            return 0
+        per = -(-npackets // len(self._chans)) * step
+        pages = np.ascontiguousarray(pages)
+        offs = np.ascontiguousarray(offsets[kept], dtype=np.uint64)
+        index = kept.astype(np.int64)
+        first = self.take_numbers(npackets)
+        for lo in range(0, len(kept), per):
+            rows = _Rows(pages, index[lo : lo + per], first + lo // step)
+            self._idle_channel().q.put((block.idstr, offs[lo : lo + per], rows, 0, None, None))
+        charged = npackets * (HEADER_FIXED_SIZE + 8 * step) + len(kept) * self.page_size
         self.bytes_charged += charged
         return charged
+
+    @property
+    def batch_hint(self) -> int:
+        """Pages worth taking at once: a full packet for every channel."""
+        return self.pages_alloc * len(self._chans)
+
+    def take_numbers(self, n: int) -> int:
+        """Reserve ``n`` consecutive packet numbers; the first."""
+        with self._num_lock:
+            first = self._num
+            self._num += n
+        return first
 
     def _put(self, block, offs: np.ndarray, rows, zoffs) -> int:
         ch = self._idle_channel()
@@ -383,7 +443,7 @@ class _RecvChannel:
             return True
         if st == _recv.END:
             return False
-        raise chan.read_failure(_FAILURES[st], got=got, want=want, err=err)
+        raise chan.failure(_FAILURES[st], got=got, want=want, err=err)
 
 
 class MultifdReceiver:

@@ -12,6 +12,7 @@ import os
 import select
 import socket
 
+from qmigx.reference.fdwait import WAIT_READY, consume, wait_fd
 from qmigx.reference.multifd_packet import HEADER_FIXED_SIZE, _NAME_LEN, _NAME_OFF
 from qmigx.wire import MULTIFD_MAGIC as _MAGIC
 from qmigx.wire import MULTIFD_VERSION as _VERSION
@@ -55,18 +56,10 @@ class _Loop:
 
     def wait(self, want: int) -> None:
         self.set_lowat(want)
-        p = select.poll()
-        p.register(self.fd, select.POLLIN)
-        p.register(self.wake, select.POLLIN)
-        try:
-            ready = dict(p.poll(self.timeout_ms))
-        except OSError as e:
-            self.err = e.errno or 0
-            raise _Stop(FAILED) from None
-        if ready.get(self.wake):
-            raise _Stop(STOPPED)
-        if not ready:
-            raise _Stop(TIMEOUT)
+        status, err = wait_fd(self.fd, select.POLLIN, self.wake, self.timeout_ms)
+        if status != WAIT_READY:
+            self.err = err
+            raise _Stop(status)
 
     def read_exact(self, views: list, first: bool) -> None:
         views = [v for v in views if len(v)]
@@ -94,13 +87,7 @@ class _Loop:
             self.nbytes += k
             done += k
             left -= k
-            while k and views:
-                if k >= len(views[0]):
-                    k -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][k:]
-                    k = 0
+            consume(views, k)
 
     def close(self) -> None:
         if self.lowat != 1:

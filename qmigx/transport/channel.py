@@ -301,21 +301,24 @@ class Channel:
             return None
         return self._sock.fileno(), self._wake
 
-    def read_failure(self, what: str, *, got: int = 0, want: int = 0, err: int = 0) -> ChannelError:
-        """The error this channel raises for a compiled reader's outcome ``what``.
+    def failure(self, what: str, *, writing: bool = False, got: int = 0, want: int = 0,
+                err: int = 0) -> ChannelError:
+        """The error this channel raises for a compiled reader's or writer's outcome ``what``.
 
         ``what``: ``stopped``, ``timeout``, ``truncated`` (``got`` of
         ``want`` bytes) or ``failed`` (``err`` an errno value).
         """
         if what == "stopped" or self._shut:
             return self._shut_error()
+        verb = "write" if writing else "read"
         if what == "timeout":
-            return ChannelTimeout(f"{self.name}: timed out after {self._timeout:g} s waiting to read",
-                                  field="channel")
+            return ChannelTimeout(f"{self.name}: timed out after {self._timeout:g} s waiting to "
+                                  f"{verb}", field="channel")
         if what == "truncated":
             return ChannelError(f"{self.name}: end of stream after {got} of {want} bytes",
                                 offset=self.bytes_read, field="channel")
-        return ChannelError(f"{self.name}: read failed: {os.strerror(err)}", field="channel")
+        return ChannelError(f"{self.name}: {verb} failed: {os.strerror(err)}",
+                            offset=self.bytes_written if writing else None, field="channel")
 
     def readv_exact(self, buffers) -> None:
         """Fill every buffer of ``buffers`` completely, in order (a scattering read).
