@@ -43,6 +43,8 @@ _ramparse = _backend.load("ramparse")
 #: Pages taken from a bitmap per batch (1 MiB): small enough for the rate
 #: limit to bite promptly, large enough that per-batch Python is noise.
 BATCH_PAGES = 256
+#: the most pages a multifd batch takes (4 MiB)
+MULTIFD_BATCH_MAX = 1024
 #: QEMU's MAX_WAIT: an iteration yields after 50 ms even within its budget.
 MAX_WAIT_S = 0.050
 
@@ -137,6 +139,9 @@ class RamSaveState:
         self.send_page_sizes = False
         #: pages taken per batch (postcopy takes fewer, so requests wait less)
         self.batch_pages = BATCH_PAGES
+        if multifd is not None:  # a packet for every channel per batch: fewer, larger handoffs
+            self.batch_pages = max(BATCH_PAGES, min(MULTIFD_BATCH_MAX, multifd.batch_hint))
+            self._taken = np.empty(self.batch_pages, np.int64)
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()
@@ -404,14 +409,15 @@ class RamSaveState:
                     self.cache.insert_zero(s.base + int(off), self.dirty_sync_count)
         if not nz.any():
             return
-        offs = offsets[nz]
-        data = rows[nz] if not nz.all() else rows
-        if self.multifd is not None:
-            charged = self.multifd.queue(blk, offs, data, owned=True)
+        if self.multifd is not None:  # the zero pages went on the main channel
+            charged = self.multifd.queue(blk, offsets, rows, owned=True, skip=zmap)
             w.stats.transferred += charged
             w.f.rate_limit_used += charged  # 7.2 charges multifd to the main budget
-            self.multifd_pages += len(offs)
-        elif self.xbzrle_enabled:
+            self.multifd_pages += int(nz.sum())
+            return
+        offs = offsets[nz]
+        data = rows[nz] if not nz.all() else rows
+        if self.xbzrle_enabled:
             self._send_xbzrle(w, s, offs, data)
         elif self.compress_level is not None:
             for off, page in zip(offs, data):

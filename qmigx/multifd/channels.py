@@ -20,13 +20,13 @@ bytes), whatever its ``pages_alloc`` says: QEMU 10's SYNC packets say 0.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from typing import Optional
 
 import numpy as np
 
+from qmigx import _backend
 from qmigx.errors import ChannelError, MigrationError, MultifdPacketError, printable_name
 from qmigx.multifd.packet import (
     DEFAULT_MAX_PAGES,
@@ -48,6 +48,25 @@ __all__ = ["MultifdSender", "MultifdReceiver", "COMPRESSION_FLAGS"]
 COMPRESSION_FLAGS = {"none": 0, "zlib": MultifdFlag.ZLIB, "zstd": MultifdFlag.ZSTD}
 
 _STOP = object()
+_recv = _backend.load("multifd_recv")
+_send = _backend.load("multifd_send")
+_FAILURES = {_recv.STOPPED: "stopped", _recv.TIMEOUT: "timeout", _recv.TRUNCATED: "truncated",
+             _recv.FAILED: "failed"}
+
+
+def _row_runs(rows: np.ndarray, sel: np.ndarray) -> list:
+    """The rows ``sel`` (ascending indices) as views of their consecutive runs.
+
+    A channel writes them with one gathering write, straight from guest
+    memory: no copy of the pages that are sent, however the zero pages
+    between them fall.
+    """
+    if not len(sel):
+        return []
+    brk = (np.flatnonzero(np.diff(sel) != 1) + 1).tolist()
+    first = sel[[0, *brk]].tolist()
+    last = sel[[b - 1 for b in brk] + [len(sel) - 1]].tolist()
+    return [rows[a : b + 1] for a, b in zip(first, last)]
 
 
 class _SendChannel:
@@ -73,6 +92,9 @@ class _SendChannel:
                 if item is _STOP:
                     return
                 name, offsets, pages, flags, done, zeros = item
+                if isinstance(pages, _Rows):
+                    self._send_rows(name, offsets, pages)
+                    continue
                 iov = None
                 if not len(offsets):
                     data = b""
@@ -95,7 +117,7 @@ class _SendChannel:
                     self.header, flags=flags, pages_alloc=0 if sync10 else self.owner.pages_alloc,
                     normal_pages=len(offsets),
                     next_packet_size=nbytes if len(offsets) else 0,
-                    packet_num=next(self.owner.packet_num), ramblock=name,
+                    packet_num=self.owner.take_numbers(1), ramblock=name,
                     offsets=offsets, zero_offsets=zeros)
                 n = len(self.header)
                 if iov is not None:  # header and pages in one gathering write
@@ -117,6 +139,39 @@ class _SendChannel:
                     return
                 if item[4] is not None:
                     item[4].release()
+
+    def _send_rows(self, name: str, offsets: np.ndarray, rows: "_Rows") -> None:
+        """Uncompressed pages as packets: without the GIL on a socket, else packet by packet."""
+        o = self.owner
+        ps, alloc = o.page_size, o.pages_alloc
+        chan = self.chan
+        fds = chan.socket_fds()
+        if fds is not None:
+            st, _, nbytes, err = _send.send_packets(
+                fds[0], fds[1], self.header, name.encode("utf-8", "surrogateescape"), rows.rows,
+                rows.index, offsets, ps, alloc, rows.first_num, 0, chan.timeout)
+            chan.bytes_written += nbytes
+            self.bytes += nbytes
+            if st != _send.DONE:
+                raise chan.failure(_FAILURES[st], writing=True, err=err)
+            return
+        for k, lo in enumerate(range(0, len(offsets), alloc)):
+            sel = rows.index[lo : lo + alloc]
+            pack_packet_header(self.header, flags=0, pages_alloc=alloc, normal_pages=len(sel),
+                               next_packet_size=len(sel) * ps, packet_num=rows.first_num + k,
+                               ramblock=name, offsets=offsets[lo : lo + alloc])
+            self.bytes += chan.writev([self.header, *_row_runs(rows.rows, sel)])
+
+
+class _Rows:
+    """Pages to send: rows ``index`` of ``rows``, packets numbered from ``first_num``."""
+
+    __slots__ = ("rows", "index", "first_num")
+
+    def __init__(self, rows: np.ndarray, index: np.ndarray, first_num: int) -> None:
+        self.rows = rows
+        self.index = index
+        self.first_num = first_num
 
 
 class MultifdSender:
@@ -148,7 +203,8 @@ class MultifdSender:
         self.pages_alloc = pages_alloc
         self.page_size = page_size
         self.sync_format = sync_format
-        self.packet_num = itertools.count(1)
+        self._num = 1
+        self._num_lock = threading.Lock()
         self.error: Optional[BaseException] = None
         self._chans = [_SendChannel(self, i, c) for i, c in enumerate(channels)]
         self._next = 0
@@ -167,16 +223,22 @@ class MultifdSender:
             raise ChannelError(f"multifd channel failed: {self.error}") from self.error
 
     def queue(self, block, offsets: np.ndarray, pages: np.ndarray, *, owned: bool = False,
-              zero: Optional[np.ndarray] = None) -> int:
+              zero: Optional[np.ndarray] = None, skip: Optional[np.ndarray] = None) -> int:
         """Send ``pages`` (rows) of ``block`` at ``offsets``; return bytes charged.
 
         ``owned``: the caller hands ``pages`` over and will not touch them
         again, so they need not be copied before the channel thread sends.
         ``zero`` (QEMU 10's ``zero-page-detection=multifd``): a bool per
         page; those pages are listed as zero pages in the packets, without
-        data (qemu10.md §4.3).
+        data (qemu10.md §4.3). ``skip``: a bool per page; those pages are
+        not sent here at all (QEMU 7.2 sends zero pages on the main channel).
         """
         self._check()
+        if skip is not None:
+            if self.compression == "none":
+                return self._queue_kept(block, offsets, pages, np.flatnonzero(~skip))
+            keep = ~skip
+            offsets, pages, owned = offsets[keep], pages[keep], True
         charged = 0
         step = self.pages_alloc
         for lo in range(0, len(offsets), step):
@@ -188,18 +250,55 @@ class MultifdSender:
                 if z.any():
                     zoffs = offs[z]
                     offs = offs[~z]
-                    # uncompressed: the channel sends each kept row where it is
-                    rows = ([rows[i] for i in np.flatnonzero(~z)]
+                    # uncompressed: the channel sends each kept run where it is
+                    rows = (_row_runs(rows, np.flatnonzero(~z))
                             if self.compression == "none" else rows[~z])
                 else:
                     zoffs = offs[:0]
             elif not owned:
                 rows = np.array(rows)  # the caller reuses its buffer
-            ch = self._idle_channel()
-            ch.q.put((block.idstr, offs, rows, 0, None, zoffs))
-            charged += HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
+            charged += self._put(block, offs, rows, zoffs)
         self.bytes_charged += charged
         return charged
+
+    def _queue_kept(self, block, offsets: np.ndarray, pages: np.ndarray, kept: np.ndarray) -> int:
+        """Uncompressed pages ``kept`` (indices), shared out among the idle channels.
+
+        Each channel gets whole packets, which it writes each page from
+        where it is.
+        """
+        step = self.pages_alloc
+        npackets = -(-len(kept) // step)
+        if not npackets:
+            return 0
+        per = -(-npackets // len(self._chans)) * step
+        pages = np.ascontiguousarray(pages)
+        offs = np.ascontiguousarray(offsets[kept], dtype=np.uint64)
+        index = kept.astype(np.int64)
+        first = self.take_numbers(npackets)
+        for lo in range(0, len(kept), per):
+            rows = _Rows(pages, index[lo : lo + per], first + lo // step)
+            self._idle_channel().q.put((block.idstr, offs[lo : lo + per], rows, 0, None, None))
+        charged = npackets * (HEADER_FIXED_SIZE + 8 * step) + len(kept) * self.page_size
+        self.bytes_charged += charged
+        return charged
+
+    @property
+    def batch_hint(self) -> int:
+        """Pages worth taking at once: a full packet for every channel."""
+        return self.pages_alloc * len(self._chans)
+
+    def take_numbers(self, n: int) -> int:
+        """Reserve ``n`` consecutive packet numbers; the first."""
+        with self._num_lock:
+            first = self._num
+            self._num += n
+        return first
+
+    def _put(self, block, offs: np.ndarray, rows, zoffs) -> int:
+        ch = self._idle_channel()
+        ch.q.put((block.idstr, offs, rows, 0, None, zoffs))
+        return HEADER_FIXED_SIZE + 8 * self.pages_alloc + len(offs) * self.page_size
 
     def _idle_channel(self) -> "_SendChannel":
         """The next channel, round-robin, that has room: a slow one must not stall the rest.
@@ -275,16 +374,24 @@ class _RecvChannel:
         head = np.empty(header_size(o.max_pages), np.uint8)
         hview = memoryview(head)
         scratch = np.empty((o.max_pages, ps), np.uint8)
+        fds = self.chan.socket_fds() if o.compression == "none" else None
         try:
             while not o.stopping:
-                got = self.chan.readinto(hview)
-                if got == 0:  # the source closed the channel between packets
-                    # fine after the last sync; wait_sync fails if one is still due
-                    self.ended = True
-                    self.synced.release()
-                    return
-                if got < len(head):
-                    self.chan.readinto_exact(hview[got:])
+                table = o.fast_blocks() if fds is not None else None
+                if table is not None:  # plain packets without the GIL, until one needs Python
+                    if not self._receive_fast(fds, head, table):
+                        self.ended = True
+                        self.synced.release()
+                        return
+                else:
+                    got = self.chan.readinto(hview)
+                    if got == 0:  # the source closed the channel between packets
+                        # fine after the last sync; wait_sync fails if one is still due
+                        self.ended = True
+                        self.synced.release()
+                        return
+                    if got < len(head):
+                        self.chan.readinto_exact(hview[got:])
                 hdr = unpack_packet_header(head, blocks=o.block_lengths(), page_size=ps,
                                            max_pages=o.max_pages, compression=o.compression,
                                            version="10.0")
@@ -295,9 +402,12 @@ class _RecvChannel:
                 if n:
                     blk = o.block(hdr.ramblock)
                     offs = hdr.offsets
-                    direct = o.direct_buffer(blk, offs) if o.compression == "none" else None
-                    if direct is not None:  # one run of pages: read straight into RAM
-                        self.chan.readinto_exact(direct)
+                    direct = o.direct_views(blk, offs) if o.compression == "none" else None
+                    if direct is not None:  # straight into RAM
+                        if len(direct) == 1:
+                            self.chan.readinto_exact(direct[0])
+                        else:
+                            self.chan.readv_exact(direct)
                     elif o.compression == "none":  # into a reused buffer, then placed
                         self.chan.readinto_exact(scratch.reshape(-1)[: n * ps])
                         o.place(blk, scratch[:n], offs)
@@ -314,6 +424,26 @@ class _RecvChannel:
         except BaseException as exc:
             o._fail(exc)
             self.synced.release()
+
+    def _receive_fast(self, fds: tuple, head: np.ndarray, table: list) -> bool:
+        """Place plain packets in the compiled loop; False at the end of the stream.
+
+        Returns True with a header in ``head`` that the Python path handles
+        (a SYNC, or one to reject with its typed error).
+        """
+        chan = self.chan
+        st, packets, pages, zeros, nbytes, got, want, err = _recv.receive_packets(
+            fds[0], fds[1], head, table, self.owner.page_size, self.owner.max_pages,
+            chan.timeout)
+        chan.bytes_read += nbytes
+        self.packets += packets
+        self.pages += pages
+        self.zero_pages += zeros
+        if st == _recv.HEADER:
+            return True
+        if st == _recv.END:
+            return False
+        raise chan.failure(_FAILURES[st], got=got, want=want, err=err)
 
 
 class MultifdReceiver:
@@ -374,26 +504,48 @@ class MultifdReceiver:
         for page, off in zip(data, offsets):
             pl.place(blk, int(off), page)
 
-    def direct_buffer(self, blk, offsets) -> Optional[memoryview]:
-        """Where a packet's pages go when they are one run in a plain copy placement, else None.
+    def fast_blocks(self) -> Optional[list]:
+        """``(name, buffer, used_length)`` per block for the compiled loop, or None.
 
-        A bulk pass sends consecutive pages, so most packets are one run:
-        their data can be read from the socket straight into guest RAM,
-        sparing a copy of every page.
+        Only where pages are plain copies into a buffer (no postcopy or COLO
+        bookkeeping per page) does the compiled loop place them itself.
+        """
+        pl = self.placement
+        if pl is not None and pl.tracks_batches:
+            return None
+        table = []
+        for b in self.blocks:
+            buf = b.buffer if pl is None else pl.buffer(b)
+            if buf is None:
+                return None
+            table.append((b.idstr.encode("utf-8", "surrogateescape"), buf, b.used_length))
+        return table
+
+    def direct_views(self, blk, offsets) -> Optional[list]:
+        """Where a packet's pages go in a plain copy placement, as views of their runs; else None.
+
+        The pages are read from the socket straight into guest RAM with one
+        scattering read, sparing a copy of every page: a bulk pass sends
+        consecutive pages, so most packets are one run or a few (QEMU 7.2
+        sends zero pages on the main channel, which splits the runs).
         """
         pl = self.placement
         if pl is not None and (pl.tracks_batches or pl.buffer(blk) is None):
             return None
-        n = len(offsets)
-        first = int(offsets[0])
-        if int(offsets[-1]) - first != (n - 1) * self.page_size:
-            return None
-        if n > 1 and not (np.diff(offsets) == self.page_size).all():
-            return None
         buf = blk.buffer if pl is None else pl.buffer(blk)
-        if first + n * self.page_size > blk.used_length:
+        ps = self.page_size
+        offs = np.asarray(offsets, np.uint64)
+        n = len(offs)
+        first = int(offs[0])
+        if int(offs[-1]) - first == (n - 1) * ps and (n == 1 or (np.diff(offs) == ps).all()):
+            starts, ends = [first], [first + n * ps]
+        else:
+            brk = np.flatnonzero(np.diff(offs) != np.uint64(ps)) + 1
+            starts = offs[np.r_[0, brk]].tolist()
+            ends = (offs[np.r_[brk - 1, n - 1]] + np.uint64(ps)).tolist()
+        if max(ends) > blk.used_length:
             return None  # checked against the block already; never past it
-        return memoryview(buf[first : first + n * self.page_size])
+        return [buf[a:b] for a, b in zip(starts, ends)]
 
     def place_zero(self, blk, offsets) -> None:
         """Zero the pages a packet lists as zero pages (QEMU 10)."""

@@ -58,6 +58,8 @@ class ConnectionOptions:
 
 #: iovecs per gathering write (Linux's IOV_MAX)
 _IOV_MAX = 1024
+#: the most a reader asks the kernel to gather before waking it (see Channel._recv_into)
+_LOWAT_MAX = 256 << 10
 
 
 def _byteview(buf, *, writable: bool) -> memoryview:
@@ -71,6 +73,24 @@ def _byteview(buf, *, writable: bool) -> memoryview:
     return mv
 
 
+def _consume(views: list, i: int, k: int) -> int:
+    """Drop ``k`` bytes done from ``views[i:]``, keeping a partial view; the next view's index.
+
+    Empty views after them are skipped too, so the index points at work left.
+    """
+    while k and i < len(views):
+        n = len(views[i])
+        if k >= n:
+            k -= n
+            i += 1
+        else:
+            views[i] = views[i][k:]
+            k = 0
+    while i < len(views) and not len(views[i]):
+        i += 1
+    return i
+
+
 class Channel:
     """A duplex byte channel (socket, pipe pair, fd or file).
 
@@ -82,6 +102,9 @@ class Channel:
     Not built directly: use :func:`connect`, :func:`connect_extra` or
     :meth:`Listener.accept`.
     """
+
+    #: the socket, when the channel is one (subclasses that wrap another channel have none)
+    _sock: Optional[socket.socket] = None
 
     def __init__(self, name: str, *, sock: Optional[socket.socket] = None, rfd: int = -1,
                  wfd: int = -1, process: Optional[subprocess.Popen] = None,
@@ -107,6 +130,7 @@ class Channel:
         self._close_lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
+        self._lowat = 1
         #: ``file:``: the file offset the stream starts at
         self.file_offset = 0
 
@@ -190,10 +214,22 @@ class Channel:
                                field="channel")
         if not len(mv):
             return 0
+        return self._recv_into(mv, 1)
+
+    def _recv_into(self, mv: memoryview, want: int) -> int:
+        """One read of up to ``len(mv)`` bytes, waiting until ``want`` of them can be read.
+
+        A reader that needs ``want`` bytes whatever happens (the rest of a
+        packet) lets the kernel wake it only when they are there, or when
+        the stream ends, instead of at every segment (``SO_RCVLOWAT``): the
+        multifd channels' threads would otherwise wake, read a few KiB and
+        sleep again hundreds of thousands of times per GiB.
+        """
         while True:
             try:
                 n = self._sock.recv_into(mv) if self._sock is not None else os.readv(self._rfd, [mv])
             except BlockingIOError:
+                self._set_lowat(want)
                 self._wait(self._rpoll, "read")
                 continue
             except OSError as e:
@@ -204,6 +240,15 @@ class Channel:
                 raise self._shut_error()
             self.bytes_read += n
             return n
+
+    def _set_lowat(self, want: int) -> None:
+        lowat = max(1, min(want, _LOWAT_MAX))
+        if lowat != self._lowat and self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            except OSError:  # not a stream socket: waking early only costs time
+                return
+            self._lowat = lowat
 
     def readinto_available(self, buf) -> int:
         """Block for the first bytes, then take whatever else has arrived.
@@ -236,11 +281,83 @@ class Channel:
         mv = _byteview(buf, writable=True)
         got, n = 0, len(mv)
         while got < n:
-            k = self.readinto(mv[got:])
+            k = (self.readinto(mv[got:]) if self._sock is None or self._shut
+                 else self._recv_into(mv[got:], n - got))
             if k == 0:
                 raise ChannelError(f"{self.name}: end of stream after {got} of {n} bytes",
                                    offset=self.bytes_read, field="channel")
             got += k
+
+    def socket_fds(self) -> Optional[tuple]:
+        """``(socket, wake)`` descriptors for a compiled reader, or None.
+
+        Only a channel that is a plain socket has them (not a TLS session,
+        a pipe or a file). ``wake`` becomes readable when the channel is
+        shut down, so a reader that polls both stops as this class's own
+        reads do. A reader that uses them must also leave ``SO_RCVLOWAT``
+        at 1 when it returns.
+        """
+        if self._sock is None or self._shut:
+            return None
+        return self._sock.fileno(), self._wake
+
+    def failure(self, what: str, *, writing: bool = False, got: int = 0, want: int = 0,
+                err: int = 0) -> ChannelError:
+        """The error this channel raises for a compiled reader's or writer's outcome ``what``.
+
+        ``what``: ``stopped``, ``timeout``, ``truncated`` (``got`` of
+        ``want`` bytes) or ``failed`` (``err`` an errno value).
+        """
+        if what == "stopped" or self._shut:
+            return self._shut_error()
+        verb = "write" if writing else "read"
+        if what == "timeout":
+            return ChannelTimeout(f"{self.name}: timed out after {self._timeout:g} s waiting to "
+                                  f"{verb}", field="channel")
+        if what == "truncated":
+            return ChannelError(f"{self.name}: end of stream after {got} of {want} bytes",
+                                offset=self.bytes_read, field="channel")
+        return ChannelError(f"{self.name}: {verb} failed: {os.strerror(err)}",
+                            offset=self.bytes_written if writing else None, field="channel")
+
+    def readv_exact(self, buffers) -> None:
+        """Fill every buffer of ``buffers`` completely, in order (a scattering read).
+
+        A multifd packet's pages go straight from the socket to their
+        places in guest memory, which are seldom one run: one ``recvmsg``
+        fills several of them, with no copy through a bounce buffer.
+        ChannelError if the stream ends first.
+        """
+        views = [_byteview(b, writable=True) for b in buffers]
+        if self._sock is None:
+            for v in views:
+                self.readinto_exact(v)
+            return
+        want = sum(len(v) for v in views)
+        got = 0
+        i = 0
+        while i < len(views):
+            if self._shut:
+                raise self._shut_error()
+            try:
+                k = self._sock.recvmsg_into(views[i : i + _IOV_MAX])[0]
+            except BlockingIOError:
+                self._set_lowat(want - got)
+                self._wait(self._rpoll, "read")
+                continue
+            except OSError as e:
+                if self._shut:
+                    raise self._shut_error() from None
+                raise ChannelError(f"{self.name}: read failed: {e.strerror}",
+                                   field="channel") from None
+            if k == 0:
+                if self._shut:
+                    raise self._shut_error()
+                raise ChannelError(f"{self.name}: end of stream after {got} of {want} bytes",
+                                   offset=self.bytes_read, field="channel")
+            self.bytes_read += k
+            got += k
+            i = _consume(views, i, k)
 
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes; ChannelError if the stream ends first."""
@@ -299,6 +416,7 @@ class Channel:
                 if hup.poll(10):
                     return data
             else:
+                self._set_lowat(1)
                 self._wait(self._rpoll, "read")
             if deadline is not None and time.monotonic() > deadline:
                 raise ChannelTimeout(f"{self.name}: timed out after {self._timeout:g} s "
@@ -356,16 +474,7 @@ class Channel:
                 raise ChannelError(f"{self.name}: write failed: {e.strerror}",
                                    offset=self.bytes_written, field="channel") from None
             self.bytes_written += k
-            while k and i < len(views):  # drop what was sent, keep a partial view
-                n = len(views[i])
-                if k >= n:
-                    k -= n
-                    i += 1
-                else:
-                    views[i] = views[i][k:]
-                    k = 0
-            while i < len(views) and not len(views[i]):
-                i += 1
+            i = _consume(views, i, k)
         return total
 
     # -- ending ----------------------------------------------------------------
