@@ -61,18 +61,19 @@ class Run:
                                                  timeout)
             self.lowat = b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
         finally:
+            b.close()  # a writer still blocked on what the kernel left unread fails now
             writer.join()
             a.close()
-            b.close()
             os.close(wake)
 
     @staticmethod
     def _write(sock, wire: bytes, close: bool) -> None:
         try:
             sock.sendall(wire)
-        finally:
             if close:
                 sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the reader stopped early and closed its end
+            pass
 
     @property
     def status(self) -> int:
