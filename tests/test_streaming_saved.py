@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,18 @@ def test_send_begins_before_file_is_read(tmp_path):
     f = report["file"]
     assert f["parsed_at_first_send"] is not None
     assert f["parsed_at_first_send"] < f["bytes"] // 4, f
+
+
+def test_a_truncated_file_fails_both_sides(tmp_path):
+    """FILE ending early, found while pages already go: send fails with the stream's error."""
+    info = get_stream("pc-xbzrle")
+    data = Path(info.stream).read_bytes()
+    cut = tmp_path / "cut.mig"
+    cut.write_bytes(data[: len(data) // 2])
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with QmigxIncoming(uri, tmp_path, save=tmp_path / "out.mig") as inc:
+        r = subprocess.run(qmigx_argv("send", cut, uri), capture_output=True, text=True,
+                           timeout=120)
+        rc, err = inc.wait(60)
+    assert r.returncode == 1 and "unexpected end of stream" in r.stderr, r.stderr
+    assert rc == 1, err

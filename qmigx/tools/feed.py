@@ -35,6 +35,10 @@ __all__ = ["StreamFeed", "FEED_CLEAR_SHIFT"]
 #: 256 pages, one engine batch, so the first pass waits for 1 MiB at a time.
 FEED_CLEAR_SHIFT = 8
 
+#: FILE is read 2 MiB at a time: the loader's progress shows at that grain
+#: and its buffer stays small beside guest RAM
+_READ_CHUNK = 2 << 20
+
 _SHIFT = 40  # progress key: setup index << _SHIFT | page
 
 
@@ -67,7 +71,7 @@ class StreamFeed:
     def __init__(self, source: Source, blocks: Optional[RAMBlockList] = None, *,
                  create_missing: bool = False) -> None:
         self.placement = LoggingPlacement(on_mark=self._advance)
-        self.reader = StreamReader(source)
+        self.reader = StreamReader(source, chunk=_READ_CHUNK)
         self.loader = RamLoader(blocks, create_missing=create_missing, placement=self.placement)
         self.loaded = LoadedStream(blocks=self.loader.blocks, vmdesc=self.reader.vmdesc_text)
         self.error: Optional[BaseException] = None

@@ -9,8 +9,9 @@ since the last round, read from guest RAM after the page's mark
 (a re-sent page, a multifd page, an XBZRLE delta applied) is appended
 again: on load the last record wins, so OUT loads to what the destination
 holds. At the end, what is left: the last pages, pages never placed (an
-ignored shared block, a placement that postcopy or COLO swapped in), the
-END section, the device state, EOF and the vmdesc.
+ignored shared block), the END section, the device state, EOF and the
+vmdesc. Postcopy and COLO swap in placements of their own: OUT is then
+written whole at the end, as before.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ __all__ = ["SaveJournal"]
 
 _ramparse = _backend.load("ramparse")
 
-#: Pages encoded per write (16 MiB of records): large writes, bounded memory.
-_BATCH = 4096
+#: Pages encoded per write (2 MiB of records): large writes, little memory.
+_BATCH = 512
 #: How often the writer looks for new pages while the migration runs.
 _POLL_S = 0.02
 
@@ -120,18 +121,20 @@ class SaveJournal:
             if self.error is not None:
                 raise self.error
             res = self.dst.result
-            if self._w is None and not self._begin():  # no RAM setup arrived: all at the end
+            swapped = self.dst.loader is not None and self.dst.loader.placement is not self.placement
+            if self._w is None or swapped:
+                # no RAM setup arrived, or postcopy/COLO placed pages this log
+                # never saw: OUT is written whole now, from what RAM holds
+                self._file.seek(0)
+                self._file.truncate()
                 save_stream(self._file.write, self.dst.blocks, res.sections,
                             configuration=res.configuration,
-                            vmdesc=res.vmdesc if res.vmdesc is not None else False)
+                            vmdesc=res.vmdesc if res.vmdesc is not None else False,
+                            first_section_id=res.setup.section.section_id if res.setup else 2)
                 return
             self._drain()
-            swapped = self.dst.loader is not None and self.dst.loader.placement is not self.placement
-            for blk in self._blocks:
-                written = self._written[blk.idstr]
-                # pages this placement never saw: every page if postcopy/COLO took over
-                missing = np.arange(len(written)) if swapped else np.flatnonzero(~written)
-                self._write(blk, missing)
+            for blk in self._blocks:  # pages never placed (an ignored shared block)
+                self._write(blk, np.flatnonzero(~self._written[blk.idstr]))
             w, sec = self._w, self._sec
             self._ram.eos()
             w.footer(sec)
