@@ -468,23 +468,24 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
     caps = {"return-path": True}
     best = dict.fromkeys(("qemu_to_qemu", "qemu_to_incoming", "qemu_to_save", "send_to_save"),
                          float("inf"))
-    peaks = {"incoming": 0, "send": 0}
+    peaks = dict.fromkeys(("qemu_to_incoming", "qemu_to_save", "send_to_save:send",
+                           "send_to_save:incoming"), 0)
 
     def incoming(out: Optional[Path], name: str) -> QmigxIncoming:
         return QmigxIncoming(uris.make("unix"), tmp_path, caps=caps, save=out, name=name,
                              peak_file=tmp_path / f"{name}.peak").start()
 
-    def finished(inc: QmigxIncoming) -> None:
+    def finished(inc: QmigxIncoming, peak: str) -> None:
         rc, err = inc.wait(120)
         assert rc == 0, err
-        peaks["incoming"] = max(peaks["incoming"], inc.peak_bytes())
+        peaks[peak] = max(peaks[peak], inc.peak_bytes())
 
     def qemu_into(out: Optional[Path], case: str) -> None:
         inc = incoming(out, case)
         t0 = time.perf_counter()
         vm.migrate(inc.uri)
         wait_completed(vm)
-        finished(inc)
+        finished(inc, case)
         best[case] = min(best[case], time.perf_counter() - t0)
         rearm(vm)
 
@@ -513,10 +514,10 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
             t0 = time.perf_counter()
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                                cwd=Path(__file__).resolve().parent.parent)
-            finished(inc)
+            finished(inc, "send_to_save:incoming")
             best["send_to_save"] = min(best["send_to_save"], time.perf_counter() - t0)
             assert r.returncode == 0, r.stderr
-            peaks["send"] = max(peaks["send"], int((tmp_path / "send.peak").read_text()) << 10)
+            peaks["send_to_save:send"] = max(peaks["send_to_save:send"], int((tmp_path / "send.peak").read_text()) << 10)
         from qmigx.tools.streams import load_stream
 
         got = load_stream(str(resent)).blocks["mem0"]
@@ -530,7 +531,7 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
     limit = src.ram + 64 * MIB
     info = {f"{k}_s": round(v, 3) for k, v in best.items()}
     info.update({f"{k}_vs_qemu_to_qemu": round(base / v, 3) for k, v in best.items() if k != "qemu_to_qemu"})
-    info.update({f"{k}_peak_rss_mib": round(v / MIB, 1) for k, v in peaks.items()},
+    info.update({f"{k.replace(':', '_')}_peak_rss_mib": round(v / MIB, 1) for k, v in peaks.items()},
                 stream_mib=round(size / MIB, 1))
     benchmark.extra_info.update(info)
     print(f"\n1 GiB paused guest, {size / MIB:.0f} MiB stream: QEMU -> QEMU {base:.3f} s; "
@@ -538,5 +539,5 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
           f"({base / best['qemu_to_incoming']:.2f}x); "
           f"QEMU -> incoming --save {best['qemu_to_save']:.3f} s ({base / best['qemu_to_save']:.2f}x); "
           f"send FILE -> incoming --save {best['send_to_save']:.3f} s "
-          f"({base / best['send_to_save']:.2f}x); peak RSS incoming {peaks['incoming'] / MIB:.0f} MiB, "
-          f"send {peaks['send'] / MIB:.0f} MiB (limit {limit / MIB:.0f} MiB)")
+          f"({base / best['send_to_save']:.2f}x); peak RSS (limit {limit / MIB:.0f} MiB): "
+          + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in peaks.items()))

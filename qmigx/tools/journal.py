@@ -34,6 +34,8 @@ _ramparse = _backend.load("ramparse")
 
 #: Pages encoded per write (2 MiB of records): large writes, little memory.
 _BATCH = 512
+#: Pages of the log looked at at a time (128 MiB of guest RAM).
+_WINDOW = 32768
 #: How often the writer looks for new pages while the migration runs.
 _POLL_S = 0.02
 
@@ -90,14 +92,16 @@ class SaveJournal:
         return True
 
     def _drain(self) -> None:
-        """Append every page marked since the last round."""
+        """Append every page marked since the last round (a window at a time: small arrays)."""
         for blk in self._blocks:
-            self._write(blk, self.placement.take(blk.idstr))
+            n = self.placement.npages(blk.idstr)
+            for lo in range(0, n, _WINDOW):
+                self._write(blk, self.placement.take(blk.idstr, lo, lo + _WINDOW))
 
     def _write(self, blk, pages: np.ndarray) -> None:
         if not len(pages):
             return
-        pages = pages.astype(np.int64)
+        pages = pages.astype(np.int64, copy=False)
         self._written[blk.idstr][pages] = True
         self.pages_written += len(pages)
         mem = blk.buffer[: blk.used_length]
@@ -134,7 +138,9 @@ class SaveJournal:
                 return
             self._drain()
             for blk in self._blocks:  # pages never placed (an ignored shared block)
-                self._write(blk, np.flatnonzero(~self._written[blk.idstr]))
+                written = self._written[blk.idstr]
+                for lo in range(0, len(written), _WINDOW):
+                    self._write(blk, np.flatnonzero(~written[lo : lo + _WINDOW]) + lo)
             w, sec = self._w, self._sec
             self._ram.eos()
             w.footer(sec)

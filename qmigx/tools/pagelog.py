@@ -63,15 +63,22 @@ class LoggingPlacement(CopyPlacement):
         super().place(block, offset, data)
         self.mark_received(block, [offset])
 
-    def take(self, idstr: str) -> np.ndarray:
-        """The pages of block ``idstr`` marked since the last take, ascending; unmarks them."""
+    def take(self, idstr: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """The pages of block ``idstr`` in ``[start, stop)`` marked since they were last
+        taken, ascending; unmarks them."""
         marks = self._marks.get(idstr)
         if marks is None:
             return np.empty(0, np.intp)
         with self._lock:
-            pages = np.flatnonzero(marks)
+            pages = np.flatnonzero(marks[start:stop])
+            if start:
+                pages += start
             marks[pages] = 0
         return pages
+
+    def npages(self, idstr: str) -> int:
+        marks = self._marks.get(idstr)
+        return 0 if marks is None else len(marks)
 
     def take_bitmap(self, idstr: str) -> Optional[np.ndarray]:
         """As :meth:`take`, as a dirty-log bitmap (uint64 words, page p = bit p % 64), or None."""
