@@ -460,7 +460,7 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
     >= 2x QEMU -> QEMU, QEMU -> incoming --save >= 1.2x, each qmigx
     side's peak RSS <= guest RAM + 64 MiB.
     """
-    from qemu_support.live import _PEAK_WRAPPER, qmigx_send_argv
+    from qemu_support.live import _PEAK_WRAPPER, qmigx_env, qmigx_send_argv
 
     src, vm = qemu_source_1g, qemu_source_1g.vm
     dst_mem = src.shm / f"qmigx-bench-{os.getpid()}-dst1g.ram"
@@ -512,7 +512,7 @@ def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
             argv = qmigx_send_argv(saved, inc.uri, caps=caps, params={"max-bandwidth": BANDWIDTH})
             argv[1:5] = ["-X", "faulthandler", "-c", _PEAK_WRAPPER, str(tmp_path / "send.peak")]
             t0 = time.perf_counter()
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=qmigx_env(),
                                cwd=Path(__file__).resolve().parent.parent)
             finished(inc, "send_to_save:incoming")
             best["send_to_save"] = min(best["send_to_save"], time.perf_counter() - t0)

@@ -66,6 +66,12 @@ _POSTCOPY_COMMANDS = frozenset({MigCmd.POSTCOPY_ADVISE, MigCmd.POSTCOPY_RAM_DISC
 _log = logging.getLogger("qmigx.migration")
 
 
+#: Bytes read from the main channel at a time: a socket hands over at most
+#: what it buffered (a few MiB), so a larger buffer only adds to the
+#: destination's memory beside guest RAM.
+_FILL = 2 << 20
+
+
 @dataclass
 class IncomingResult:
     """What an incoming migration received, besides RAM."""
@@ -415,7 +421,7 @@ class MigrationDestination(Side):
                 buffered = False
                 n = None
             else:
-                n = parser.fill(main.readinto_available)
+                n = parser.fill(main.readinto_available, _FILL)
             if self.t_first_byte is None and n:
                 self.t_first_byte = time.monotonic()
             for ev in parser.events():

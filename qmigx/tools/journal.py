@@ -32,8 +32,8 @@ __all__ = ["SaveJournal"]
 
 _ramparse = _backend.load("ramparse")
 
-#: Pages encoded per write (2 MiB of records): large writes, little memory.
-_BATCH = 512
+#: Pages encoded per write (1 MiB of records): large writes, little memory.
+_BATCH = 256
 #: Pages of the log looked at at a time (128 MiB of guest RAM).
 _WINDOW = 32768
 #: How often the writer looks for new pages while the migration runs.
