@@ -14,6 +14,11 @@
   run; ``extra_info["vs_qemu_to_qemu"]`` is each ratio divided by QEMU ->
   QEMU's (target: >= 1, a qmigx peer at least as fast as a QEMU one).
   ``qmigx incoming``'s peak RSS is recorded against guest RAM + 64 MiB.
+* Saved states in and out, a 1 GiB paused QEMU 7.2 guest over unix, whole
+  processes, in the same run: QEMU -> QEMU, QEMU -> ``qmigx incoming``
+  without and with ``--save OUT``, and ``qmigx send FILE`` -> ``qmigx
+  incoming --save`` (``test_saved_state_streams_1gib``; quotients against
+  QEMU -> QEMU and each qmigx side's peak RSS printed and recorded).
 
 A round is timed from the migrate command to the end of the migration;
 the ``return-path`` capability is on, so a source completes only after
@@ -28,12 +33,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pytest
@@ -257,26 +263,31 @@ def test_loopback_limit(vs_memcpy, family, guest, target, uris):
 # --- with a QEMU 7.2 peer, 512 MiB ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qemu_source(tmp_path_factory):
-    """A paused 512 MiB test guest (RAM in /dev/shm, as the destinations'), return-path on."""
+def paused_qemu(tmp_path_factory, ram: int, name: str):
+    """A paused test guest of ``ram`` bytes (RAM in /dev/shm, as the destinations'), return-path on."""
     if qemu_binary() is None:
         pytest.skip("qemu-system-x86_64 not installed")
-    d = tmp_path_factory.mktemp("qemu-src")
+    d = tmp_path_factory.mktemp(name)
     shm = Path(SHM) if SHM else d
-    mem = shm / f"qmigx-bench-{os.getpid()}-src.ram"
+    mem = shm / f"qmigx-bench-{os.getpid()}-{name}.ram"
     mem.unlink(missing_ok=True)
     kernel = d / "guest.bin"
-    kernel.write_bytes(build_guest(0xBE4C, QEMU_RAM, dirty=False))
+    kernel.write_bytes(build_guest(0xBE4C, ram, dirty=False))
     try:
-        with Qemu(ram=QEMU_RAM, kernel=kernel, mem_path=mem, workdir=d, name="src", timeout=60) as vm:
+        with Qemu(ram=ram, kernel=kernel, mem_path=mem, workdir=d, name="src", timeout=60) as vm:
             vm.wait_guest_ready(120)
             vm.stop()
             vm.set_capabilities({"return-path": True})
             vm.set_parameters({"max-bandwidth": BANDWIDTH})
-            yield SimpleNamespace(vm=vm, image=mem.read_bytes(), shm=shm)
+            yield SimpleNamespace(vm=vm, image=mem.read_bytes(), shm=shm, ram=ram)
     finally:
         mem.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def qemu_source(tmp_path_factory):
+    """A paused 512 MiB test guest."""
+    yield from paused_qemu(tmp_path_factory, QEMU_RAM, "qemu-src")
 
 
 def wait_completed(vm: Qemu, timeout: float = 120.0) -> dict:
@@ -428,3 +439,108 @@ def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_stat
     with_setup(benchmark, monkeypatch, setup, teardown)
     vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
     record_ratio(benchmark, "qmigx_to_qemu")
+
+
+# --- saved states in and out, 1 GiB paused QEMU 7.2 guest, whole processes -----------------------
+
+
+@pytest.fixture(scope="module")
+def qemu_source_1g(tmp_path_factory):
+    """A paused 1 GiB test guest."""
+    yield from paused_qemu(tmp_path_factory, GIB, "qemu-src-1g")
+
+
+@needs_qemu
+def test_saved_state_streams_1gib(benchmark, qemu_source_1g, uris, tmp_path):
+    """QEMU -> QEMU, QEMU -> ``incoming --save OUT`` and ``send FILE`` -> ``incoming --save``.
+
+    Each round runs the three in turn (so contention hits them alike); the
+    best time of each counts. A qmigx case is timed from the migrate
+    command (QEMU) or the start of the ``send`` process to the exit of
+    every qmigx process, OUT written; destinations listen before the
+    clock starts, as the QEMU destination does. FILE is the OUT of the
+    QEMU -> qmigx case (tmpfs, page cache warm). Targets: send -> incoming
+    >= 2x QEMU -> QEMU, QEMU -> incoming --save >= 1.2x, each qmigx
+    side's peak RSS <= guest RAM + 64 MiB.
+    """
+    from qemu_support.live import _PEAK_WRAPPER, qmigx_env, qmigx_send_argv
+
+    src, vm = qemu_source_1g, qemu_source_1g.vm
+    dst_mem = src.shm / f"qmigx-bench-{os.getpid()}-dst1g.ram"
+    saved, resent = src.shm / f"qmigx-bench-{os.getpid()}-in.mig", src.shm / f"qmigx-bench-{os.getpid()}-out.mig"
+    caps = {"return-path": True}
+    best = dict.fromkeys(("qemu_to_qemu", "qemu_to_incoming", "qemu_to_save", "send_to_save"),
+                         float("inf"))
+    peaks = dict.fromkeys(("qemu_to_incoming", "qemu_to_save", "send_to_save:send",
+                           "send_to_save:incoming"), 0)
+
+    def incoming(out: Optional[Path], name: str) -> QmigxIncoming:
+        return QmigxIncoming(uris.make("unix"), tmp_path, caps=caps, save=out, name=name,
+                             peak_file=tmp_path / f"{name}.peak").start()
+
+    def finished(inc: QmigxIncoming, peak: str) -> None:
+        rc, err = inc.wait(120)
+        assert rc == 0, err
+        peaks[peak] = max(peaks[peak], inc.peak_bytes())
+
+    def qemu_into(out: Optional[Path], case: str) -> None:
+        inc = incoming(out, case)
+        t0 = time.perf_counter()
+        vm.migrate(inc.uri)
+        wait_completed(vm)
+        finished(inc, case)
+        best[case] = min(best[case], time.perf_counter() - t0)
+        rearm(vm)
+
+    try:
+        for _ in range(ROUNDS):
+            dst_mem.unlink(missing_ok=True)
+            uri = uris.make("unix")
+            with Qemu(ram=src.ram, mem_path=dst_mem, paused=True, incoming=True, workdir=tmp_path,
+                      name="dst", timeout=60) as dst:
+                dst.set_capabilities(caps)
+                dst.migrate_incoming(uri)
+                t0 = time.perf_counter()
+                vm.migrate(uri)
+                wait_completed(vm)
+                best["qemu_to_qemu"] = min(best["qemu_to_qemu"], time.perf_counter() - t0)
+                assert dst.wait_migration(60)["status"] == "completed"
+            rearm(vm)
+            dst_mem.unlink(missing_ok=True)
+
+            qemu_into(None, "qemu_to_incoming")  # what receiving alone takes, for comparison
+            qemu_into(saved, "qemu_to_save")
+
+            inc = incoming(resent, "resave")
+            argv = qmigx_send_argv(saved, inc.uri, caps=caps, params={"max-bandwidth": BANDWIDTH})
+            argv[1:5] = ["-X", "faulthandler", "-c", _PEAK_WRAPPER, str(tmp_path / "send.peak")]
+            t0 = time.perf_counter()
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=qmigx_env(),
+                               cwd=Path(__file__).resolve().parent.parent)
+            finished(inc, "send_to_save:incoming")
+            best["send_to_save"] = min(best["send_to_save"], time.perf_counter() - t0)
+            assert r.returncode == 0, r.stderr
+            peaks["send_to_save:send"] = max(peaks["send_to_save:send"], int((tmp_path / "send.peak").read_text()) << 10)
+        from qmigx.tools.streams import load_stream
+
+        got = load_stream(str(resent)).blocks["mem0"]
+        diff = first_difference(bytes(got.memory), src.image)
+        assert diff is None, diff
+        size = saved.stat().st_size
+    finally:
+        for p in (dst_mem, saved, resent):
+            p.unlink(missing_ok=True)
+    base = best["qemu_to_qemu"]
+    limit = src.ram + 64 * MIB
+    info = {f"{k}_s": round(v, 3) for k, v in best.items()}
+    info.update({f"{k}_vs_qemu_to_qemu": round(base / v, 3) for k, v in best.items() if k != "qemu_to_qemu"})
+    info.update({f"{k.replace(':', '_')}_peak_rss_mib": round(v / MIB, 1) for k, v in peaks.items()},
+                stream_mib=round(size / MIB, 1))
+    benchmark.extra_info.update(info)
+    print(f"\n1 GiB paused guest, {size / MIB:.0f} MiB stream: QEMU -> QEMU {base:.3f} s; "
+          f"QEMU -> incoming (no --save) {best['qemu_to_incoming']:.3f} s "
+          f"({base / best['qemu_to_incoming']:.2f}x); "
+          f"QEMU -> incoming --save {best['qemu_to_save']:.3f} s ({base / best['qemu_to_save']:.2f}x); "
+          f"send FILE -> incoming --save {best['send_to_save']:.3f} s "
+          f"({base / best['send_to_save']:.2f}x); peak RSS (limit {limit / MIB:.0f} MiB): "
+          + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in peaks.items()))

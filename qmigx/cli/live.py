@@ -165,7 +165,6 @@ def cmd_incoming(args) -> int:
     from qmigx.block import BlockLoadHandler
     from qmigx.migration import MigrationDestination
     from qmigx.tools.analyze import block_filename
-    from qmigx.tools.streams import save_stream
 
     caps, params = settings_from_args(args.cap, args.param, incoming=True)
     objects = objects_from_args(args.object)
@@ -183,6 +182,13 @@ def cmd_incoming(args) -> int:
     dst.colo_heartbeat_timeout = args.colo_heartbeat
     if len(given):
         dst.loader_create_missing = True
+    journal = None
+    if args.save:  # OUT written while pages arrive
+        from qmigx.tools.journal import SaveJournal
+
+        journal = SaveJournal(args.save, dst)
+        dst.loader_placement = journal.placement
+        journal.start()
     dst.incoming(args.uri)
     t_listen = time.monotonic()
     def recover() -> None:  # a broken postcopy listens again for the source that resumes
@@ -196,19 +202,16 @@ def cmd_incoming(args) -> int:
                    + disks.bytes_written, tick=recover)
     t_end = dst.t_done or time.monotonic()
     if state != MigrationStatus.COMPLETED:
+        if journal is not None:
+            journal.abort()
         raise dst.error if isinstance(dst.error, MigrationError) else MigrationError(
             f"incoming migration {state.value}: {dst.error}")
     if dst.colo is not None:  # a COLO secondary that failed over: what it now holds
         print(f"qmigx: COLO secondary took over after {dst.colo.checkpoints} checkpoint(s)"
               + (f" ({dst.colo.error})" if dst.colo.error is not None else ""),
               file=sys.stderr, flush=True)
-    res = dst.result
-    if args.save:
-        with open(args.save, "wb") as f:
-            save_stream(f.write, dst.blocks, res.sections, configuration=res.configuration,
-                        vmdesc=res.vmdesc if res.vmdesc is not None else False,
-                        first_section_id=res.setup.section.section_id if res.setup else 2,
-                        ignore_shared=False)
+    if journal is not None:
+        journal.finish()
     if args.ram_dir:
         os.makedirs(args.ram_dir, exist_ok=True)
         for blk in dst.blocks:
@@ -305,7 +308,7 @@ def cmd_send(args) -> int:
     from qmigx.block import BlockSaveHandler
     from qmigx.block_image import check_image
     from qmigx.migration import MigrationSource
-    from qmigx.tools.streams import load_stream
+    from qmigx.tools.feed import FEED_CLEAR_SHIFT, StreamFeed
 
     # the options are checked before FILE is read (its machine type only sets defaults)
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
@@ -320,7 +323,11 @@ def cmd_send(args) -> int:
                               field="postcopy-ram")
     disks = BlockSaveHandler(args.drive, capabilities=caps)  # checks the drive names too
     shared = _shared_ram(args.shared_ram, private=False)
-    loaded = load_stream(args.file, shared if len(shared) else None, create_missing=True)
+    # FILE is loaded by a thread while it is sent (qmigx.tools.feed)
+    feed = StreamFeed(args.file, shared if len(shared) else None, create_missing=True)
+    loaded = feed.begin()
+    if caps.get("postcopy-ram") or caps.get("x-colo"):
+        feed.wait()  # postcopy places a page once, COLO checkpoints: RAM must be whole first
     compat = send_compat(loaded)
     caps, params = settings_from_args(args.cap, args.param, incoming=False,
                                       defaults={"zero-page-detection": compat.zero_page_detection})
@@ -348,8 +355,16 @@ def cmd_send(args) -> int:
         blocks, devices=loaded.sections, vmdesc=loaded.vmdesc, machine_type=machine,
         capabilities=caps, parameters=params, globalstate=False,
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
-        compat=compat, objects=objects)
+        compat=compat, objects=objects, dirty_logs=feed.dirty_logs(),
+        clear_bitmap_shift=FEED_CLEAR_SHIFT)
     src.guest.running = False  # replaying a recorded state: nothing runs
+
+    def settle() -> None:  # before the final pass: FILE whole, its device state known
+        feed.wait()
+        src.devices = list(loaded.sections)
+        src.vmdesc = loaded.vmdesc
+        src.compat = send_compat(loaded)
+    src.before_complete = settle
     src.recover_timeout = args.recover_timeout
     src.migrate(args.uri)
     if args.start_postcopy:
@@ -376,7 +391,11 @@ def cmd_send(args) -> int:
         from qmigx.report import write_report
 
         write_report(args.report, side="source", query=q, iterations=src.iterations,
-                     timings={"load_file_s": 0.0}, extra=_send_extra(src))
+                     timings={"load_file_s": 0.0},
+                     extra=dict(_send_extra(src) or {}, file={
+                         "bytes": loaded.size,
+                         # FILE is read as it is sent: how much was parsed when sending began
+                         "parsed_at_first_send": feed.parsed_at_first_send}))
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

@@ -66,6 +66,12 @@ _POSTCOPY_COMMANDS = frozenset({MigCmd.POSTCOPY_ADVISE, MigCmd.POSTCOPY_RAM_DISC
 _log = logging.getLogger("qmigx.migration")
 
 
+#: Bytes read from the main channel at a time: a socket hands over at most
+#: what it buffered (a few MiB), so a larger buffer only adds to the
+#: destination's memory beside guest RAM.
+_FILL = 2 << 20
+
+
 @dataclass
 class IncomingResult:
     """What an incoming migration received, besides RAM."""
@@ -128,6 +134,9 @@ class MigrationDestination(Side):
         self.io_timeout = io_timeout
         self.result = IncomingResult()
         self.loader: Optional[RamLoader] = None
+        #: where received pages go (default: copied into RAM); ``incoming
+        #: --save`` logs them to write OUT as they arrive (qmigx.tools.journal)
+        self.loader_placement = None
         #: with ``blocks`` given, also create the blocks it lacks
         self.loader_create_missing = False
         #: load a mapped-ram stream even without the capability set here
@@ -263,7 +272,8 @@ class MigrationDestination(Side):
                                     create_missing=self.loader_create_missing,
                                     factory=self.block_factory,
                                     # a destination that is QEMU 10 refuses fill bytes but 0
-                                    zero_fill=getattr(caps, "qemu_version", None) == "10.0")
+                                    zero_fill=getattr(caps, "qemu_version", None) == "10.0",
+                                    placement=self.loader_placement)
             preempt = extra.pop(0) if self._preempt and extra else None
             self.postcopy = PostcopyIncoming(self.loader, None, uffd_fd=self.uffd_fd,
                                              enabled=bool(caps.get("postcopy-ram")),
@@ -411,7 +421,7 @@ class MigrationDestination(Side):
                 buffered = False
                 n = None
             else:
-                n = parser.fill(main.readinto_available)
+                n = parser.fill(main.readinto_available, _FILL)
             if self.t_first_byte is None and n:
                 self.t_first_byte = time.monotonic()
             for ev in parser.events():

@@ -158,6 +158,9 @@ class MigrationSource(SourceReturnPath, Side):
         self.ram: Optional[RamSaveState] = None
         self.iterations: list[dict] = []  # per-iteration report rows
         self.on_iteration: Optional[Callable[[dict], None]] = None
+        #: called in the migration thread once the iterations end, before the
+        #: final pass (``qmigx send`` waits there for FILE to be loaded whole)
+        self.before_complete: Optional[Callable[[], None]] = None
         self._log = IterationLog()
         self._converge = AutoConverge()
         self._dirty_found = 0
@@ -473,6 +476,8 @@ class MigrationSource(SourceReturnPath, Side):
                     if delay > 0 and self._cancel.wait(delay):
                         self._check_cancel()
             # -- completion
+            if self.before_complete is not None:
+                self.before_complete()
             in_postcopy = postcopy and self._start_postcopy.is_set() and self.ram.dirty_pages() > 0
             if in_postcopy:
                 self._postcopy(w, rw, f, live, sec, preempt)
@@ -494,7 +499,7 @@ class MigrationSource(SourceReturnPath, Side):
                     if not st.try_transition(S.PRE_SWITCHOVER, S.DEVICE):
                         self._lost_transition()
                 f.rate_limit_max = 0
-                if compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
+                if self.compat.send_switchover_start:  # QEMU 10, machine types >= 10.0
                     w.command(MigCmd.SWITCHOVER_START)
                 for lsec, h in live:
                     if h is not None and not h.is_active():  # e.g. dirty-bitmap found none at setup

@@ -50,12 +50,17 @@ class StreamReader:
             it: 0, or for a seekable input that begins with zero bytes the
             first ``QEVM`` after them (within 64 MiB). Offsets in events and
             errors are offsets in the input, as mapped-ram's are.
+        chunk: bytes read at a time (the buffer's size): smaller for a
+            reader that runs beside another user of memory and CPU (the feed
+            of ``qmigx send``, which also shows its progress sooner).
     """
 
     def __init__(self, source: Source, *, vmdesc="auto", registry=None,
                  progress: Optional[Callable[[int], None]] = None, ordered: bool = False,
-                 use_mmap: bool = False, offset: Optional[int] = None) -> None:
+                 use_mmap: bool = False, offset: Optional[int] = None,
+                 chunk: int = _CHUNK) -> None:
         self._source = source
+        self._chunk = chunk
         self._progress = progress
         self._use_mmap = use_mmap
         self.vmdesc_text: Optional[bytes] = None
@@ -187,7 +192,7 @@ class StreamReader:
                 view[: len(data)] = data
                 return len(data)
         while True:
-            n = p.fill(readinto, _CHUNK)
+            n = p.fill(readinto, self._chunk)
             yield from p.events()
             if self._progress is not None:
                 self._progress(p.offset)

@@ -23,7 +23,7 @@ from qmigx.stream import (
 )
 from qmigx.stream.reader import Source, StreamReader
 
-__all__ = ["LoadedStream", "load_plain"]
+__all__ = ["LoadedStream", "load_plain", "apply_event"]
 
 
 @dataclass
@@ -52,25 +52,34 @@ def load_plain(source: Source, blocks: Optional[RAMBlockList] = None, *,
     loader = RamLoader(blocks, factory=factory, create_missing=create_missing)
     out = LoadedStream(blocks=loader.blocks, vmdesc=reader.vmdesc_text)
     for ev in reader.events():
-        t = type(ev)
-        if t is RamPages:
-            loader.on_pages(ev)
-        elif t is RamMappedPages:
-            loader.on_mapped_pages(ev)
-        elif t is RamMappedBlock:
-            loader.on_mapped_block(ev)
-        elif t is RamSetup:
-            loader.on_setup(ev)
-            out.ram_setup = ev
-        elif t is SectionData:
-            out.sections.append(ev)
-        elif t is Configuration:
-            out.configuration = ev
-        elif t is Command:
-            out.commands.append(ev)
-        elif t is VMDescription:
-            out.vmdesc = ev.json
-        elif t is EndOfStream:
-            out.size = ev.offset
+        apply_event(loader, out, ev)
     out.multifd_sync = reader.parser.ctx.multifd_sync
     return out
+
+
+def apply_event(loader: RamLoader, out: LoadedStream, ev) -> None:
+    """One event of a stream being loaded: RAM to ``loader``, the rest noted in ``out``.
+
+    Shared by :func:`load_plain` and the feed that loads a stream while
+    ``qmigx send`` sends it (:mod:`qmigx.tools.feed`), so both load alike.
+    """
+    t = type(ev)
+    if t is RamPages:
+        loader.on_pages(ev)
+    elif t is RamMappedPages:
+        loader.on_mapped_pages(ev)
+    elif t is RamMappedBlock:
+        loader.on_mapped_block(ev)
+    elif t is RamSetup:
+        loader.on_setup(ev)
+        out.ram_setup = ev
+    elif t is SectionData:
+        out.sections.append(ev)
+    elif t is Configuration:
+        out.configuration = ev
+    elif t is Command:
+        out.commands.append(ev)
+    elif t is VMDescription:
+        out.vmdesc = ev.json
+    elif t is EndOfStream:
+        out.size = ev.offset

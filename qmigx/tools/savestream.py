@@ -20,7 +20,7 @@ from qmigx.stream import (
 )
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
-__all__ = ["save_stream"]
+__all__ = ["save_stream", "begin_stream", "write_devices"]
 
 
 
@@ -50,25 +50,14 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     is the file offset the stream will begin at (``file:PATH,offset=N``).
     """
     from qmigx import zeropage
-    from qmigx.stream import ConfigSubsection, RamBlockInfo
+    from qmigx.stream import RamBlockInfo
 
     if encoding not in ("page", "zero", "compress"):
         raise ValueError(f"save encoding must be page, zero or compress, not {encoding!r}")
     f = QEMUFile(sink)
-    w = StreamWriter(f)
-    ram = RamWriter(f)
-    w.header()
-    if configuration is not None:
-        w.raw_configuration(configuration.raw)
-    else:
-        subs = []
-        caps = [n for n, on in ((b"x-ignore-shared", ignore_shared), (b"mapped-ram", mapped_ram))
-                if on]
-        if caps:
-            subs.append(ConfigSubsection("configuration/capabilities", 1,
-                                         len(caps).to_bytes(4, "big")
-                                         + b"".join(bytes((len(n),)) + n for n in caps)))
-        w.configuration(machine_type, subs)
+    w, ram = begin_stream(f, configuration=configuration, machine_type=machine_type,
+                          caps=[n for n, on in ((b"x-ignore-shared", ignore_shared),
+                                                (b"mapped-ram", mapped_ram)) if on])
     sec = Section(first_section_id, "ram", 0, 4)
     infos = [RamBlockInfo(b.idstr, b.used_length, None, b.gpa if ignore_shared else None)
              for b in blocks]
@@ -82,7 +71,7 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
         w.section_header(SectionType.SECTION_END, sec)
         ram.eos()
         w.footer(sec)
-        _write_devices(w, devices, first_section_id, vmdesc)
+        write_devices(w, devices, first_section_id, vmdesc)
         f.flush()
         f.check()
         return ram
@@ -116,13 +105,37 @@ def save_stream(sink: Callable, blocks: RAMBlockList, devices: list = (), *,
     w.section_header(SectionType.SECTION_END, sec)
     ram.eos()
     w.footer(sec)
-    _write_devices(w, devices, first_section_id, vmdesc)
+    write_devices(w, devices, first_section_id, vmdesc)
     f.flush()
     f.check()
     return ram
 
 
-def _write_devices(w: StreamWriter, devices, first_section_id: int, vmdesc) -> None:
+def begin_stream(f: QEMUFile, *, configuration: Optional[Configuration] = None,
+                 machine_type: str = "pc-i440fx-7.2", caps=()) -> tuple:
+    """Header and configuration (a received one replayed, else one naming ``caps``).
+
+    Returns the stream and RAM writers over ``f``; shared with the writer
+    of ``incoming --save`` (:mod:`qmigx.tools.journal`).
+    """
+    from qmigx.stream import ConfigSubsection
+
+    w = StreamWriter(f)
+    ram = RamWriter(f)
+    w.header()
+    if configuration is not None:
+        w.raw_configuration(configuration.raw)
+    else:
+        subs = []
+        if caps:
+            subs.append(ConfigSubsection("configuration/capabilities", 1,
+                                         len(caps).to_bytes(4, "big")
+                                         + b"".join(bytes((len(n),)) + n for n in caps)))
+        w.configuration(machine_type, subs)
+    return w, ram
+
+
+def write_devices(w: StreamWriter, devices, first_section_id: int, vmdesc) -> None:
     """FULL device sections, EOF and the vmdesc (see :func:`save_stream`)."""
     ps = TARGET_PAGE_SIZE
     entries = []

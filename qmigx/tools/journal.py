@@ -1,0 +1,161 @@
+"""``qmigx incoming --save OUT`` written while pages arrive.
+
+Writing OUT only after the migration ended adds the time of writing all of
+guest RAM to the migration's. Instead a thread writes OUT as the
+destination places pages: the header, the configuration and the RAM setup
+once the setup record arrived, then PART records for every page placed
+since the last round, read from guest RAM after the page's mark
+(:class:`~qmigx.tools.pagelog.LoggingPlacement`). A page placed again
+(a re-sent page, a multifd page, an XBZRLE delta applied) is appended
+again: on load the last record wins, so OUT loads to what the destination
+holds. At the end, what is left: the last pages, pages never placed (an
+ignored shared block), the END section, the device state, EOF and the
+vmdesc. Postcopy and COLO swap in placements of their own: OUT is then
+written whole at the end, as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import numpy as np
+
+from qmigx import _backend
+from qmigx.qemufile import QEMUFile
+from qmigx.stream import RamBlockInfo, Section
+from qmigx.tools.pagelog import LoggingPlacement
+from qmigx.tools.savestream import begin_stream, save_stream, write_devices
+from qmigx.wire import TARGET_PAGE_SIZE, SectionType
+
+__all__ = ["SaveJournal"]
+
+_ramparse = _backend.load("ramparse")
+
+#: Pages encoded per write (1 MiB of records): large writes, little memory.
+_BATCH = 256
+#: Pages of the log looked at at a time (128 MiB of guest RAM).
+_WINDOW = 32768
+#: How often the writer looks for new pages while the migration runs.
+_POLL_S = 0.02
+
+
+class SaveJournal:
+    """Writes the state a :class:`~qmigx.migration.MigrationDestination` receives to ``path``.
+
+    Give :attr:`placement` to the destination (``loader_placement``)
+    before it starts, call :meth:`start`, and :meth:`finish` once it
+    completed; :meth:`abort` if it failed.
+    """
+
+    def __init__(self, path: str, dst) -> None:
+        self.placement = LoggingPlacement()
+        self.dst = dst
+        self._file = open(path, "wb")
+        self._f = QEMUFile(self._file.write)
+        self._w = self._ram = self._sec = None
+        self._blocks: list = []
+        self._written: dict[str, np.ndarray] = {}  # pages already in OUT, per block
+        self._records = np.empty(_BATCH * (8 + TARGET_PAGE_SIZE), np.uint8)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.pages_written = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="save-journal", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(_POLL_S):
+                if self._w is None and not self._begin():
+                    continue
+                self._drain()
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def _begin(self) -> bool:
+        res = self.dst.result
+        if res.setup is None:
+            return False
+        self._blocks = list(self.dst.blocks)
+        self._w, self._ram = begin_stream(self._f, configuration=res.configuration)
+        self._sec = Section(res.setup.section.section_id, "ram", 0, 4)
+        self._w.section_header(SectionType.SECTION_START, self._sec)
+        self._ram.setup([RamBlockInfo(b.idstr, b.used_length, None, None) for b in self._blocks])
+        self._ram.eos()
+        self._w.footer(self._sec)
+        self._w.section_header(SectionType.SECTION_PART, self._sec)
+        for b in self._blocks:
+            self._written[b.idstr] = np.zeros(b.used_length // TARGET_PAGE_SIZE, bool)
+        return True
+
+    def _drain(self) -> None:
+        """Append every page marked since the last round (a window at a time: small arrays)."""
+        for blk in self._blocks:
+            n = self.placement.npages(blk.idstr)
+            for lo in range(0, n, _WINDOW):
+                self._write(blk, self.placement.take(blk.idstr, lo, lo + _WINDOW))
+
+    def _write(self, blk, pages: np.ndarray) -> None:
+        if not len(pages):
+            return
+        pages = pages.astype(np.int64, copy=False)
+        self._written[blk.idstr][pages] = True
+        self.pages_written += len(pages)
+        mem = blk.buffer[: blk.used_length]
+        ram, ps = self._ram, TARGET_PAGE_SIZE
+        if ram.last_block != blk.idstr:  # name the block once, then CONTINUE records
+            first = int(pages[0])
+            ram.page(blk.idstr, first * ps, mem[first * ps : (first + 1) * ps])
+            pages = pages[1:]
+        for lo in range(0, len(pages), _BATCH):
+            chunk = pages[lo : lo + _BATCH]
+            nbytes, _, _ = _ramparse.encode_pages(mem, chunk, self._records, ps)
+            self._f.write(memoryview(self._records)[:nbytes])
+        self._f.flush()
+
+    def finish(self) -> None:
+        """The migration completed: the rest of RAM, device state, EOF and vmdesc."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            res = self.dst.result
+            swapped = self.dst.loader is not None and self.dst.loader.placement is not self.placement
+            if self._w is None or swapped:
+                # no RAM setup arrived, or postcopy/COLO placed pages this log
+                # never saw: OUT is written whole now, from what RAM holds
+                self._file.seek(0)
+                self._file.truncate()
+                save_stream(self._file.write, self.dst.blocks, res.sections,
+                            configuration=res.configuration,
+                            vmdesc=res.vmdesc if res.vmdesc is not None else False,
+                            first_section_id=res.setup.section.section_id if res.setup else 2)
+                return
+            self._drain()
+            for blk in self._blocks:  # pages never placed (an ignored shared block)
+                written = self._written[blk.idstr]
+                for lo in range(0, len(written), _WINDOW):
+                    self._write(blk, np.flatnonzero(~written[lo : lo + _WINDOW]) + lo)
+            w, sec = self._w, self._sec
+            self._ram.eos()
+            w.footer(sec)
+            w.section_header(SectionType.SECTION_END, sec)
+            self._ram.eos()
+            w.footer(sec)
+            write_devices(w, res.sections, sec.section_id,
+                          res.vmdesc if res.vmdesc is not None else False)
+            self._f.flush()
+            self._f.check()
+        finally:
+            self._file.close()
+
+    def abort(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._file.close()
