@@ -307,19 +307,19 @@ def rearm(vm: Qemu) -> None:
     vm.stop()
 
 
-@needs_qemu
-def test_qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
-    src, vm = qemu_source, qemu_source.vm
+def qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, src, make_uri: Callable[[], str],
+                 start_destination: Callable[[Path, str], Qemu]) -> None:
+    """Time ``src``'s VM migrating to a QEMU destination that ``start_destination(mem, uri)`` starts.
+
+    Each round listens on a fresh URI from ``make_uri``.
+    """
+    vm = src.vm
     dst_mem = src.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
 
     def setup():
         dst_mem.unlink(missing_ok=True)
-        uri = uris.make("unix")
-        dst = Qemu(ram=QEMU_RAM, mem_path=dst_mem, paused=True, incoming=True, workdir=tmp_path,
-                   name="dst", timeout=60).start()
-        dst.set_capabilities({"return-path": True})
-        dst.migrate_incoming(uri)
-        return (dst, uri), {}
+        uri = make_uri()
+        return (start_destination(dst_mem, uri), uri), {}
 
     def migrate(dst: Qemu, uri: str) -> None:
         vm.migrate(uri)
@@ -337,19 +337,25 @@ def test_qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_
 
     with_setup(benchmark, monkeypatch, setup, teardown)
     vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
-    record_ratio(benchmark, "qemu_to_qemu")
 
 
 @needs_qemu
-def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
-    src, vm = qemu_source, qemu_source.vm
+def test_qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
+    qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, lambda: uris.make("unix"),
+                 qemu_destination(tmp_path, {"return-path": True}))
+    record_ratio(benchmark, "qemu_to_qemu")
+
+
+def qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, src, tmp_path, make_uri: Callable[[], str],
+                  extra=(), peak_file: Optional[Path] = None) -> list[int]:
+    """Time ``src``'s VM migrating to ``qmigx incoming`` (``extra`` arguments); its peak RSS per round."""
+    vm = src.vm
     peaks: list[int] = []
     rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=src.shm))
 
     def setup():
-        uri = uris.make("unix")
-        inc = QmigxIncoming(uri, tmp_path, caps={"return-path": True}, ram_dir=rd,
-                            peak_file=tmp_path / "peak").start()
+        inc = QmigxIncoming(make_uri(), tmp_path, caps={"return-path": True}, ram_dir=rd,
+                            peak_file=peak_file, extra=extra).start()
         return (inc,), {}
 
     def migrate(inc: QmigxIncoming) -> None:
@@ -360,7 +366,8 @@ def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp
         try:
             rc, err = inc.wait(120)
             assert rc == 0, err
-            peaks.append(inc.peak_bytes())
+            if peak_file is not None:
+                peaks.append(inc.peak_bytes())
             diff = first_difference((rd / "mem0.bin").read_bytes(), src.image)
             assert diff is None, diff
         finally:
@@ -372,6 +379,13 @@ def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp
         vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
     finally:
         shutil.rmtree(rd, ignore_errors=True)
+    return peaks
+
+
+@needs_qemu
+def test_qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, uris, tmp_path):
+    peaks = qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_source, tmp_path,
+                          lambda: uris.make("unix"), peak_file=tmp_path / "peak")
     peak = max(peaks)
     benchmark.extra_info.update(dest_peak_rss_mib=round(peak / MIB, 1),
                                 dest_peak_vs_ram_plus_64mib=round(peak / (QEMU_RAM + 64 * MIB), 3))
@@ -408,20 +422,17 @@ def state_source(loaded, caps: dict, params: dict, **kw) -> MigrationSource:
                            ram_section_id=loaded.ram_setup.section.section_id, **kw)
 
 
-@needs_qemu
-def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, uris, tmp_path):
-    image = qemu_source.image
-    dst_mem = qemu_source.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
-    caps = {"return-path": True}
+def qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qsrc, make_uri: Callable[[], str],
+                  start_destination: Callable[[Path, str], Qemu],
+                  make_source: Callable[[], MigrationSource]) -> None:
+    """Time a qmigx source (``make_source``) migrating ``qsrc``'s state to a QEMU destination."""
+    dst_mem = qsrc.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
 
     def setup():
         dst_mem.unlink(missing_ok=True)
-        uri = uris.make("unix")
-        dst = Qemu(ram=QEMU_RAM, mem_path=dst_mem, paused=True, incoming=True, workdir=tmp_path,
-                   name="dst", timeout=60).start()
-        dst.set_capabilities(caps)
-        dst.migrate_incoming(uri)
-        return (state_source(qemu_state, caps, {}), dst, uri), {}
+        uri = make_uri()
+        dst = start_destination(dst_mem, uri)
+        return (make_source(), dst, uri), {}
 
     def migrate(src: MigrationSource, dst: Qemu, uri: str) -> None:
         src.migrate(uri)
@@ -430,7 +441,7 @@ def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_stat
     def teardown(src: MigrationSource, dst: Qemu, uri: str) -> None:
         try:
             assert dst.wait_migration(60)["status"] == "completed"
-            diff = first_difference(dst_mem.read_bytes(), image)
+            diff = first_difference(dst_mem.read_bytes(), qsrc.image)
             assert diff is None, diff
         finally:
             dst.close()
@@ -438,6 +449,24 @@ def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_stat
 
     with_setup(benchmark, monkeypatch, setup, teardown)
     vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+
+
+def qemu_destination(tmp_path: Path, caps: dict) -> Callable[[Path, str], Qemu]:
+    """Starts a paused QEMU 7.2 destination with ``caps`` on a given RAM file and URI."""
+    def start(mem: Path, uri: str) -> Qemu:
+        dst = Qemu(ram=QEMU_RAM, mem_path=mem, paused=True, incoming=True, workdir=tmp_path,
+                   name="dst", timeout=60).start()
+        dst.set_capabilities(caps)
+        dst.migrate_incoming(uri)
+        return dst
+    return start
+
+
+@needs_qemu
+def test_qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, uris, tmp_path):
+    caps = {"return-path": True}
+    qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, lambda: uris.make("unix"),
+                  qemu_destination(tmp_path, caps), lambda: state_source(qemu_state, caps, {}))
     record_ratio(benchmark, "qmigx_to_qemu")
 
 

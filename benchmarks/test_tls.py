@@ -32,7 +32,6 @@ Run: ``python -m pytest benchmarks/test_tls.py --benchmark-enable -q -s``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,10 +39,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_live import (GIB, QEMU_RAM, SHM, guest, needs_qemu, qemu_source,  # noqa: F401
-                       qemu_state, rearm, settings, state_source, uris, wait_completed, with_setup)
+                       qemu_state, qemu_to_qemu, qemu_to_qmigx, qmigx_to_qemu, settings, state_source,
+                       uris, with_setup)
 
 from qemu_support.harness import Qemu  # noqa: E402 - test_live puts tests/ on sys.path
-from qemu_support.live import QmigxIncoming, first_difference  # noqa: E402
+from qemu_support.live import QmigxIncoming  # noqa: E402
 from qmigx.crypto import ObjectRoot
 from qmigx.migration import MigrationSource
 from tls_support import make_x509_dir  # noqa: E402
@@ -144,93 +144,25 @@ def qemu_tls_source(qemu_source, x509_dir):
 
 @needs_qemu
 def test_qemu_to_qemu_tls(vs_memcpy, benchmark, monkeypatch, qemu_tls_source, x509_dir, uris, tmp_path):
-    src, vm = qemu_tls_source, qemu_tls_source.vm
-    dst_mem = src.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
-
-    def setup():
-        dst_mem.unlink(missing_ok=True)
-        uri = uris.make("tcp")
-        return (qemu_tls_destination(x509_dir, dst_mem, uri, tmp_path), uri), {}
-
-    def migrate(dst: Qemu, uri: str) -> None:
-        vm.migrate(uri)
-        wait_completed(vm)
-
-    def teardown(dst: Qemu, uri: str) -> None:
-        try:
-            assert dst.wait_migration(60)["status"] == "completed"
-            diff = first_difference(dst_mem.read_bytes(), src.image)
-            assert diff is None, diff
-        finally:
-            dst.close()
-            dst_mem.unlink(missing_ok=True)
-            rearm(vm)
-
-    with_setup(benchmark, monkeypatch, setup, teardown)
-    vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+    qemu_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_tls_source, lambda: uris.make("tcp"),
+                 lambda mem, uri: qemu_tls_destination(x509_dir, mem, uri, tmp_path))
     record(benchmark, "qemu_to_qemu_tls")
 
 
 @needs_qemu
 def test_qemu_to_qmigx_tls(vs_memcpy, benchmark, monkeypatch, qemu_tls_source, x509_dir, uris, tmp_path):
-    src, vm = qemu_tls_source, qemu_tls_source.vm
-    rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=src.shm))
-
-    def setup():
-        inc = QmigxIncoming(uris.make("tcp"), tmp_path, caps={"return-path": True}, ram_dir=rd,
-                            extra=incoming_tls_args(x509_dir)).start()
-        return (inc,), {}
-
-    def migrate(inc: QmigxIncoming) -> None:
-        vm.migrate(inc.uri)
-        wait_completed(vm)
-
-    def teardown(inc: QmigxIncoming) -> None:
-        try:
-            rc, err = inc.wait(120)
-            assert rc == 0, err
-            diff = first_difference((rd / "mem0.bin").read_bytes(), src.image)
-            assert diff is None, diff
-        finally:
-            shutil.rmtree(rd, ignore_errors=True)
-            rearm(vm)
-
-    try:
-        with_setup(benchmark, monkeypatch, setup, teardown)
-        vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
-    finally:
-        shutil.rmtree(rd, ignore_errors=True)
+    qemu_to_qmigx(vs_memcpy, benchmark, monkeypatch, qemu_tls_source, tmp_path,
+                  lambda: uris.make("tcp"), extra=incoming_tls_args(x509_dir))
     record(benchmark, "qemu_to_qmigx_tls")
 
 
 @needs_qemu
 def test_qmigx_to_qemu_tls(vs_memcpy, benchmark, monkeypatch, qemu_source, qemu_state, x509_dir, uris,
                            tmp_path):
-    dst_mem = qemu_source.shm / f"qmigx-bench-{os.getpid()}-dst.ram"
-    caps = {"return-path": True}
-
-    def setup():
-        dst_mem.unlink(missing_ok=True)
-        uri = uris.make("tcp")
-        dst = qemu_tls_destination(x509_dir, dst_mem, uri, tmp_path)
-        src = state_source(qemu_state, caps, {"tls-creds": "tls0"}, objects=qmigx_objects(x509_dir))
-        return (src, dst, uri), {}
-
-    def migrate(src: MigrationSource, dst: Qemu, uri: str) -> None:
-        src.migrate(uri)
-        assert src.wait(120).value == "completed", src.error
-
-    def teardown(src: MigrationSource, dst: Qemu, uri: str) -> None:
-        try:
-            assert dst.wait_migration(60)["status"] == "completed"
-            diff = first_difference(dst_mem.read_bytes(), qemu_source.image)
-            assert diff is None, diff
-        finally:
-            dst.close()
-            dst_mem.unlink(missing_ok=True)
-
-    with_setup(benchmark, monkeypatch, setup, teardown)
-    vs_memcpy(migrate, QEMU_RAM, cold=True, rounds=ROUNDS)
+    qmigx_to_qemu(vs_memcpy, benchmark, monkeypatch, qemu_source, lambda: uris.make("tcp"),
+                  lambda mem, uri: qemu_tls_destination(x509_dir, mem, uri, tmp_path),
+                  lambda: state_source(qemu_state, {"return-path": True}, {"tls-creds": "tls0"},
+                                       objects=qmigx_objects(x509_dir)))
     record(benchmark, "qmigx_to_qemu_tls")
 
 
