@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmigx import multifd as mf
+from qmigx.multifd import init_packet as ip
 from qmigx._backend import load_compiled, load_reference
 from qmigx.errors import MultifdPacketError, ParameterError
 from qmigx.wire import MULTIFD_MAGIC, MultifdFlag
@@ -58,20 +59,20 @@ def packet(k, *, flags=0, pages_alloc=128, offsets=(0, 0x6000), ramblock="pc.ram
 
 
 # ---------------------------------------------------------------------------
-# init packet
+# init packet (plain Python: qmigx.multifd.init_packet)
 
 
-def test_init_packet_known_bytes(k):
-    raw = k.pack_init_packet(None, 0)
+def test_init_packet_known_bytes():
+    raw = ip.pack_init_packet(None, 0)
     assert raw == bytes.fromhex("1122334400000001") + bytes(56)  # multifd.md §3, verified
-    assert k.pack_init_packet(bytes(range(16)), 5)[8:25] == bytes(range(16)) + b"\x05"
+    assert ip.pack_init_packet(bytes(range(16)), 5)[8:25] == bytes(range(16)) + b"\x05"
 
 
-def test_init_packet_round_trip(k):
+def test_init_packet_round_trip():
     uuid = bytes(range(100, 116))
-    got = k.unpack_init_packet(k.pack_init_packet(uuid, 3), channels=4, uuid=uuid)
+    got = ip.unpack_init_packet(ip.pack_init_packet(uuid, 3), channels=4, uuid=uuid)
     assert (got.uuid, got.channel_id) == (uuid, 3)
-    assert got == k.InitPacket(uuid, 3)
+    assert got == ip.InitPacket(uuid, 3)
 
 
 @pytest.mark.parametrize(
@@ -85,24 +86,24 @@ def test_init_packet_round_trip(k):
         (lambda b: b.__setitem__(24, 9), {}, "id", 24),
     ],
 )
-def test_init_packet_errors(k, mutate, kwargs, field, offset):
-    raw = bytearray(k.pack_init_packet(None, 1))
+def test_init_packet_errors(mutate, kwargs, field, offset):
+    raw = bytearray(ip.pack_init_packet(None, 1))
     mutate(raw)
     with pytest.raises(MultifdPacketError) as info:
-        k.unpack_init_packet(raw, channels=2, **kwargs)
+        ip.unpack_init_packet(raw, channels=2, **kwargs)
     assert (info.value.field, info.value.offset) == (field, offset)
 
 
-def test_init_packet_ignores_unused_garbage(k):
-    raw = bytearray(k.pack_init_packet(None, 1))
+def test_init_packet_ignores_unused_garbage():
+    raw = bytearray(ip.pack_init_packet(None, 1))
     raw[25:64] = b"\xaa" * 39  # 4.1 leaves these uninitialised
-    assert k.unpack_init_packet(raw, channels=2).channel_id == 1
+    assert ip.unpack_init_packet(raw, channels=2).channel_id == 1
 
 
 @pytest.mark.parametrize("n, field", [(0, "magic"), (6, "version"), (20, "uuid"), (24, "id"), (63, "unused")])
-def test_init_packet_truncated(k, n, field):
+def test_init_packet_truncated(n, field):
     with pytest.raises(MultifdPacketError) as info:
-        k.unpack_init_packet(k.pack_init_packet(None, 0)[:n], channels=2)
+        ip.unpack_init_packet(ip.pack_init_packet(None, 0)[:n], channels=2)
     assert info.value.field == field
 
 
@@ -481,10 +482,10 @@ def test_mutated_packets_raise_or_validate(flips, cut, compression, version):
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=0, max_size=80), st.integers(0, 4))
-def test_random_init_packets_agree(raw, channels):
-    results = [outcome(kk.unpack_init_packet, raw, channels=channels) for kk in (COMPILED, REFERENCE)]
-    assert results[0] == results[1]
-    assert results[0][0] == "error" and results[0][1] == "MultifdPacketError"
+def test_random_init_packets_are_refused(raw, channels):
+    """Random bytes (almost never a valid magic and version) give the typed error."""
+    result = outcome(ip.unpack_init_packet, raw, channels=channels)
+    assert result[0] == "error" and result[1] == "MultifdPacketError"
 
 
 # ---------------------------------------------------------------------------

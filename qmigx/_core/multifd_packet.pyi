@@ -9,7 +9,6 @@ import numpy.typing as npt
 from typing_extensions import Buffer
 
 HEADER_FIXED_SIZE: Final[int]
-INIT_PACKET_SIZE: Final[int]
 DEFAULT_MAX_PAGES: Final[int]
 LAYOUTS: Final[tuple[str, ...]]
 
@@ -17,14 +16,6 @@ _Offsets = npt.NDArray[np.uint64] | Sequence[int]
 _Compression = Literal["none", "zlib", "zstd", 0, 2, 4]
 
 def header_size(pages_alloc: int) -> int: ...
-
-class InitPacket:
-    @property
-    def uuid(self) -> bytes: ...
-    @property
-    def channel_id(self) -> int: ...
-    def __init__(self, uuid: bytes, channel_id: int) -> None: ...
-    def to_dict(self) -> dict[str, Any]: ...
 
 class _PacketHeaderBase:
     @property
@@ -103,8 +94,6 @@ class PacketHeader41(_PacketHeaderBase):
     @property
     def pages_used(self) -> int: ...
 
-def pack_init_packet(uuid: bytes | None, channel_id: int) -> bytes: ...
-def unpack_init_packet(buf: Buffer, *, channels: int, uuid: bytes | None = None) -> InitPacket: ...
 def pack_packet_header(
     out: Buffer,
     *,

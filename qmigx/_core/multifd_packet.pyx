@@ -16,7 +16,6 @@ identical results and raise identical errors for every input.
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_Check, PyLong_CheckExact
 from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
@@ -35,16 +34,12 @@ cdef uint32_t _VERSION = MULTIFD_VERSION
 
 __all__ = [
     "HEADER_FIXED_SIZE",
-    "INIT_PACKET_SIZE",
     "DEFAULT_MAX_PAGES",
     "LAYOUTS",
     "header_size",
-    "InitPacket",
     "PacketHeader",
     "PacketHeader41",
     "PacketHeader10",
-    "pack_init_packet",
-    "unpack_init_packet",
     "pack_packet_header",
     "pack_packet",
     "unpack_packet_header",
@@ -54,7 +49,6 @@ __all__ = [
 
 #: Bytes before the offsets array: the fixed fields, 32 unused, the name.
 HEADER_FIXED_SIZE = 320
-INIT_PACKET_SIZE = 64
 #: 512 KiB of 4 KiB pages: the capacity QEMU gives every packet.
 DEFAULT_MAX_PAGES = 128
 #: Accepted values of ``version=``: 4.1 only renames the page count field;
@@ -83,13 +77,6 @@ _FIELDS = (
     ("packet_num", 24, 8),
     ("unused", 32, 32),
     ("ramblock", 64, 256),
-)
-_INIT_FIELDS = (
-    ("magic", 0, 4),
-    ("version", 4, 4),
-    ("uuid", 8, 16),
-    ("id", 24, 1),
-    ("unused", 25, 39),
 )
 cdef uint64_t _U32 = 0xFFFFFFFF
 cdef uint64_t _U64 = 0xFFFFFFFFFFFFFFFF
@@ -306,99 +293,6 @@ cdef object _truncated(Py_ssize_t n, tuple fields, Py_ssize_t need):
 def header_size(pages_alloc):
     """Bytes of a packet's header area: ``320 + 8 * pages_alloc`` (1344 for 128 pages)."""
     return _FIXED + 8 * <Py_ssize_t>_as_uint(pages_alloc, "pages_alloc", _U32)
-
-
-# --------------------------------------------------------------------------
-# Init packet
-
-
-@cython.final
-cdef class InitPacket:
-    """The first 64 bytes of a multifd channel: the source's UUID and the channel number."""
-
-    cdef readonly bytes uuid
-    cdef readonly int channel_id
-
-    def __init__(self, uuid, channel_id):
-        self.uuid = bytes(uuid)
-        self.channel_id = channel_id
-
-    def to_dict(self):
-        """The fields as a plain dict (for comparisons and logging)."""
-        return {"uuid": self.uuid, "channel_id": self.channel_id}
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.to_dict() == other.to_dict()
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"InitPacket(uuid={self.uuid.hex()}, channel_id={self.channel_id})"
-
-
-def pack_init_packet(uuid, channel_id):
-    """The 64-byte init packet a source sends first on channel ``channel_id``.
-
-    ``uuid`` is the VM's 16-byte UUID, or ``None`` for a VM without one
-    (sent as 16 zero bytes, as QEMU does). Unused bytes are zero, as in 7.2.
-    """
-    raw = b"\0" * 16 if uuid is None else bytes(uuid)
-    if len(raw) != 16:
-        raise ValueError(f"uuid must be 16 bytes, not {len(raw)}")
-    cid = _as_uint(channel_id, "channel_id", 255)
-    return (MULTIFD_MAGIC.to_bytes(4, "big") + MULTIFD_VERSION.to_bytes(4, "big")
-            + raw + bytes((cid,)) + bytes(39))
-
-
-def unpack_init_packet(buf, *, channels, uuid=None):
-    """Validate a channel's init packet against the destination's settings.
-
-    Args:
-        buf: at least 64 bytes (only the first 64 are read).
-        channels: the negotiated ``multifd-channels``.
-        uuid: the destination's own 16-byte UUID; ``None`` means it has
-            none, so the packet must carry 16 zero bytes (QEMU compares
-            the two either way).
-
-    QEMU refuses only ``id > channels``, which lets ``id == channels``
-    through; qmigx refuses ``id >= channels`` because no such channel
-    exists. The unused bytes are not checked (4.1 leaves garbage there).
-    Whether the channel slot is already taken is the caller's business.
-
-    Raises:
-        MultifdPacketError: with ``field`` one of magic, version, uuid, id.
-    """
-    cdef uint64_t nch = _as_uint(channels, "channels", 255)
-    own = b"\0" * 16 if uuid is None else bytes(uuid)
-    if len(own) != 16:
-        raise ValueError(f"uuid must be 16 bytes, not {len(own)}")
-    cdef const unsigned char[::1] b = _readable(buf, "buf")
-    cdef Py_ssize_t n = b.shape[0]
-    if n < INIT_PACKET_SIZE:
-        raise _truncated(n, _INIT_FIELDS, INIT_PACKET_SIZE)
-    cdef uint32_t magic = _load_be32(&b[0])
-    if magic != MULTIFD_MAGIC:
-        raise MultifdPacketError(
-            f"init packet magic 0x{magic:08x}, expected 0x{MULTIFD_MAGIC:08x}",
-            field="magic", offset=0)
-    cdef uint32_t version = _load_be32(&b[4])
-    if version != MULTIFD_VERSION:
-        raise MultifdPacketError(
-            f"init packet version {version}, expected {MULTIFD_VERSION}",
-            field="version", offset=4)
-    got = PyBytes_FromStringAndSize(<const char*>&b[8], 16)
-    if got != own:
-        raise MultifdPacketError(
-            f"init packet uuid {got.hex()} differs from ours {own.hex()}",
-            field="uuid", offset=8)
-    cdef uint64_t cid = b[24]
-    if cid >= nch:
-        raise MultifdPacketError(
-            f"init packet channel id {cid} but only {nch} channels",
-            field="id", offset=24)
-    return InitPacket(got, cid)
 
 
 # --------------------------------------------------------------------------

@@ -28,21 +28,19 @@ import zstandard
 
 from qmigx._backend import load
 from qmigx.errors import MultifdPacketError, ParameterError
+from qmigx.multifd.init_packet import (INIT_PACKET_SIZE, InitPacket, pack_init_packet,
+                                       unpack_init_packet)
 from qmigx.wire import MULTIFD_PACKET_SIZE, MultifdFlag
 
 _kernel = load("multifd_packet")
 
 HEADER_FIXED_SIZE: int = _kernel.HEADER_FIXED_SIZE
-INIT_PACKET_SIZE: int = _kernel.INIT_PACKET_SIZE
 DEFAULT_MAX_PAGES: int = _kernel.DEFAULT_MAX_PAGES
 LAYOUTS: tuple[str, ...] = _kernel.LAYOUTS
 header_size = _kernel.header_size
-InitPacket = _kernel.InitPacket
 PacketHeader = _kernel.PacketHeader
 PacketHeader41 = _kernel.PacketHeader41
 PacketHeader10 = _kernel.PacketHeader10
-pack_init_packet = _kernel.pack_init_packet
-unpack_init_packet = _kernel.unpack_init_packet
 pack_packet_header = _kernel.pack_packet_header
 pack_packet = _kernel.pack_packet
 unpack_packet_header = _kernel.unpack_packet_header

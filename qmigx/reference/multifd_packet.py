@@ -20,16 +20,12 @@ from qmigx.wire import MULTIFD_MAGIC, MULTIFD_VERSION
 
 __all__ = [
     "HEADER_FIXED_SIZE",
-    "INIT_PACKET_SIZE",
     "DEFAULT_MAX_PAGES",
     "LAYOUTS",
     "header_size",
-    "InitPacket",
     "PacketHeader",
     "PacketHeader41",
     "PacketHeader10",
-    "pack_init_packet",
-    "unpack_init_packet",
     "pack_packet_header",
     "pack_packet",
     "unpack_packet_header",
@@ -38,7 +34,6 @@ __all__ = [
 ]
 
 HEADER_FIXED_SIZE = 320
-INIT_PACKET_SIZE = 64
 DEFAULT_MAX_PAGES = 128
 LAYOUTS = ("7.2", "4.1", "10.0")
 
@@ -60,13 +55,6 @@ _FIELDS = (
     ("packet_num", 24, 8),
     ("unused", 32, 32),
     ("ramblock", 64, 256),
-)
-_INIT_FIELDS = (
-    ("magic", 0, 4),
-    ("version", 4, 4),
-    ("uuid", 8, 16),
-    ("id", 24, 1),
-    ("unused", 25, 39),
 )
 _COMPRESSION_BITS = {"none": 0, "zlib": 0x2, "zstd": 0x4}
 #: compression bits of the flags: 7.2 (zlib, zstd) and 10.0 (+ qpl, uadk, qatzip)
@@ -159,72 +147,6 @@ def header_size(pages_alloc: int) -> int:
     return HEADER_FIXED_SIZE + 8 * _as_uint(pages_alloc, "pages_alloc", _U32)
 
 
-# ---------------------------------------------------------------------------
-# init packet
-
-
-class InitPacket:
-    """The first 64 bytes of a multifd channel: the source's UUID and the channel number."""
-
-    __slots__ = ("uuid", "channel_id")
-
-    def __init__(self, uuid: bytes, channel_id: int) -> None:
-        self.uuid = bytes(uuid)
-        self.channel_id = channel_id
-
-    def to_dict(self) -> dict:
-        """The fields as a plain dict (for comparisons and logging)."""
-        return {"uuid": self.uuid, "channel_id": self.channel_id}
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.to_dict() == other.to_dict()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"InitPacket(uuid={self.uuid.hex()}, channel_id={self.channel_id})"
-
-
-def pack_init_packet(uuid: bytes | None, channel_id: int) -> bytes:
-    """The 64-byte init packet; ``uuid=None`` sends 16 zero bytes (a VM without ``-uuid``)."""
-    raw = b"\0" * 16 if uuid is None else bytes(uuid)
-    if len(raw) != 16:
-        raise ValueError(f"uuid must be 16 bytes, not {len(raw)}")
-    cid = _as_uint(channel_id, "channel_id", 255)
-    return struct.pack(">II16sB", MULTIFD_MAGIC, MULTIFD_VERSION, raw, cid) + bytes(39)
-
-
-def unpack_init_packet(buf: Any, *, channels: int, uuid: bytes | None = None) -> InitPacket:
-    """Validate an init packet; refuses ``id >= channels`` (QEMU only ``id > channels``)."""
-    nch = _as_uint(channels, "channels", 255)
-    own = b"\0" * 16 if uuid is None else bytes(uuid)
-    if len(own) != 16:
-        raise ValueError(f"uuid must be 16 bytes, not {len(own)}")
-    b = _readable(buf, "buf")
-    if len(b) < INIT_PACKET_SIZE:
-        raise _truncated(len(b), _INIT_FIELDS, INIT_PACKET_SIZE)
-    magic, version, got, cid = struct.unpack_from(">II16sB", b)
-    if magic != MULTIFD_MAGIC:
-        raise MultifdPacketError(
-            f"init packet magic 0x{magic:08x}, expected 0x{MULTIFD_MAGIC:08x}",
-            field="magic",
-            offset=0,
-        )
-    if version != MULTIFD_VERSION:
-        raise MultifdPacketError(
-            f"init packet version {version}, expected {MULTIFD_VERSION}", field="version", offset=4
-        )
-    if got != own:
-        raise MultifdPacketError(
-            f"init packet uuid {got.hex()} differs from ours {own.hex()}", field="uuid", offset=8
-        )
-    if cid >= nch:
-        raise MultifdPacketError(
-            f"init packet channel id {cid} but only {nch} channels", field="id", offset=24
-        )
-    return InitPacket(got, cid)
 
 
 # ---------------------------------------------------------------------------
