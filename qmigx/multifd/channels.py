@@ -145,7 +145,8 @@ class _SendChannel:
         o = self.owner
         ps, alloc = o.page_size, o.pages_alloc
         chan = self.chan
-        fds = chan.socket_fds()
+        socket_fds = getattr(chan, "socket_fds", None)
+        fds = socket_fds() if socket_fds is not None else None
         if fds is not None:
             st, _, nbytes, err = _send.send_packets(
                 fds[0], fds[1], self.header, name.encode("utf-8", "surrogateescape"), rows.rows,
@@ -374,7 +375,10 @@ class _RecvChannel:
         head = np.empty(header_size(o.max_pages), np.uint8)
         hview = memoryview(head)
         scratch = np.empty((o.max_pages, ps), np.uint8)
-        fds = self.chan.socket_fds() if o.compression == "none" else None
+        # any object with readinto/readinto_exact serves; a Channel that is a
+        # socket is read by the compiled loop
+        socket_fds = getattr(self.chan, "socket_fds", None)
+        fds = socket_fds() if socket_fds is not None and o.compression == "none" else None
         try:
             while not o.stopping:
                 table = o.fast_blocks() if fds is not None else None
@@ -404,8 +408,9 @@ class _RecvChannel:
                     offs = hdr.offsets
                     direct = o.direct_views(blk, offs) if o.compression == "none" else None
                     if direct is not None:  # straight into RAM
-                        if len(direct) == 1:
-                            self.chan.readinto_exact(direct[0])
+                        if len(direct) == 1 or not hasattr(self.chan, "readv_exact"):
+                            for view in direct:
+                                self.chan.readinto_exact(view)
                         else:
                             self.chan.readv_exact(direct)
                     elif o.compression == "none":  # into a reused buffer, then placed
