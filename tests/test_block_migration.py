@@ -314,7 +314,10 @@ def test_writes_after_a_chunk_was_sent_are_sent_again(tmp_path, monkeypatch):
     assert dst.read_bytes() == want
     recs = [(t, kinds(r)) for t, r in sections(data)]
     resent = [t for t, k in recs if ("D", 0) in k]
-    assert resent == ["SECTION_PART", "SECTION_PART"], recs  # bulk, then the dirty phase
+    # bulk, then once more: in the dirty phase, or at the end when the
+    # rescan that finds it waits for a slow earlier scan (a loaded machine)
+    assert resent[0] == "SECTION_PART" and len(resent) == 2, recs
+    assert resent[1] in ("SECTION_PART", "SECTION_END"), recs
     assert h.dirty_found == 1
 
 

@@ -154,8 +154,10 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
     rep = json.loads(report.read_text())
     assert rep["query-migrate"]["status"] == "completed"
     pc = rep["postcopy"]
-    # the running guest asked for pages it touched before the background stream got there
-    assert pc["requests"] > 0 and pc["served"] > 0, pc
+    if guest_kind == "dirtying":
+        # the running guest asked for pages it wrote before the background stream got there
+        # (an idle guest may find every page it touches already sent in precopy)
+        assert pc["requests"] > 0 and pc["served"] > 0, pc
     want = Path(info.mem).read_bytes()
     if guest_kind == "idle":
         diff = first_difference(ram, want)
