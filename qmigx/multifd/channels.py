@@ -286,8 +286,8 @@ class MultifdSender:
 
     @property
     def batch_hint(self) -> int:
-        """Pages worth taking at once: a full packet for every channel."""
-        return self.pages_alloc * len(self._chans)
+        """Pages worth taking at once: two full packets for every channel."""
+        return self.pages_alloc * len(self._chans) * 2
 
     def take_numbers(self, n: int) -> int:
         """Reserve ``n`` consecutive packet numbers; the first."""
