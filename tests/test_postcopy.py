@@ -465,3 +465,39 @@ def test_a_source_that_dies_in_postcopy_leaves_the_destination_paused(tmp_path):
             sender.kill()
         dst.cancel()
     assert dst.wait(10) is S.POSTCOPY_PAUSED  # cancelled while paused: still not "failed"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
+def test_dropped_runs_read_as_zeros_and_nothing_else_moves(shared):
+    """LISTEN's drop of stale pages: exactly the runs given become missing (zeros)."""
+    import mmap
+
+    from qmigx._core import uffd as kernel
+
+    n = 64 * 4096
+    fd = os.memfd_create("qmigx-drop") if shared else -1
+    try:
+        if shared:
+            os.ftruncate(fd, n)
+            m = mmap.mmap(fd, n, mmap.MAP_SHARED)
+        else:
+            m = mmap.mmap(-1, n, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mem = np.frombuffer(m, np.uint8)
+        mem[:] = 0x5A
+        starts = np.array([0, 5 * 4096, 40 * 4096], np.int64)
+        lengths = np.array([4096, 3 * 4096, 0], np.int64)
+        assert kernel.drop_runs(int(mem.ctypes.data), fd, starts, lengths) == 0
+        pages = mem.reshape(-1, 4096)
+        gone = {0, 5, 6, 7}
+        for i in range(64):
+            assert (pages[i] == (0 if i in gone else 0x5A)).all(), i
+        if shared:  # the file's pages are gone too, not only this mapping's
+            assert os.pread(fd, 4096, 5 * 4096) == bytes(4096)
+            assert os.pread(fd, 1, 4 * 4096) == b"\x5a"
+        with pytest.raises(ValueError):
+            kernel.drop_runs(int(mem.ctypes.data), fd, starts, lengths[:2])
+        del mem, pages
+        m.close()
+    finally:
+        if shared:
+            os.close(fd)

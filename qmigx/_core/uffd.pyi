@@ -3,7 +3,8 @@
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["serve_faults", "wait_batch", "take_log", "atomic_or_range", "TARGET_PAGE_SHIFT"]
+__all__ = ["serve_faults", "wait_batch", "take_log", "atomic_or_range", "drop_runs",
+           "TARGET_PAGE_SHIFT"]
 
 TARGET_PAGE_SHIFT: int
 
@@ -19,3 +20,5 @@ def serve_faults(
 def wait_batch(stats: npt.NDArray[np.uint64]) -> None: ...
 def take_log(log: npt.NDArray[np.uint64], out: npt.NDArray[np.uint64]) -> int: ...
 def atomic_or_range(log: npt.NDArray[np.uint64], first: int, n: int) -> None: ...
+def drop_runs(addr: int, fd: int, starts: npt.NDArray[np.int64],
+              lengths: npt.NDArray[np.int64]) -> int: ...
