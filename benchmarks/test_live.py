@@ -179,18 +179,24 @@ def test_qmigx_to_qmigx_tcp_multifd4(vs_memcpy, benchmark, monkeypatch, guest, t
                {"multifd": True}, {"multifd-channels": 4})
 
 
-def test_qmigx_to_qmigx_incoming_process_tcp(vs_memcpy, benchmark, monkeypatch, guest, uris, tmp_path):
-    """Two processes: the API source here, ``qmigx incoming`` (fresh memory each round) there."""
-    caps = {"return-path": True}
+def qmigx_to_incoming(vs_memcpy, benchmark, monkeypatch, guest, tmp_path, make_uri: Callable[[], str],
+                      caps: dict, params: dict, *, src_params: Optional[dict] = None,
+                      objects=None, extra=(), peak_file: Optional[Path] = None) -> list[int]:
+    """Time an API source sending ``guest`` to a ``qmigx incoming`` process (fresh memory each round).
+
+    ``src_params``: the source's parameters besides ``params``; ``extra``:
+    more ``incoming`` arguments. Returns the destination's peak RSS per
+    round when ``peak_file`` is given.
+    """
     peaks: list[int] = []
     rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=SHM))
 
     def setup():
         shutil.rmtree(rd, ignore_errors=True)
-        uri = uris.make("tcp")
-        inc = QmigxIncoming(uri, tmp_path, caps=caps, peak_file=tmp_path / "peak", ram_dir=rd).start()
-        c, p = settings(caps, {})
-        return (MigrationSource(guest, capabilities=c, parameters=p), inc), {}
+        inc = QmigxIncoming(make_uri(), tmp_path, caps=caps, params=params, peak_file=peak_file,
+                            ram_dir=rd, extra=extra).start()
+        c, p = settings(caps, {**params, **(src_params or {})})
+        return (MigrationSource(guest, capabilities=c, parameters=p, objects=objects), inc), {}
 
     def migrate(src: MigrationSource, inc: QmigxIncoming) -> None:
         src.migrate(inc.uri)
@@ -199,7 +205,8 @@ def test_qmigx_to_qmigx_incoming_process_tcp(vs_memcpy, benchmark, monkeypatch, 
     def teardown(src: MigrationSource, inc: QmigxIncoming) -> None:
         rc, err = inc.wait(120)
         assert rc == 0, err
-        peaks.append(inc.peak_bytes())
+        if peak_file is not None:
+            peaks.append(inc.peak_bytes())
 
     try:
         with_setup(benchmark, monkeypatch, setup, teardown)
@@ -209,6 +216,14 @@ def test_qmigx_to_qmigx_incoming_process_tcp(vs_memcpy, benchmark, monkeypatch, 
         del got
     finally:
         shutil.rmtree(rd, ignore_errors=True)
+    return peaks
+
+
+def test_qmigx_to_qmigx_incoming_process_tcp(vs_memcpy, benchmark, monkeypatch, guest, uris, tmp_path):
+    """Two processes: the API source here, ``qmigx incoming`` (fresh memory each round) there."""
+    peaks = qmigx_to_incoming(vs_memcpy, benchmark, monkeypatch, guest, tmp_path,
+                              lambda: uris.make("tcp"), {"return-path": True}, {},
+                              peak_file=tmp_path / "peak")
     peak = max(peaks)
     benchmark.extra_info.update(dest_peak_rss_mib=round(peak / MIB, 1),
                                 dest_peak_vs_ram_plus_64mib=round(peak / (GIB + 64 * MIB), 3))

@@ -32,20 +32,15 @@ Run: ``python -m pytest benchmarks/test_tls.py --benchmark-enable -q -s``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_live import (GIB, QEMU_RAM, SHM, guest, needs_qemu, qemu_source,  # noqa: F401
-                       qemu_state, qemu_to_qemu, qemu_to_qmigx, qmigx_to_qemu, settings, state_source,
-                       uris, with_setup)
+from test_live import (QEMU_RAM, guest, needs_qemu, qemu_source, qemu_state,  # noqa: F401
+                       qemu_to_qemu, qemu_to_qmigx, qmigx_to_incoming, qmigx_to_qemu, state_source,
+                       uris)
 
 from qemu_support.harness import Qemu  # noqa: E402 - test_live puts tests/ on sys.path
-from qemu_support.live import QmigxIncoming  # noqa: E402
 from qmigx.crypto import ObjectRoot
-from qmigx.migration import MigrationSource
 from tls_support import make_x509_dir  # noqa: E402
 
 #: more rounds than test_live: the median of five is steadier on a shared machine
@@ -178,30 +173,8 @@ def test_qmigx_to_qmigx(vs_memcpy, benchmark, monkeypatch, guest, x509_dir, uris
     if channels > 1:
         caps["multifd"] = True
         params["multifd-channels"] = channels
-    rd = Path(tempfile.mkdtemp(prefix="qmigx-bench-rd-", dir=SHM))
-
-    def setup():
-        shutil.rmtree(rd, ignore_errors=True)
-        inc = QmigxIncoming(uris.make("tcp"), tmp_path, caps=caps, params=params, ram_dir=rd,
-                            extra=incoming_tls_args(x509_dir) if tls else ()).start()
-        c, p = settings(caps, {**params, **({"tls-creds": "tls0"} if tls else {})})
-        src = MigrationSource(guest, capabilities=c, parameters=p, objects=qmigx_objects(x509_dir))
-        return (src, inc), {}
-
-    def migrate(src: MigrationSource, inc: QmigxIncoming) -> None:
-        src.migrate(inc.uri)
-        assert src.wait(120).value == "completed", src.error
-
-    def teardown(src: MigrationSource, inc: QmigxIncoming) -> None:
-        rc, err = inc.wait(120)
-        assert rc == 0, err
-
-    try:
-        with_setup(benchmark, monkeypatch, setup, teardown)
-        vs_memcpy(migrate, GIB, cold=True, rounds=ROUNDS)
-        got = np.fromfile(rd / "pc.ram.bin", np.uint8)
-        assert np.array_equal(got, guest["pc.ram"].memory)
-        del got
-    finally:
-        shutil.rmtree(rd, ignore_errors=True)
+    qmigx_to_incoming(vs_memcpy, benchmark, monkeypatch, guest, tmp_path, lambda: uris.make("tcp"),
+                      caps, params, src_params={"tls-creds": "tls0"} if tls else None,
+                      objects=qmigx_objects(x509_dir),
+                      extra=incoming_tls_args(x509_dir) if tls else ())
     record(benchmark, f"qmigx_{'tls' if tls else 'plain'}{'_multifd4' if channels > 1 else ''}")

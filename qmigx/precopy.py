@@ -122,8 +122,12 @@ class RamSaveState:
         self._cursor_block = 0
         self._cursor_page = 0
         self._round_start = (0, 0)
+        #: pages taken per batch (postcopy takes fewer, so requests wait less;
+        #: multifd two packets for every channel: fewer, larger handoffs)
+        self.batch_pages = BATCH_PAGES if multifd is None else max(
+            BATCH_PAGES, min(MULTIFD_BATCH_MAX, multifd.batch_hint))
         self._pages = np.empty((BATCH_PAGES, TARGET_PAGE_SIZE), np.uint8)
-        self._taken = np.empty(BATCH_PAGES, np.int64)
+        self._taken = np.empty(self.batch_pages, np.int64)
         self._slots = np.empty(BATCH_PAGES, np.int64)
         self._deltas = np.empty((BATCH_PAGES, TARGET_PAGE_SIZE), np.uint8)
         self._lengths = np.empty(BATCH_PAGES, np.int32)
@@ -137,11 +141,6 @@ class RamSaveState:
         self.skipped_pages = 0
         #: postcopy-ram: setup entries of huge-page blocks carry their page size
         self.send_page_sizes = False
-        #: pages taken per batch (postcopy takes fewer, so requests wait less)
-        self.batch_pages = BATCH_PAGES
-        if multifd is not None:  # a packet for every channel per batch: fewer, larger handoffs
-            self.batch_pages = max(BATCH_PAGES, min(MULTIFD_BATCH_MAX, multifd.batch_hint))
-            self._taken = np.empty(self.batch_pages, np.int64)
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()

@@ -54,6 +54,12 @@ _FAILURES = {_recv.STOPPED: "stopped", _recv.TIMEOUT: "timeout", _recv.TRUNCATED
              _recv.FAILED: "failed"}
 
 
+def _run_bounds(values: np.ndarray, step: int) -> tuple[list, list]:
+    """First and last value of each run of ``values`` that rises by ``step`` at a time."""
+    brk = np.flatnonzero(np.diff(values) != step) + 1
+    return values[np.r_[0, brk]].tolist(), values[np.r_[brk - 1, len(values) - 1]].tolist()
+
+
 def _row_runs(rows: np.ndarray, sel: np.ndarray) -> list:
     """The rows ``sel`` (ascending indices) as views of their consecutive runs.
 
@@ -63,9 +69,7 @@ def _row_runs(rows: np.ndarray, sel: np.ndarray) -> list:
     """
     if not len(sel):
         return []
-    brk = (np.flatnonzero(np.diff(sel) != 1) + 1).tolist()
-    first = sel[[0, *brk]].tolist()
-    last = sel[[b - 1 for b in brk] + [len(sel) - 1]].tolist()
+    first, last = _run_bounds(sel, 1)
     return [rows[a : b + 1] for a, b in zip(first, last)]
 
 
@@ -539,18 +543,10 @@ class MultifdReceiver:
             return None
         buf = blk.buffer if pl is None else pl.buffer(blk)
         ps = self.page_size
-        offs = np.asarray(offsets, np.uint64)
-        n = len(offs)
-        first = int(offs[0])
-        if int(offs[-1]) - first == (n - 1) * ps and (n == 1 or (np.diff(offs) == ps).all()):
-            starts, ends = [first], [first + n * ps]
-        else:
-            brk = np.flatnonzero(np.diff(offs) != np.uint64(ps)) + 1
-            starts = offs[np.r_[0, brk]].tolist()
-            ends = (offs[np.r_[brk - 1, n - 1]] + np.uint64(ps)).tolist()
-        if max(ends) > blk.used_length:
+        starts, lasts = _run_bounds(np.asarray(offsets, np.uint64), np.uint64(ps))
+        if max(lasts) + ps > blk.used_length:
             return None  # checked against the block already; never past it
-        return [buf[a:b] for a, b in zip(starts, ends)]
+        return [buf[a : b + ps] for a, b in zip(starts, lasts)]
 
     def place_zero(self, blk, offsets) -> None:
         """Zero the pages a packet lists as zero pages (QEMU 10)."""

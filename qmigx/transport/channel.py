@@ -284,8 +284,7 @@ class Channel:
             k = (self.readinto(mv[got:]) if self._sock is None or self._shut
                  else self._recv_into(mv[got:], n - got))
             if k == 0:
-                raise ChannelError(f"{self.name}: end of stream after {got} of {n} bytes",
-                                   offset=self.bytes_read, field="channel")
+                raise self.failure("truncated", got=got, want=n)
             got += k
 
     def socket_fds(self) -> Optional[tuple]:
@@ -346,15 +345,9 @@ class Channel:
                 self._wait(self._rpoll, "read")
                 continue
             except OSError as e:
-                if self._shut:
-                    raise self._shut_error() from None
-                raise ChannelError(f"{self.name}: read failed: {e.strerror}",
-                                   field="channel") from None
+                raise self.failure("failed", err=e.errno or 0) from None
             if k == 0:
-                if self._shut:
-                    raise self._shut_error()
-                raise ChannelError(f"{self.name}: end of stream after {got} of {want} bytes",
-                                   offset=self.bytes_read, field="channel")
+                raise self.failure("truncated", got=got, want=want)
             self.bytes_read += k
             got += k
             i = _consume(views, i, k)
