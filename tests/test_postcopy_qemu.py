@@ -212,7 +212,12 @@ def test_served_source_postcopy_to_qemu(tmp_path, saved_streams):
                 s.execute("migrate-set-parameters", **{"max-postcopy-bandwidth": 8 << 20})
                 s.execute("migrate", uri=uri)
                 s.execute("migrate-start-postcopy")
-                events = _events_until(s, "completed")
+                events = _events_until(s, "postcopy-active")
+                # the stopped guest may touch nothing new while it runs; QEMU's own
+                # monitor reading the last page (the background stream sends it last,
+                # seconds from now) faults on it, and QEMU must request it from qmigx
+                dst.cmd("human-monitor-command", **{"command-line": f"xp /1xg {RAM_BYTES - 4096:#x}"})
+                events += _events_until(s, "completed")
                 assert _statuses(events) == ["setup", "active", "postcopy-active", "completed"]
                 q = s.execute("query-migrate")
                 assert q["status"] == "completed" and q["ram"]["postcopy-requests"] > 0, q

@@ -231,8 +231,10 @@ def device_states(path) -> dict:
 #: the bytes that are the host's clock at saving time, not guest state: the timer
 #: section's offsets, and the RTC's time-of-day registers (CMOS 0x00-0x09) that it
 #: refreshes when saved
-#: fields that follow the host clock (the RTC's next update depends on when the state was loaded)
-_CLOCK_FIELDS = {"timer": ("cpu_ticks_offset", "cpu_clock_offset"), "mc146818rtc": ("update_timer",)}
+#: fields that follow the host clock (the RTC recomputes its next update and next
+#: alarm from the time at which the state was loaded)
+_CLOCK_FIELDS = {"timer": ("cpu_ticks_offset", "cpu_clock_offset"),
+                 "mc146818rtc": ("update_timer", "next_alarm_time")}
 
 
 def same_devices(a: dict, b: dict) -> None:
