@@ -12,6 +12,7 @@ property (QEMU 10)                  10.0 machines      old value, for machines
 ``send-switchover-start``           on                 off, <= 9.2
 ``multifd-flush-after-each-section`` off               on, <= 8.0
 ``zero-page-detection`` (parameter) ``multifd``        ``legacy``, <= 8.2
+``x-preempt-pre-7-2``               off                on, <= 7.2
 ==================================  ================  ===========================
 
 A QEMU 7.2 peer has 7.2's behaviour whatever the machine (it knows no
@@ -82,6 +83,10 @@ class MigrationCompat:
             QEMU 10 refuses any fill but 0.
         vmdesc_configuration: the vmdesc starts with a ``configuration``
             entry (QEMU 10).
+        preempt_pre_7_2: the postcopy-preempt channel is connected during
+            setup and ends with a RAM EOS (7.2); otherwise it is connected
+            when postcopy starts and the destination closes it itself
+            (qemu10.md §8).
     """
 
     machine_type: str
@@ -92,6 +97,7 @@ class MigrationCompat:
     compress: bool
     zero_fill_any: bool
     vmdesc_configuration: bool
+    preempt_pre_7_2: bool
 
     @property
     def multifd_sync(self) -> str:
@@ -106,14 +112,15 @@ def migration_compat(machine_type: str, qemu_version: str = "10.0") -> Migration
         return MigrationCompat(machine_type, qemu_version, send_switchover_start=False,
                                multifd_flush_after_each_section=True,
                                zero_page_detection="legacy", compress=True, zero_fill_any=True,
-                               vmdesc_configuration=False)
+                               vmdesc_configuration=False, preempt_pre_7_2=True)
     mv = machine_version(machine_type) or qv
     return MigrationCompat(
         machine_type, qemu_version,
         send_switchover_start=mv >= (10, 0),
         multifd_flush_after_each_section=mv <= (8, 0),
         zero_page_detection="legacy" if mv <= (8, 2) else "multifd",
-        compress=False, zero_fill_any=False, vmdesc_configuration=True)
+        compress=False, zero_fill_any=False, vmdesc_configuration=True,
+        preempt_pre_7_2=mv <= (7, 2))
 
 
 def check_machine_known(machine_type: str, qemu_version: str, *,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from qmigx import transport
+from qmigx.compat import migration_compat
 from qmigx.crypto import ObjectRoot, TLSSettings
 from qmigx.control import (
     Capabilities,
@@ -263,7 +264,8 @@ class MigrationDestination(Side):
         main = None
         failure: Optional[BaseException] = None
         try:
-            main, extra = self._accept_channels(nchan)
+            # the preempt channel is accepted whenever it connects (QEMU 10: at postcopy start)
+            main, extra = self._accept_channels(1 if self._preempt else nchan)
             st.transition(S.ACTIVE)
             caps = self.c.caps
             self.loader = RamLoader(self.loader_blocks,
@@ -274,12 +276,12 @@ class MigrationDestination(Side):
                                     # a destination that is QEMU 10 refuses fill bytes but 0
                                     zero_fill=getattr(caps, "qemu_version", None) == "10.0",
                                     placement=self.loader_placement)
-            preempt = extra.pop(0) if self._preempt and extra else None
             self.postcopy = PostcopyIncoming(self.loader, None, uffd_fd=self.uffd_fd,
                                              enabled=bool(caps.get("postcopy-ram")),
                                              blocktime=bool(caps.get("postcopy-blocktime")))
-            self._preempt_reader = (PreemptReader(preempt, self.loader, self.registry)
-                                    if preempt is not None else None)
+            if self._preempt:
+                self._preempt_reader = PreemptReader(None, self.loader)
+                self._accept_preempt(self._listener, self._preempt_reader, close=False)
             if extra:
                 ordered = MultifdReceiver.order_channels(extra, uuid=self.uuid)
                 receiver = MultifdReceiver(ordered, self.loader.blocks,
@@ -614,13 +616,17 @@ class MigrationDestination(Side):
         try:
             main = lst.accept(None)
             self._add_channel(main)
-            if self._preempt:  # 7.2 tells the preempt channel by its order
-                pre = lst.accept(self.io_timeout)
-                self._add_channel(pre)
-                self._preempt_reader = PreemptReader(pre, self.loader)
-        finally:
+        except BaseException:
             lst.close()
+            raise
+        finally:
             self._recover_uri = None
+        if self._preempt:  # told apart by its order: the connection after the main one
+            self._preempt_reader = PreemptReader(None, self.loader,
+                                                 expect_eos=self._preempt_eos())
+            self._accept_preempt(lst, self._preempt_reader, close=True)
+        else:
+            lst.close()
         self.c.state.transition(S.POSTCOPY_RECOVER)
         self.rp = ReturnPathWriter(main.write)
         pc.rp = self.rp
@@ -630,6 +636,30 @@ class MigrationDestination(Side):
         if self._preempt_reader is not None:
             self._preempt_reader.start(pc.placement, self._postcopy_failed)
         return main
+
+    def _accept_preempt(self, listener, reader: PreemptReader, *, close: bool) -> None:
+        """Accept the preempt channel on a thread and hand it to ``reader``.
+
+        QEMU 7.2 connects it during setup, QEMU 10 (machine types after 7.2)
+        only when postcopy starts or resumes, so the load must not wait for it.
+        """
+        def run() -> None:
+            try:
+                ch = listener.accept(None)
+                self._add_channel(ch)
+                reader.attach(ch)
+            except Exception as exc:  # noqa: BLE001 - the listener closed: the migration ended
+                _log.debug("no postcopy preempt channel: %s", exc)
+            finally:
+                if close:
+                    listener.close()
+
+        threading.Thread(target=run, name="postcopy/preempt-accept", daemon=True).start()
+
+    def _preempt_eos(self) -> bool:
+        """Whether the source ends the preempt channel with an EOS (machine types <= 7.2)."""
+        cfg = self.result.configuration
+        return cfg is not None and migration_compat(cfg.machine_type).preempt_pre_7_2
 
     def _send_recv_bitmap(self, ev: Command) -> None:
         if self.c.state.state is not S.POSTCOPY_RECOVER:
@@ -659,6 +689,7 @@ class MigrationDestination(Side):
             if not self.c.state.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
                 raise MigrationError("POSTCOPY_LISTEN: the incoming migration is not active")
             if self._preempt_reader is not None:
+                self._preempt_reader.expect_eos = self._preempt_eos()
                 self._preempt_reader.start(pc.placement, self._postcopy_failed)
         elif cmd == MigCmd.POSTCOPY_RUN:
             pc.run(ev.offset)
@@ -716,8 +747,14 @@ class MigrationDestination(Side):
         pc = self.postcopy
         if pc is None or pc.state < PostcopyIncoming.LISTENING:
             return
-        if self._preempt_reader is not None:
-            self._preempt_reader.join(self.io_timeout)
+        reader = self._preempt_reader
+        if reader is not None and reader.expect_eos:
+            reader.join(self.io_timeout)
+        elif reader is not None:  # no EOS will come: every requested page, then stop reading
+            pc.wait_served(self.io_timeout)
+            reader.stop()
+            if reader.error is not None:
+                raise reader.error
         err = getattr(self, "_postcopy_error", None)
         if err is not None:
             raise err

@@ -273,6 +273,17 @@ class PostcopyIncoming:
         if t is not None:
             self.latencies.append(time.monotonic() - t)
 
+    def wait_served(self, timeout: Optional[float]) -> bool:
+        """Wait until no requested page is outstanding; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+
     def resend_requests(self) -> None:
         """Ask again for every page still waited for (after recovery, as 7.2 does)."""
         with self._lock:

@@ -48,6 +48,11 @@ class PreemptRecords:
             self._pos = 0
         self._buf += data
 
+    @property
+    def partial(self) -> int:
+        """Bytes of a record not yet whole (non-zero at a close: the channel was cut)."""
+        return len(self._buf) - self._pos
+
     def _need(self, n: int) -> bool:
         return len(self._buf) - self._pos >= n
 
@@ -119,15 +124,37 @@ class PreemptRecords:
 
 
 class PreemptReader:
-    """The destination's reader of the preempt channel, on its own thread."""
+    """The destination's reader of the preempt channel, on its own thread.
 
-    def __init__(self, channel, loader, registry=None) -> None:
+    The channel may be attached after :meth:`start`: QEMU 10 connects it
+    for machine types newer than 7.2 only when postcopy starts, 7.2 during
+    setup. With ``expect_eos`` (7.2's convention) the channel must end with
+    a RAM EOS; without, the source never writes one and the channel may
+    simply close once the migration is over.
+    """
+
+    def __init__(self, channel=None, loader=None, registry=None, *,
+                 expect_eos: bool = True) -> None:
         self.channel = channel
         self.loader = loader
+        self.expect_eos = expect_eos
         self.pages = 0
         self.error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
         self._done = threading.Event()
+        self._attached = threading.Event()
+        if channel is not None:
+            self._attached.set()
+
+    def attach(self, channel) -> None:
+        """The preempt connection has been accepted: read it."""
+        self.channel = channel
+        self._attached.set()
+        if self._done.is_set():  # stopped meanwhile
+            try:
+                channel.shutdown()
+            except Exception:
+                pass
 
     def start(self, placement, on_error: Callable[[BaseException], None]) -> None:
         self._thread = threading.Thread(target=self._run, args=(placement, on_error),
@@ -139,9 +166,17 @@ class PreemptReader:
         buf = bytearray(1 << 16)
         blocks = self.loader.blocks
         try:
-            while not dec.ended:
+            self._attached.wait()
+            while not dec.ended and not self._done.is_set():
                 n = self.channel.readinto_available(buf)
                 if n == 0:
+                    if not self.expect_eos and not dec.partial:
+                        return  # QEMU 10's source closes it without an EOS
+                    if dec.partial:
+                        raise ChannelError(f"the postcopy preempt channel closed inside a "
+                                           f"record ({dec.partial} bytes of it)",
+                                           offset=dec.offset + dec._pos,
+                                           field="postcopy-preempt")
                     raise ChannelError("the postcopy preempt channel closed before its EOS",
                                        field="postcopy-preempt")
                 dec.feed(memoryview(buf)[:n])
@@ -178,10 +213,12 @@ class PreemptReader:
     def stop(self) -> None:
         if not self._done.is_set():
             self._done.set()
-            try:
-                self.channel.shutdown()
-            except Exception:
-                pass
+            if self.channel is not None:
+                try:
+                    self.channel.shutdown()
+                except Exception:
+                    pass
+        self._attached.set()
         if self._thread is not None:
             self._thread.join(5)
 
