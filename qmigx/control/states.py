@@ -145,6 +145,8 @@ TRANSITION_TABLE: tuple[Transition, ...] = (
     _row(DESTINATION, (S.POSTCOPY_ACTIVE,), (S.POSTCOPY_PAUSED,), "channel error or migrate-pause"),
     _row(DESTINATION, (S.POSTCOPY_PAUSED,), (S.POSTCOPY_RECOVER,), "new channel via migrate-recover"),
     _row(DESTINATION, (S.POSTCOPY_RECOVER,), (S.POSTCOPY_ACTIVE,), "POSTCOPY_RESUME received"),
+    _row(DESTINATION, (S.POSTCOPY_RECOVER,), (S.POSTCOPY_PAUSED,),
+         "channel error during the recovery handshake: pause again"),
     _row(DESTINATION, (S.ACTIVE,), (S.COLO,), "COLO incoming thread started"),
     _row(DESTINATION, (S.COLO,), (S.COMPLETED,), "COLO failover on the secondary"),
 )

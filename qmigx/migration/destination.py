@@ -592,8 +592,11 @@ class MigrationDestination(Side):
     def _postcopy_pause(self, exc: BaseException):
         """A broken postcopy: keep every placed page, wait for recover(), return the new channel."""
         pc = self.postcopy
+        st = self.c.state
+        # QEMU pauses from postcopy-active and from postcopy-recover (a cut mid-handshake)
         if (self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING
-                or not self.c.state.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)):
+                or not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
+                        or st.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED))):
             raise exc
         _log.warning("postcopy paused: %s", exc)
         self.pause_reason = exc
@@ -631,7 +634,7 @@ class MigrationDestination(Side):
         self.rp = ReturnPathWriter(main.write)
         pc.rp = self.rp
         # a new connection: no header; sections and blocks as established before
-        self._parser = StreamParser(header=False, registry=self.registry,
+        self._parser = StreamParser(header=False, package=False, registry=self.registry,
                                     context=self._parser.ctx)
         if self._preempt_reader is not None:
             self._preempt_reader.start(pc.placement, self._postcopy_failed)

@@ -197,6 +197,8 @@ class StreamParser:
             readers of the same channel.
         stop_at_eof: end at the EOF record (the vmdesc, if any, and
             whatever follows stay in the buffer for the next reader).
+        package: the input may end cleanly at any record boundary (default:
+            without a header, as a PACKAGED command's blob does).
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class StreamParser:
         context: Optional[StreamContext] = None,
         buffer: Optional[ReceiveBuffer] = None,
         stop_at_eof: bool = False,
+        package: Optional[bool] = None,
     ) -> None:
         self.registry = registry if registry is not None else default_registry()
         self._live = None
@@ -220,7 +223,9 @@ class StreamParser:
         self.rx = buffer if buffer is not None else ReceiveBuffer()
         self.ctx = context if context is not None else StreamContext(page_size)
         self._state = _S_HEADER if header else _S_TOP
-        self._package = not header
+        # a package may end at any record boundary; a stream resumed after
+        # postcopy recovery (no header either) only at its EOF
+        self._package = not header if package is None else package
         self._stop_at_eof = stop_at_eof
         self._cur_type: Optional[SectionType] = None
         self._cur: Optional[Section] = None
