@@ -266,6 +266,9 @@ class DirtyBitmapSource(DirtyBitmapHandler):
         self.states: list[_SaveBitmapState] = []
         self.no_bitmaps = False
         self.bulk_completed = False
+        #: after a postcopy switch-over: chunks go in PART sections, within ``limit``
+        self.in_postcopy = False
+        self.limit: Optional[Callable[[], bool]] = None
         self._prev_node: Optional[str] = None
         self._prev_bitmap: Optional[_SaveBitmapState] = None
 
@@ -343,8 +346,12 @@ class DirtyBitmapSource(DirtyBitmapHandler):
             return self._header(st, F.BITS | F.ZEROES) + _BITS_RANGE.pack(first, nr)
         return self._header(st, F.BITS) + _BITS_DATA.pack(first, nr, len(buf)) + buf
 
-    def _bulk_phase(self, f: QEMUFile) -> None:
-        """Every chunk of every bitmap, written a bitmap at a time."""
+    def _bulk_phase(self, f: QEMUFile, limit: Optional[Callable[[], bool]] = None) -> None:
+        """The chunks not sent yet, a bitmap at a time; with ``limit``, until it says stop.
+
+        ``limit`` (postcopy's rate limit) is asked after each bitmap's
+        chunks so far are written, as QEMU asks its file's rate limit.
+        """
         for st in self.states:
             out = []
             while not st.bulk_completed:
@@ -352,7 +359,15 @@ class DirtyBitmapSource(DirtyBitmapHandler):
                 out.append(self._bits(st, st.cur_sector, nr))
                 st.cur_sector += nr
                 st.bulk_completed = st.cur_sector >= st.total_sectors
+                if limit is not None and len(out) >= 64:
+                    f.write(b"".join(out))
+                    out = []
+                    if limit():
+                        return
             f.write(b"".join(out))
+            if limit is not None and limit():
+                self.bulk_completed = all(s.bulk_completed for s in self.states)
+                return
         self.bulk_completed = True
 
     # -- SaveVMHandlers --------------------------------------------------------------------------
@@ -366,6 +381,7 @@ class DirtyBitmapSource(DirtyBitmapHandler):
     def save_setup(self, f: QEMUFile) -> None:
         self._prev_node = self._prev_bitmap = None
         self.bulk_completed = False
+        self.in_postcopy = False
         self.states = self._init()
         self.no_bitmaps = not self.states
         for st in self.states:
@@ -388,14 +404,24 @@ class DirtyBitmapSource(DirtyBitmapHandler):
         """
         return (0, 0)
 
+    def has_postcopy(self) -> bool:
+        """Bitmaps go on after a postcopy switch-over, as QEMU's do (postcopy.md §8)."""
+        return self.is_active()
+
     def save_live_iterate(self, f: QEMUFile) -> bool:
-        f.put_u8(F.EOS)  # precopy: the bits wait for completion
+        """Precopy: nothing (the bits wait for completion); postcopy: chunks within ``limit``."""
+        if self.in_postcopy and not self.bulk_completed:
+            self._bulk_phase(f, self.limit)
+        f.put_u8(F.EOS)
         return self.bulk_completed
 
     def save_complete_precopy(self, f: QEMUFile) -> None:
         self._bulk_phase(f)
         f.write(b"".join(self._header(st, F.COMPLETE) for st in self.states) + bytes((F.EOS,)))
         self.save_cleanup()
+
+    def save_complete_postcopy(self, f: QEMUFile) -> None:
+        self.save_complete_precopy(f)
 
     def save_cleanup(self) -> None:
         self.states = []

@@ -125,6 +125,18 @@ class SaveVMHandler:
     def save_complete_precopy(self, f: QEMUFile) -> None:
         pass
 
+    def has_postcopy(self) -> bool:
+        """Whether the section goes on after a postcopy switch-over (QEMU's ``has_postcopy``).
+
+        Such a section is not ended at the switch-over: its PART sections
+        follow the device state, beside RAM's, and its END comes with RAM's
+        (:meth:`save_complete_postcopy`).
+        """
+        return False
+
+    def save_complete_postcopy(self, f: QEMUFile) -> None:
+        pass
+
     def save_cleanup(self) -> None:
         pass
 

@@ -108,8 +108,9 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=120)
 
 
-def send_cli(stream, uri, *, caps=None, params=None, bitmaps=None) -> subprocess.CompletedProcess:
-    args = ["send", stream, uri] + (["--bitmaps", bitmaps] if bitmaps else [])
+def send_cli(stream, uri, *, caps=None, params=None, bitmaps=None,
+             extra=()) -> subprocess.CompletedProcess:
+    args = ["send", stream, uri] + (["--bitmaps", bitmaps] if bitmaps else []) + list(extra)
     return subprocess.run(qmigx_argv(*args) + cap_args(caps) + param_args(params),
                           capture_output=True, text=True, timeout=120, env=qmigx_env(), cwd=REPO)
 

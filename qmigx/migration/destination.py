@@ -593,13 +593,14 @@ class MigrationDestination(Side):
         """A broken postcopy: keep every placed page, wait for recover(), return the new channel."""
         pc = self.postcopy
         st = self.c.state
+        if self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING:
+            raise exc
+        self.pause_reason = exc  # before the state: whoever sees postcopy-paused sees why
         # QEMU pauses from postcopy-active and from postcopy-recover (a cut mid-handshake)
-        if (self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING
-                or not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
-                        or st.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED))):
+        if not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
+                or st.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)):
             raise exc
         _log.warning("postcopy paused: %s", exc)
-        self.pause_reason = exc
         self.rp.close()
         if self._preempt_reader is not None:
             self._preempt_reader.stop()

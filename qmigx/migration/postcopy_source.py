@@ -56,6 +56,9 @@ def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
     for lsec, h in live:  # live sections that have no postcopy part end here
         if h is None or not h.is_active():
             continue
+        if h.has_postcopy():
+            h.in_postcopy = True
+            continue
         w.section_header(SectionType.SECTION_END, lsec)
         h.save_complete_precopy(w.f)
         w.footer(lsec)
@@ -89,8 +92,14 @@ def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
     w.f.check()
 
 
-def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None) -> None:
-    """The background stream and the requested pages, until every page went; then END and EOF."""
+def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
+                live: tuple = ()) -> None:
+    """The background stream and the requested pages, until every page went; then END and EOF.
+
+    ``live`` (QEMU's order, RAM's slot None) holds the other sections that
+    go on in postcopy (dirty bitmaps): their chunks come in PART sections
+    within the same bandwidth, and their ENDs with RAM's.
+    """
     ram = src.ram
     f = w.f
     pre = PreemptWriter(preempt_channel.write) if preempt_channel is not None else None
@@ -109,12 +118,20 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None) ->
             return True  # go and serve them on the preempt channel
         return ahead() > 0
 
+    others = [(lsec, h) for lsec, h in live if h is not None and h.is_active() and h.has_postcopy()]
+    for _, h in others:
+        h.limit = over_budget
     while True:
         src._check_cancel()
         src._rp_check()
         f.check()
         if pre is not None:
             _serve_on_preempt(ram, pre)
+        for lsec, h in others:
+            if not h.bulk_completed and ahead() <= 0:
+                w.section_header(SectionType.SECTION_PART, lsec)
+                h.save_live_iterate(f)
+                w.footer(lsec)
         if ram.dirty_pages() == 0:
             break
         delay = ahead()
@@ -132,9 +149,15 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None) ->
         src._account(ram, rw, src.c.stats, f, None)
     if pre is not None:
         _serve_on_preempt(ram, pre)
-    w.section_header(SectionType.SECTION_END, sec)
-    rw.eos()
-    w.footer(sec)
+    for lsec, h in live or ((sec, None),):  # QEMU's order
+        if h is None:
+            w.section_header(SectionType.SECTION_END, sec)
+            rw.eos()
+            w.footer(sec)
+        elif (lsec, h) in others:
+            w.section_header(SectionType.SECTION_END, lsec)
+            h.save_complete_postcopy(f)
+            w.footer(lsec)
     w.eof()
     f.flush()
     f.check()
@@ -166,10 +189,11 @@ def pause_and_resume(src, sec: Section, exc: BaseException, rw_before=None):
     acknowledged RESUME; a failed attempt pauses again and waits for the next.
     """
     st = src.c.state
+    before, src.pause_reason = src.pause_reason, exc  # set first: postcopy-paused comes with why
     if not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
             or st.try_transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)):
+        src.pause_reason = before
         raise exc
-    src.pause_reason = exc
     while True:
         _drop_channels(src)
         deadline = None if src.recover_timeout is None else time.monotonic() + src.recover_timeout

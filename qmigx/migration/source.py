@@ -136,6 +136,8 @@ class MigrationSource(SourceReturnPath, Side):
         self._pc_ran = False  # the destination was told to RUN: the guest never resumes here
         self._resume = threading.Event()
         self._resume_uri: Optional[str] = None
+        #: why postcopy is paused (the error that broke the connection)
+        self.pause_reason: Optional[BaseException] = None
         self._resume_acked = threading.Event()
         self._recv_bitmaps: dict = {}
         self._rp_event = threading.Event()
@@ -564,7 +566,7 @@ class MigrationSource(SourceReturnPath, Side):
         stats.downtime = now_ms() - stats.downtime_start
         while True:
             try:
-                stream_rest(self, w, rw, sec, preempt)
+                stream_rest(self, w, rw, sec, preempt, live)
                 break
             except (ChannelError, OSError) as exc:
                 if self._cancel.is_set():

@@ -1,0 +1,154 @@
+"""Dirty bitmaps that go on migrating after the postcopy switch-over, with QEMU 7.2.
+
+With ``dirty-bitmaps`` and ``postcopy-ram`` both on, QEMU 7.2 keeps the
+``dirty-bitmap`` section out of the switch-over: its bitmap chunks follow
+in PART sections after POSTCOPY_RUN, interleaved with the background RAM
+stream, and its END (COMPLETE records) comes with RAM's at the very end
+(postcopy.md §8). A destination must take bitmap records while the guest
+already runs, and must not count a bitmap as complete before its END.
+
+* QEMU 7.2 source (bitmaps made and dirtied with ``qemu-io``, precopy
+  throttled so that it cannot finish first) -> ``qmigx incoming
+  --bitmaps --cap postcopy-ram=on``: every bitmap arrives exactly as the
+  steps left it, and QEMU's own SHA-256 of each agrees.
+* ``qmigx send --bitmaps --start-postcopy`` -> QEMU 7.2 (RAM on tmpfs):
+  QEMU ends with the bitmaps a QEMU that made them itself reports.
+* qmigx -> qmigx, read back: the bitmap chunks are in PART sections after
+  POSTCOPY_RUN and the bitmaps' END comes after it too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dirty_bitmap_helpers import DISK_SIZE, STEPS, incoming_cli, qemu_vm, send_cli, want_bitmaps
+from qemu_support.bitmaps import Disk, migrate_to_file, query_bitmaps, run_steps
+from qemu_support.harness import Qemu
+from qemu_support.live import Uris
+from qmigx.block_bitmaps import DirtyBitmapSet
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def uris():
+    u = Uris()
+    yield u
+    u.close()
+
+
+def _wait_status(vm, want: set, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        q = vm.query_migrate()
+        if q.get("status") in want:
+            return q
+        assert q.get("status") not in ("failed", "cancelled"), q.get("error-desc")
+        assert time.monotonic() < deadline, f"QEMU migration still {q.get('status')}"
+        time.sleep(0.05)
+
+
+def test_qemu_bitmaps_in_postcopy_to_qmigx(tmp_path, uris):
+    uri = uris.make("unix")
+    out = tmp_path / "bitmaps.json"
+    with qemu_vm(tmp_path, "src") as vm:
+        run_steps(vm, STEPS)
+        before = query_bitmaps(vm)
+        inc = incoming_cli(uri, tmp_path, out, extra=["--cap", "postcopy-ram=on"])
+        with inc:
+            vm.set_capabilities({"dirty-bitmaps": True, "postcopy-ram": True})
+            vm.set_parameters({"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 8 << 20})
+            vm.migrate(uri)
+            _wait_status(vm, {"active"})
+            vm.cmd("migrate-start-postcopy")
+            _wait_status(vm, {"postcopy-active", "completed"})
+            stats = _wait_status(vm, {"completed"}, timeout=120)
+            rc, err = inc.wait(120)
+        assert rc == 0, err
+    got = json.loads(out.read_text())
+    assert got == want_bitmaps()
+    for name, bm in DirtyBitmapSet.from_json(got).nodes["disk0"].items():
+        q = before["disk0"][name]
+        assert (bm.sha256(), bm.dirty_granules() * bm.granularity) == (q["sha256"], q["count"]), name
+    report = json.loads((tmp_path / "inc.json").read_text())
+    assert report["postcopy"] is not None, report.keys()
+    assert stats["ram"]["postcopy-bytes"] > 0, stats["ram"]  # it did switch over
+
+
+@pytest.fixture(scope="module")
+def base_stream(tmp_path_factory) -> Path:
+    """A paused QEMU 7.2 with the test disk, saved without bitmaps: what ``qmigx send`` replays."""
+    d = tmp_path_factory.mktemp("base")
+    with qemu_vm(d, "base", paused=True) as vm:
+        migrate_to_file(vm, d / "base.mig")
+    return d / "base.mig"
+
+
+def test_qmigx_bitmaps_in_postcopy_to_qemu(tmp_path, uris, base_stream):
+    bitmaps = tmp_path / "in.json"
+    bitmaps.write_text(json.dumps(want_bitmaps()))
+    with qemu_vm(tmp_path, "ref") as ref:  # the same bitmaps, made by QEMU itself
+        run_steps(ref, STEPS)
+        reference = query_bitmaps(ref)
+    uri = uris.make("unix")
+    shm = Path(tempfile.mkdtemp(prefix="qmigx-bm-", dir="/dev/shm"))
+    disk = Disk(tmp_path / "dst.raw", DISK_SIZE).create()
+    try:
+        with Qemu(ram="64M", paused=True, incoming=True, mem_path=shm / "dst.ram",
+                  workdir=tmp_path, name="dst", extra=disk.args()) as dst:
+            dst.set_capabilities({"dirty-bitmaps": True, "postcopy-ram": True})
+            dst.migrate_incoming(uri)
+            r = send_cli(base_stream, uri, caps={"dirty-bitmaps": True, "postcopy-ram": True},
+                         bitmaps=bitmaps, params={"max-postcopy-bandwidth": str(4 << 20)},
+                         extra=["--start-postcopy"])
+            assert r.returncode == 0, f"{r.stderr[-3000:]}\n{dst.log_tail()}"
+            assert dst.wait_migration(60)["status"] == "completed"
+            got = query_bitmaps(dst)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    assert got == reference
+
+
+def test_bitmap_chunks_follow_the_switch_over_qmigx_to_qmigx():
+    """Read back from a qmigx destination: START in setup, every chunk and COMPLETE after RUN."""
+    from qmigx.block_dirty_bitmap import DirtyBitmapDestination, DirtyBitmapSource
+    from qmigx.migration import MigrationDestination, MigrationSource
+    from qmigx.migration.postcopy_incoming import PostcopyIncoming
+    from test_postcopy import WAIT, S, _blocks, _uffd_or_skip, controls
+
+    _uffd_or_skip()
+    blocks = _blocks(2)
+    c, p = controls("postcopy-ram", "dirty-bitmaps", max_bandwidth=1 << 20)
+    dc, dp = controls("postcopy-ram", "dirty-bitmaps")
+    seen: list = []
+    bitmaps_in = DirtyBitmapDestination()
+    load_record = bitmaps_in.load_record
+
+    def note(record, section):
+        pc = dst.postcopy
+        seen.append((record.kind, pc is not None and pc.state >= PostcopyIncoming.RUNNING))
+        load_record(record, section)
+
+    bitmaps_in.load_record = note
+    dst = MigrationDestination(None, capabilities=dc, parameters=dp, io_timeout=WAIT,
+                               handlers=[bitmaps_in])
+    dst.incoming("tcp:127.0.0.1:0")
+    spec = want_bitmaps()
+    src = MigrationSource(blocks, capabilities=c, parameters=p, io_timeout=WAIT,
+                          handlers=[DirtyBitmapSource(DirtyBitmapSet.from_json(spec),
+                                                      capabilities=c)])
+    src.migrate(dst.connect_uri)
+    src.start_postcopy()
+    assert src.wait(WAIT) is S.COMPLETED, src.error
+    assert dst.wait(WAIT) is S.COMPLETED, dst.error
+    assert bitmaps_in.result.to_json() == spec
+    kinds = {k for k, _ in seen}
+    assert kinds == {"start", "bits", "complete", "eos"}, seen
+    assert all(not late for k, late in seen if k == "start"), seen
+    assert all(late for k, late in seen if k in ("bits", "complete")), seen
