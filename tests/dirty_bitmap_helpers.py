@@ -148,6 +148,15 @@ def qemu_vm(workdir: Path, name: str, *, paused: bool = False, incoming: bool = 
                 extra=disk.args())
 
 
+def save_base_stream(workdir: Path) -> Path:
+    """A paused QEMU 7.2 with the test disk, saved without bitmaps: what ``qmigx send`` replays."""
+    from qemu_support.bitmaps import migrate_to_file
+
+    with qemu_vm(workdir, "base", paused=True) as vm:
+        migrate_to_file(vm, workdir / "base.mig")
+    return workdir / "base.mig"
+
+
 def want_bitmaps(steps=STEPS) -> dict:
     return expected_bitmaps(steps, {"disk0": DISK_SIZE})
 

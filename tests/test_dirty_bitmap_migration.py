@@ -31,7 +31,8 @@ import pytest
 import dirty_bitmap_vector as vector
 from dirty_bitmap_helpers import (COMPLETE, EOS, MAPPING_OUT, SECTION, STEPS, bitmap_set, bits_rec,
                                   incoming_cli, load, qemu_to_qmigx, qemu_vm, qmigx_to_qemu, records,
-                                  roundtrip, run_cli, send_cli, sent, start_rec, want_bitmaps, words)
+                                  roundtrip, run_cli, save_base_stream, send_cli, sent, start_rec,
+                                  want_bitmaps, words)
 from qemu_support.bitmaps import expected_bitmaps, expected_ranges
 from qemu_support.live import Uris
 from qmigx.block_bitmaps import BlockDirtyBitmap, DirtyBitmapSet
@@ -704,13 +705,7 @@ def uris():
 
 @pytest.fixture(scope="module")
 def base_stream(tmp_path_factory) -> Path:
-    """A paused QEMU 7.2 with the test disk, saved without bitmaps: what ``qmigx send`` replays."""
-    from qemu_support.bitmaps import migrate_to_file
-
-    d = tmp_path_factory.mktemp("base")
-    with qemu_vm(d, "base", paused=True) as vm:
-        migrate_to_file(vm, d / "base.mig")
-    return d / "base.mig"
+    return save_base_stream(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

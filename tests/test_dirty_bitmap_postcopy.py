@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from dirty_bitmap_helpers import DISK_SIZE, STEPS, incoming_cli, qemu_vm, send_cli, want_bitmaps
-from qemu_support.bitmaps import Disk, migrate_to_file, query_bitmaps, run_steps
+from dirty_bitmap_helpers import (DISK_SIZE, STEPS, incoming_cli, qemu_vm, save_base_stream,
+                                  send_cli, want_bitmaps)
+from qemu_support.bitmaps import Disk, query_bitmaps, run_steps
 from qemu_support.harness import Qemu
 from qemu_support.live import Uris
 from qmigx.block_bitmaps import DirtyBitmapSet
@@ -83,11 +84,7 @@ def test_qemu_bitmaps_in_postcopy_to_qmigx(tmp_path, uris):
 
 @pytest.fixture(scope="module")
 def base_stream(tmp_path_factory) -> Path:
-    """A paused QEMU 7.2 with the test disk, saved without bitmaps: what ``qmigx send`` replays."""
-    d = tmp_path_factory.mktemp("base")
-    with qemu_vm(d, "base", paused=True) as vm:
-        migrate_to_file(vm, d / "base.mig")
-    return d / "base.mig"
+    return save_base_stream(tmp_path_factory.mktemp("base"))
 
 
 def test_qmigx_bitmaps_in_postcopy_to_qemu(tmp_path, uris, base_stream):
