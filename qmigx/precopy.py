@@ -43,6 +43,9 @@ _ramparse = _backend.load("ramparse")
 #: Pages taken from a bitmap per batch (1 MiB): small enough for the rate
 #: limit to bite promptly, large enough that per-batch Python is noise.
 BATCH_PAGES = 256
+#: pages taken per batch when they are written straight from guest memory
+#: (``direct_pages``, 16 MiB): nothing is copied, so only per-batch Python counts
+DIRECT_BATCH_PAGES = 4096
 #: the most pages a multifd batch takes (4 MiB)
 MULTIFD_BATCH_MAX = 1024
 #: QEMU's MAX_WAIT: an iteration yields after 50 ms even within its budget.
@@ -146,6 +149,12 @@ class RamSaveState:
         self._request_lock = threading.Lock()
         self.requests_served = 0
         self.request_wait = 0.0  # seconds requests spent queued, summed
+        #: a writer of plain page records straight from guest memory, called as
+        #: ``direct_pages(mem, pages)`` -> ``(nbytes, zeros, normal)`` or None after
+        #: a failed write (latched on the file); set by a COLO primary for its
+        #: checkpoints, whose guest is stopped, so no snapshot copy is needed
+        self.direct_pages: Optional[Callable] = None
+        self._taken_direct: Optional[np.ndarray] = None
 
     # -- setup and syncs -----------------------------------------------------
     @property
@@ -324,8 +333,12 @@ class RamSaveState:
             if over_budget():
                 return False
             s = self._states[self._cursor_block]
-            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, self.batch_pages,
-                                                         self._taken)
+            taken, limit = self._taken, self.batch_pages
+            if self.direct_pages is not None:  # no copy to keep in cache: large batches
+                if self._taken_direct is None:
+                    self._taken_direct = np.empty(DIRECT_BATCH_PAGES, np.int64)
+                taken, limit = self._taken_direct, DIRECT_BATCH_PAGES
+            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, limit, taken)
             if n == 0:
                 empty_blocks += 1
                 self._cursor_block += 1
@@ -337,7 +350,7 @@ class RamSaveState:
                         self.on_round()
                 continue
             empty_blocks = 0
-            pages = self._taken[:n]
+            pages = taken[:n]
             self._cursor_page = int(pages[-1]) + 1
             self._send(w, s, pages)
             if time.monotonic() - t0 > max_wait:
@@ -363,6 +376,10 @@ class RamSaveState:
         if (self.multifd is None and not self.xbzrle_enabled and self.compress_level is None
                 and self.mapped is None and w.last_block == s.block.idstr):
             self._send_plain(w, s, pages)
+            return
+        if self.direct_pages is not None and len(pages) > BATCH_PAGES:  # other ways: smaller
+            for lo in range(0, len(pages), BATCH_PAGES):
+                self._send(w, s, pages[lo : lo + BATCH_PAGES])
             return
         blk = s.block
         ps = TARGET_PAGE_SIZE
@@ -432,11 +449,20 @@ class RamSaveState:
         The common case (no XBZRLE, compression or multifd, block already
         named): no snapshot is needed, so each page is copied once, into the
         record buffer, and the kernel copies it once more into the channel.
+        With ``direct_pages`` (a stopped guest) not even that: the kernel
+        copies each page from guest memory.
         """
         blk = s.block
-        nbytes, zeros, normal = _ramparse.encode_pages(
-            blk.buffer[: blk.used_length], pages, self._records, TARGET_PAGE_SIZE)
-        w.f.write(memoryview(self._records)[:nbytes])
+        if self.direct_pages is not None:
+            w.f.flush()  # what the file holds goes first
+            sent = self.direct_pages(blk.buffer[: blk.used_length], pages)
+            if sent is None:
+                return
+            nbytes, zeros, normal = sent
+        else:
+            nbytes, zeros, normal = _ramparse.encode_pages(
+                blk.buffer[: blk.used_length], pages, self._records, TARGET_PAGE_SIZE)
+            w.f.write(memoryview(self._records)[:nbytes])
         w.stats.transferred += nbytes
         w.stats.duplicate += zeros
         w.stats.normal += normal

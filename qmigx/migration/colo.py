@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qmigx import _backend
 from qmigx.errors import (
     CapabilityError,
     ChannelError,
@@ -72,6 +73,7 @@ from qmigx.stream import (
     parse_vmdesc,
 )
 from qmigx.wire import (
+    TARGET_PAGE_SIZE,
     COLOExitReason,
     COLOMessage,
     COLOMode,
@@ -82,6 +84,13 @@ from qmigx.wire import (
 __all__ = ["CheckpointLog", "ColoPrimary", "ColoSecondary", "check_colo_capabilities"]
 
 _log = logging.getLogger("qmigx.colo")
+_colo_recv = _backend.load("colo_recv")
+_pagesend = _backend.load("pagesend")
+
+#: a direct read that stored fewer pages than this was a bad guess: the
+#: next reads go through the parser (more of them after each bad guess)
+_DIRECT_MIN = 4
+_DIRECT_BACKOFF_MAX = 64
 
 #: how often a primary between checkpoints looks for a new x-checkpoint-delay (s)
 _PARAMETER_POLL = 0.05
@@ -307,7 +316,11 @@ class ColoPrimary(_ColoSide):
         sent_before = ram.pages_sent
         bytes_before = f.total_transferred
         w.section_header(SectionType.SECTION_END, self.ram_section)
-        ram.complete(rw, last_stage=False)  # XBZRLE's cache follows each checkpoint
+        ram.direct_pages = self._direct_pages if self.channel.socket_fds() is not None else None
+        try:
+            ram.complete(rw, last_stage=False)  # XBZRLE's cache follows each checkpoint
+        finally:
+            ram.direct_pages = None
         rw.eos()
         w.footer(self.ram_section)
         w.eof()
@@ -324,6 +337,23 @@ class ColoPrimary(_ColoSide):
                             bytes=f.total_transferred - bytes_before,
                             pause_ms=(t_run - t_stop) * 1000,
                             total_ms=(t_run - t_request) * 1000, time=time.time())
+
+    def _direct_pages(self, mem, pages) -> tuple[int, int, int] | None:
+        """Page records from guest memory straight to the socket (the guest is stopped)."""
+        fds = self.channel.socket_fds()
+        if fds is None:
+            self.f.set_error(self.channel.failure("stopped", writing=True))
+            return None
+        nbytes, zeros, normal, status, err = _pagesend.send_pages(
+            fds[0], fds[1], mem, pages, TARGET_PAGE_SIZE, self.channel.timeout)
+        self.channel.bytes_written += nbytes
+        self.f.wrote_directly(nbytes)
+        if status != _pagesend.DONE:
+            what = {_pagesend.STOPPED: "stopped", _pagesend.TIMEOUT: "timeout"}.get(status,
+                                                                                    "failed")
+            self.f.set_error(self.channel.failure(what, writing=True, err=err))
+            return None
+        return nbytes, zeros, normal
 
     def device_state(self) -> bytes:
         """The device-state blob: every device's FULL section, then EOF; no header, no vmdesc."""
@@ -365,6 +395,13 @@ class ColoSecondary(_ColoSide):
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
         self._ram_parser: StreamParser | None = None
+        #: direct reads into the cache: the page the next record is predicted
+        #: for (block index, page), the bytes read past a run, the reads left
+        #: to the parser after a bad guess and how many the next one leaves
+        self._predict: tuple[int, int] | None = None
+        self._spill = bytearray((_colo_recv.MAX_RUN + 1) * (TARGET_PAGE_SIZE + 8) + (1 << 16))
+        self._direct_cool = 0
+        self._direct_backoff = 1
         #: the secondary's own guest, run between checkpoints and stopped for each
         #: (anything with ``stop()``/``start()``), and the dirty logs of its writes
         #: (idstr → :mod:`qmigx.dirtylog` log): each checkpoint puts the pages it
@@ -526,13 +563,21 @@ class ColoSecondary(_ColoSide):
             parser.next_part()
         loader = self.side.loader
         pages = 0
+        direct = self._direct_possible()
+        self._predict = None
         while True:
             for ev in parser.events():
                 t = type(ev)
                 if t is RamPages:
                     loader.on_pages(ev)
                     pages += ev.records.count
+                    if direct:
+                        rec = ev.records
+                        last = rec.count - 1
+                        self._predict = (int(rec.block[last]),
+                                         int(rec.offset[last]) // TARGET_PAGE_SIZE + 1)
                 elif t is RamEOS or t is SectionEnd:
+                    self._predict = None
                     continue
                 elif t is SectionStart and ev.type == SectionType.SECTION_END:
                     continue  # each live section's END (QEMU sends ram only)
@@ -544,8 +589,64 @@ class ColoSecondary(_ColoSide):
                 else:
                     raise ColoError(f"unexpected {t.__name__} in a COLO checkpoint's RAM part",
                                     offset=getattr(ev, "offset", None), field="checkpoint")
+            if self._predict is not None and parser.in_ram_records:
+                got = self._receive_direct()
+                if got >= 0:
+                    pages += got
+                    continue
             if parser.fill(self.channel.readinto_available) == 0:
                 parser.feed_eof()
+
+    def _direct_possible(self) -> bool:
+        """Whether pages may be read straight into the cache this checkpoint.
+
+        A bad guess gives the cache pages it passed through their RAM
+        content back, which is right only while the cache and RAM agree on
+        every page not yet received: so not with a secondary guest writing
+        RAM, nor for blocks the loader ignores; and only on a plain socket.
+        """
+        loader = self.side.loader
+        return (self.guest is None and not self.dirty_logs and not loader.ignore_shared
+                and loader.placement is self.placement and self.channel.socket_fds() is not None)
+
+    def _receive_direct(self) -> int:
+        """Read the block's pages from the predicted one on into the cache; -1: not tried."""
+        if self._direct_cool:
+            self._direct_cool -= 1
+            return -1
+        bi, page = self._predict
+        self._predict = None  # the parser's next page records predict again
+        loader = self.side.loader
+        table = loader.table
+        rx = self.rx
+        if not 0 <= bi < len(table) or self.ctx.scanner.last_block != bi or rx.pending > 1 << 16:
+            return -1
+        blk = table[bi]
+        pl = self.placement
+        dirty = pl.dirty.get(blk.idstr)
+        cache = pl.cache.get(blk.idstr)
+        fds = self.channel.socket_fds()
+        if dirty is None or cache is None or fds is None or page >= len(dirty) or dirty[page]:
+            return -1
+        prefix = bytes(rx.view[rx.pos :])
+        stored, used, spilled, status, err = _colo_recv.receive_pages(
+            fds[0], fds[1], cache, blk.buffer[: blk.used_length], dirty, pl.received[blk.idstr],
+            page, prefix, self._spill, TARGET_PAGE_SIZE, self.channel.timeout)
+        self.channel.bytes_read += used + spilled - len(prefix)
+        loader.pages_loaded += stored
+        rx.resume(memoryview(self._spill)[:spilled], used)
+        if stored < _DIRECT_MIN:
+            self._direct_cool = self._direct_backoff
+            self._direct_backoff = min(2 * self._direct_backoff, _DIRECT_BACKOFF_MAX)
+        else:
+            self._direct_backoff = 1
+        if status == _colo_recv.END:
+            rx.eof = True
+        elif status != _colo_recv.DONE:
+            what = {_colo_recv.STOPPED: "stopped", _colo_recv.TIMEOUT: "timeout"}.get(status,
+                                                                                      "failed")
+            raise self.channel.failure(what, err=err)
+        return stored
 
     def _parse_devices(self, blob: bytes, at: int) -> list:
         """Check the device-state blob whole before anything is applied: FULL sections and EOF."""

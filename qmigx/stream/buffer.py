@@ -104,6 +104,18 @@ class ReceiveBuffer:
         if last:
             self.eof = True
 
+    def resume(self, view, consumed: int) -> None:
+        """Go on after a reader that took the pending bytes and more straight from the input.
+
+        ``consumed`` bytes from :attr:`offset` on were used by that reader
+        (a COLO secondary's pages, read into its cache); ``view`` holds the
+        input it read past them, the next bytes to parse.
+        """
+        mv = view if isinstance(view, memoryview) else memoryview(view)
+        self.base = self.offset + consumed
+        self.view = mv.cast("B") if mv.format != "B" else mv
+        self.pos = 0
+
     def read_exact(self, n: int, readinto: Optional[Readinto] = None, *,
                    what: str = "data") -> bytes:
         """Consume exactly ``n`` bytes, buffered ones first, then from ``readinto``.

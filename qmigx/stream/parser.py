@@ -289,6 +289,11 @@ class StreamParser:
                               offset=self.offset)
         self._state = _S_TOP
 
+    @property
+    def in_ram_records(self) -> bool:
+        """Whether the next input is a ``ram`` section's records (what a direct reader may take)."""
+        return self._state == _S_RAM and self._mapped is None
+
     def feed_eof(self) -> None:
         """Declare the input complete."""
         self.rx.eof = True
