@@ -147,6 +147,8 @@ class RamSaveState:
         self._requests: collections.deque = collections.deque()
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()
+        #: held while dirty bits are taken, so that a page is taken by one sender only
+        self.take_lock = threading.Lock()
         self.requests_served = 0
         self.request_wait = 0.0  # seconds requests spent queued, summed
         #: a writer of plain page records straight from guest memory, called as
@@ -256,7 +258,9 @@ class RamSaveState:
             s = self._states[si]
             blk = s.block
             for p in range(first, first + n):
-                if s.bitmap.take(p):
+                with self.take_lock:
+                    took = s.bitmap.take(p)
+                if took:
                     self.pages_sent += 1
                     self.normal_pages += 1
                     yield blk.idstr, p * ps, blk.buffer[p * ps : (p + 1) * ps]
@@ -338,7 +342,11 @@ class RamSaveState:
                 if self._taken_direct is None:
                     self._taken_direct = np.empty(DIRECT_BATCH_PAGES, np.int64)
                 taken, limit = self._taken_direct, DIRECT_BATCH_PAGES
-            n = 0 if s.ignored else s.bitmap.take_dirty(self._cursor_page, limit, taken)
+            if s.ignored:
+                n = 0
+            else:  # another thread may take requested pages meanwhile (postcopy preempt)
+                with self.take_lock:
+                    n = s.bitmap.take_dirty(self._cursor_page, limit, taken)
             if n == 0:
                 empty_blocks += 1
                 self._cursor_block += 1

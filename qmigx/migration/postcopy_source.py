@@ -118,6 +118,14 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
             return True  # go and serve them on the preempt channel
         return ahead() > 0
 
+    if pre is not None:  # the return-path thread sends requested pages as they come
+        lock = threading.Lock()
+
+        def serve() -> None:
+            with lock:
+                _serve_on_preempt(ram, pre)
+
+        src._serve_requested = serve
     others = [(lsec, h) for lsec, h in live if h is not None and h.is_active() and h.has_postcopy()]
     for _, h in others:
         h.limit = over_budget
@@ -126,7 +134,7 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
         src._rp_check()
         f.check()
         if pre is not None:
-            _serve_on_preempt(ram, pre)
+            src._serve_requested()
         for lsec, h in others:
             if not h.bulk_completed and ahead() <= 0:
                 w.section_header(SectionType.SECTION_PART, lsec)
@@ -148,7 +156,8 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
         f.flush()
         src._account(ram, rw, src.c.stats, f, None)
     if pre is not None:
-        _serve_on_preempt(ram, pre)
+        src._serve_requested()
+        src._serve_requested = None
     for lsec, h in live or ((sec, None),):  # QEMU's order
         if h is None:
             w.section_header(SectionType.SECTION_END, sec)
@@ -188,6 +197,7 @@ def pause_and_resume(src, sec: Section, exc: BaseException, rw_before=None):
     the new ``(writer, ram writer, preempt channel)`` once the destination
     acknowledged RESUME; a failed attempt pauses again and waits for the next.
     """
+    src._serve_requested = None  # the old preempt channel is gone
     st = src.c.state
     before, src.pause_reason = src.pause_reason, exc  # set first: postcopy-paused comes with why
     if not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)

@@ -131,6 +131,8 @@ class MigrationSource(SourceReturnPath, Side):
         self._switchover_acked = threading.Event()
         self._start_postcopy = threading.Event()
         self._postcopy_request = threading.Event()
+        #: sends the queued page requests on the preempt channel (set while postcopy streams)
+        self._serve_requested: Optional[Callable[[], None]] = None
         self.preempt_pages = 0
         self._pc_stopped = False  # the guest was stopped for postcopy
         self._pc_ran = False  # the destination was told to RUN: the guest never resumes here

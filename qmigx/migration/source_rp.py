@@ -62,6 +62,9 @@ class SourceReturnPath:
                                               offset=msg.offset, field="return-path")
                         self.ram.request_pages(msg.block, msg.start, msg.length)
                         self.c.stats.postcopy_requests += 1
+                        serve = self._serve_requested
+                        if serve is not None:  # the preempt channel: no wait for the stream
+                            serve()
                         self._postcopy_request.set()
         except BaseException as exc:
             if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
