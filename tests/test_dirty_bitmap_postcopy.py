@@ -30,6 +30,7 @@ import pytest
 from dirty_bitmap_helpers import (DISK_SIZE, STEPS, incoming_cli, qemu_vm, save_base_stream,
                                   send_cli, want_bitmaps)
 from qemu_support.bitmaps import Disk, query_bitmaps, run_steps
+from qemu_support.guest import build_guest
 from qemu_support.harness import Qemu
 from qemu_support.live import Uris
 from qmigx.block_bitmaps import DirtyBitmapSet
@@ -58,7 +59,11 @@ def _wait_status(vm, want: set, timeout: float = 60.0) -> dict:
 def test_qemu_bitmaps_in_postcopy_to_qmigx(tmp_path, uris):
     uri = uris.make("unix")
     out = tmp_path / "bitmaps.json"
-    with qemu_vm(tmp_path, "src") as vm:
+    kernel = tmp_path / "guest.bin"  # a guest dirtying its RAM: precopy cannot converge first
+    kernel.write_bytes(build_guest(0x0B17C0DE, 64 << 20, dirty=True))
+    disk = Disk(tmp_path / "src.raw", DISK_SIZE).create()
+    with Qemu(ram="64M", kernel=kernel, workdir=tmp_path, name="src", extra=disk.args()) as vm:
+        vm.wait_guest_ready(60, min_counter=1000)
         run_steps(vm, STEPS)
         before = query_bitmaps(vm)
         inc = incoming_cli(uri, tmp_path, out, extra=["--cap", "postcopy-ram=on"])
