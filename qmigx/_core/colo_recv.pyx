@@ -29,22 +29,10 @@ from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memmove, memset
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
-from qmigx._core.fdwait cimport POLLIN, iovec, wait_fd
+from qmigx._core.byteorder cimport load_be64
+from qmigx._core.fdwait cimport POLLIN, iovec, readv, wait_fd
 
 from qmigx.errors import RamStreamError
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t readv(int fd, const iovec* iov, int iovcnt)
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    static inline uint64_t qmigx_colo_be64(const unsigned char *p) {
-        uint64_t v; memcpy(&v, p, 8); return __builtin_bswap64(v);
-    }
-    """
-    uint64_t _be64 "qmigx_colo_be64"(const unsigned char* p) noexcept nogil
 
 __all__ = ["receive_pages", "MAX_RUN", "DONE", "END", "STOPPED", "TIMEOUT", "FAILED"]
 
@@ -153,7 +141,7 @@ cdef int _run(Ctx* c, Py_ssize_t first, Py_ssize_t count, const uint8_t* pre, Py
     while True:
         # check every header that has arrived; take every record that is whole
         while good < count and got >= good * rec + 8:
-            if _be64(c.hdr + 8 * good) != (<uint64_t>(first + good) * ps) | _F_PAGE | _F_CONTINUE:
+            if load_be64(c.hdr + 8 * good) != (<uint64_t>(first + good) * ps) | _F_PAGE | _F_CONTINUE:
                 mismatch = True
                 break
             if got >= (good + 1) * rec:
@@ -305,7 +293,7 @@ def receive_pages(int fd, int wake, dest, ram, dirty, received, Py_ssize_t first
                 pos = 0
                 stop = False
                 while spilled - pos >= 8:
-                    h = _be64(c.spill + pos)
+                    h = load_be64(c.spill + pos)
                     flags = h & mask
                     pg = <Py_ssize_t>((h & ~mask) // <uint64_t>page_size)
                     if pg >= npages or (flags != (_F_ZERO | _F_CONTINUE)
@@ -341,7 +329,7 @@ def receive_pages(int fd, int wake, dest, ram, dirty, received, Py_ssize_t first
                 if plen:
                     memcpy(tmp, c.spill + pos, plen)
                 if plen >= 8:
-                    h = _be64(tmp)
+                    h = load_be64(tmp)
                     pg = <Py_ssize_t>((h & ~mask) // <uint64_t>page_size)
                     if (h & mask) == (_F_PAGE | _F_CONTINUE) and pg < npages and not c.dirty[pg]:
                         page = pg

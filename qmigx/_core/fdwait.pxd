@@ -1,12 +1,15 @@
 # cython: language_level=3
 """Waiting on a non-blocking descriptor and consuming iovecs, without the GIL.
 
-Shared by the multifd send and receive loops: both poll their socket
-together with the channel's wake descriptor (readable once the channel is
-shut down), and both drop what each readv/sendmsg moved from their iovecs.
+Shared by the compiled send and receive loops (multifd, COLO checkpoints):
+they poll their socket together with the channel's wake descriptor
+(readable once the channel is shut down), drop what each readv/sendmsg
+moved from their iovecs, and write gathered buffers until all is out.
 """
 
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOTSOCK, errno
+from libc.stdint cimport uint64_t
+from libc.string cimport memset
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -22,6 +25,21 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void* iov_base
         size_t iov_len
+    ssize_t readv(int fd, const iovec* iov, int iovcnt)
+    ssize_t writev(int fd, const iovec* iov, int iovcnt)
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void* msg_name
+        unsigned int msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    enum:
+        MSG_NOSIGNAL
 
 cdef enum WaitStatus:
     WAIT_READY = -1
@@ -72,3 +90,40 @@ cdef inline int consume_iov(iovec** iov, int cnt, size_t k) noexcept nogil:
         cnt -= 1
     iov[0] = v
     return cnt
+
+
+cdef inline int write_all(int fd, int wake, int timeout_ms, bint* is_socket, iovec* iov, int cnt,
+                          uint64_t* nbytes, int* err) noexcept nogil:
+    """Write every byte of ``iov``; WAIT_READY when done, else why not (``err``: errno).
+
+    ``sendmsg`` with MSG_NOSIGNAL (a closed peer is EPIPE, not SIGPIPE) on a
+    socket; ``writev`` on anything else, found out on the first ENOTSOCK and
+    remembered in ``is_socket``. ``nbytes`` counts what went out.
+    """
+    cdef ssize_t k
+    cdef int st
+    cdef msghdr msg
+    memset(&msg, 0, sizeof(msg))
+    while cnt:
+        if is_socket[0]:
+            msg.msg_iov = iov
+            msg.msg_iovlen = <size_t>cnt
+            k = sendmsg(fd, &msg, MSG_NOSIGNAL)
+            if k < 0 and errno == ENOTSOCK:
+                is_socket[0] = False
+                continue
+        else:
+            k = writev(fd, iov, cnt)
+        if k < 0:
+            if errno == EAGAIN:
+                st = wait_fd(fd, POLLOUT, wake, timeout_ms, err)
+                if st != WAIT_READY:
+                    return st
+                continue
+            if errno == EINTR:
+                continue
+            err[0] = errno
+            return WAIT_FAILED
+        nbytes[0] += <uint64_t>k
+        cnt = consume_iov(&iov, cnt, <size_t>k)
+    return WAIT_READY

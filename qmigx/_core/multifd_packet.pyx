@@ -21,6 +21,8 @@ from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memset
+from qmigx._core.byteorder cimport (load_be32 as _load_be32, load_be64 as _load_be64,
+                                     store_be32 as _store_be32, store_be64 as _store_be64)
 
 import numpy as np
 
@@ -87,46 +89,6 @@ cdef enum Status:
     ERR_MISALIGNED = -1
     ERR_BEYOND_BLOCK = -2
 
-
-cdef extern from *:
-    """
-    /* Big-endian loads/stores through memcpy: unaligned-safe, and compiled
-       to one move plus a byte swap instead of eight byte moves. */
-    #include <stdint.h>
-    #include <string.h>
-    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    #define QMIGX_BE32(x) __builtin_bswap32(x)
-    #define QMIGX_BE64(x) __builtin_bswap64(x)
-    #elif defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    #define QMIGX_BE32(x) (x)
-    #define QMIGX_BE64(x) (x)
-    #else
-    static inline uint32_t QMIGX_BE32(uint32_t x) {
-        const unsigned char *b = (const unsigned char *)&x;
-        return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) | ((uint32_t)b[2] << 8) | b[3];
-    }
-    static inline uint64_t QMIGX_BE64(uint64_t x) {
-        const unsigned char *b = (const unsigned char *)&x;
-        return ((uint64_t)QMIGX_BE32(*(const uint32_t *)b) << 32) | QMIGX_BE32(*(const uint32_t *)(b + 4));
-    }
-    #endif
-    static inline uint32_t qmigx_load_be32(const unsigned char *p) {
-        uint32_t v; memcpy(&v, p, 4); return QMIGX_BE32(v);
-    }
-    static inline uint64_t qmigx_load_be64(const unsigned char *p) {
-        uint64_t v; memcpy(&v, p, 8); return QMIGX_BE64(v);
-    }
-    static inline void qmigx_store_be32(unsigned char *p, uint32_t v) {
-        v = QMIGX_BE32(v); memcpy(p, &v, 4);
-    }
-    static inline void qmigx_store_be64(unsigned char *p, uint64_t v) {
-        v = QMIGX_BE64(v); memcpy(p, &v, 8);
-    }
-    """
-    uint32_t _load_be32 "qmigx_load_be32"(const unsigned char* p) noexcept nogil
-    uint64_t _load_be64 "qmigx_load_be64"(const unsigned char* p) noexcept nogil
-    void _store_be32 "qmigx_store_be32"(unsigned char* p, uint32_t v) noexcept nogil
-    void _store_be64 "qmigx_store_be64"(unsigned char* p, uint64_t v) noexcept nogil
 
 
 cdef int _decode_offsets(const unsigned char* src, Py_ssize_t n, uint64_t mask,

@@ -26,10 +26,8 @@ from libc.string cimport memchr, memcmp, memset
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
-from qmigx._core.fdwait cimport POLLIN, iovec, consume_iov, wait_fd
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t readv(int fd, const iovec* iov, int iovcnt)
+from qmigx._core.byteorder cimport load_be32, load_be64
+from qmigx._core.fdwait cimport POLLIN, consume_iov, iovec, readv, wait_fd
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void* buf, size_t count)
@@ -39,20 +37,6 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         SOL_SOCKET
         SO_RCVLOWAT
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    static inline uint32_t qmigx_rx_be32(const unsigned char *p) {
-        uint32_t v; memcpy(&v, p, 4); return __builtin_bswap32(v);
-    }
-    static inline uint64_t qmigx_rx_be64(const unsigned char *p) {
-        uint64_t v; memcpy(&v, p, 8); return __builtin_bswap64(v);
-    }
-    """
-    uint32_t _be32 "qmigx_rx_be32"(const unsigned char* p) noexcept nogil
-    uint64_t _be64 "qmigx_rx_be64"(const unsigned char* p) noexcept nogil
 
 __all__ = ["receive_packets", "HEADER", "END", "STOPPED", "TIMEOUT", "TRUNCATED", "FAILED"]
 
@@ -166,12 +150,12 @@ cdef int _packet(Loop* s, unsigned char* h, Py_ssize_t hsize, Block* blocks, int
     st = _read_exact(s, &hv, 1, True)
     if st >= 0:
         return st
-    if _be32(h) != _MAGIC or _be32(h + 4) != _VERSION:
+    if load_be32(h) != _MAGIC or load_be32(h + 4) != _VERSION:
         return S_HEADER
-    flags = _be32(h + 8)
-    alloc = _be32(h + 12)
-    npages = _be32(h + 16)
-    nzero = _be32(h + _ZERO_OFF)
+    flags = load_be32(h + 8)
+    alloc = load_be32(h + 12)
+    npages = load_be32(h + 16)
+    nzero = load_be32(h + _ZERO_OFF)
     if flags & _FLAG_SYNC or alloc > max_pages or npages > alloc or nzero > alloc - npages:
         return S_HEADER
     if <Py_ssize_t>(_FIXED + 8 * <Py_ssize_t>alloc) > hsize:
@@ -193,12 +177,12 @@ cdef int _packet(Loop* s, unsigned char* h, Py_ssize_t hsize, Block* blocks, int
         return S_HEADER
     limit = blk.used - page
     for i in range(listed):
-        off = _be64(h + _FIXED + 8 * i)
+        off = load_be64(h + _FIXED + 8 * i)
         if off & mask or off > limit:
             return S_HEADER
     nruns = 0
     for i in range(npages):
-        off = _be64(h + _FIXED + 8 * i)
+        off = load_be64(h + _FIXED + 8 * i)
         if nruns and off == prev + page and runs[nruns - 1].iov_len < 0x40000000:
             runs[nruns - 1].iov_len += page
         else:
@@ -211,7 +195,7 @@ cdef int _packet(Loop* s, unsigned char* h, Py_ssize_t hsize, Block* blocks, int
         if st >= 0:
             return S_TRUNCATED if st == S_END else st
     for i in range(npages, listed):
-        memset(blk.base + _be64(h + _FIXED + 8 * i), 0, page)
+        memset(blk.base + load_be64(h + _FIXED + 8 * i), 0, page)
     pages[0] += npages
     zeros[0] += nzero
     return -1

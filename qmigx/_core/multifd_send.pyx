@@ -11,42 +11,12 @@ packet without zero pages (7.2 and 10.0 layouts are the same then).
 ``qmigx.reference.multifd_send`` is the plain-Python twin.
 """
 
-from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 
-from qmigx._core.fdwait cimport POLLOUT, iovec, consume_iov, wait_fd
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t writev(int fd, const iovec* iov, int iovcnt)
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void* msg_name
-        unsigned int msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
-    enum:
-        MSG_NOSIGNAL
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    static inline void qmigx_tx_be32(unsigned char *p, uint32_t v) {
-        v = __builtin_bswap32(v); memcpy(p, &v, 4);
-    }
-    static inline void qmigx_tx_be64(unsigned char *p, uint64_t v) {
-        v = __builtin_bswap64(v); memcpy(p, &v, 8);
-    }
-    """
-    void _be32 "qmigx_tx_be32"(unsigned char* p, uint32_t v) noexcept nogil
-    void _be64 "qmigx_tx_be64"(unsigned char* p, uint64_t v) noexcept nogil
+from qmigx._core.byteorder cimport store_be32, store_be64
+from qmigx._core.fdwait cimport iovec, write_all
 
 __all__ = ["send_packets", "DONE", "STOPPED", "TIMEOUT", "FAILED"]
 
@@ -72,34 +42,6 @@ cdef enum:
     _MAGIC = 0x11223344
     _VERSION = 1
     _MAX_ALLOC = 1024
-
-
-cdef int _write_all(int fd, int wake, int timeout_ms, bint is_socket, iovec* iov, int cnt,
-                    uint64_t* nbytes, int* err) noexcept nogil:
-    cdef ssize_t k
-    cdef int st
-    cdef msghdr msg
-    memset(&msg, 0, sizeof(msg))
-    while cnt:
-        if is_socket:
-            msg.msg_iov = iov
-            msg.msg_iovlen = <size_t>cnt
-            k = sendmsg(fd, &msg, MSG_NOSIGNAL)
-        else:
-            k = writev(fd, iov, cnt)
-        if k < 0:
-            if errno == EAGAIN:
-                st = wait_fd(fd, POLLOUT, wake, timeout_ms, err)
-                if st >= 0:
-                    return st
-                continue
-            if errno == EINTR:
-                continue
-            err[0] = errno
-            return S_FAILED
-        nbytes[0] += <uint64_t>k
-        cnt = consume_iov(&iov, cnt, <size_t>k)
-    return -1
 
 
 def send_packets(int fd, int wake, header, name, rows, index, offsets, Py_ssize_t page_size,
@@ -160,22 +102,22 @@ def send_packets(int fd, int wake, header, name, rows, index, offsets, Py_ssize_
         base = <const unsigned char*>rbuf.buf
         with nogil:
             memset(h, 0, hsize)
-            _be32(h, _MAGIC)
-            _be32(h + 4, _VERSION)
-            _be32(h + 8, flags)
-            _be32(h + 12, <uint32_t>pages_alloc)
+            store_be32(h, _MAGIC)
+            store_be32(h + 4, _VERSION)
+            store_be32(h + 8, flags)
+            store_be32(h + 12, <uint32_t>pages_alloc)
             if nm.shape[0]:
                 memcpy(h + _NAME_OFF, &nm[0], nm.shape[0])
             lo = 0
             while lo < n:
                 hi = lo + pages_alloc if lo + pages_alloc < n else n
-                _be32(h + 16, <uint32_t>(hi - lo))
-                _be32(h + 20, <uint32_t>((hi - lo) * page))
-                _be64(h + 24, packet_num + packets)
+                store_be32(h + 16, <uint32_t>(hi - lo))
+                store_be32(h + 20, <uint32_t>((hi - lo) * page))
+                store_be64(h + 24, packet_num + packets)
                 for j in range(hi - lo):
-                    _be64(h + _FIXED + 8 * j, offs[lo + j])
+                    store_be64(h + _FIXED + 8 * j, offs[lo + j])
                 for j in range(hi - lo, pages_alloc):
-                    _be64(h + _FIXED + 8 * j, 0)
+                    store_be64(h + _FIXED + 8 * j, 0)
                 iov[0].iov_base = h
                 iov[0].iov_len = <size_t>hsize
                 cnt = 1
@@ -187,7 +129,7 @@ def send_packets(int fd, int wake, header, name, rows, index, offsets, Py_ssize_
                         iov[cnt].iov_base = <void*>p
                         iov[cnt].iov_len = page
                         cnt += 1
-                st = _write_all(fd, wake, timeout_ms, is_socket, iov, cnt, &nbytes, &err)
+                st = write_all(fd, wake, timeout_ms, &is_socket, iov, cnt, &nbytes, &err)
                 if st >= 0:
                     break
                 st = S_DONE

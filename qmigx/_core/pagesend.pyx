@@ -12,30 +12,13 @@ stopped (a COLO checkpoint), where what is sent cannot change under it.
 ``qmigx.reference.pagesend`` is the plain-Python twin.
 """
 
-from libc.errno cimport EAGAIN, EINTR, ENOTSOCK, errno
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.string cimport memset
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
-from qmigx._core.fdwait cimport POLLOUT, consume_iov, iovec, wait_fd
+from qmigx._core.byteorder cimport store_be64
+from qmigx._core.fdwait cimport iovec, write_all
 
 from qmigx.errors import RamStreamError
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t writev(int fd, const iovec* iov, int iovcnt)
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void* msg_name
-        unsigned int msg_namelen
-        iovec* msg_iov
-        size_t msg_iovlen
-        void* msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
-    enum:
-        MSG_NOSIGNAL
 
 __all__ = ["send_pages", "CHUNK", "DONE", "STOPPED", "TIMEOUT", "FAILED"]
 
@@ -64,12 +47,6 @@ cdef enum:
 CHUNK = _CHUNK
 
 
-cdef inline void _put_be64(uint8_t* p, uint64_t v) noexcept nogil:
-    cdef int k
-    for k in range(8):
-        p[k] = <uint8_t>(v >> (56 - 8 * k))
-
-
 cdef inline bint _is_zero(const uint8_t* src, Py_ssize_t page_size) noexcept nogil:
     cdef const uint64_t* words = <const uint64_t*>src
     cdef Py_ssize_t k
@@ -79,38 +56,6 @@ cdef inline bint _is_zero(const uint8_t* src, Py_ssize_t page_size) noexcept nog
         if words[k]:
             return False
     return True
-
-
-cdef int _write_all(int fd, int wake, int timeout_ms, bint* is_socket, iovec* iov, int cnt,
-                    uint64_t* nbytes, int* err) noexcept nogil:
-    """Write every byte of ``iov``; -1 when done, else a status (``err``: errno)."""
-    cdef ssize_t k
-    cdef int st
-    cdef msghdr msg
-    memset(&msg, 0, sizeof(msg))
-    while cnt:
-        if is_socket[0]:
-            msg.msg_iov = iov
-            msg.msg_iovlen = <size_t>cnt
-            k = sendmsg(fd, &msg, MSG_NOSIGNAL)
-            if k < 0 and errno == ENOTSOCK:
-                is_socket[0] = False
-                continue
-        else:
-            k = writev(fd, iov, cnt)
-        if k < 0:
-            if errno == EAGAIN:
-                st = wait_fd(fd, POLLOUT, wake, timeout_ms, err)
-                if st >= 0:
-                    return st
-                continue
-            if errno == EINTR:
-                continue
-            err[0] = errno
-            return S_FAILED
-        nbytes[0] += <uint64_t>k
-        cnt = consume_iov(&iov, cnt, <size_t>k)
-    return -1
 
 
 def send_pages(int fd, int wake, mem, pages, Py_ssize_t page_size=4096, timeout=None):
@@ -171,13 +116,13 @@ def send_pages(int fd, int wake, mem, pages, Py_ssize_t page_size=4096, timeout=
                         cnt += 1
                         in_hdr = True
                     if _is_zero(src, page_size):
-                        _put_be64(h, <uint64_t>(p * page_size) | _F_ZERO | _F_CONTINUE)
+                        store_be64(h, <uint64_t>(p * page_size) | _F_ZERO | _F_CONTINUE)
                         h[8] = 0
                         h += 9
                         iov[cnt - 1].iov_len += 9
                         czeros += 1
                     else:
-                        _put_be64(h, <uint64_t>(p * page_size) | _F_PAGE | _F_CONTINUE)
+                        store_be64(h, <uint64_t>(p * page_size) | _F_PAGE | _F_CONTINUE)
                         h += 8
                         iov[cnt - 1].iov_len += 8
                         iov[cnt].iov_base = <void*>src
@@ -185,7 +130,7 @@ def send_pages(int fd, int wake, mem, pages, Py_ssize_t page_size=4096, timeout=
                         cnt += 1
                         in_hdr = False
                         cnormal += 1
-                st = _write_all(fd, wake, timeout_ms, &is_socket, iov, cnt, &nbytes, &err)
+                st = write_all(fd, wake, timeout_ms, &is_socket, iov, cnt, &nbytes, &err)
                 if st >= 0:
                     break
                 zeros += czeros
