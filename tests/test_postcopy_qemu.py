@@ -11,6 +11,12 @@
   memory-backend-file on tmpfs (userfaultfd missing mode needs shmem):
   QEMU must reach ``running`` (it runs the guest while pages arrive) and
   its RAM must equal the stream's.
+
+Both directions also run with QEMU 10.0 (``$QMIGX_QEMU10``), which changed
+postcopy on the wire for its own machine types (``x-preempt-pre-7-2``
+off): the preempt channel is connected when postcopy starts rather than
+during setup, and no final RAM EOS is written on it. Machine type
+pc-i440fx-7.2 keeps 7.2's behaviour on QEMU 10, so both are run.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from qemu_support.guest import build_guest, read_marker
-from qemu_support.harness import Qemu, parse_size
+from qemu_support.harness import Qemu, parse_size, qemu10_binary
 from qemu_support.live import QmigxIncoming, Uris, first_difference, qmigx_argv, qmigx_env
 
 pytestmark = pytest.mark.qemu
@@ -33,6 +39,19 @@ pytestmark = pytest.mark.qemu
 RAM = "64M"
 RAM_BYTES = parse_size(RAM)
 SEED = 0x11FE0009
+PC10, PC72 = "pc-i440fx-10.0", "pc-i440fx-7.2"
+MODES = [pytest.param(False, id="plain"), pytest.param(True, id="preempt")]
+
+
+def peer(version: str, machine: str = "pc", *more):
+    """A QEMU source (its version and machine type), and the test's further arguments."""
+    name = "qemu72" if version == "7.2" else f"qemu10-{machine}"
+    marks = pytest.mark.qemu10 if version == "10.0" else ()
+    return pytest.param((version, machine), *more, id="-".join([name, *more]), marks=marks)
+
+
+def binary(version):
+    return qemu10_binary() if version == "10.0" else None
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +81,12 @@ def _wait_status(vm: Qemu, want: set, timeout: float = 60.0) -> dict:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_qemu_postcopy_to_qmigx(transport, preempt, tmp_path, uris, guest):
+@pytest.mark.parametrize("preempt", MODES)
+@pytest.mark.parametrize(("source", "transport"), [
+    peer("7.2", "pc", "unix"), peer("7.2", "pc", "tcp"), peer("10.0", PC10, "unix"),
+    peer("10.0", PC72, "unix")])
+def test_qemu_postcopy_to_qmigx(source, transport, preempt, tmp_path, uris, guest):
+    version, machine = source
     uri = uris.make(transport)
     caps = {"postcopy-ram": True, "postcopy-blocktime": True}
     if preempt:
@@ -73,7 +95,8 @@ def test_qemu_postcopy_to_qmigx(transport, preempt, tmp_path, uris, guest):
     report = tmp_path / "report.json"
     inc = QmigxIncoming(uri, tmp_path, caps=caps, ram_dir=rd, save=tmp_path / "state.mig",
                         report=report, extra=["--touch", "2000"])
-    with Qemu(ram=RAM, kernel=guest, workdir=tmp_path, name="src") as vm:
+    with Qemu(machine=machine, ram=RAM, kernel=guest, workdir=tmp_path, name="src",
+              binary=binary(version)) as vm:
         before = vm.wait_guest_ready(60, min_counter=1000)
         with inc:
             vm.set_capabilities({"postcopy-ram": True, "postcopy-preempt": preempt})
@@ -108,16 +131,25 @@ def test_qemu_postcopy_to_qmigx(transport, preempt, tmp_path, uris, guest):
 
 @pytest.fixture(scope="module")
 def saved_streams(tmp_path_factory):
-    """Streams QEMU 7.2 saved: a paused idle guest, and a dirtying guest migrated live."""
+    """Streams QEMU saved: a paused idle guest, a dirtying guest migrated live (7.2), and
+    a dirtying guest QEMU 10 migrated live on its own machine type."""
     from qemu_support import streams
 
     streams.set_default_cache_dir(tmp_path_factory.getbasetemp() / "qemu-streams")
-    return {"idle": streams.get_stream("pc-paused"), "dirtying": streams.get_stream("pc-live")}
+    names = {"idle": "pc-paused", "dirtying": "pc-live", "dirtying10": "q10-pc-live"}
+
+    class Saved(dict):
+        def __missing__(self, kind):  # made when first asked for (QEMU 10's only with it)
+            self[kind] = streams.get_stream(names[kind])
+            return self[kind]
+
+    return Saved()
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+@pytest.mark.parametrize("preempt", MODES)
 @pytest.mark.parametrize(("transport", "guest_kind"),
-                         [("unix", "idle"), ("tcp", "idle"), ("unix", "dirtying")])
+                         [("unix", "idle"), ("tcp", "idle"), ("unix", "dirtying"),
+                          pytest.param("unix", "dirtying10", marks=pytest.mark.qemu10)])
 def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, saved_streams):
     """QEMU runs the guest while pages still arrive.
 
@@ -132,8 +164,8 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
     shm = Path(tempfile.mkdtemp(prefix="qmigx-pc-", dir="/dev/shm"))
     report = tmp_path / "send.json"
     try:
-        with Qemu(ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram", incoming=True,
-                  workdir=tmp_path, name="dst") as dst:
+        with Qemu(machine=info.machine, ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram",
+                  incoming=True, workdir=tmp_path, name="dst", binary=info.binary) as dst:
             dst.set_capabilities(caps)
             dst.migrate_incoming(uri)
             argv = qmigx_argv("send", info.stream, uri, "--start-postcopy", "-v",
@@ -146,7 +178,7 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
             st = dst.wait_migration(60)
             assert st["status"] == "completed"
             assert dst.status() == "running"
-            if guest_kind == "dirtying":
+            if guest_kind != "idle":
                 time.sleep(0.5)
             ram = (shm / "dst.ram").read_bytes()
     finally:
@@ -154,7 +186,7 @@ def test_qmigx_postcopy_to_qemu(transport, guest_kind, preempt, tmp_path, uris, 
     rep = json.loads(report.read_text())
     assert rep["query-migrate"]["status"] == "completed"
     pc = rep["postcopy"]
-    if guest_kind == "dirtying":
+    if guest_kind != "idle":
         # the running guest asked for pages it wrote before the background stream got there
         # (an idle guest may find every page it touches already sent in precopy)
         assert pc["requests"] > 0 and pc["served"] > 0, pc
@@ -288,8 +320,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-def test_qemu_postcopy_recovery_to_qmigx(preempt, tmp_path, guest):
+@pytest.mark.parametrize("preempt", MODES)
+@pytest.mark.parametrize("source", [peer("7.2"), peer("10.0", PC10)])
+def test_qemu_postcopy_recovery_to_qmigx(source, preempt, tmp_path, guest):
     """The connection is cut mid-postcopy (a proxy dies): QEMU pauses, qmigx incoming listens
     again on its URI, QEMU resumes there with ``migrate resume=true``; nothing is lost."""
     from qemu_support.proxy import Proxy
@@ -301,7 +334,9 @@ def test_qemu_postcopy_recovery_to_qmigx(preempt, tmp_path, guest):
     report = tmp_path / "report.json"
     inc = QmigxIncoming(uri, tmp_path, caps={k: v for k, v in caps.items() if v}, ram_dir=rd,
                         report=report, extra=["--touch", "2000"])
-    with Qemu(ram=RAM, kernel=guest, workdir=tmp_path, name="src") as vm:
+    version, machine = source
+    with Qemu(machine=machine, ram=RAM, kernel=guest, workdir=tmp_path, name="src",
+              binary=binary(version)) as vm:
         vm.wait_guest_ready(60, min_counter=1000)
         with inc:
             proxy = Proxy(port)
@@ -330,20 +365,23 @@ def test_qemu_postcopy_recovery_to_qmigx(preempt, tmp_path, guest):
     assert diff is None, f"mem0 after a recovered postcopy: {diff}"
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-def test_qmigx_postcopy_recovery_to_qemu(preempt, tmp_path, saved_streams):
+@pytest.mark.parametrize("preempt", MODES)
+@pytest.mark.parametrize("guest_kind", ["dirtying",
+                                        pytest.param("dirtying10", marks=pytest.mark.qemu10)])
+def test_qmigx_postcopy_recovery_to_qemu(guest_kind, preempt, tmp_path, saved_streams):
     """``qmigx send`` through a proxy that dies mid-postcopy: QEMU pauses; after
     ``migrate-recover`` and a new proxy on the same address, qmigx's retries resume it."""
     from qemu_support.proxy import Proxy
 
-    info = saved_streams["dirtying"]
+    info = saved_streams[guest_kind]
     caps = {"postcopy-ram": True, "postcopy-preempt": preempt}
     shm = Path(tempfile.mkdtemp(prefix="qmigx-pc-", dir="/dev/shm"))
     report = tmp_path / "send.json"
     qport, pport = _free_port(), _free_port()
     try:
-        with Qemu(ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram", incoming=True,
-                  paused=True, workdir=tmp_path, name="dst") as dst:
+        with Qemu(machine=info.machine, ram=RAM, kernel=info.kernel, mem_path=shm / "dst.ram",
+                  incoming=True, paused=True, workdir=tmp_path, name="dst",
+                  binary=info.binary) as dst:
             dst.set_capabilities(caps)
             dst.migrate_incoming(f"tcp:127.0.0.1:{qport}")
             proxy = Proxy(qport, port=pport)
