@@ -253,23 +253,29 @@ def _wait_state(side, state, timeout=WAIT):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
-def test_postcopy_pause_and_recovery(preempt):
-    """The connection is cut mid-postcopy: both sides pause, nothing is lost, recovery completes."""
-    _uffd_or_skip()
-    caps = ["postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
-    blocks = _blocks()
+def proxied_pair(caps, blocks, *, postcopy_bandwidth: int):
+    """A destination reading pages (2000/s) behind a proxy the test can cut, and a source
+    whose writer dirties ``blocks``, its postcopy stream throttled to ``postcopy_bandwidth``."""
     logs = {b.idstr: ExplicitDirtyLog(b) for b in blocks}
     dc, dp = controls(*caps)
     dst = MigrationDestination(None, capabilities=dc, parameters=dp, io_timeout=WAIT)
     dst.touch_rate = 2000
     dst.incoming("tcp:127.0.0.1:0")
     proxy = Proxy(int(dst.connect_uri.rsplit(":", 1)[1]))
-    guest = Writer(blocks, logs)
-    sc, sp = controls(*caps, max_bandwidth=32 << 20, max_postcopy_bandwidth=2 << 20,
+    sc, sp = controls(*caps, max_bandwidth=32 << 20, max_postcopy_bandwidth=postcopy_bandwidth,
                       downtime_limit=1)
-    src = MigrationSource(blocks, dirty_logs=logs, guest=guest, capabilities=sc, parameters=sp,
-                          io_timeout=WAIT)
+    src = MigrationSource(blocks, dirty_logs=logs, guest=Writer(blocks, logs), capabilities=sc,
+                          parameters=sp, io_timeout=WAIT)
+    return dst, proxy, src
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_postcopy_pause_and_recovery(preempt):
+    """The connection is cut mid-postcopy: both sides pause, nothing is lost, recovery completes."""
+    _uffd_or_skip()
+    caps = ["postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
+    blocks = _blocks()
+    dst, proxy, src = proxied_pair(caps, blocks, postcopy_bandwidth=2 << 20)
     try:
         src.migrate(f"tcp:127.0.0.1:{proxy.port}")
         time.sleep(0.2)

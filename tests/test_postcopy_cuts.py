@@ -16,10 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from qmigx.dirtylog import ExplicitDirtyLog
-from qmigx.migration import MigrationDestination, MigrationSource
 from qemu_support.proxy import Proxy
-from test_postcopy import WAIT, S, Writer, _blocks, _uffd_or_skip, controls
+from test_postcopy import WAIT, S, _blocks, _uffd_or_skip, proxied_pair
 
 PAUSED_OR_DONE = (S.POSTCOPY_PAUSED, S.COMPLETED)
 
@@ -57,17 +55,7 @@ def test_cut_again_after_resume(preempt, second_cut):
     _uffd_or_skip()
     caps = ["postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
     blocks = _blocks(8)
-    logs = {b.idstr: ExplicitDirtyLog(b) for b in blocks}
-    dc, dp = controls(*caps)
-    dst = MigrationDestination(None, capabilities=dc, parameters=dp, io_timeout=WAIT)
-    dst.touch_rate = 2000
-    dst.incoming("tcp:127.0.0.1:0")
-    proxy = Proxy(_port(dst.connect_uri))
-    guest = Writer(blocks, logs)
-    sc, sp = controls(*caps, max_bandwidth=32 << 20, max_postcopy_bandwidth=1 << 20,
-                      downtime_limit=1)
-    src = MigrationSource(blocks, dirty_logs=logs, guest=guest, capabilities=sc, parameters=sp,
-                          io_timeout=WAIT)
+    dst, proxy, src = proxied_pair(caps, blocks, postcopy_bandwidth=1 << 20)
     try:
         src.migrate(f"tcp:127.0.0.1:{proxy.port}")
         time.sleep(0.2)
