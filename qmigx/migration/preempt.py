@@ -53,6 +53,11 @@ class PreemptRecords:
         """Bytes of a record not yet whole (non-zero at a close: the channel was cut)."""
         return len(self._buf) - self._pos
 
+    @property
+    def position(self) -> int:
+        """Channel offset of the first byte not decoded yet (where a partial record starts)."""
+        return self.offset + self._pos
+
     def _need(self, n: int) -> bool:
         return len(self._buf) - self._pos >= n
 
@@ -175,7 +180,7 @@ class PreemptReader:
                     if dec.partial:
                         raise ChannelError(f"the postcopy preempt channel closed inside a "
                                            f"record ({dec.partial} bytes of it)",
-                                           offset=dec.offset + dec._pos,
+                                           offset=dec.position,
                                            field="postcopy-preempt")
                     raise ChannelError("the postcopy preempt channel closed before its EOS",
                                        field="postcopy-preempt")
