@@ -318,9 +318,9 @@ def cmd_send(args) -> int:
     if caps.get("block") and params.get("block-incremental"):
         raise ParameterError("block-incremental is not supported: the disks are raw images, "
                              "migrated whole", field="block-incremental")
-    if args.start_postcopy and not caps.get("postcopy-ram"):
-        raise CapabilityError("--start-postcopy needs --cap postcopy-ram=on (on both sides)",
-                              field="postcopy-ram")
+    if args.start_postcopy and not (caps.get("postcopy-ram") or caps.get("dirty-bitmaps")):
+        raise CapabilityError("--start-postcopy needs --cap postcopy-ram=on or "
+                              "--cap dirty-bitmaps=on (on both sides)", field="postcopy-ram")
     disks = BlockSaveHandler(args.drive, capabilities=caps)  # checks the drive names too
     shared = _shared_ram(args.shared_ram, private=False)
     # FILE is loaded by a thread while it is sent (qmigx.tools.feed)

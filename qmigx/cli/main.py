@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block dirty bitmaps to migrate (needs --cap dirty-bitmaps=on)")
     s.add_argument("--start-postcopy", action="store_true",
                    help="switch to postcopy at the first opportunity (needs "
-                        "--cap postcopy-ram=on, on both sides)")
+                        "--cap postcopy-ram=on or, for the bitmaps alone, "
+                        "--cap dirty-bitmaps=on, on both sides)")
     s.add_argument("--recover-timeout", metavar="SECONDS", type=float, default=60.0,
                    help="postcopy: after a lost connection, retry URI with resume for this "
                         "long (default 60)")

@@ -593,7 +593,8 @@ class MigrationDestination(Side):
         """A broken postcopy: keep every placed page, wait for recover(), return the new channel."""
         pc = self.postcopy
         st = self.c.state
-        if self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING:
+        if self._cancelled or pc is None or pc.state < PostcopyIncoming.LISTENING \
+                or not pc.enabled:  # only RAM postcopy recovers (bitmaps alone fail)
             raise exc
         self.pause_reason = exc  # before the state: whoever sees postcopy-paused sees why
         # QEMU pauses from postcopy-active and from postcopy-recover (a cut mid-handshake)

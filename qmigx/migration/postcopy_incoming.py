@@ -105,17 +105,19 @@ class PostcopyIncoming:
     # -- commands -------------------------------------------------------------------
     def advise(self, payload: bytes, offset: int) -> None:
         """POSTCOPY_ADVISE: check what the source's RAM needs against this side."""
+        if self.state != self.NONE:
+            raise StreamError("POSTCOPY_ADVISE in the wrong postcopy state", offset=offset,
+                              field="command")
         if len(payload) == 0:
             if self.enabled:
                 raise StreamError("RAM postcopy is enabled but have 0 byte advise",
                                   offset=offset, field="command")
+            # postcopy of dirty bitmaps alone: LISTEN and RUN come, RAM stays precopy
+            self.state = self.ADVISE
             return
         if not self.enabled:
             raise StreamError("RAM postcopy is disabled but have 16 byte advise",
                               offset=offset, field="command")
-        if self.state != self.NONE:
-            raise StreamError("POSTCOPY_ADVISE in the wrong postcopy state", offset=offset,
-                              field="command")
         summary, target = struct.unpack(">QQ", payload)
         try:
             os.close(uffd.create_uffd(user_mode_only_first=False)[0])  # only a check
@@ -174,6 +176,9 @@ class PostcopyIncoming:
         if self.state not in (self.ADVISE, self.DISCARD):
             raise StreamError("POSTCOPY_LISTEN without a postcopy advise", offset=offset,
                               field="command")
+        if not self.enabled:  # bitmaps alone: RAM is whole already, nothing can fault
+            self.state = self.LISTENING
+            return
         blocks = list(self.loader._table) or list(self.loader.blocks)
         received = self.loader.placement.received
         for b in blocks:  # whatever did not arrive (or was discarded) must fault

@@ -50,11 +50,23 @@ def discard_payload(block: str, ranges) -> bytes:
     return bytes(out)
 
 
-def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
-    """Everything between the guest's stop and the destination's RUN (postcopy.md §4)."""
+def switch_over(src, w: StreamWriter, rw, live: list, runstate: str, ram_end=None) -> None:
+    """Everything between the guest's stop and the destination's RUN (postcopy.md §4).
+
+    ``ram_end`` given: postcopy of dirty bitmaps alone. RAM completes here
+    in its END section (``ram_end`` writes its tail), and what only RAM
+    postcopy needs (discards, PINGs 2-4) is left out, as QEMU leaves it out.
+    """
     ram = src.ram
+    ram_pc = ram_end is None
     for lsec, h in live:  # live sections that have no postcopy part end here
-        if h is None or not h.is_active():
+        if h is None:
+            if not ram_pc:
+                w.section_header(SectionType.SECTION_END, lsec)
+                ram.complete(rw)
+                ram_end()
+            continue
+        if not h.is_active():
             continue
         if h.has_postcopy():
             h.in_postcopy = True
@@ -62,6 +74,28 @@ def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
         w.section_header(SectionType.SECTION_END, lsec)
         h.save_complete_precopy(w.f)
         w.footer(lsec)
+    if ram_pc:
+        _discard_stale(ram, w, rw)
+        w.command(MigCmd.PING, struct.pack(">I", 2))
+    blob = bytearray()
+    pf = QEMUFile(blob.extend)
+    pw = StreamWriter(pf)
+    pw.command(MigCmd.POSTCOPY_LISTEN)
+    first_id = max(s.section_id for s, _ in live) + 1
+    src._write_devices(pw, runstate, first_id=first_id, package=True)
+    if ram_pc:
+        pw.command(MigCmd.PING, struct.pack(">I", 3))
+    pw.command(MigCmd.POSTCOPY_RUN)
+    pf.flush()
+    w.command(MigCmd.PACKAGED, struct.pack(">I", len(blob)), bytes(blob))
+    if ram_pc:
+        w.command(MigCmd.PING, struct.pack(">I", 4))
+    w.f.flush()
+    w.f.check()
+
+
+def _discard_stale(ram, w: StreamWriter, rw) -> None:
+    """A last sync, then POSTCOPY_RAM_DISCARD of every page dirty or never sent."""
     ram.bitmap_sync()
     ram.canonicalize_host_pages()
     for name, runs in ram.discard_ranges():
@@ -76,29 +110,17 @@ def switch_over(src, w: StreamWriter, rw, live: list, runstate: str) -> None:
     ram._cursor_block = ram._cursor_page = 0
     ram.batch_pages = POSTCOPY_BATCH_PAGES
     rw.last_block = None
-    w.command(MigCmd.PING, struct.pack(">I", 2))
-    blob = bytearray()
-    pf = QEMUFile(blob.extend)
-    pw = StreamWriter(pf)
-    pw.command(MigCmd.POSTCOPY_LISTEN)
-    first_id = max(s.section_id for s, _ in live) + 1
-    src._write_devices(pw, runstate, first_id=first_id, package=True)
-    pw.command(MigCmd.PING, struct.pack(">I", 3))
-    pw.command(MigCmd.POSTCOPY_RUN)
-    pf.flush()
-    w.command(MigCmd.PACKAGED, struct.pack(">I", len(blob)), bytes(blob))
-    w.command(MigCmd.PING, struct.pack(">I", 4))
-    w.f.flush()
-    w.f.check()
 
 
 def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
-                live: tuple = ()) -> None:
+                live: tuple = (), ram_end=None) -> None:
     """The background stream and the requested pages, until every page went; then END and EOF.
 
     ``live`` (QEMU's order, RAM's slot None) holds the other sections that
     go on in postcopy (dirty bitmaps): their chunks come in PART sections
-    within the same bandwidth, and their ENDs with RAM's.
+    within the same bandwidth, and their ENDs with RAM's. ``ram_end``
+    given (bitmaps alone, RAM complete already): only the bitmaps stream,
+    and RAM's END that QEMU still sends carries just its tail.
     """
     ram = src.ram
     f = w.f
@@ -140,7 +162,8 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
                 w.section_header(SectionType.SECTION_PART, lsec)
                 h.save_live_iterate(f)
                 w.footer(lsec)
-        if ram.dirty_pages() == 0:
+        ram_done = ram.dirty_pages() == 0
+        if ram_done and (ram_end is None or all(h.bulk_completed for _, h in others)):
             break
         delay = ahead()
         if delay > 0:  # requests are served however far ahead the stream is
@@ -149,6 +172,8 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
             if ram.requests_pending and pre is None:
                 _serve_on_main(ram, w, rw, sec)
             continue
+        if ram_done:
+            continue  # bitmaps alone: their next chunks
         w.section_header(SectionType.SECTION_PART, sec)
         ram.iterate(rw, over_budget=over_budget, serve_requests=pre is None)
         rw.eos()
@@ -161,8 +186,11 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
     for lsec, h in live or ((sec, None),):  # QEMU's order
         if h is None:
             w.section_header(SectionType.SECTION_END, sec)
-            rw.eos()
-            w.footer(sec)
+            if ram_end is not None:
+                ram_end()
+            else:
+                rw.eos()
+                w.footer(sec)
         elif (lsec, h) in others:
             w.section_header(SectionType.SECTION_END, lsec)
             h.save_complete_postcopy(f)

@@ -251,7 +251,7 @@ class MigrationSource(SourceReturnPath, Side):
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to postcopy at the next opportunity."""
-        if not self.c.caps.get("postcopy-ram"):
+        if not (self.c.caps.get("postcopy-ram") or self.c.caps.get("dirty-bitmaps")):
             raise MigrationError("Enable postcopy with migrate_set_capability before the start "
                                  "of migration", field="postcopy-ram")
         if self._thread is None or self.c.state.state == S.NONE:
@@ -444,6 +444,7 @@ class MigrationSource(SourceReturnPath, Side):
             if not st.try_transition(S.SETUP, S.ACTIVE):
                 self._lost_transition()
             window = RateWindow()
+            switch = False  # migrate-start-postcopy took effect
             f.rate_limit_max = params.max_bandwidth // 10
             window.start(stats, now_ms(), f.total_transferred + self._multifd_bytes(sender))
             # -- iterations
@@ -456,12 +457,20 @@ class MigrationSource(SourceReturnPath, Side):
                     self._sync(ram, period, stats)
                     pending = ram.pending()
                 others = [h.save_pending(window.threshold_size) for _, h in live if h is not None]
+                precopy_only = sum(p[0] for p in others) + (0 if postcopy else pending)
                 pending += sum(sum(p) for p in others)
-                if not pending or pending < window.threshold_size:
+                # Bitmaps alone: RAM ends at the switch-over and the bitmaps follow.
+                # Their bits, which QEMU counts as pending and qmigx does not, are
+                # what makes QEMU switch rather than complete.
+                bitmaps_only = (not postcopy and self._start_postcopy.is_set()
+                                and any(h.has_postcopy() for _, h in live
+                                        if h is not None and h.is_active()))
+                if (not pending or pending < window.threshold_size) and not bitmaps_only:
                     break
-                if self._start_postcopy.is_set() and \
-                        sum(p[0] for p in others) <= window.threshold_size:
-                    break  # RAM goes on in postcopy; the precopy-only rest is small enough
+                if self._start_postcopy.is_set() and precopy_only <= window.threshold_size \
+                        and (postcopy or bitmaps_only):
+                    switch = True
+                    break  # the precopy-only rest is small enough
                 t0 = time.monotonic()
                 sent_before = f.total_transferred
                 self._iterate(live, w, rw, sender, f)
@@ -482,9 +491,14 @@ class MigrationSource(SourceReturnPath, Side):
             # -- completion
             if self.before_complete is not None:
                 self.before_complete()
-            in_postcopy = postcopy and self._start_postcopy.is_set() and self.ram.dirty_pages() > 0
+            in_postcopy = switch and (not postcopy or self.ram.dirty_pages() > 0)
             if in_postcopy:
-                self._postcopy(w, rw, f, live, sec, preempt)
+                def ram_end() -> None:  # RAM's END section, as at a precopy completion
+                    if sender is not None and per_round:
+                        self._multifd_flush(rw, sender)
+                    self._ram_eos(rw, None if per_round else sender, w, sec)
+
+                self._postcopy(w, rw, f, live, sec, preempt, ram_end)
             else:
                 self._check_cancel()
                 if rp and caps.get("switchover-ack") and self.guest.running:
@@ -550,8 +564,14 @@ class MigrationSource(SourceReturnPath, Side):
                 self.c.done.set()
 
     def _postcopy(self, w: StreamWriter, rw: RamWriter, f: QEMUFile, live: list, sec: Section,
-                  preempt) -> None:
-        """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4)."""
+                  preempt, ram_end) -> None:
+        """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4).
+
+        Without ``postcopy-ram`` (dirty bitmaps alone) RAM completes at the
+        switch-over as in precopy, only the bitmaps go on, and a broken
+        connection fails instead of pausing: QEMU recovers RAM postcopy only.
+        """
+        ram_pc = bool(self.c.caps.get("postcopy-ram"))
         st, stats = self.c.state, self.c.stats
         self._check_cancel()
         if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
@@ -563,20 +583,21 @@ class MigrationSource(SourceReturnPath, Side):
             self._pc_stopped = True
         f.rate_limit_max = 0
         precopy_bytes = f.total_transferred
-        switch_over(self, w, rw, live, runstate)
+        switch_over(self, w, rw, live, runstate, None if ram_pc else ram_end)
         self._pc_ran = True
         stats.downtime = now_ms() - stats.downtime_start
         while True:
             try:
-                stream_rest(self, w, rw, sec, preempt, live)
+                stream_rest(self, w, rw, sec, preempt, live, None if ram_pc else ram_end)
                 break
             except (ChannelError, OSError) as exc:
-                if self._cancel.is_set():
+                if self._cancel.is_set() or not ram_pc:
                     raise
                 w, rw, preempt = pause_and_resume(self, sec, exc, rw)
         self._account(self.ram, rw, stats, f, None)
         stats.postcopy_bytes = f.total_transferred - precopy_bytes
-        self._wait_shut()
+        if ram_pc or self.c.caps.get("return-path"):  # bitmaps alone may have no return path
+            self._wait_shut()
         stats.remaining = 0
         downtime = stats.downtime
         stats.complete(now_ms(), f.total_transferred)

@@ -495,8 +495,7 @@ class Machine:
         src = self.src
         if src is None or src.state.state is S.NONE:
             raise QMPError("Postcopy must be started after migration has been started")
-        if self.caps.get("postcopy-ram"):
-            src.start_postcopy()
+        src.start_postcopy()
 
     def migrate_pause(self) -> bool:
         """QMP ``migrate-pause`` on whichever side is in postcopy-active; False: none is."""
