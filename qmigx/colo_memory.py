@@ -268,6 +268,9 @@ class ColoSecondaryMemory:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         """Each array by name: in COLO and after failover, the last complete checkpoint."""
+        colo = self.destination.colo
+        if colo is not None:
+            colo.settle()
         return {b.idstr: b.memory for b in self.destination.blocks}
 
     @property

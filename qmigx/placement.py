@@ -156,6 +156,10 @@ class ColoCachePlacement(PagePlacement):
         self.received[block.idstr][idx] = True
         self.dirty[block.idstr][idx] = True
 
+    def pending_pages(self) -> int:
+        """Pages in the cache that :meth:`flush` would copy into RAM."""
+        return sum(int(np.count_nonzero(d)) for d in self.dirty.values())
+
     def flush(self, blocks: Sequence) -> int:
         """Copy every page the completed checkpoint changed into RAM; returns the count."""
         n = 0

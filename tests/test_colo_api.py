@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,56 @@ def test_arrays_and_mmap_follow_each_checkpoint_and_survive_failover(tmp_path):
     finally:
         primary.close()
     assert primary.status["last-mode"] == "primary"
+
+
+def test_a_standby_without_a_guest_applies_the_cache_after_acknowledging(tmp_path, monkeypatch):
+    """The primary resumes before the standby's cache→RAM copy ends; readers and failover wait.
+
+    The copy is held until the test releases it: the primary's checkpoint
+    returns while it is held (so it did not wait for it), ``arrays`` then
+    waits for it, and a failover asked for while it is held still ends
+    with the checkpoint's content.
+    """
+    from qmigx.placement import ColoCachePlacement
+
+    real_flush = ColoCachePlacement.flush
+    release, done = threading.Event(), threading.Event()
+
+    def held_flush(self, blocks):
+        release.wait(30)
+        n = real_flush(self, blocks)
+        done.set()
+        return n
+
+    uri = f"unix:{tmp_path / 'ft.sock'}"
+    data = aligned_array(64 * PAGE)
+    standby = qmigx.ColoSecondaryMemory(uri)
+    standby.start()
+    primary = qmigx.ColoPrimaryMemory({"data": data}, uri)
+    primary.start()
+    try:
+        monkeypatch.setattr(ColoCachePlacement, "flush", held_flush)
+        for step in (1, 2):
+            release.clear()
+            done.clear()
+            with primary.writing():
+                data[:] = step
+                primary.mark_dirty("data", 0, data.size)
+            row = primary.checkpoint()
+            assert row["dirty_pages"] == 64
+            assert not done.is_set()  # acknowledged before RAM was written
+            threading.Timer(0.2, release.set).start()
+            if step == 1:
+                assert np.all(standby.arrays["data"] == 1)  # waited for the copy
+                assert done.is_set()
+            else:
+                standby.failover()
+                arrays = standby.wait(30)
+                assert np.all(arrays["data"] == 2)
+        assert standby.checkpoints == 2
+    finally:
+        release.set()
+        primary.close()
 
 
 def test_a_standby_fails_over_when_no_checkpoint_comes_in_time(tmp_path):

@@ -394,6 +394,8 @@ class ColoSecondary(_ColoSide):
         self.devices: list = [s for s in destination.result.sections
                               if s.type == SectionType.SECTION_FULL]
         self._apply_lock = threading.Lock()
+        #: the cache→RAM copy of the last checkpoint, when it runs after VMSTATE_LOADED
+        self._flusher: threading.Thread | None = None
         self._ram_parser: StreamParser | None = None
         #: direct reads into the cache: the page the next record is predicted
         #: for (block index, page), the bytes read past a run, the reads left
@@ -409,7 +411,8 @@ class ColoSecondary(_ColoSide):
         self.guest = None
         self.dirty_logs: dict = {}
         #: where the protocol is: "waiting" for a request, "receiving" a checkpoint,
-        #: "applying" one (the only time RAM changes), "ended"
+        #: "applying" one (RAM changes then, or, without a guest here, in the
+        #: background just after), "ended"
         self.phase = "waiting"
         #: checkpoints that stopped half-way and were discarded
         self.discarded = 0
@@ -468,6 +471,7 @@ class ColoSecondary(_ColoSide):
             error = exc
         if self.phase == "receiving":
             self.discarded += 1
+        self._join_flush()  # the last complete checkpoint is in RAM before anything goes on
         self.phase = "ended"
         if self.guest is not None:
             self.guest.start()  # the secondary goes on as the new primary
@@ -506,7 +510,17 @@ class ColoSecondary(_ColoSide):
         return True
 
     def checkpoint(self) -> dict:
-        """Receive one checkpoint and apply it only once it arrived whole."""
+        """Receive one checkpoint and apply it only once it arrived whole.
+
+        With a guest here (it runs on RAM as soon as the checkpoint is
+        loaded) the cache is copied into RAM before VMSTATE_LOADED, as
+        QEMU's secondary does. Without one, nothing reads RAM until a
+        failover, so the copy runs after VMSTATE_LOADED and the primary
+        resumes without waiting for it: the checkpoint is whole in the
+        cache already, and the next checkpoint, a failover and the end of
+        COLO each wait for the copy to finish.
+        """
+        self._join_flush()
         t0 = time.monotonic()
         if self.guest is not None:
             self.guest.stop()
@@ -529,7 +543,13 @@ class ColoSecondary(_ColoSide):
         with self._apply_lock:
             self.phase = "applying"
             self._merge_own_writes()
-            flushed = self.placement.flush(self.side.loader.table)
+            if self.guest is None and not self.dirty_logs:
+                flushed = self.placement.pending_pages()
+                flusher = threading.Thread(target=self._flush, name="colo/flush", daemon=True)
+                flusher.start()
+                self._flusher = flusher
+            else:
+                flushed = self.placement.flush(self.side.loader.table)
             self.devices = devices
             self.side.result.sections = list(devices)  # what the machine now holds
         self._send(COLOMessage.VMSTATE_LOADED)
@@ -537,6 +557,21 @@ class ColoSecondary(_ColoSide):
             self.guest.start()
         return self.log.add(dirty_pages=pages, flushed_pages=flushed, device_bytes=size,
                             pause_ms=(time.monotonic() - t0) * 1000, time=time.time())
+
+    def _flush(self) -> None:
+        with self._apply_lock:  # a failover asked for now waits for the copy
+            self.placement.flush(self.side.loader.table)
+
+    def settle(self) -> None:
+        """Wait until the last complete checkpoint is in RAM (its copy may still run)."""
+        t = self._flusher
+        if t is not None:
+            t.join()
+
+    def _join_flush(self) -> None:
+        t, self._flusher = self._flusher, None
+        if t is not None:
+            t.join()
 
     def _merge_own_writes(self) -> int:
         """Mark the pages the secondary's guest wrote since the last checkpoint for the flush."""
