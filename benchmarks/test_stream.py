@@ -112,8 +112,36 @@ def test_extract_1gib_process(vs_memcpy, stream_file, tmp_path, benchmark):
     shutil.rmtree(out)
 
 
-def test_analyze_state_1gib_process(vs_memcpy, stream_file):
+#: QEMU's scripts/analyze-migration.py, when there is a copy (QEMU's packages do not ship it)
+QEMU_ANALYZE = os.environ.get("QMIGX_ANALYZE_MIGRATION",
+                              "/tmp/qsrc/qemu-7.2.0/scripts/analyze-migration.py")
+
+
+def test_analyze_state_1gib_process(vs_memcpy, stream_file, benchmark, tmp_path):
+    """``qmigx analyze -f`` as a whole process; beside it QEMU's script on the same file.
+
+    The script, when found, runs three times in the same run and its best
+    time is divided by qmigx's median (``ratio_to_qemu_script``); both
+    print the same JSON, which is compared.
+    """
     vs_memcpy(lambda: _run(["analyze", "-f", stream_file]), GIB, cold=True, rounds=3)
+    if not os.path.exists(QEMU_ANALYZE):
+        return
+    ours = subprocess.run([sys.executable, "-m", "qmigx", "analyze", "-f", stream_file],
+                          check=True, capture_output=True).stdout
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        theirs = subprocess.run([sys.executable, QEMU_ANALYZE, "-f", stream_file],
+                                check=True, capture_output=True).stdout
+        best = min(best, time.perf_counter() - t0)
+    assert theirs == ours
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        ratio = best / stats.stats.median
+        benchmark.extra_info.update(qemu_script_seconds=best,
+                                    ratio_to_qemu_script=round(ratio, 3))
+        print(f"QEMU's analyze-migration.py: {best:.3f} s, qmigx {ratio:.2f}x as fast")
 
 
 def test_peak_memory_while_loading(stream_file, benchmark):

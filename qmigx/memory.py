@@ -114,9 +114,7 @@ def migrate_memory(arrays: Mapping[str, object], uri: str, *, capabilities: Iter
     try:
         if on_start is not None:
             on_start(logs)
-        src.migrate(uri)
-        if postcopy:
-            src.start_postcopy()
+        src.migrate(uri, start_postcopy=postcopy)
         if on_migration is not None:
             on_migration(src)
         state = src.wait(timeout)

@@ -366,9 +366,7 @@ def cmd_send(args) -> int:
         src.compat = send_compat(loaded)
     src.before_complete = settle
     src.recover_timeout = args.recover_timeout
-    src.migrate(args.uri)
-    if args.start_postcopy:
-        src.start_postcopy()
+    src.migrate(args.uri, start_postcopy=args.start_postcopy)
     last_try = [0.0]
 
     def resume() -> None:  # a broken postcopy: reconnect to the same URI, again and again

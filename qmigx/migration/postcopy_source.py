@@ -277,10 +277,9 @@ def _reconnect(src, sec: Section, rw_before):
     main.set_timeout(src.io_timeout)
     src._add_channel(main)
     pre = None
-    if src.c.caps.get("postcopy-preempt"):
-        pre = transport.connect_extra(uri, options=options)
-        pre.set_timeout(src.io_timeout)
-        src._add_channel(pre)
+    want_preempt = bool(src.c.caps.get("postcopy-preempt"))
+    if want_preempt and src.compat.preempt_pre_7_2:  # as at the start: right after main
+        pre = src._connect_preempt(uri)
     src.c.state.transition(S.POSTCOPY_RECOVER)
     src._rp_error = None
     src._shut.clear()
@@ -304,6 +303,8 @@ def _reconnect(src, sec: Section, rw_before):
     _wait(src, lambda: all(n in src._recv_bitmaps for n in names), "the received bitmaps")
     for name in names:
         ram.load_received_bitmap(name, src._recv_bitmaps[name])
+    if want_preempt and pre is None:  # QEMU 8.0+ machine types: once the bitmaps are in
+        pre = src._connect_preempt(uri)
     w.command(MigCmd.POSTCOPY_RESUME)
     f.flush()
     _wait(src, src._resume_acked.is_set, "RESUME_ACK")

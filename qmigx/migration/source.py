@@ -138,6 +138,7 @@ class MigrationSource(SourceReturnPath, Side):
         self._pc_ran = False  # the destination was told to RUN: the guest never resumes here
         self._resume = threading.Event()
         self._resume_uri: Optional[str] = None
+        self._uri: Optional[str] = None  # where the current migration goes
         #: why postcopy is paused (the error that broke the connection)
         self.pause_reason: Optional[BaseException] = None
         self._resume_acked = threading.Event()
@@ -173,11 +174,14 @@ class MigrationSource(SourceReturnPath, Side):
         self.colo_status = ColoStatus()
 
     # -- public --------------------------------------------------------------
-    def migrate(self, uri: str, *, resume: bool = False) -> None:
+    def migrate(self, uri: str, *, resume: bool = False, start_postcopy: bool = False) -> None:
         """Start migrating to ``uri`` in the background (QMP ``migrate``).
 
         ``resume``: reconnect a paused postcopy to ``uri`` (a destination
-        that ran ``migrate-recover`` there).
+        that ran ``migrate-recover`` there). ``start_postcopy``: as
+        ``migrate-start-postcopy`` given at once, but without the race of a
+        separate call: the first iteration already sees it, so RAM goes
+        after the switch-over rather than in a first precopy pass.
         """
         st = self.c.state
         if resume:
@@ -198,6 +202,8 @@ class MigrationSource(SourceReturnPath, Side):
             raise CapabilityError("multifd is not supported by current protocol",
                                   field="multifd")
         check_colo_capabilities(self.c.caps)
+        if start_postcopy:
+            self._check_postcopy_enabled()
         prev = self._thread
         if prev is not None and prev is not threading.current_thread():
             prev.join(timeout=30)  # the last run is idle but may still be cleaning up
@@ -218,6 +224,10 @@ class MigrationSource(SourceReturnPath, Side):
             self.guest.throttle(0)
         self.c.stats.reset(now_ms(), self.c.params.downtime_limit)
         st.reset_for_new_migration()  # -> setup
+        self._start_postcopy.clear()  # QEMU's migrate_init forgets the last one's request
+        self._pc_stopped = self._pc_ran = False
+        if start_postcopy:
+            self._start_postcopy.set()
         self._thread = threading.Thread(target=self._run, args=(uri,), name="migration",
                                         daemon=True)
         self._thread.start()
@@ -251,12 +261,15 @@ class MigrationSource(SourceReturnPath, Side):
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to postcopy at the next opportunity."""
-        if not (self.c.caps.get("postcopy-ram") or self.c.caps.get("dirty-bitmaps")):
-            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
-                                 "of migration", field="postcopy-ram")
+        self._check_postcopy_enabled()
         if self._thread is None or self.c.state.state == S.NONE:
             raise MigrationError("Postcopy must be started after migration has been started")
         self._start_postcopy.set()
+
+    def _check_postcopy_enabled(self) -> None:
+        if not (self.c.caps.get("postcopy-ram") or self.c.caps.get("dirty-bitmaps")):
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
+                                 "of migration", field="postcopy-ram")
 
     def migrate_continue(self, state: str) -> None:
         """``migrate-continue``: leave ``pre-switchover``."""
@@ -336,6 +349,7 @@ class MigrationSource(SourceReturnPath, Side):
             self._check_cancel()
 
     def _run(self, uri: str) -> None:
+        self._uri = uri
         st = self.c.state
         caps, params, stats = self.c.caps, self.c.params, self.c.stats
         guest_was_running = self.guest.running
@@ -353,10 +367,10 @@ class MigrationSource(SourceReturnPath, Side):
             self._add_channel(main)
             postcopy = bool(caps.get("postcopy-ram"))
             preempt = None
-            if postcopy and caps.get("postcopy-preempt"):  # 7.2: the second connection
-                preempt = transport.connect_extra(uri, options=options)
-                preempt.set_timeout(self.io_timeout)
-                self._add_channel(preempt)
+            if postcopy and caps.get("postcopy-preempt") and compat.preempt_pre_7_2:
+                # machine types up to 7.2: the second connection, made now; later
+                # ones connect it when postcopy starts (see _postcopy)
+                preempt = self._connect_preempt(uri)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
                 # One at a time, each handshake complete and its init packet sent
@@ -572,6 +586,8 @@ class MigrationSource(SourceReturnPath, Side):
         connection fails instead of pausing: QEMU recovers RAM postcopy only.
         """
         ram_pc = bool(self.c.caps.get("postcopy-ram"))
+        if ram_pc and preempt is None and self.c.caps.get("postcopy-preempt"):
+            preempt = self._connect_preempt(self._uri)  # QEMU 8.0+ machine types: now
         st, stats = self.c.state, self.c.stats
         self._check_cancel()
         if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
@@ -604,6 +620,13 @@ class MigrationSource(SourceReturnPath, Side):
         stats.downtime = downtime  # postcopy's downtime ends when the package went
         if not st.try_transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
             self._lost_transition()
+
+    def _connect_preempt(self, uri: str):
+        """The postcopy preempt channel: one more connection to ``uri`` after the main one."""
+        ch = transport.connect_extra(uri, options=self.connection_options())
+        ch.set_timeout(self.io_timeout)
+        self._add_channel(ch)
+        return ch
 
     def postcopy_report(self) -> Optional[dict]:
         """Page requests served (count, time queued) after a postcopy switch-over, else None."""
