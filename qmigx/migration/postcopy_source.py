@@ -18,12 +18,13 @@ import time
 
 from qmigx.errors import ChannelError, ReturnPathError
 from qmigx.migration.preempt import PreemptWriter
-from qmigx.migration.side import S
+from qmigx.migration.side import S, now_ms
 from qmigx.qemufile import QEMUFile
 from qmigx.stream import Section, StreamWriter
 from qmigx.wire import MAX_DISCARDS_PER_COMMAND, TARGET_PAGE_SIZE, MigCmd, SectionType
 
-__all__ = ["advise_payload", "discard_payload", "switch_over", "stream_rest", "pause_and_resume"]
+__all__ = ["advise_payload", "discard_payload", "connect_preempt", "run_postcopy", "switch_over",
+           "stream_rest", "pause_and_resume"]
 
 #: the longest a throttled background stream sleeps before it looks at requests again
 WINDOW_S = 0.1
@@ -48,6 +49,62 @@ def discard_payload(block: str, ranges) -> bytes:
     for start, length in ranges:
         out += struct.pack(">QQ", start, length)
     return bytes(out)
+
+
+def connect_preempt(src, uri: str):
+    """The postcopy preempt channel: one more connection to ``uri`` after the main one."""
+    from qmigx import transport
+
+    ch = transport.connect_extra(uri, options=src.connection_options())
+    ch.set_timeout(src.io_timeout)
+    src._add_channel(ch)
+    return ch
+
+
+def run_postcopy(src, w: StreamWriter, rw, f: QEMUFile, live: list, sec: Section,
+                 preempt, ram_end) -> None:
+    """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4).
+
+    Without ``postcopy-ram`` (dirty bitmaps alone) RAM completes at the
+    switch-over as in precopy (``ram_end`` writes its END's tail), only
+    the bitmaps go on, and a broken connection fails instead of pausing:
+    QEMU recovers RAM postcopy only.
+    """
+    ram_pc = bool(src.c.caps.get("postcopy-ram"))
+    if ram_pc and preempt is None and src.c.caps.get("postcopy-preempt"):
+        preempt = connect_preempt(src, src._uri)  # QEMU 8.0+ machine types: now
+    st, stats = src.c.state, src.c.stats
+    src._check_cancel()
+    if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+        src._lost_transition()
+    runstate = src.guest.runstate()
+    stats.downtime_start = now_ms()
+    if src.guest.running:
+        src.guest.stop()
+        src._pc_stopped = True
+    f.rate_limit_max = 0
+    precopy_bytes = f.total_transferred
+    switch_over(src, w, rw, live, runstate, None if ram_pc else ram_end)
+    src._pc_ran = True
+    stats.downtime = now_ms() - stats.downtime_start
+    while True:
+        try:
+            stream_rest(src, w, rw, sec, preempt, live, None if ram_pc else ram_end)
+            break
+        except (ChannelError, OSError) as exc:
+            if src._cancel.is_set() or not ram_pc:
+                raise
+            w, rw, preempt = pause_and_resume(src, sec, exc, rw)
+    src._account(src.ram, rw, stats, f, None)
+    stats.postcopy_bytes = f.total_transferred - precopy_bytes
+    if ram_pc or src.c.caps.get("return-path"):  # bitmaps alone may have no return path
+        src._wait_shut()
+    stats.remaining = 0
+    downtime = stats.downtime
+    stats.complete(now_ms(), f.total_transferred)
+    stats.downtime = downtime  # postcopy's downtime ends when the package went
+    if not st.try_transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
+        src._lost_transition()
 
 
 def switch_over(src, w: StreamWriter, rw, live: list, runstate: str, ram_end=None) -> None:
@@ -279,7 +336,7 @@ def _reconnect(src, sec: Section, rw_before):
     pre = None
     want_preempt = bool(src.c.caps.get("postcopy-preempt"))
     if want_preempt and src.compat.preempt_pre_7_2:  # as at the start: right after main
-        pre = src._connect_preempt(uri)
+        pre = connect_preempt(src, uri)
     src.c.state.transition(S.POSTCOPY_RECOVER)
     src._rp_error = None
     src._shut.clear()
@@ -304,7 +361,7 @@ def _reconnect(src, sec: Section, rw_before):
     for name in names:
         ram.load_received_bitmap(name, src._recv_bitmaps[name])
     if want_preempt and pre is None:  # QEMU 8.0+ machine types: once the bitmaps are in
-        pre = src._connect_preempt(uri)
+        pre = connect_preempt(src, uri)
     w.command(MigCmd.POSTCOPY_RESUME)
     f.flush()
     _wait(src, src._resume_acked.is_set, "RESUME_ACK")

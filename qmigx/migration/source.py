@@ -42,12 +42,7 @@ from qmigx.errors import (
 from qmigx.guest import Guest, SimpleGuest
 from qmigx.migration.colo import ColoPrimary, check_colo_capabilities
 from qmigx.migration.colo_failover import ColoStatus
-from qmigx.migration.postcopy_source import (
-    advise_payload,
-    pause_and_resume,
-    stream_rest,
-    switch_over,
-)
+from qmigx.migration.postcopy_source import advise_payload, connect_preempt, run_postcopy
 from qmigx.migration.side import Controls, S, Side, now_ms
 from qmigx.migration.source_rp import SourceReturnPath
 from qmigx.multifd import pack_init_packet
@@ -370,7 +365,7 @@ class MigrationSource(SourceReturnPath, Side):
             if postcopy and caps.get("postcopy-preempt") and compat.preempt_pre_7_2:
                 # machine types up to 7.2: the second connection, made now; later
                 # ones connect it when postcopy starts (see _postcopy)
-                preempt = self._connect_preempt(uri)
+                preempt = connect_preempt(self, uri)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
                 # One at a time, each handshake complete and its init packet sent
@@ -512,7 +507,7 @@ class MigrationSource(SourceReturnPath, Side):
                         self._multifd_flush(rw, sender)
                     self._ram_eos(rw, None if per_round else sender, w, sec)
 
-                self._postcopy(w, rw, f, live, sec, preempt, ram_end)
+                run_postcopy(self, w, rw, f, live, sec, preempt, ram_end)
             else:
                 self._check_cancel()
                 if rp and caps.get("switchover-ack") and self.guest.running:
@@ -576,57 +571,6 @@ class MigrationSource(SourceReturnPath, Side):
                         self.guest.start()
                     self._finish_failure(failure)
                 self.c.done.set()
-
-    def _postcopy(self, w: StreamWriter, rw: RamWriter, f: QEMUFile, live: list, sec: Section,
-                  preempt, ram_end) -> None:
-        """Switch over to postcopy, stream the rest, complete (postcopy.md §2, §4).
-
-        Without ``postcopy-ram`` (dirty bitmaps alone) RAM completes at the
-        switch-over as in precopy, only the bitmaps go on, and a broken
-        connection fails instead of pausing: QEMU recovers RAM postcopy only.
-        """
-        ram_pc = bool(self.c.caps.get("postcopy-ram"))
-        if ram_pc and preempt is None and self.c.caps.get("postcopy-preempt"):
-            preempt = self._connect_preempt(self._uri)  # QEMU 8.0+ machine types: now
-        st, stats = self.c.state, self.c.stats
-        self._check_cancel()
-        if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
-            self._lost_transition()
-        runstate = self.guest.runstate()
-        stats.downtime_start = now_ms()
-        if self.guest.running:
-            self.guest.stop()
-            self._pc_stopped = True
-        f.rate_limit_max = 0
-        precopy_bytes = f.total_transferred
-        switch_over(self, w, rw, live, runstate, None if ram_pc else ram_end)
-        self._pc_ran = True
-        stats.downtime = now_ms() - stats.downtime_start
-        while True:
-            try:
-                stream_rest(self, w, rw, sec, preempt, live, None if ram_pc else ram_end)
-                break
-            except (ChannelError, OSError) as exc:
-                if self._cancel.is_set() or not ram_pc:
-                    raise
-                w, rw, preempt = pause_and_resume(self, sec, exc, rw)
-        self._account(self.ram, rw, stats, f, None)
-        stats.postcopy_bytes = f.total_transferred - precopy_bytes
-        if ram_pc or self.c.caps.get("return-path"):  # bitmaps alone may have no return path
-            self._wait_shut()
-        stats.remaining = 0
-        downtime = stats.downtime
-        stats.complete(now_ms(), f.total_transferred)
-        stats.downtime = downtime  # postcopy's downtime ends when the package went
-        if not st.try_transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
-            self._lost_transition()
-
-    def _connect_preempt(self, uri: str):
-        """The postcopy preempt channel: one more connection to ``uri`` after the main one."""
-        ch = transport.connect_extra(uri, options=self.connection_options())
-        ch.set_timeout(self.io_timeout)
-        self._add_channel(ch)
-        return ch
 
     def postcopy_report(self) -> Optional[dict]:
         """Page requests served (count, time queued) after a postcopy switch-over, else None."""
