@@ -8,7 +8,7 @@ COLO guest pays, so it is what is measured here, for 0 (idle), 1, 16 and
 memcpy of the dirty bytes, timed in the same run, divided by the median
 pause (the target: >= 0.3); an idle checkpoint has no bytes and reports
 its pause in ms (target: <= 2 ms). ``ratio_to_unix_socket`` divides the
-time a bare unix socket takes to move the same bytes to another process,
+time a bare unix socket pair takes to move the same bytes to a thread,
 also timed in the same run, by the same pause: the transport's own floor.
 
 * qmigx → qmigx: the primary (Python API, 256 MiB) in this process, the
@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,28 +58,30 @@ def _memcpy_seconds(nbytes: int, repeat: int = 5) -> float:
 
 
 def _unix_socket_seconds(nbytes: int, repeat: int = 3) -> float:
-    """Best of ``repeat`` moves of ``nbytes`` from this process to a child over a unix socket.
+    """Best of ``repeat`` moves of ``nbytes`` over a unix socket pair, to a receiving thread.
 
     A checkpoint's pages cross a socket once, with a copy into the kernel
     and one out of it: this is the floor the transport alone sets, and
-    on a machine whose sockets are slow it is well below memcpy.
+    on a machine whose sockets are slow it is well below memcpy. Both
+    ends wait in the kernel without the GIL, as two processes would.
     """
     a, b = socket.socketpair()
     src = np.ones(nbytes, np.uint8)
-    pid = os.fork()
-    if pid == 0:  # the receiver
-        a.close()
-        dst = np.zeros(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+
+    def receive() -> None:
         mv = memoryview(dst)
-        try:
-            for _ in range(repeat):
-                got = 0
-                while got < nbytes:
-                    got += b.recv_into(mv[got:], min(nbytes - got, 1 << 20))
-                b.sendall(b"k")
-        finally:
-            os._exit(0)
-    b.close()
+        for _ in range(repeat):
+            got = 0
+            while got < nbytes:
+                n = b.recv_into(mv[got:], min(nbytes - got, 1 << 20))
+                if n == 0:
+                    return
+                got += n
+            b.sendall(b"k")
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
     best = float("inf")
     try:
         for _ in range(repeat):
@@ -88,7 +91,8 @@ def _unix_socket_seconds(nbytes: int, repeat: int = 3) -> float:
             best = min(best, time.perf_counter() - t0)
     finally:
         a.close()
-        os.waitpid(pid, 0)
+        t.join(30)
+        b.close()
     return best
 
 

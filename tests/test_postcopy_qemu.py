@@ -247,7 +247,13 @@ def test_served_source_postcopy_to_qemu(tmp_path, saved_streams):
                 events = _events_until(s, "postcopy-active")
                 # the stopped guest may touch nothing new while it runs; QEMU's own
                 # monitor reading the last page (the background stream sends it last,
-                # seconds from now) faults on it, and QEMU must request it from qmigx
+                # seconds from now) faults on it, and QEMU must request it from qmigx.
+                # Only once QEMU took LISTEN: read before, the page would be made
+                # there and then, and the page qmigx sends later could not be placed.
+                deadline = time.monotonic() + 60
+                while dst.query_migrate().get("status") != "postcopy-active":
+                    assert time.monotonic() < deadline, dst.query_migrate()
+                    time.sleep(0.01)
                 dst.cmd("human-monitor-command", **{"command-line": f"xp /1xg {RAM_BYTES - 4096:#x}"})
                 events += _events_until(s, "completed")
                 assert _statuses(events) == ["setup", "active", "postcopy-active", "completed"]

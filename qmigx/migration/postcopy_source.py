@@ -72,7 +72,10 @@ def run_postcopy(src, w: StreamWriter, rw, f: QEMUFile, live: list, sec: Section
     """
     ram_pc = bool(src.c.caps.get("postcopy-ram"))
     if ram_pc and preempt is None and src.c.caps.get("postcopy-preempt"):
-        preempt = connect_preempt(src, src._uri)  # QEMU 8.0+ machine types: now
+        # QEMU 8.0+ machine types: now, once a PONG proved the destination took the
+        # main channel (it tells the two apart by their order)
+        _wait(src, src._ponged.is_set, "a PONG", field="postcopy-preempt")
+        preempt = connect_preempt(src, src._uri)
     st, stats = src.c.state, src.c.stats
     src._check_cancel()
     if not st.try_transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
@@ -255,7 +258,9 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
     w.eof()
     f.flush()
     f.check()
-    if pre is not None:
+    if pre is not None and src.compat.preempt_pre_7_2:
+        # 7.1/7.2 destinations wait for it; QEMU 8.0+ sends none for newer machine
+        # types, whose destination may have closed the channel at EOF already
         pre.eos()
     src.preempt_pages = pre.pages if pre is not None else 0
 
@@ -371,7 +376,7 @@ def _reconnect(src, sec: Section, rw_before):
     return w, rw, pre
 
 
-def _wait(src, done, what: str) -> None:
+def _wait(src, done, what: str, field: str = "resume") -> None:
     deadline = time.monotonic() + (src.io_timeout or 3600)
     while not done():
         src._rp_event.wait(0.05)
@@ -379,7 +384,7 @@ def _wait(src, done, what: str) -> None:
         if src._rp_error is not None:
             raise src._rp_error
         if src._cancel.is_set():
-            raise ChannelError(f"cancelled while waiting for {what}", field="resume")
+            raise ChannelError(f"cancelled while waiting for {what}", field=field)
         if time.monotonic() > deadline:
             raise ChannelError(f"timed out waiting for {what} from the destination",
-                               field="resume")
+                               field=field)

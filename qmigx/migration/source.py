@@ -124,6 +124,7 @@ class MigrationSource(SourceReturnPath, Side):
         self.compat = compat or migration_compat(
             configuration.machine_type if configuration is not None else machine_type, "10.0")
         self._switchover_acked = threading.Event()
+        self._ponged = threading.Event()  # a PONG came back on the return path
         self._start_postcopy = threading.Event()
         self._postcopy_request = threading.Event()
         #: sends the queued page requests on the preempt channel (set while postcopy streams)
@@ -212,6 +213,7 @@ class MigrationSource(SourceReturnPath, Side):
         self._continue.clear()
         self._shut.clear()
         self._switchover_acked.clear()
+        self._ponged.clear()
         self.iterations = []
         self._log = IterationLog()
         self._converge.reset()

@@ -41,6 +41,10 @@ class SourceReturnPath:
                     return
                 parser.feed(memoryview(buf)[:n])
                 for msg in parser.messages():
+                    if msg.type == MigRpMsg.PONG:
+                        self._ponged.set()
+                        self._rp_event.set()
+                        continue
                     if msg.type == MigRpMsg.SWITCHOVER_ACK:
                         self._switchover_acked.set()
                         continue
