@@ -569,9 +569,8 @@ class ColoSecondary(_ColoSide):
             t.join()
 
     def _join_flush(self) -> None:
-        t, self._flusher = self._flusher, None
-        if t is not None:
-            t.join()
+        self.settle()
+        self._flusher = None
 
     def _merge_own_writes(self) -> int:
         """Mark the pages the secondary's guest wrote since the last checkpoint for the flush."""

@@ -366,7 +366,7 @@ class MigrationSource(SourceReturnPath, Side):
             preempt = None
             if postcopy and caps.get("postcopy-preempt") and compat.preempt_pre_7_2:
                 # machine types up to 7.2: the second connection, made now; later
-                # ones connect it when postcopy starts (see _postcopy)
+                # ones connect it when postcopy starts (run_postcopy)
                 preempt = connect_preempt(self, uri)
             if caps.get("multifd") and not mapped_ram:  # mapped-ram writes pages in place
                 extra = []
@@ -446,9 +446,7 @@ class MigrationSource(SourceReturnPath, Side):
                 pass_no = period.begin_sync(stats, now_ms())
                 ram.setup(rw)
                 self.c.events.dirty_pass(pass_no)
-                if sender is not None and per_round:
-                    self._multifd_flush(rw, sender)
-                self._ram_eos(rw, None if per_round else sender, w, sec)
+                self._ram_tail(rw, sender, w, sec, per_round)
             f.flush()
             f.check()
             stats.setup_time = now_ms() - stats.start_time
@@ -504,12 +502,8 @@ class MigrationSource(SourceReturnPath, Side):
                 self.before_complete()
             in_postcopy = switch and (not postcopy or self.ram.dirty_pages() > 0)
             if in_postcopy:
-                def ram_end() -> None:  # RAM's END section, as at a precopy completion
-                    if sender is not None and per_round:
-                        self._multifd_flush(rw, sender)
-                    self._ram_eos(rw, None if per_round else sender, w, sec)
-
-                run_postcopy(self, w, rw, f, live, sec, preempt, ram_end)
+                run_postcopy(self, w, rw, f, live, sec, preempt,
+                             lambda: self._ram_tail(rw, sender, w, sec, per_round))
             else:
                 self._check_cancel()
                 if rp and caps.get("switchover-ack") and self.guest.running:
@@ -541,9 +535,7 @@ class MigrationSource(SourceReturnPath, Side):
                     pass_no = period.begin_sync(stats, now_ms())
                     ram.complete(rw)
                     self.c.events.dirty_pass(pass_no)
-                    if sender is not None and per_round:
-                        self._multifd_flush(rw, sender)
-                    self._ram_eos(rw, None if per_round else sender, w, sec)
+                    self._ram_tail(rw, sender, w, sec, per_round)
                 first_device_id = max(s.section_id for s, _ in live) + 1
                 self._write_devices(w, runstate, first_id=first_device_id)
                 f.flush()
@@ -674,6 +666,13 @@ class MigrationSource(SourceReturnPath, Side):
     @staticmethod
     def _multifd_bytes(sender) -> int:
         return 0 if sender is None else sender.bytes_charged
+
+    def _ram_tail(self, rw: RamWriter, sender, w: StreamWriter, sec: Section,
+                  per_round: bool) -> None:
+        """The end of a RAM section: multifd's sync in the migration's model, then EOS."""
+        if sender is not None and per_round:
+            self._multifd_flush(rw, sender)
+        self._ram_eos(rw, None if per_round else sender, w, sec)
 
     def _ram_eos(self, rw: RamWriter, sender, w: StreamWriter, sec: Section) -> None:
         """EOS of a RAM section; ``sender``: sync multifd first (7.2's per-section model)."""
