@@ -79,6 +79,9 @@ class QMPClient:
                 time.sleep(0.05)
         self._sock = s
         msg = self._read_message(deadline)
+        while "event" in msg:  # QEMU 10 can emit one (RESUME) before it greets a client that came early
+            self.events.append(msg)
+            msg = self._read_message(deadline)
         if "QMP" not in msg:
             self.close()
             raise QMPError(f"expected a QMP greeting, got {msg!r}")
