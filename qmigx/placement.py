@@ -237,6 +237,9 @@ class UffdPlacement(PagePlacement):
         self._addr = {b.idstr: uffd.buffer_address(b) for b in self.blocks}
         #: called as ``on_placed(block, host_offset)`` after each host page is placed
         self.on_placed = None
+        #: per block, ``time.monotonic()`` at which each page was placed by a compiled
+        #: placer (the preempt channel's), which calls no ``on_placed``; 0: not by it
+        self.placed_at: dict[str, np.ndarray] = {}
         self.attach(self.blocks)
 
     def register(self) -> None:

@@ -91,7 +91,7 @@ class PostcopyIncoming:
         self.placement: Optional[UffdPlacement] = None
         self.requests = 0
         self.faults = 0
-        self.latencies: list[float] = []  # seconds, fault read to page placed
+        self._latencies: list[float] = []  # seconds, fault read to page placed
         self._waiting: dict[tuple[str, int], float] = {}
         self._last_block: Optional[str] = None
         self._lock = threading.Lock()
@@ -276,12 +276,34 @@ class PostcopyIncoming:
         with self._lock:
             t = self._waiting.pop((block.idstr, host_offset), None)
         if t is not None:
-            self.latencies.append(time.monotonic() - t)
+            self._latencies.append(time.monotonic() - t)
+
+    def _drain(self) -> None:
+        """Settle the requests whose pages the compiled preempt placer placed (it stamps them)."""
+        pl = self.placement
+        if pl is None or not pl.placed_at:
+            return
+        with self._lock:
+            for key, t in list(self._waiting.items()):
+                stamps = pl.placed_at.get(key[0])
+                if stamps is None:
+                    continue
+                at = float(stamps[key[1] // TARGET_PAGE_SIZE])
+                if at > 0:
+                    del self._waiting[key]
+                    self._latencies.append(max(0.0, at - t))
+
+    @property
+    def latencies(self) -> list[float]:
+        """Seconds from each requested page's fault read to its placement."""
+        self._drain()
+        return self._latencies
 
     def wait_served(self, timeout: Optional[float]) -> bool:
         """Wait until no requested page is outstanding; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._drain()
             with self._lock:
                 if not self._waiting:
                     return True
@@ -291,6 +313,7 @@ class PostcopyIncoming:
 
     def resend_requests(self) -> None:
         """Ask again for every page still waited for (after recovery, as 7.2 does)."""
+        self._drain()
         with self._lock:
             keys = sorted(self._waiting)
             self._last_block = None

@@ -18,6 +18,8 @@ import threading
 import zlib
 from typing import Callable, Iterator, Optional
 
+import numpy as np
+
 from qmigx.errors import ChannelError, RamStreamError
 from qmigx.wire import TARGET_PAGE_SIZE, RamFlag
 
@@ -57,6 +59,14 @@ class PreemptRecords:
     def position(self) -> int:
         """Channel offset of the first byte not decoded yet (where a partial record starts)."""
         return self.offset + self._pos
+
+    def take_rest(self) -> bytes:
+        """The bytes not decoded yet (a partial record), removed from the decoder."""
+        rest = bytes(self._buf[self._pos :])
+        self.offset += self._pos
+        self._buf = bytearray()
+        self._pos = 0
+        return rest
 
     def _need(self, n: int) -> bool:
         return len(self._buf) - self._pos >= n
@@ -167,38 +177,18 @@ class PreemptReader:
         self._thread.start()
 
     def _run(self, placement, on_error) -> None:
-        dec = PreemptRecords()
-        buf = bytearray(1 << 16)
-        blocks = self.loader.blocks
         try:
             self._attached.wait()
+            fast = None if self._done.is_set() else _fast_table(self.channel, placement)
+            if fast is not None:
+                self._run_compiled(placement, *fast)
+                return
+            dec = PreemptRecords()
+            buf = bytearray(1 << 16)
             while not dec.ended and not self._done.is_set():
-                n = self.channel.readinto_available(buf)
-                if n == 0:
-                    if not self.expect_eos and not dec.partial:
-                        return  # QEMU 10's source closes it without an EOS
-                    if dec.partial:
-                        raise ChannelError(f"the postcopy preempt channel closed inside a "
-                                           f"record ({dec.partial} bytes of it)",
-                                           offset=dec.position,
-                                           field="postcopy-preempt")
-                    raise ChannelError("the postcopy preempt channel closed before its EOS",
-                                       field="postcopy-preempt")
-                dec.feed(memoryview(buf)[:n])
-                for kind, name, off, data in dec.records():
-                    if kind == "eos":
-                        break
-                    blk = blocks.get(name)
-                    if blk is None:
-                        raise RamStreamError(f"Unknown ramblock \"{name}\"",
-                                             offset=dec.offset, section="ram", field="idstr")
-                    if kind == "zero" and data == 0:
-                        placement.place_zero(blk, off)
-                    elif kind == "zero":
-                        placement.place(blk, off, bytes([data]) * TARGET_PAGE_SIZE)
-                    else:
-                        placement.place(blk, off, data)
-                    self.pages += 1
+                if not self._read(dec, buf):
+                    return
+                self._apply(dec, placement)
         except BaseException as exc:  # noqa: BLE001 - handed to the load thread
             if not self._done.is_set():
                 self.error = exc
@@ -206,6 +196,87 @@ class PreemptReader:
         finally:
             self._done.set()
 
+    def _read(self, dec: PreemptRecords, buf: bytearray) -> bool:
+        """Feed ``dec`` what the channel has; False at a clean end (QEMU 10: no EOS)."""
+        n = self.channel.readinto_available(buf)
+        if n == 0:
+            if not self.expect_eos and not dec.partial:
+                return False
+            if dec.partial:
+                raise ChannelError(f"the postcopy preempt channel closed inside a "
+                                   f"record ({dec.partial} bytes of it)",
+                                   offset=dec.position, field="postcopy-preempt")
+            raise ChannelError("the postcopy preempt channel closed before its EOS",
+                               field="postcopy-preempt")
+        dec.feed(memoryview(buf)[:n])
+        return True
+
+    def _apply(self, dec: PreemptRecords, placement) -> int:
+        """Place every whole record ``dec`` holds; how many records there were."""
+        blocks = self.loader.blocks
+        done = 0
+        for kind, name, off, data in dec.records():
+            done += 1
+            if kind == "eos":
+                break
+            blk = blocks.get(name)
+            if blk is None:
+                raise RamStreamError(f"Unknown ramblock \"{name}\"",
+                                     offset=dec.offset, section="ram", field="idstr")
+            if kind == "zero" and data == 0:
+                placement.place_zero(blk, off)
+            elif kind == "zero":
+                placement.place(blk, off, bytes([data]) * TARGET_PAGE_SIZE)
+            else:
+                placement.place(blk, off, data)
+            self.pages += 1
+        return done
+
+    def _run_compiled(self, placement, fd: int, wake: int, table: list) -> None:
+        """The common records placed by the compiled loop, the rest by :meth:`_apply`.
+
+        The loop hands over at a record it does not place; from there this
+        side decodes (reading more itself until at least one record is
+        whole, so the two always make progress) and gives the loop back
+        whatever follows the last whole record.
+        """
+        kernel = _preempt_recv()
+        names = [e[0].decode() for e in table]
+        buf = bytearray(1 << 17)
+        have, cur, base = 0, -1, 0  # base: channel offset of buf[0]
+        while not self._done.is_set():
+            st, pos, end, cur, pages, nread, err = kernel.place_records(
+                fd, wake, placement.fd, table, cur, buf, have)
+            self.channel.bytes_read += nread
+            if pages:
+                with placement._lock:
+                    placement.placed_host_pages += pages
+                self.pages += pages
+            if st == kernel.STOPPED:
+                if self._done.is_set():
+                    return
+                raise self.channel.failure("stopped")
+            if st == kernel.FAILED:
+                raise self.channel.failure("failed", err=err)
+            dec = PreemptRecords()
+            dec.offset = base + have + nread - end + pos
+            dec.block = names[cur] if cur >= 0 else None
+            dec.feed(bytes(buf[pos:end]))
+            if st == kernel.END:
+                self._apply(dec, placement)
+                if not dec.ended:
+                    self._read(dec, buf)  # 0 again: says how the channel ended
+                return
+            scratch = bytearray(1 << 16)
+            while not self._apply(dec, placement):
+                if not self._read(dec, scratch):
+                    return
+            if dec.ended:
+                return
+            rest = dec.take_rest()
+            buf[: len(rest)] = rest
+            have, base = len(rest), dec.position
+            cur = names.index(dec.block) if dec.block in names else -1
     def join(self, timeout: Optional[float]) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
@@ -226,6 +297,35 @@ class PreemptReader:
         self._attached.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _preempt_recv():
+    from qmigx import _backend
+
+    return _backend.load("preempt_recv")
+
+
+def _fast_table(channel, placement) -> Optional[tuple]:
+    """``(fd, wake, blocks)`` for the compiled loop, or None where it cannot serve.
+
+    It needs a plain socket and a userfaultfd placement; blocks of huge
+    pages stay with :meth:`PreemptReader._apply` (their parts are gathered
+    before one copy), so do blocks without a ``received`` map.
+    """
+    get = getattr(channel, "socket_fds", None)
+    fds = get() if get is not None else None
+    if fds is None or getattr(placement, "fd", -1) < 0 or not hasattr(placement, "placed_at"):
+        return None
+    table = []
+    for b in placement.blocks:
+        rb = placement.received.get(b.idstr)
+        if placement._host_page(b) != TARGET_PAGE_SIZE or rb is None:
+            continue
+        pa = placement.placed_at.get(b.idstr)
+        if pa is None:
+            pa = placement.placed_at[b.idstr] = np.zeros(len(rb), np.float64)
+        table.append((b.idstr.encode(), placement._addr[b.idstr], b.used_length, rb, pa))
+    return (fds[0], fds[1], table) if table else None
 
 
 class PreemptWriter:
