@@ -28,8 +28,6 @@ import struct
 from typing import Any, Callable, Iterator, Optional
 
 from qmigx import _backend
-from qmigx.block import BlockHandler
-from qmigx.block_dirty_bitmap import DirtyBitmapHandler
 from qmigx.errors import (
     BadHeaderError,
     RamStreamError,
@@ -91,9 +89,43 @@ _CMD_LEN = {
 
 
 
+class _LazyHandler:
+    """A built-in handler made on first use.
+
+    ``block`` and ``dirty-bitmap`` need numpy, whose import costs more
+    than reading the device state of a whole stream without them
+    (``qmigx analyze``): streams that carry neither never import it.
+    Reads and writes of attributes go to the handler.
+    """
+
+    def __init__(self, idstr: str, module: str, cls: str) -> None:
+        object.__setattr__(self, "idstr", idstr)
+        object.__setattr__(self, "instance_id", 0)
+        object.__setattr__(self, "_where", (module, cls))
+        object.__setattr__(self, "_handler", None)
+
+    def _made(self):
+        h = object.__getattribute__(self, "_handler")
+        if h is None:
+            import importlib
+
+            module, cls = object.__getattribute__(self, "_where")
+            h = getattr(importlib.import_module(module), cls)()
+            object.__setattr__(self, "_handler", h)
+        return h
+
+    def __getattr__(self, name: str):
+        return getattr(self._made(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._made(), name, value)
+
+
 def default_registry() -> SaveVMRegistry:
     """The grammars every reader knows without being told: ``block`` and ``dirty-bitmap``."""
-    return SaveVMRegistry([BlockHandler(), DirtyBitmapHandler()])
+    return SaveVMRegistry([_LazyHandler("block", "qmigx.block", "BlockHandler"),
+                           _LazyHandler("dirty-bitmap", "qmigx.block_dirty_bitmap",
+                                        "DirtyBitmapHandler")])
 
 
 def find_vmdesc(buf) -> Optional[tuple[int, bytes]]:
