@@ -196,8 +196,10 @@ class ColoPair:
 
     def start(self, checkpoints: int = 1) -> None:
         self.src.migrate(self.dst.connect_uri)
+        # the secondary may count a checkpoint a moment before the primary's thread shows colo
         wait_for(lambda: self.src.colo is not None and self.dst.colo is not None
-                 and self.dst.colo.checkpoints >= checkpoints, f"{checkpoints} checkpoints")
+                 and self.dst.colo.checkpoints >= checkpoints
+                 and self.src.state.state is S.COLO, f"{checkpoints} checkpoints")
         assert self.src.state.state is S.COLO and self.dst.state.state is S.COLO
 
     def settle(self) -> list:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import errno
 import socket
+import fcntl
 import struct
 import time
 
 import numpy as np
 
-from qmigx import uffd
 from qmigx.reference.fdwait import WAIT_READY, WAIT_STOPPED, wait_fd
 
 __all__ = ["place_records", "DONE", "END", "STOPPED", "FAILED", "PAGE_SIZE", "MIN_BUFFER"]
@@ -26,6 +26,14 @@ DONE, END, STOPPED, FAILED = 0, 1, 2, 5
 PAGE_SIZE = 4096
 _F_ZERO, _F_PAGE, _F_CONTINUE = 0x02, 0x08, 0x20
 MIN_BUFFER = 2 * (8 + 1 + 255 + PAGE_SIZE)
+#: UFFDIO_COPY, _IOWR(0xAA, 0x03, struct uffdio_copy of 40 bytes), and that struct
+_UFFDIO_COPY = (3 << 30) | (40 << 16) | (0xAA << 8) | 0x03
+_COPY_ARG = struct.Struct("=QQQQq")
+
+
+def _uffd_copy(ufd: int, dst: int, src: int) -> None:
+    """One page by ``UFFDIO_COPY`` (as the kernel loop does; OSError on failure)."""
+    fcntl.ioctl(ufd, _UFFDIO_COPY, bytearray(_COPY_ARG.pack(dst, src, PAGE_SIZE, 0, 0)), True)
 
 
 def _decode(b, pos: int, have: int, blocks: list, cur: int):
@@ -91,7 +99,7 @@ def place_records(fd: int, wake: int, ufd: int, blocks: list, cur: int, buf, hav
                     break
                 try:
                     src = np.frombuffer(payload, np.uint8)
-                    uffd.copy(ufd, addr + off, int(src.ctypes.data), PAGE_SIZE)
+                    _uffd_copy(ufd, addr + off, int(src.ctypes.data))
                 except OSError:
                     break
                 received[idx] = True
