@@ -243,6 +243,7 @@ class PreemptReader:
         kernel = _preempt_recv()
         names = [e[0].decode() for e in table]
         buf = bytearray(1 << 17)
+        scratch = bytearray(1 << 16)  # what this side reads itself after a handover
         have, cur, base = 0, -1, 0  # base: channel offset of buf[0]
         while not self._done.is_set():
             st, pos, end, cur, pages, nread, err = kernel.place_records(
@@ -267,7 +268,6 @@ class PreemptReader:
                 if not dec.ended:
                     self._read(dec, buf)  # 0 again: says how the channel ended
                 return
-            scratch = bytearray(1 << 16)
             while not self._apply(dec, placement):
                 if not self._read(dec, scratch):
                     return
@@ -277,6 +277,7 @@ class PreemptReader:
             buf[: len(rest)] = rest
             have, base = len(rest), dec.position
             cur = names.index(dec.block) if dec.block in names else -1
+
     def join(self, timeout: Optional[float]) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
