@@ -8,6 +8,8 @@
   primary again, waits until its memory file and the secondary's
   checkpoint count stay still, fails over on qmigx, and compares qmigx's
   RAM with the primary's memory file, byte for byte (through SHA-256).
+  When QEMU hangs half-way through a checkpoint instead (the secondary
+  says it is still receiving one), the run is repeated, up to four times.
 * qmigx primary (Python API, a writer thread as its vCPU) → QEMU
   secondary: QEMU reaches ``colo`` and acknowledges many checkpoints
   (a TCG secondary fed by a correct primary loads them without end);
@@ -71,13 +73,24 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_qemu_primary_to_served_secondary_failover_holds_the_checkpoint(sockdir, tmp_path):
+def _qemu_primary_until_it_hangs(sockdir: str, tmp_path: Path, attempt: int) -> bool:
+    """One QEMU primary → served secondary run; False: QEMU hung inside a checkpoint.
+
+    QEMU's TCG deadlock (see the module docstring) usually strikes after a
+    checkpoint was loaded, with the primary's VM stopped on exactly that
+    state. Now and then it strikes half-way through the next checkpoint,
+    after the primary stopped its VM but before the secondary had the
+    state: the primary's RAM is then a checkpoint the secondary never got
+    (the secondary rightly keeps the one before), so the run proves
+    nothing and the caller starts another.
+    """
     kernel = tmp_path / "dirty.elf"
-    kernel.write_bytes(build_guest(SEED, 64 << 20, dirty=True))
-    uri = f"unix:{os.path.join(sockdir, 'colo.sock')}"
-    dst = Served("svm", "--incoming", "defer", sockdir=sockdir)
+    if not kernel.exists():
+        kernel.write_bytes(build_guest(SEED, 64 << 20, dirty=True))
+    uri = f"unix:{os.path.join(sockdir, f'colo{attempt}.sock')}"
+    dst = Served(f"svm{attempt}", "--incoming", "defer", sockdir=sockdir)
     try:
-        with Qemu(ram=RAM, kernel=kernel, workdir=tmp_path, name="pvm") as pvm, \
+        with Qemu(ram=RAM, kernel=kernel, workdir=tmp_path / str(attempt), name="pvm") as pvm, \
                 QMPClient(dst.sock) as d:
             pvm.wait_guest_ready(60, min_counter=1000)
             d.connect()
@@ -90,23 +103,27 @@ def test_qemu_primary_to_served_secondary_failover_holds_the_checkpoint(sockdir,
             _wait(lambda: d.execute("query-colo-status")["mode"] == "secondary",
                   "the secondary in COLO")
             assert d.execute("query-migrate")["status"] == "colo"
-            _wait(lambda: d.execute("x-query-qmigx-colo")["checkpoints"] >= 1,
-                  "a first checkpoint", timeout=60)
             # from here on the primary is not asked anything (it hangs under TCG):
-            # wait until its RAM and the checkpoint count stay still
+            # wait until its RAM and the secondary's checkpoint count and phase stay still
             last = None
             stable_since = None
             deadline = time.monotonic() + 90
             while True:
-                now = (d.execute("x-query-qmigx-colo")["checkpoints"], _sha(pvm.mem_path))
+                info = d.execute("x-query-qmigx-colo")
+                now = (info["checkpoints"], info["phase"], _sha(pvm.mem_path))
                 if now != last:
                     last, stable_since = now, time.monotonic()
                 elif time.monotonic() - stable_since > 2.0:
                     break
                 assert time.monotonic() < deadline, "the primary kept running"
                 time.sleep(0.3)
-            count, want = last
-            info = d.execute("x-query-qmigx-colo")
+            count, phase, want = last
+            assert phase in ("waiting", "receiving"), phase  # never stuck applying
+            if phase != "waiting" or count == 0:
+                pvm.kill()
+                d.execute("quit")
+                return False
+            assert info["discarded"] == 0
             assert info["last"]["dirty-pages"] > 0  # the guest's writes went by checkpoint
             assert d.execute("x-colo-lost-heartbeat") == {}
             ev = d.pull_event(timeout=30)
@@ -124,8 +141,17 @@ def test_qemu_primary_to_served_secondary_failover_holds_the_checkpoint(sockdir,
             assert ram["mem0"]["sha256"] == want, f"after {count} checkpoint(s)"
             pvm.kill()  # hung: no quit over QMP
             d.execute("quit")
+            return True
     finally:
         dst.close()
+
+
+def test_qemu_primary_to_served_secondary_failover_holds_the_checkpoint(sockdir, tmp_path):
+    attempts = 4
+    for attempt in range(attempts):
+        if _qemu_primary_until_it_hangs(sockdir, tmp_path, attempt):
+            return
+    pytest.fail(f"QEMU's primary hung inside a checkpoint in all {attempts} runs")
 
 
 @pytest.mark.parametrize("xbzrle", [False, True], ids=["pages", "xbzrle"])

@@ -578,14 +578,23 @@ class Machine:
         side.colo.lost_heartbeat()
 
     def colo_checkpoints(self) -> dict:
-        """``x-query-qmigx-colo``: this side's checkpoints (count and the last one's figures)."""
+        """``x-query-qmigx-colo``: this side's checkpoints (count and the last one's figures).
+
+        A secondary also says where it is (``phase``: waiting, receiving,
+        applying, ended) and how many checkpoints it discarded half-way.
+        """
         from qmigx.control._qdict import qdict
 
         side = self._colo_side()
         colo = side.colo if side is not None else None
         rows = colo.log.rows if colo is not None else []
         last = {k.replace("_", "-"): v for k, v in rows[-1].items()} if rows else {}
-        return qdict({"checkpoints": len(rows), "last": qdict(last)})
+        out = {"checkpoints": len(rows), "last": qdict(last)}
+        phase = getattr(colo, "phase", None)  # a secondary's: where its checkpoint loop is
+        if phase is not None:
+            out["phase"] = phase
+            out["discarded"] = colo.discarded
+        return qdict(out)
 
     def query_colo_status(self) -> dict:
         """``query-colo-status``: ``{mode, last-mode, reason}``."""
