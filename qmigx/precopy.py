@@ -148,7 +148,8 @@ class RamSaveState:
         self._request_block: Optional[int] = None
         self._request_lock = threading.Lock()
         #: held while dirty bits are taken, so that a page is taken by one sender only
-        self.take_lock = threading.Lock()
+        #: (a WireLock: the compiled return-path server takes requested pages under it too)
+        self.take_lock = _backend.load("wirelock").WireLock()
         self.requests_served = 0
         self.request_wait = 0.0  # seconds requests spent queued, summed
         #: a writer of plain page records straight from guest memory, called as
@@ -267,6 +268,19 @@ class RamSaveState:
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
 
+    def request_table(self) -> list:
+        """Per block, in order: ``(name, dirty words, armed chunks, clear shift, memory)``.
+
+        For the compiled server of page requests (:mod:`qmigx._core.rp_serve`),
+        which takes dirty bits under :attr:`take_lock` as :meth:`take_requested` does.
+        """
+        out = []
+        for s in self._states:
+            bm = s.bitmap
+            out.append((s.block.idstr.encode(), bm.words_to_take(), bm.clear_bmap,
+                        bm.clear_bitmap_shift, s.block.buffer[: s.block.used_length]))
+        return out
+
     def load_received_bitmap(self, idstr: str, bitmap: bytes) -> None:
         """Postcopy recovery: what the destination has not received is dirty again.
 
@@ -345,8 +359,7 @@ class RamSaveState:
             if s.ignored:
                 n = 0
             else:  # another thread may take requested pages meanwhile (postcopy preempt)
-                with self.take_lock:
-                    n = s.bitmap.take_dirty(self._cursor_page, limit, taken)
+                n = s.bitmap.take_dirty(self._cursor_page, limit, taken, self.take_lock)
             if n == 0:
                 empty_blocks += 1
                 self._cursor_block += 1

@@ -10,8 +10,8 @@ engine finds them ready.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -100,20 +100,55 @@ class ReturnPathWriter:
     message goes out whole under one lock, so messages of different
     threads never interleave. ``write`` is the channel's (e.g.
     ``Channel.write``); after :meth:`close` messages are dropped.
+
+    The lock is a :class:`~qmigx._core.wirelock.WireLock`: given the
+    channel's socket (``fds``, from ``Channel.socket_fds``), the compiled
+    postcopy fault loop writes its page requests under the same lock.
     """
 
-    def __init__(self, write: Callable[[bytes], object]) -> None:
+    def __init__(self, write: Callable[[bytes], object], fds: Optional[tuple] = None,
+                 failure: Optional[Callable[..., Exception]] = None) -> None:
+        from qmigx import _backend
+
         self._write = write
-        self._lock = threading.Lock()
-        self.closed = False
-        self.sent = 0
+        self._failure = failure
+        fd, wake = fds if fds is not None else (-1, -1)
+        self.lock = _backend.load("wirelock").WireLock(fd, wake)
+
+    @classmethod
+    def for_channel(cls, channel) -> ReturnPathWriter:
+        """The writer of ``channel`` (a :class:`~qmigx.transport.channel.Channel`)."""
+        get = getattr(channel, "socket_fds", None)
+        return cls(channel.write, get() if get is not None else None,
+                   getattr(channel, "failure", None))
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.lock.closed)
+
+    @property
+    def sent(self) -> int:
+        """Messages written (by Python and by the compiled fault loop)."""
+        return int(self.lock.sent)
+
+    def failure(self, err: int) -> Exception:
+        """The error for a compiled writer's failed write (``err``: an errno value)."""
+        if self._failure is not None:
+            return self._failure("failed" if err else "stopped", writing=True, err=err)
+        return ReturnPathError(f"return path write failed: {os.strerror(err)}",
+                               field="return-path")
+
+    def send_locked(self, message: bytes) -> bool:
+        """Write ``message`` with :attr:`lock` already held; False if closed (dropped)."""
+        if self.lock.closed:
+            return False
+        self._write(message)
+        self.lock.sent += 1
+        return True
 
     def send(self, message: bytes) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self._write(message)
-            self.sent += 1
+        with self.lock:
+            self.send_locked(message)
 
     def shut(self, status: int = 0) -> None:
         self.send(shut(status))
@@ -135,8 +170,8 @@ class ReturnPathWriter:
         self.send(resume_ack())
 
     def close(self) -> None:
-        with self._lock:
-            self.closed = True
+        with self.lock:
+            self.lock.closed = True
 
 
 class ReturnPathParser:
@@ -155,6 +190,17 @@ class ReturnPathParser:
 
     def feed(self, data) -> None:
         self._buf += data
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held back: no part of a message, no bitmap still to come."""
+        return not self._buf and self._bitmap_of is None
+
+    def skipped(self, n: int) -> None:
+        """``n`` bytes went by decoded elsewhere (a compiled reader): offsets count them."""
+        if not self.idle:
+            raise ValueError("bytes can be skipped only between messages")
+        self._base += n
 
     def messages(self) -> Iterator[RpMessage]:
         buf = self._buf

@@ -19,6 +19,8 @@ import logging
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 
+from qmigx._core.wirelock cimport WireLock, pthread_mutex_lock, pthread_mutex_unlock
+
 import numpy as np
 
 from qmigx.errors import ParameterError, StateError
@@ -687,7 +689,8 @@ cdef class DirtyBitmap:
         self._w[page >> 6] &= ~((<uint64_t>1) << (page & 63))
         return page
 
-    def take_dirty(self, Py_ssize_t start, Py_ssize_t max_pages, int64_t[::1] out):
+    def take_dirty(self, Py_ssize_t start, Py_ssize_t max_pages, int64_t[::1] out,
+                   WireLock lock=None):
         """Take up to ``max_pages`` dirty pages at or after ``start``, in order.
 
         Writes the page numbers, ascending, to ``out[:count]`` (an int64
@@ -702,6 +705,13 @@ cdef class DirtyBitmap:
         If a callback raises, the chunks already cleared stay disarmed and
         no dirty bit is cleared, so no page is lost; the exception
         propagates.
+
+        ``lock``: another taker (the compiled server of postcopy page
+        requests) clears bits under it without the GIL. The pages are then
+        found and taken under it in one stretch without the GIL, so the
+        lock is never held while this thread waits for the GIL. Pages of
+        armed chunks are taken again under the lock after their callbacks
+        (which run without it): only those still dirty are returned.
         """
         cdef size_t count = 0, nchunks = 0, k
         cdef int64_t *chunks = NULL
@@ -715,6 +725,8 @@ cdef class DirtyBitmap:
             )
         if start >= self.npages or max_pages == 0:
             return 0
+        if lock is not None:
+            return self._take_dirty_locked(start, max_pages, out, lock)
         with nogil:
             count = qbm_collect(&self._w[0], <size_t>self.npages, <size_t>start,
                                 <size_t>max_pages, &out[0])
@@ -734,12 +746,58 @@ cdef class DirtyBitmap:
             qbm_clear_pages(&self._w[0], &out[0], count)
         return count
 
+    cdef size_t _take_dirty_locked(self, Py_ssize_t start, Py_ssize_t max_pages,
+                                   int64_t[::1] out, WireLock lock) except? 0:
+        cdef size_t count = 0, nchunks = 0, k, kept
+        cdef int64_t *chunks = NULL
+        cdef unsigned shift = <unsigned>self.clear_bitmap_shift
+        cdef uint64_t p, bit
+        chunks = <int64_t *>malloc(<size_t>max_pages * sizeof(int64_t))
+        if chunks == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                pthread_mutex_lock(&lock.m)
+                count = qbm_collect(&self._w[0], <size_t>self.npages, <size_t>start,
+                                    <size_t>max_pages, &out[0])
+                if count:
+                    nchunks = qbm_armed_chunks(&out[0], count, shift, &self._c[0], chunks)
+                    if nchunks == 0:
+                        qbm_clear_pages(&self._w[0], &out[0], count)
+                pthread_mutex_unlock(&lock.m)
+            if count == 0 or nchunks == 0:
+                return count
+            for k in range(nchunks):
+                self._fire(chunks[k])
+        finally:
+            free(chunks)
+        with nogil:
+            pthread_mutex_lock(&lock.m)
+            kept = 0
+            for k in range(count):
+                p = <uint64_t>out[k]
+                bit = (<uint64_t>1) << (p & 63)
+                if self._w[p >> 6] & bit:
+                    self._w[p >> 6] &= ~bit
+                    out[kept] = out[k]
+                    kept += 1
+            pthread_mutex_unlock(&lock.m)
+        return kept
+
     # -- views -----------------------------------------------------------------
 
     @property
     def words(self):
         """Read-only view of the bitmap words (uint64, page p = bit p % 64 of word p // 64)."""
         return _read_only(self._words_arr)
+
+    def words_to_take(self):
+        """The words themselves, writable: a sender elsewhere clears the bits it takes.
+
+        It must take them under the same lock as this bitmap's own takers,
+        and leave pages of armed chunks (see :attr:`clear_bmap`) to them.
+        """
+        return self._words_arr
 
     @property
     def chunk_pages(self):

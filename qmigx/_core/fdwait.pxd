@@ -1,10 +1,12 @@
 # cython: language_level=3
 """Waiting on a non-blocking descriptor and consuming iovecs, without the GIL.
 
-Shared by the compiled send and receive loops (multifd, COLO checkpoints):
-they poll their socket together with the channel's wake descriptor
-(readable once the channel is shut down), drop what each readv/sendmsg
-moved from their iovecs, and write gathered buffers until all is out.
+Shared by the compiled send and receive loops (multifd, COLO checkpoints,
+postcopy's page requests): they poll their socket together with the
+channel's wake descriptor (readable once the channel is shut down), drop
+what each readv/sendmsg moved from their iovecs, write gathered buffers
+until all is out, read without blocking and stamp times on the clock of
+``time.monotonic``.
 """
 
 from libc.errno cimport EAGAIN, EINTR, ENOTSOCK, errno
@@ -40,6 +42,23 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr* msg, int flags)
     enum:
         MSG_NOSIGNAL
+
+cdef extern from *:
+    """
+    #include <sys/socket.h>
+    #include <time.h>
+    /* CLOCK_MONOTONIC in seconds: the clock of Python's time.monotonic(). */
+    static inline double qmigx_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    static inline ssize_t qmigx_recv_nowait(int fd, void *buf, size_t n) {
+        return recv(fd, buf, n, MSG_DONTWAIT);
+    }
+    """
+    double monotonic_now "qmigx_monotonic"() noexcept nogil
+    ssize_t recv_nowait "qmigx_recv_nowait"(int fd, void* buf, size_t n) noexcept nogil
 
 cdef enum WaitStatus:
     WAIT_READY = -1

@@ -26,7 +26,7 @@ from libc.string cimport memcmp, memmove, memset
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 from qmigx._core.byteorder cimport load_be64
-from qmigx._core.fdwait cimport POLLIN, wait_fd
+from qmigx._core.fdwait cimport POLLIN, monotonic_now, recv_nowait, wait_fd
 
 __all__ = ["place_records", "DONE", "END", "STOPPED", "FAILED", "PAGE_SIZE", "MIN_BUFFER"]
 
@@ -50,20 +50,8 @@ cdef extern from *:
             return errno;
         }
     }
-
-    static double qpr_now(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    }
-
-    static ssize_t qpr_recv(int fd, void *buf, size_t n) {
-        return recv(fd, buf, n, MSG_DONTWAIT);
-    }
     """
     int qpr_copy(int uffd, uint64_t dst, const void* src, uint64_t length) nogil
-    double qpr_now() nogil
-    ssize_t qpr_recv(int fd, void* buf, size_t n) nogil
 
 cdef enum Status:
     S_DONE = 0
@@ -216,7 +204,7 @@ cdef tuple _loop(int fd, int wake, int uffd, Block* t, Py_ssize_t n, Py_ssize_t 
                         if qpr_copy(uffd, t[blk].addr + off, src, _PAGE) != 0:
                             break  # Python retries it and reports the failure
                         t[blk].received[idx] = 1
-                        t[blk].placed_at[idx] = qpr_now()
+                        t[blk].placed_at[idx] = monotonic_now()
                         pages += 1
                         cur = blk
                         pos += need
@@ -228,7 +216,7 @@ cdef tuple _loop(int fd, int wake, int uffd, Block* t, Py_ssize_t n, Py_ssize_t 
                 memmove(b, b + pos, have - pos)
                 have -= pos
                 pos = 0
-            got = qpr_recv(fd, b + have, cap - have)
+            got = recv_nowait(fd, b + have, cap - have)
             if got > 0:
                 have += got
                 nread += got

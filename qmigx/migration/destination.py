@@ -390,7 +390,7 @@ class MigrationDestination(Side):
         listen phase, ENABLE_COLO to the COLO phase. Return-path messages of
         every thread go out through one locked :class:`ReturnPathWriter`.
         """
-        self.rp = ReturnPathWriter(main.write)
+        self.rp = ReturnPathWriter.for_channel(main)
         if self.postcopy is not None:
             self.postcopy.rp = self.rp
         self._parser = StreamParser(registry=self.registry)
@@ -633,7 +633,7 @@ class MigrationDestination(Side):
         else:
             lst.close()
         self.c.state.transition(S.POSTCOPY_RECOVER)
-        self.rp = ReturnPathWriter(main.write)
+        self.rp = ReturnPathWriter.for_channel(main)
         pc.rp = self.rp
         # a new connection: no header; sections and blocks as established before
         self._parser = StreamParser(header=False, package=False, registry=self.registry,

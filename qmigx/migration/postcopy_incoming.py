@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from qmigx import uffd
+from qmigx import _backend, returnpath, uffd
 from qmigx._backend import load_compiled
 from qmigx.errors import CapabilityError, RamStreamError, StreamError
 from qmigx.placement import CopyPlacement, UffdPlacement
@@ -89,11 +89,14 @@ class PostcopyIncoming:
         self.blocktime = blocktime
         self.state = self.NONE
         self.placement: Optional[UffdPlacement] = None
-        self.requests = 0
-        self.faults = 0
+        #: faults read, requests sent, index of the last request's block (-1: none yet);
+        #: the compiled fault loop updates them as it goes
+        self._counts = np.array([0, 0, -1], np.int64)
         self._latencies: list[float] = []  # seconds, fault read to page placed
-        self._waiting: dict[tuple[str, int], float] = {}
-        self._last_block: Optional[str] = None
+        #: per block, per 4 KiB page: when the host page starting there was asked for
+        #: (time.monotonic(); 0: not waited for)
+        self._asked: dict[str, np.ndarray] = {}
+        self._names: list[str] = []
         self._lock = threading.Lock()
         self._given: set = set()
         self._to_drop: dict[str, np.ndarray] = {}
@@ -101,6 +104,16 @@ class PostcopyIncoming:
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.on_error: Optional[Callable[[BaseException], None]] = None
+
+    @property
+    def faults(self) -> int:
+        """Page faults read from the userfaultfd."""
+        return int(self._counts[0])
+
+    @property
+    def requests(self) -> int:
+        """Page requests made (each host page once until it is placed)."""
+        return int(self._counts[1])
 
     # -- commands -------------------------------------------------------------------
     def advise(self, payload: bytes, offset: int) -> None:
@@ -207,6 +220,9 @@ class PostcopyIncoming:
             if b.idstr in received:
                 pl.received[b.idstr][:] = received[b.idstr]
         pl.on_placed = self._placed
+        self._names = [b.idstr for b in blocks]
+        self._asked = {b.idstr: np.zeros(-(-b.used_length // TARGET_PAGE_SIZE), np.float64)
+                       for b in blocks}
         try:
             pl.register()
         except uffd.UffdUnavailable as e:
@@ -229,29 +245,64 @@ class PostcopyIncoming:
 
     # -- faults ----------------------------------------------------------------------
     def _fault_thread(self) -> None:
-        pl = self.placement
-        fd = pl.fd
         try:
-            while True:
-                ready, _, _ = select.select([fd, self._stop_r], [], [])
-                if self._stop_r in ready:
-                    return
-                try:
-                    data = os.read(fd, _MSG.size * 64)
-                except BlockingIOError:
-                    continue
-                for i in range(0, len(data) - _MSG.size + 1, _MSG.size):
-                    event, _, _, _, _flags, addr, _ptid = _MSG.unpack_from(data, i)
-                    if event == _EVENT_PAGEFAULT:
-                        self._fault(addr)
+            if self._compiled_faults():
+                return
+            self._python_faults()
         except BaseException as exc:  # noqa: BLE001 - reported to the load thread
             self.error = exc
             if self.on_error is not None:
                 self.on_error(exc)
 
+    def _fault_table(self) -> list:
+        pl = self.placement
+        return [(b.idstr.encode(), pl._addr[b.idstr], b.used_length, pl._host_page(b),
+                 pl.received[b.idstr], self._asked[b.idstr]) for b in pl.blocks]
+
+    def _compiled_faults(self) -> bool:
+        """Faults to requests in the compiled loop while the return path is a plain socket.
+
+        Returns False (nothing done yet, or the return path changed to one
+        that is not) for the Python loop to go on; True once stopped.
+        """
+        kernel = _backend.load("postcopy_fault")
+        table = self._fault_table()
+        while True:
+            rp = self.rp
+            if rp is None or rp.lock.fd < 0:
+                return False
+            st, err = kernel.serve_faults(self.placement.fd, self._stop_r, table, rp.lock,
+                                          self._counts)
+            if st == kernel.STOPPED:
+                return True
+            if st == kernel.READ_FAILED:
+                raise OSError(err, f"reading the userfaultfd: {os.strerror(err)}")
+            if st == kernel.WRITE_FAILED:
+                raise rp.failure(err)
+            # CLOSED: postcopy paused; wait for the recovered return path (or the end)
+            while self.rp is rp:
+                ready, _, _ = select.select([self._stop_r], [], [], 0.05)
+                if ready:
+                    return True
+
+    def _python_faults(self) -> None:
+        fd = self.placement.fd
+        while True:
+            ready, _, _ = select.select([fd, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(fd, _MSG.size * 64)
+            except BlockingIOError:
+                continue
+            for i in range(0, len(data) - _MSG.size + 1, _MSG.size):
+                event, _, _, _, _flags, addr, _ptid = _MSG.unpack_from(data, i)
+                if event == _EVENT_PAGEFAULT:
+                    self._fault(addr)
+
     def _fault(self, addr: int) -> None:
         pl = self.placement
-        for b in pl.blocks:
+        for index, b in enumerate(pl.blocks):
             base = pl._addr[b.idstr]
             if base <= addr < base + b.used_length:
                 break
@@ -259,39 +310,61 @@ class PostcopyIncoming:
             return  # not guest RAM (cannot happen: only the blocks are registered)
         hps = pl._host_page(b)
         host = (addr - base) // hps * hps
-        self.faults += 1
+        idx = host // TARGET_PAGE_SIZE
+        asked = self._asked[b.idstr]
         with self._lock:
-            if pl.received[b.idstr][host // TARGET_PAGE_SIZE]:
-                return  # placed meanwhile: the kernel woke the reader already
-            key = (b.idstr, host)
-            if key in self._waiting:
-                return
-            self._waiting[key] = time.monotonic()
-            name = None if b.idstr == self._last_block else b.idstr
-            self._last_block = b.idstr
-            self.requests += 1
-        self.rp.req_pages(host, hps, name)
+            self._counts[0] += 1
+            if pl.received[b.idstr][idx] or asked[idx] > 0:
+                return  # placed meanwhile (the kernel woke the reader already), or asked
+            asked[idx] = time.monotonic()
+            self._counts[1] += 1
+        self._request(host, hps, index)
+
+    def _request(self, host: int, hps: int, index: int) -> None:
+        """REQ_PAGES, or REQ_PAGES_ID for another block than the previous request's.
+
+        Decided under the return path's lock, as the compiled loop decides it.
+        """
+        rp = self.rp
+        with rp.lock:
+            named = int(self._counts[2]) != index
+            if rp.send_locked(returnpath.req_pages(host, hps,
+                                                   self._names[index] if named else None)):
+                self._counts[2] = index
 
     def _placed(self, block, host_offset: int) -> None:
+        asked = self._asked.get(block.idstr)
+        if asked is None:
+            return
+        idx = host_offset // TARGET_PAGE_SIZE
         with self._lock:
-            t = self._waiting.pop((block.idstr, host_offset), None)
-        if t is not None:
-            self._latencies.append(time.monotonic() - t)
+            t = float(asked[idx])
+            asked[idx] = 0.0
+        if t > 0:
+            self._latencies.append(max(0.0, time.monotonic() - t))
 
     def _drain(self) -> None:
-        """Settle the requests whose pages the compiled preempt placer placed (it stamps them)."""
+        """Settle the requests whose pages arrived without an ``on_placed`` call.
+
+        The compiled preempt placer stamps ``placed_at`` instead; a page the
+        fault side asked for just as it was placed settles with no wait.
+        """
         pl = self.placement
-        if pl is None or not pl.placed_at:
+        if pl is None:
             return
         with self._lock:
-            for key, t in list(self._waiting.items()):
-                stamps = pl.placed_at.get(key[0])
-                if stamps is None:
+            for name, asked in self._asked.items():
+                idx = np.flatnonzero(asked)
+                if not len(idx):
                     continue
-                at = float(stamps[key[1] // TARGET_PAGE_SIZE])
-                if at > 0:
-                    del self._waiting[key]
-                    self._latencies.append(max(0.0, at - t))
+                done = idx[pl.received[name][idx] != 0]
+                if not len(done):
+                    continue
+                t = asked[done]
+                stamps = pl.placed_at.get(name)
+                at = stamps[done] if stamps is not None else np.zeros(len(done))
+                self._latencies.extend(np.where(at > 0, np.maximum(at - t, 0.0), 0.0).tolist())
+                asked[done] = 0.0
 
     @property
     def latencies(self) -> list[float]:
@@ -299,14 +372,16 @@ class PostcopyIncoming:
         self._drain()
         return self._latencies
 
+    def _outstanding(self) -> bool:
+        return any(asked.any() for asked in self._asked.values())
+
     def wait_served(self, timeout: Optional[float]) -> bool:
         """Wait until no requested page is outstanding; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._drain()
-            with self._lock:
-                if not self._waiting:
-                    return True
+            if not self._outstanding():
+                return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.001)
@@ -314,15 +389,12 @@ class PostcopyIncoming:
     def resend_requests(self) -> None:
         """Ask again for every page still waited for (after recovery, as 7.2 does)."""
         self._drain()
-        with self._lock:
-            keys = sorted(self._waiting)
-            self._last_block = None
-        for name, host in keys:
-            hps = self.placement._host_page(self.loader.blocks[name])
-            with self._lock:
-                blk = None if name == self._last_block else name
-                self._last_block = name
-            self.rp.req_pages(host, hps, blk)
+        pl = self.placement
+        self._counts[2] = -1
+        for index, b in enumerate(pl.blocks):
+            hps = pl._host_page(b)
+            for idx in np.flatnonzero(self._asked[b.idstr]).tolist():
+                self._request(idx * TARGET_PAGE_SIZE, hps, index)
 
     def report(self, **extra) -> dict:
         """Counts and latency percentiles (ms) of the requested pages."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from typing import Callable
 
 from qmigx.errors import ChannelError, ReturnPathError
 from qmigx.migration.preempt import PreemptWriter
+from qmigx.migration.preempt_serve import RequestServer
 from qmigx.migration.side import S, now_ms
 from qmigx.qemufile import QEMUFile
 from qmigx.stream import Section, StreamWriter
@@ -184,7 +186,7 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
     """
     ram = src.ram
     f = w.f
-    pre = PreemptWriter(preempt_channel.write) if preempt_channel is not None else None
+    pre = PreemptWriter.for_channel(preempt_channel) if preempt_channel is not None else None
     bw = src.c.params.max_postcopy_bandwidth
     t_base, b_base = time.monotonic(), f.total_transferred
     wake = src._postcopy_request
@@ -208,6 +210,8 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
                 _serve_on_preempt(ram, pre)
 
         src._serve_requested = serve
+        if RequestServer.possible(pre):
+            src._rp_server = RequestServer(ram, pre, _count_requests(src))
     others = [(lsec, h) for lsec, h in live if h is not None and h.is_active() and h.has_postcopy()]
     for _, h in others:
         h.limit = over_budget
@@ -243,6 +247,7 @@ def stream_rest(src, w: StreamWriter, rw, sec: Section, preempt_channel=None,
     if pre is not None:
         src._serve_requested()
         src._serve_requested = None
+        _stop_server(src)
     for lsec, h in live or ((sec, None),):  # QEMU's order
         if h is None:
             w.section_header(SectionType.SECTION_END, sec)
@@ -273,6 +278,19 @@ def _serve_on_main(ram, w: StreamWriter, rw, sec: Section) -> None:
     w.f.flush()
 
 
+def _count_requests(src) -> Callable[[int], None]:
+    def counted(n: int) -> None:
+        src.c.stats.postcopy_requests += n
+        src._postcopy_request.set()
+    return counted
+
+
+def _stop_server(src) -> None:
+    server, src._rp_server = src._rp_server, None
+    if server is not None:
+        server.active = False  # the return-path thread reads on by itself within TURN_MS
+
+
 def _serve_on_preempt(ram, pre: PreemptWriter) -> None:
     """Each requested page that has not gone yet, as a bare record on the preempt channel."""
     while ram.requests_pending:
@@ -288,6 +306,7 @@ def pause_and_resume(src, sec: Section, exc: BaseException, rw_before=None):
     acknowledged RESUME; a failed attempt pauses again and waits for the next.
     """
     src._serve_requested = None  # the old preempt channel is gone
+    _stop_server(src)
     st = src.c.state
     before, src.pause_reason = src.pause_reason, exc  # set first: postcopy-paused comes with why
     if not (st.try_transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)

@@ -13,6 +13,7 @@ feeds it from the channel on a thread and places each page;
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import zlib
@@ -330,22 +331,49 @@ def _fast_table(channel, placement) -> Optional[tuple]:
 
 
 class PreemptWriter:
-    """The source's side: requested pages as bare records, then EOS."""
+    """The source's side: requested pages as bare records, then EOS.
 
-    def __init__(self, write: Callable[[bytes], object]) -> None:
+    Each record is written under :attr:`lock`, a
+    :class:`~qmigx._core.wirelock.WireLock` that also carries the
+    channel's socket (``fds``), so the compiled return-path server
+    (:mod:`qmigx._core.rp_serve`) can write records between these.
+    """
+
+    def __init__(self, write: Callable[[bytes], object], fds: Optional[tuple] = None,
+                 failure: Optional[Callable[..., Exception]] = None) -> None:
+        from qmigx import _backend
+
         self._write = write
+        self._failure = failure
+        fd, wake = fds if fds is not None else (-1, -1)
+        self.lock = _backend.load("wirelock").WireLock(fd, wake)
         self.block: Optional[str] = None
         self.pages = 0
 
+    @classmethod
+    def for_channel(cls, channel) -> PreemptWriter:
+        get = getattr(channel, "socket_fds", None)
+        return cls(channel.write, get() if get is not None else None,
+                   getattr(channel, "failure", None))
+
+    def failure(self, err: int) -> Exception:
+        """The error for a compiled writer's failed write (``err``: an errno value)."""
+        if self._failure is not None:
+            return self._failure("failed" if err else "stopped", writing=True, err=err)
+        return ChannelError(f"postcopy preempt channel: write failed: {os.strerror(err)}",
+                            field="postcopy-preempt")
+
     def page(self, block: str, offset: int, data) -> None:
-        if block == self.block:
-            head = struct.pack(">Q", offset | RamFlag.PAGE | RamFlag.CONTINUE)
-        else:
-            raw = block.encode()
-            head = struct.pack(">QB", offset | RamFlag.PAGE, len(raw)) + raw
+        with self.lock:
+            if block == self.block:
+                head = struct.pack(">Q", offset | RamFlag.PAGE | RamFlag.CONTINUE)
+            else:
+                raw = block.encode()
+                head = struct.pack(">QB", offset | RamFlag.PAGE, len(raw)) + raw
+            self._write(head + bytes(data))
             self.block = block
-        self._write(head + bytes(data))
-        self.pages += 1
+            self.pages += 1
 
     def eos(self) -> None:
-        self._write(struct.pack(">Q", RamFlag.EOS))
+        with self.lock:
+            self._write(struct.pack(">Q", RamFlag.EOS))

@@ -129,6 +129,8 @@ class MigrationSource(SourceReturnPath, Side):
         self._postcopy_request = threading.Event()
         #: sends the queued page requests on the preempt channel (set while postcopy streams)
         self._serve_requested: Optional[Callable[[], None]] = None
+        #: postcopy with preempt over plain sockets: the return path's compiled page server
+        self._rp_server = None
         self.preempt_pages = 0
         self._pc_stopped = False  # the guest was stopped for postcopy
         self._pc_ran = False  # the destination was told to RUN: the guest never resumes here

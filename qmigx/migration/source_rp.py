@@ -26,54 +26,72 @@ class SourceReturnPath:
         buf = bytearray(4096)
         try:
             while True:
-                try:
-                    n = ch.readinto(buf)
-                except ChannelTimeout:
-                    # Between PONG and SHUT the return path is idle for as long as
-                    # the migration runs: the channel's I/O timeout, meant for a
-                    # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
-                    if not self._cancel.is_set():
-                        continue
-                    raise
-                if n == 0:
-                    if not self._shut.is_set():
-                        raise ChannelError("return path closed before SHUT", field="return-path")
-                    return
-                parser.feed(memoryview(buf)[:n])
-                for msg in parser.messages():
-                    if msg.type == MigRpMsg.PONG:
-                        self._ponged.set()
-                        self._rp_event.set()
-                        continue
-                    if msg.type == MigRpMsg.SWITCHOVER_ACK:
-                        self._switchover_acked.set()
-                        continue
-                    if msg.type == MigRpMsg.RECV_BITMAP:
-                        self._recv_bitmaps[msg.block] = msg.bitmap
-                        self._rp_event.set()
-                        continue
-                    if msg.type == MigRpMsg.RESUME_ACK:
-                        self._resume_acked.set()
-                        self._rp_event.set()
-                        continue
-                    if msg.type == MigRpMsg.SHUT:
-                        self._shut_status = msg.value
-                        self._shut.set()
+                server = self._rp_server
+                if server is not None and server.active and parser.idle:
+                    # postcopy with preempt: requests served without the GIL
+                    data = server.serve(ch, parser, self._cancel.is_set)
+                    if data is None:
+                        if not self._shut.is_set():
+                            raise ChannelError("return path closed before SHUT",
+                                               field="return-path")
                         return
-                    if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
-                        if not self._pc_stopped and not self._start_postcopy.is_set():
-                            raise StreamError("postcopy page request during precopy",
-                                              offset=msg.offset, field="return-path")
-                        self.ram.request_pages(msg.block, msg.start, msg.length)
-                        self.c.stats.postcopy_requests += 1
-                        serve = self._serve_requested
-                        if serve is not None:  # the preempt channel: no wait for the stream
-                            serve()
-                        self._postcopy_request.set()
+                    parser.feed(data)
+                else:
+                    try:
+                        n = ch.readinto(buf)
+                    except ChannelTimeout:
+                        # Between PONG and SHUT the return path is idle for as long as
+                        # the migration runs: the channel's I/O timeout, meant for a
+                        # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
+                        if not self._cancel.is_set():
+                            continue
+                        raise
+                    if n == 0:
+                        if not self._shut.is_set():
+                            raise ChannelError("return path closed before SHUT",
+                                               field="return-path")
+                        return
+                    parser.feed(memoryview(buf)[:n])
+                if self._rp_messages(parser):
+                    return
         except BaseException as exc:
             if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
                 self._rp_error = exc
             self._shut.set()
+
+    def _rp_messages(self, parser) -> bool:
+        """Act on every whole message ``parser`` holds; True at SHUT (the reader's end)."""
+        for msg in parser.messages():
+            if msg.type == MigRpMsg.PONG:
+                self._ponged.set()
+                self._rp_event.set()
+                continue
+            if msg.type == MigRpMsg.SWITCHOVER_ACK:
+                self._switchover_acked.set()
+                continue
+            if msg.type == MigRpMsg.RECV_BITMAP:
+                self._recv_bitmaps[msg.block] = msg.bitmap
+                self._rp_event.set()
+                continue
+            if msg.type == MigRpMsg.RESUME_ACK:
+                self._resume_acked.set()
+                self._rp_event.set()
+                continue
+            if msg.type == MigRpMsg.SHUT:
+                self._shut_status = msg.value
+                self._shut.set()
+                return True
+            if msg.type in (MigRpMsg.REQ_PAGES, MigRpMsg.REQ_PAGES_ID):
+                if not self._pc_stopped and not self._start_postcopy.is_set():
+                    raise StreamError("postcopy page request during precopy",
+                                      offset=msg.offset, field="return-path")
+                self.ram.request_pages(msg.block, msg.start, msg.length)
+                self.c.stats.postcopy_requests += 1
+                serve = self._serve_requested
+                if serve is not None:  # the preempt channel: no wait for the stream
+                    serve()
+                self._postcopy_request.set()
+        return False
 
     def _rp_check(self) -> None:
         if self._rp_error is not None:

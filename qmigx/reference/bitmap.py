@@ -198,7 +198,7 @@ class DirtyBitmap:
             self.take(page)
         return page
 
-    def take_dirty(self, start, max_pages, out) -> int:
+    def take_dirty(self, start, max_pages, out, lock=None) -> int:
         start, max_pages = _index(start, "start"), _index(max_pages, "max_pages")
         out = memoryview(out)
         if out.readonly or out.ndim != 1 or out.itemsize != 8 or out.format.lstrip("@=<") not in "ql":
@@ -209,6 +209,16 @@ class DirtyBitmap:
             raise ParameterError(
                 f"max_pages {max_pages} not in 0..len(out) = {len(out)}", field="max_pages"
             )
+        if lock is not None:  # another taker clears bits under it (the compiled one: no GIL)
+            return self._take_dirty_locked(start, max_pages, out, lock)
+        pages, armed = self._collect(start, max_pages, out)
+        for chunk in armed:
+            self._clear_chunk(chunk)
+        for page in pages:
+            self._dirty.put(page, False)
+        return len(pages)
+
+    def _collect(self, start: int, max_pages: int, out) -> tuple[list, list]:
         pages = []
         page = self.find_next(start)
         while page < self.npages and len(pages) < max_pages:
@@ -221,11 +231,24 @@ class DirtyBitmap:
             chunk = page // self.chunk_pages
             if self._armed.get(chunk) and chunk not in armed:
                 armed.append(chunk)
+        return pages, armed
+
+    def _take_dirty_locked(self, start: int, max_pages: int, out, lock) -> int:
+        """Found and taken under ``lock``; armed chunks' callbacks run without it."""
+        with lock:
+            pages, armed = self._collect(start, max_pages, out)
+            if not armed:
+                for page in pages:
+                    self._dirty.put(page, False)
+                return len(pages)
         for chunk in armed:
             self._clear_chunk(chunk)
-        for page in pages:
-            self._dirty.put(page, False)
-        return len(pages)
+        with lock:
+            kept = [p for p in pages if self._dirty.get(p)]
+            for i, page in enumerate(kept):
+                self._dirty.put(page, False)
+                out[i] = page
+        return len(kept)
 
     # -- views -----------------------------------------------------------------
 
@@ -234,6 +257,14 @@ class DirtyBitmap:
         view = self._dirty.words.view()
         view.flags.writeable = False
         return view
+
+    def words_to_take(self) -> np.ndarray:
+        """The words themselves, writable: a sender elsewhere clears the bits it takes.
+
+        It must take them under the same lock as this bitmap's own takers,
+        and leave pages of armed chunks (see :attr:`clear_bmap`) to them.
+        """
+        return self._dirty.words
 
     # chunk_pages is a plain attribute here (set in __init__)
 

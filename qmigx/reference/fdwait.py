@@ -13,7 +13,8 @@ def wait_fd(fd: int, events: int, wake: int, timeout_ms: int) -> tuple:
     """Wait until ``fd`` has ``events``: ``(WAIT_READY, 0)``, or why not and the errno."""
     p = select.poll()
     p.register(fd, events)
-    p.register(wake, select.POLLIN)
+    if wake >= 0:  # poll(2) ignores a negative descriptor (no wake: -1); select.poll refuses it
+        p.register(wake, select.POLLIN)
     try:
         ready = dict(p.poll(timeout_ms))
     except OSError as e:
