@@ -34,6 +34,7 @@ from qmigx.errors import ReturnPathError
 from qmigx.page_cache import PageCache
 from qmigx.ram import RAMBlock, RAMBlockList, RamWriter, compress_page
 from qmigx.stream import RamBlockInfo
+from qmigx.wirelock import WireLock
 from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = ["RamSaveState", "MultifdQueue"]
@@ -149,7 +150,7 @@ class RamSaveState:
         self._request_lock = threading.Lock()
         #: held while dirty bits are taken, so that a page is taken by one sender only
         #: (a WireLock: the compiled return-path server takes requested pages under it too)
-        self.take_lock = _backend.load("wirelock").WireLock()
+        self.take_lock = WireLock()
         self.requests_served = 0
         self.request_wait = 0.0  # seconds requests spent queued, summed
         #: a writer of plain page records straight from guest memory, called as
@@ -267,6 +268,23 @@ class RamSaveState:
                     yield blk.idstr, p * ps, blk.buffer[p * ps : (p + 1) * ps]
             self.requests_served += 1
             self.request_wait += time.monotonic() - queued
+
+    @property
+    def request_block(self) -> int:
+        """Index of the block of the last page request (-1: none): a REQ_PAGES names none."""
+        with self._request_lock:
+            return -1 if self._request_block is None else self._request_block
+
+    @request_block.setter
+    def request_block(self, index: int) -> None:
+        with self._request_lock:
+            self._request_block = None if index < 0 else index
+
+    def count_served(self, pages: int, requests: int) -> None:
+        """Pages and requests the compiled server sent (as :meth:`take_requested` counts)."""
+        self.pages_sent += pages
+        self.normal_pages += pages
+        self.requests_served += requests
 
     def request_table(self) -> list:
         """Per block, in order: ``(name, dirty words, armed chunks, clear shift, memory)``.

@@ -10,12 +10,12 @@ engine finds them ready.
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 from qmigx.errors import ReturnPathError
+from qmigx.wirelock import LockedWriter
 from qmigx.wire import MAX_RP_MESSAGE_LEN, MIGRATION_RESUME_ACK_VALUE, MigRpMsg
 
 __all__ = ["RpMessage", "encode", "shut", "pong", "req_pages", "recv_bitmap", "resume_ack",
@@ -92,7 +92,7 @@ def switchover_ack() -> bytes:
     return encode(MigRpMsg.SWITCHOVER_ACK)
 
 
-class ReturnPathWriter:
+class ReturnPathWriter(LockedWriter):
     """The destination's one writer of return-path messages (QEMU's rp_mutex).
 
     The load thread answers PINGs and sends SHUT, a postcopy fault thread
@@ -101,26 +101,11 @@ class ReturnPathWriter:
     threads never interleave. ``write`` is the channel's (e.g.
     ``Channel.write``); after :meth:`close` messages are dropped.
 
-    The lock is a :class:`~qmigx._core.wirelock.WireLock`: given the
-    channel's socket (``fds``, from ``Channel.socket_fds``), the compiled
-    postcopy fault loop writes its page requests under the same lock.
+    Given the channel's socket (:meth:`for_channel`), the compiled postcopy
+    fault loop writes its page requests under the same lock.
     """
 
-    def __init__(self, write: Callable[[bytes], object], fds: Optional[tuple] = None,
-                 failure: Optional[Callable[..., Exception]] = None) -> None:
-        from qmigx import _backend
-
-        self._write = write
-        self._failure = failure
-        fd, wake = fds if fds is not None else (-1, -1)
-        self.lock = _backend.load("wirelock").WireLock(fd, wake)
-
-    @classmethod
-    def for_channel(cls, channel) -> ReturnPathWriter:
-        """The writer of ``channel`` (a :class:`~qmigx.transport.channel.Channel`)."""
-        get = getattr(channel, "socket_fds", None)
-        return cls(channel.write, get() if get is not None else None,
-                   getattr(channel, "failure", None))
+    what = "return-path"
 
     @property
     def closed(self) -> bool:
@@ -130,13 +115,6 @@ class ReturnPathWriter:
     def sent(self) -> int:
         """Messages written (by Python and by the compiled fault loop)."""
         return int(self.lock.sent)
-
-    def failure(self, err: int) -> Exception:
-        """The error for a compiled writer's failed write (``err``: an errno value)."""
-        if self._failure is not None:
-            return self._failure("failed" if err else "stopped", writing=True, err=err)
-        return ReturnPathError(f"return path write failed: {os.strerror(err)}",
-                               field="return-path")
 
     def send_locked(self, message: bytes) -> bool:
         """Write ``message`` with :attr:`lock` already held; False if closed (dropped)."""

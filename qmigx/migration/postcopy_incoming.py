@@ -96,7 +96,6 @@ class PostcopyIncoming:
         #: per block, per 4 KiB page: when the host page starting there was asked for
         #: (time.monotonic(); 0: not waited for)
         self._asked: dict[str, np.ndarray] = {}
-        self._names: list[str] = []
         self._lock = threading.Lock()
         self._given: set = set()
         self._to_drop: dict[str, np.ndarray] = {}
@@ -220,7 +219,6 @@ class PostcopyIncoming:
             if b.idstr in received:
                 pl.received[b.idstr][:] = received[b.idstr]
         pl.on_placed = self._placed
-        self._names = [b.idstr for b in blocks]
         self._asked = {b.idstr: np.zeros(-(-b.used_length // TARGET_PAGE_SIZE), np.float64)
                        for b in blocks}
         try:
@@ -328,8 +326,8 @@ class PostcopyIncoming:
         rp = self.rp
         with rp.lock:
             named = int(self._counts[2]) != index
-            if rp.send_locked(returnpath.req_pages(host, hps,
-                                                   self._names[index] if named else None)):
+            name = self.placement.blocks[index].idstr if named else None
+            if rp.send_locked(returnpath.req_pages(host, hps, name)):
                 self._counts[2] = index
 
     def _placed(self, block, host_offset: int) -> None:

@@ -13,7 +13,6 @@ feeds it from the channel on a thread and places each page;
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import zlib
@@ -22,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from qmigx.errors import ChannelError, RamStreamError
+from qmigx.wirelock import LockedWriter
 from qmigx.wire import TARGET_PAGE_SIZE, RamFlag
 
 __all__ = ["PreemptRecords", "PreemptReader", "PreemptWriter"]
@@ -330,38 +330,21 @@ def _fast_table(channel, placement) -> Optional[tuple]:
     return (fds[0], fds[1], table) if table else None
 
 
-class PreemptWriter:
+class PreemptWriter(LockedWriter):
     """The source's side: requested pages as bare records, then EOS.
 
-    Each record is written under :attr:`lock`, a
-    :class:`~qmigx._core.wirelock.WireLock` that also carries the
-    channel's socket (``fds``), so the compiled return-path server
-    (:mod:`qmigx._core.rp_serve`) can write records between these.
+    Each record is written under :attr:`lock`; given the channel's socket
+    (:meth:`for_channel`), the compiled return-path server
+    (:mod:`qmigx._core.rp_serve`) writes its records between these.
     """
+
+    what = "postcopy-preempt"
 
     def __init__(self, write: Callable[[bytes], object], fds: Optional[tuple] = None,
                  failure: Optional[Callable[..., Exception]] = None) -> None:
-        from qmigx import _backend
-
-        self._write = write
-        self._failure = failure
-        fd, wake = fds if fds is not None else (-1, -1)
-        self.lock = _backend.load("wirelock").WireLock(fd, wake)
+        super().__init__(write, fds, failure)
         self.block: Optional[str] = None
         self.pages = 0
-
-    @classmethod
-    def for_channel(cls, channel) -> PreemptWriter:
-        get = getattr(channel, "socket_fds", None)
-        return cls(channel.write, get() if get is not None else None,
-                   getattr(channel, "failure", None))
-
-    def failure(self, err: int) -> Exception:
-        """The error for a compiled writer's failed write (``err``: an errno value)."""
-        if self._failure is not None:
-            return self._failure("failed" if err else "stopped", writing=True, err=err)
-        return ChannelError(f"postcopy preempt channel: write failed: {os.strerror(err)}",
-                            field="postcopy-preempt")
 
     def page(self, block: str, offset: int, data) -> None:
         with self.lock:

@@ -98,24 +98,19 @@ class RequestServer:
             raise ch.failure("stopped" if st == k.STOPPED else "failed", err=err)
 
     def _enter(self) -> None:
-        ram, st = self.ram, self.state
-        with ram._request_lock:
-            st[0] = -1 if ram._request_block is None else ram._request_block
+        st = self.state
+        st[0] = self.ram.request_block
         st[1] = self._index.get(self.pre.block, -1)
         self._before = (int(st[2]), int(st[3]))
 
     def _leave(self) -> None:
-        ram, st, pre = self.ram, self.state, self.pre
+        st, pre = self.state, self.pre
         pages, served = int(st[2]) - self._before[0], int(st[3]) - self._before[1]
         if st[0] >= 0:
-            with ram._request_lock:
-                ram._request_block = int(st[0])
+            self.ram.request_block = int(st[0])
         if st[1] >= 0:
             pre.block = self.names[int(st[1])]
-        if pages:
-            ram.pages_sent += pages
-            ram.normal_pages += pages
-            pre.pages += pages
+        pre.pages += pages
+        self.ram.count_served(pages, served)
         if served:
-            ram.requests_served += served
             self.on_turn(served)

@@ -30,34 +30,32 @@ class SourceReturnPath:
                 if server is not None and server.active and parser.idle:
                     # postcopy with preempt: requests served without the GIL
                     data = server.serve(ch, parser, self._cancel.is_set)
-                    if data is None:
-                        if not self._shut.is_set():
-                            raise ChannelError("return path closed before SHUT",
-                                               field="return-path")
-                        return
-                    parser.feed(data)
                 else:
-                    try:
-                        n = ch.readinto(buf)
-                    except ChannelTimeout:
-                        # Between PONG and SHUT the return path is idle for as long as
-                        # the migration runs: the channel's I/O timeout, meant for a
-                        # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
-                        if not self._cancel.is_set():
-                            continue
-                        raise
-                    if n == 0:
-                        if not self._shut.is_set():
-                            raise ChannelError("return path closed before SHUT",
-                                               field="return-path")
-                        return
-                    parser.feed(memoryview(buf)[:n])
+                    data = self._rp_read(ch, buf)
+                if data is None:
+                    if not self._shut.is_set():
+                        raise ChannelError("return path closed before SHUT", field="return-path")
+                    return
+                parser.feed(data)
                 if self._rp_messages(parser):
                     return
         except BaseException as exc:
             if not self._cancel.is_set() and self.c.state.state != S.COMPLETED:
                 self._rp_error = exc
             self._shut.set()
+
+    def _rp_read(self, ch, buf: bytearray):
+        """What the return path has (None: it closed)."""
+        try:
+            n = ch.readinto(buf)
+        except ChannelTimeout:
+            # Between PONG and SHUT the return path is idle for as long as
+            # the migration runs: the channel's I/O timeout, meant for a
+            # stalled stream, is no reason to fail (_wait_shut bounds SHUT).
+            if not self._cancel.is_set():
+                return b""
+            raise
+        return memoryview(buf)[:n] if n else None
 
     def _rp_messages(self, parser) -> bool:
         """Act on every whole message ``parser`` holds; True at SHUT (the reader's end)."""
