@@ -26,11 +26,11 @@ Section ids are handed out in registration order, as QEMU numbers
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from qmigx.errors import UnknownSectionError, VMStateError, printable_name
 from qmigx.qemufile import Cursor, QEMUFile
+from qmigx.records import Record, factory
 
 __all__ = [
     "Section",
@@ -42,8 +42,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(Record):
     """Identity of a section as introduced by its START or FULL header."""
 
     section_id: int
@@ -151,14 +150,13 @@ class SaveVMHandler:
         pass
 
 
-@dataclass
-class VMStateHandler:
+class VMStateHandler(Record, mutable=True):
     """One registered device: identity, description and live state."""
 
     idstr: str
     instance_id: int
     vmsd: object
-    state: dict = field(default_factory=dict)
+    state: dict = factory(dict)
     order: int = 0
     live = False
 
@@ -277,8 +275,7 @@ class SaveVMRegistry:
         return [h.device_state() for h in self.devices()]
 
 
-@dataclass
-class DeviceState:
+class DeviceState(Record, mutable=True):
     """One device section to save: identity, payload, and its vmdesc entry.
 
     ``vmdesc`` is the JSON text of the section's entry in the vmdesc

@@ -23,13 +23,13 @@ applied before the event is handed on.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from qmigx import transport
+from qmigx.records import replace
 from qmigx.control import Capabilities, MigrationStatus, Parameters, make_event
 from qmigx.control.capabilities import MIGRATION_ACTIVE
 from qmigx.crypto import ObjectRoot
@@ -334,7 +334,7 @@ class Machine:
             if src is not None:
                 for i, dev in enumerate(src.devices):
                     if isinstance(dev, SectionData) and dev.section.idstr == "globalstate":
-                        src.devices[i] = dataclasses.replace(
+                        src.devices[i] = replace(
                             dev, payload=_globalstate_payload(state), value=None)
             return state
 

@@ -13,11 +13,11 @@ the same context and goes on where the last one stopped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from qmigx import _backend
 from qmigx.savevm import Section
+from qmigx.records import Record, factory
 from qmigx.wire import TARGET_PAGE_SIZE
 
 __all__ = ["StreamContext"]
@@ -25,12 +25,11 @@ __all__ = ["StreamContext"]
 _ramparse = _backend.load("ramparse")
 
 
-@dataclass
-class StreamContext:
+class StreamContext(Record, mutable=True):
     """Section ids, the RAM block table, the CONTINUE block, the configuration."""
 
     page_size: int = TARGET_PAGE_SIZE
-    sections: dict[int, Section] = field(default_factory=dict)
+    sections: dict[int, Section] = factory(dict)
     configuration: Optional[Any] = None
     ignore_shared: bool = False
     postcopy_page_sizes: bool = False

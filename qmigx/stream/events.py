@@ -1,12 +1,12 @@
-"""The events a stream parser produces, one dataclass per record kind (stream.md)."""
+"""The events a stream parser produces, one record class per record kind (stream.md)."""
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from qmigx.qemufile import Cursor
+from qmigx.records import Record
 from qmigx.savevm import Section
 from qmigx.wire import MigCmd, SectionType
 
@@ -18,21 +18,18 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class StreamHeader:
+class StreamHeader(Record):
     version: int
     offset: int = 0
 
 
-@dataclass(frozen=True)
-class ConfigSubsection:
+class ConfigSubsection(Record):
     name: str
     version: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class Configuration:
+class Configuration(Record):
     """The configuration section (stream.md §3)."""
 
     machine_type: str
@@ -64,8 +61,7 @@ class Configuration:
         return None
 
 
-@dataclass(frozen=True)
-class SectionStart:
+class SectionStart(Record):
     """A START/PART/END/FULL header. PART/END carry the START's identity."""
 
     type: SectionType
@@ -73,8 +69,7 @@ class SectionStart:
     offset: int
 
 
-@dataclass(frozen=True)
-class SectionData:
+class SectionData(Record):
     """A non-RAM section payload, exactly as on the wire.
 
     ``value`` is the decoded state when the parser had a description for
@@ -89,8 +84,7 @@ class SectionData:
     value: Any = None
 
 
-@dataclass(frozen=True)
-class MappedRamHeader:
+class MappedRamHeader(Record):
     """The header after each setup entry of a ``mapped-ram`` stream (qemu10.md §5.2).
 
     ``bitmap_offset`` and ``pages_offset`` are absolute file offsets: the
@@ -104,8 +98,7 @@ class MappedRamHeader:
     pages_offset: int
 
 
-@dataclass(frozen=True)
-class RamBlockInfo:
+class RamBlockInfo(Record):
     """One entry of the RAM setup record (ram.md §3); ``mapped`` with mapped-ram."""
 
     idstr: str
@@ -115,8 +108,7 @@ class RamBlockInfo:
     mapped: Optional[MappedRamHeader] = None
 
 
-@dataclass(frozen=True)
-class RamSetup:
+class RamSetup(Record):
     """The RAM setup record (MEM_SIZE): the block list."""
 
     section: Section
@@ -126,8 +118,7 @@ class RamSetup:
     raw: bytes
 
 
-@dataclass(frozen=True)
-class RamPages:
+class RamPages(Record):
     """A batch of page records; see ``qmigx.reference.ramparse.RamRecords``.
 
     ``records.pos``/``records.start`` index into ``data``; ``base`` is the
@@ -143,14 +134,12 @@ class RamPages:
     blocks: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class RamEOS:
+class RamEOS(Record):
     section: Section
     offset: int
 
 
-@dataclass(frozen=True)
-class RamMultifdFlush:
+class RamMultifdFlush(Record):
     """A MULTIFD_FLUSH record (QEMU 10): every multifd channel syncs here.
 
     A source that syncs multifd per round writes one in its setup section;
@@ -161,8 +150,7 @@ class RamMultifdFlush:
     offset: int
 
 
-@dataclass(frozen=True)
-class RamMappedBlock:
+class RamMappedBlock(Record):
     """mapped-ram: a setup entry, its header and its page bitmap (qemu10.md §5.2).
 
     Comes before the block's :class:`RamMappedPages`; ``index`` is the
@@ -185,8 +173,7 @@ class RamMappedBlock:
         return bits[:n].astype(bool)
 
 
-@dataclass(frozen=True)
-class RamMappedPages:
+class RamMappedPages(Record):
     """mapped-ram: whole pages of one block's page area as they pass in the input.
 
     ``data`` holds pages ``first_page, first_page + 1, ...`` of block
@@ -201,8 +188,7 @@ class RamMappedPages:
     offset: int
 
 
-@dataclass(frozen=True)
-class SectionEnd:
+class SectionEnd(Record):
     """The end of a section's payload, with its footer when it had one."""
 
     type: SectionType
@@ -211,8 +197,7 @@ class SectionEnd:
     offset: int
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(Record):
     """A ``QEMU_VM_COMMAND``; ``packaged`` holds a PACKAGED command's blob."""
 
     cmd: MigCmd
@@ -221,23 +206,20 @@ class Command:
     packaged: Optional[bytes] = None
 
 
-@dataclass(frozen=True)
-class EndOfState:
+class EndOfState(Record):
     """The ``QEMU_VM_EOF`` byte: the device-state part of the stream ended."""
 
     offset: int
 
 
-@dataclass(frozen=True)
-class VMDescription:
+class VMDescription(Record):
     """The vmdesc trailer's JSON text."""
 
     json: bytes
     offset: int
 
 
-@dataclass(frozen=True)
-class SectionRecord:
+class SectionRecord(Record):
     """One record of a live section other than ``ram`` (``block``, ``dirty-bitmap``).
 
     ``record`` is what the section's handler read (its ``read_record``);
@@ -250,8 +232,7 @@ class SectionRecord:
     raw: bytes
 
 
-@dataclass(frozen=True)
-class EndOfStream:
+class EndOfStream(Record):
     """The input ended cleanly (only after ``feed_eof``)."""
 
     offset: int

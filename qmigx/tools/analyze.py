@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import urllib.parse
 
 from qmigx.errors import StreamError
 from qmigx.stream.reader import Source, StreamReader
@@ -156,6 +155,8 @@ def _dump_mapped(ev: RamMappedPages, loader, mem: dict) -> None:
 
 def block_filename(idstr: str) -> str:
     """File name of a RAM block in an extract directory (its idstr, URL-quoted)."""
+    import urllib.parse
+
     return urllib.parse.quote(idstr, safe="") + ".bin"
 
 

@@ -31,10 +31,10 @@ prstatus ``pid`` is cpu_index + 1 as in QEMU.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from qmigx.errors import MachineLayoutError
+from qmigx.records import Record, factory
 
 __all__ = ["CpuState", "ElfLayout", "cpu_states", "elf_layout", "EM_386", "EM_X86_64"]
 
@@ -58,29 +58,27 @@ EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI = range(8)
 ES, CS, SS, DS, FS, GS = range(6)
 
 
-@dataclass
-class Segment:
+class Segment(Record, mutable=True):
     selector: int = 0
     base: int = 0
     limit: int = 0
     flags: int = 0
 
 
-@dataclass
-class CpuState:
+class CpuState(Record, mutable=True):
     """What the dump notes need of one vCPU (QEMU's CPUX86State, in part)."""
 
     index: int
-    regs: list = field(default_factory=lambda: [0] * 16)
+    regs: list = factory(lambda: [0] * 16)
     rip: int = 0
     rflags: int = 0
     hflags: int = 0
-    segs: list = field(default_factory=lambda: [Segment() for _ in range(6)])
-    ldt: Segment = field(default_factory=Segment)
-    tr: Segment = field(default_factory=Segment)
-    gdt: Segment = field(default_factory=Segment)
-    idt: Segment = field(default_factory=Segment)
-    cr: list = field(default_factory=lambda: [0] * 5)
+    segs: list = factory(lambda: [Segment() for _ in range(6)])
+    ldt: Segment = factory(Segment)
+    tr: Segment = factory(Segment)
+    gdt: Segment = factory(Segment)
+    idt: Segment = factory(Segment)
+    cr: list = factory(lambda: [0] * 5)
     kernel_gs_base: int = 0
 
     @property
@@ -188,8 +186,7 @@ def notes(cpus: Sequence[CpuState], machine: int) -> bytes:
     return out + b"".join(_note(b"QEMU", 0, _qemu_cpu_state(c)) for c in cpus)
 
 
-@dataclass
-class ElfLayout:
+class ElfLayout(Record, mutable=True):
     """Where everything of the core goes: ``head`` at 0, ranges at ``offsets``, ``tail`` last."""
 
     head: bytes

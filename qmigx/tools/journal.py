@@ -16,6 +16,7 @@ written whole at the end, as before.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -30,10 +31,8 @@ from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
 __all__ = ["SaveJournal"]
 
-_ramparse = _backend.load("ramparse")
+_pagesend = _backend.load("pagesend")
 
-#: Pages encoded per write (1 MiB of records): large writes, little memory.
-_BATCH = 256
 #: Pages of the log looked at at a time (128 MiB of guest RAM).
 _WINDOW = 32768
 #: How often the writer looks for new pages while the migration runs.
@@ -56,7 +55,6 @@ class SaveJournal:
         self._w = self._ram = self._sec = None
         self._blocks: list = []
         self._written: dict[str, np.ndarray] = {}  # pages already in OUT, per block
-        self._records = np.empty(_BATCH * (8 + TARGET_PAGE_SIZE), np.uint8)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
@@ -110,11 +108,16 @@ class SaveJournal:
             first = int(pages[0])
             ram.page(blk.idstr, first * ps, mem[first * ps : (first + 1) * ps])
             pages = pages[1:]
-        for lo in range(0, len(pages), _BATCH):
-            chunk = pages[lo : lo + _BATCH]
-            nbytes, _, _ = _ramparse.encode_pages(mem, chunk, self._records, ps)
-            self._f.write(memoryview(self._records)[:nbytes])
         self._f.flush()
+        if not len(pages):
+            return
+        # the records go from guest RAM to OUT in gathering writes: no copy of
+        # the page in between (OUT is a regular file: a write never waits)
+        self._file.flush()
+        nbytes, _, _, status, err = _pagesend.send_pages(self._file.fileno(), -1, mem, pages, ps)
+        self._f.wrote_directly(nbytes)
+        if status != _pagesend.DONE:
+            raise OSError(err, f"writing {self._file.name}: {os.strerror(err)}")
 
     def finish(self) -> None:
         """The migration completed: the rest of RAM, device state, EOF and vmdesc."""

@@ -6,10 +6,10 @@ Apart from :mod:`qmigx.tools.streams` so that the delta loader, which
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from qmigx.ram import RAMBlockList, RamLoader
+from qmigx.records import Record, factory
 from qmigx.stream import (
     Command,
     Configuration,
@@ -26,15 +26,14 @@ from qmigx.stream.reader import Source, StreamReader
 __all__ = ["LoadedStream", "load_plain", "apply_event"]
 
 
-@dataclass
-class LoadedStream:
+class LoadedStream(Record, mutable=True):
     """What a stream carried, with RAM loaded into blocks."""
 
     configuration: Optional[Configuration] = None
-    blocks: RAMBlockList = field(default_factory=RAMBlockList)
+    blocks: RAMBlockList = factory(RAMBlockList)
     ram_setup: Optional[RamSetup] = None
-    sections: list = field(default_factory=list)  # SectionData of non-RAM sections
-    commands: list = field(default_factory=list)
+    sections: list = factory(list)  # SectionData of non-RAM sections
+    commands: list = factory(list)
     vmdesc: Optional[bytes] = None
     size: int = 0
     #: how its source synced multifd: "round" (a MULTIFD_FLUSH in setup), else "section"

@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from qmigx.errors import MachineLayoutError
+from qmigx.records import Record
 from qmigx.stream import RamPages, RamSetup, SectionEnd
 from qmigx.stream.reader import Source, StreamReader
 from qmigx.tools.elfcore import ElfLayout, cpu_states, elf_layout
@@ -106,8 +106,7 @@ def _copy_shared(state: SavedState, ranges, layout: ElfLayout, fd: int,
                     done += n
 
 
-@dataclass
-class PhysicalMemory:
+class PhysicalMemory(Record, mutable=True):
     """Guest-physical memory of a loaded stream: ``read(address, size)`` across blocks."""
 
     ranges: list

@@ -30,10 +30,10 @@ refused with :class:`~qmigx.errors.MachineLayoutError`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 from qmigx.errors import MachineLayoutError
+from qmigx.records import Record
 
 __all__ = ["PhysRange", "guest_phys_ranges", "pci_config", "main_ram_blocks"]
 
@@ -51,8 +51,7 @@ Q35_HIGH_SMRAM = 0xFEDA0000
 Q35_SMBASE = (0x30000, 0x20000)
 
 
-@dataclass(frozen=True)
-class PhysRange:
+class PhysRange(Record):
     """``size`` bytes at guest-physical ``start`` are ``block`` from ``offset``."""
 
     start: int
@@ -65,8 +64,7 @@ class PhysRange:
         return self.start + self.size
 
 
-@dataclass(frozen=True)
-class _Chipset:
+class _Chipset(Record):
     """Register offsets in the host bridge's PCI config (i440FX or MCH)."""
 
     vmsd: str

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from qmigx import _backend
 from qmigx.errors import RamStreamError, StreamError
-from qmigx.ram import decompress_page
+from qmigx.ram import decompress_page, distinct
+from qmigx.records import Record
 from qmigx.stream import RamPages, RamSetup
 from qmigx.wire import TARGET_PAGE_SIZE
 
@@ -45,8 +45,7 @@ _ramparse = _backend.load("ramparse")
 _pagewrite = _backend.load("pagewrite")
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(Record):
     """``length`` bytes of a block from ``block_offset`` live in ``fd`` at ``file_offset``."""
 
     block_offset: int
@@ -196,11 +195,11 @@ class RamFileSink:
         block = np.frombuffer(rec.block, np.int32, n)[lo:hi]
         offset = np.frombuffer(rec.offset, np.uint64, n)[lo:hi]
         ps = self.page_size
-        ublocks = np.unique(block)
+        ublocks = distinct(block)
         if len(ublocks) == 1:
-            groups = [(int(ublocks[0]), np.arange(hi - lo))]
+            groups = [(ublocks[0], np.arange(hi - lo))]
         else:
-            groups = [(int(b), np.flatnonzero(block == b)) for b in ublocks]
+            groups = [(b, np.flatnonzero(block == b)) for b in ublocks]
         kind = np.frombuffer(rec.kind, np.uint8, n)[lo:hi]
         pos = np.frombuffer(rec.pos, np.int64, n)[lo:hi]
         for b, idx in groups:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from qmigx.errors import StreamError
+from qmigx.records import Record, factory
 from qmigx.stream import (
     Command,
     Configuration,
@@ -50,8 +50,7 @@ _HEAD = 1 << 20
 _TAILS = (4 << 20, 64 << 20)
 
 
-@dataclass
-class SavedState:
+class SavedState(Record, mutable=True):
     """A stream's configuration, RAM block list and device sections.
 
     ``devices`` maps ``(idstr, instance_id)`` to the
@@ -61,7 +60,7 @@ class SavedState:
 
     configuration: Optional[Configuration] = None
     ram_setup: Optional[RamSetup] = None
-    devices: dict = field(default_factory=dict)
+    devices: dict = factory(dict)
     vmdesc: Optional[dict] = None
 
     @property

@@ -36,14 +36,12 @@ import bz2
 import io
 import lzma
 import os
-import shutil
 import struct
-import subprocess
 import zlib
-from dataclasses import dataclass, replace
 from typing import BinaryIO, Optional
 
 from qmigx.errors import SaveImageError
+from qmigx.records import Record, replace
 
 __all__ = [
     "SAVE_MAGIC", "PARTIAL_MAGIC", "FORMATS", "SaveImageHeader", "ImageBody",
@@ -61,8 +59,7 @@ XML_PADDING = 64 * 1024
 _CHUNK = 4 << 20
 
 
-@dataclass
-class SaveImageHeader:
+class SaveImageHeader(Record, mutable=True):
     """The header and data section of an image."""
 
     version: int = SAVE_VERSION
@@ -198,7 +195,7 @@ class ImageBody(io.RawIOBase):
         self._f.seek(header.body_offset)
         self._pos = 0
         self._dec = None
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc = None  # the lzop program, for lzop bodies
         self._pending = b""
         self._done = False
         fmt = header.format if header.version == SAVE_VERSION else "raw"
@@ -210,6 +207,9 @@ class ImageBody(io.RawIOBase):
         elif fmt == "xz":
             self._dec = lzma.LZMADecompressor()
         elif fmt == "lzop":
+            import shutil
+            import subprocess
+
             prog = shutil.which("lzop")
             if prog is None:
                 self._f.close()
@@ -337,6 +337,9 @@ class ImageWriter:
         elif fmt == "xz":
             self._comp = lzma.LZMACompressor(preset=3)
         elif fmt == "lzop":
+            import shutil
+            import subprocess
+
             prog = shutil.which("lzop")
             if prog is None:
                 raise SaveImageError("Compression program for lzop image format is not "

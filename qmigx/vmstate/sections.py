@@ -19,7 +19,6 @@ it carries (stream.md §3, other.md §1).
 
 from __future__ import annotations
 
-import uuid as _uuid
 from typing import Callable, Iterable, Optional
 
 from qmigx.errors import VMStateError, printable_name
@@ -115,7 +114,9 @@ def _strncmp_equal(a: bytes, b: bytes, n: int) -> bool:
 
 
 def _fmt_uuid(raw: bytes) -> str:
-    return str(_uuid.UUID(bytes=bytes(raw)))
+    """The 8-4-4-4-12 form of ``uuid.UUID`` (without importing it: slow to import)."""
+    h = bytes(raw).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def make_configuration_vmsd(
