@@ -161,6 +161,8 @@ class MigrationDestination(Side):
         self._preempt_reader: Optional[PreemptReader] = None
         self._recover_uri: Optional[str] = None
         self._recover_listener = None
+        #: the listener a resumed attempt's preempt channel is accepted from
+        self._resume_listener = None
         self._recover_event = threading.Event()
         self._postcopy_error: Optional[BaseException] = None
         #: why postcopy paused last (the broken connection's error)
@@ -605,6 +607,9 @@ class MigrationDestination(Side):
         self.rp.close()
         if self._preempt_reader is not None:
             self._preempt_reader.stop()
+        if self._resume_listener is not None:  # a cut mid-handshake: that preempt never came
+            self._resume_listener.close()
+            self._resume_listener = None
         for ch in list(self._chans):
             try:
                 ch.close(timeout=1)
@@ -629,6 +634,7 @@ class MigrationDestination(Side):
         if self._preempt:  # told apart by its order: the connection after the main one
             self._preempt_reader = PreemptReader(None, self.loader,
                                                  expect_eos=self._preempt_eos())
+            self._resume_listener = lst
             self._accept_preempt(lst, self._preempt_reader, close=True)
         else:
             lst.close()
@@ -651,6 +657,9 @@ class MigrationDestination(Side):
         def run() -> None:
             try:
                 ch = listener.accept(None)
+                if reader.stopped:  # its attempt was cut meanwhile: nobody reads it
+                    ch.close(timeout=1)
+                    return
                 self._add_channel(ch)
                 reader.attach(ch)
             except Exception as exc:  # noqa: BLE001 - the listener closed: the migration ended

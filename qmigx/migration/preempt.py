@@ -288,6 +288,11 @@ class PreemptReader:
         if self.error is not None:
             raise self.error
 
+    @property
+    def stopped(self) -> bool:
+        """:meth:`stop` was called (the postcopy attempt it served is over)."""
+        return self._done.is_set()
+
     def stop(self) -> None:
         if not self._done.is_set():
             self._done.set()

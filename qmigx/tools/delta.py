@@ -20,10 +20,14 @@ BASE (:func:`load_delta`, ``load_stream(OUT, base=BASE)``,
 (:func:`apply_delta`).
 
 The delta records which base it was made against in a vmdesc key QEMU
-never reads (``"qmigx-delta"``: the SHA-256 of the template blocks'
+never reads (``"qmigx-delta"``: the XXH64 of each template block's
 content, their names, the encoding), and qmigx refuses to apply it to
-RAM with another digest. Deltas chain: D2 made from NEW1 applies over
-BASE + D1.
+RAM with other digests (deltas made before carry a SHA-256 over the
+blocks instead, still checked). Deltas chain: D2 made from NEW1 applies
+over BASE + D1.
+
+BASE and NEW files that are plain streams are read where their pages lie
+(:mod:`qmigx.tools.pageindex`), not loaded into memory.
 """
 
 from __future__ import annotations
@@ -31,34 +35,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from qmigx import _backend
 from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
 from qmigx.ram import RAMBlockList, RamWriter
+from qmigx.records import Record
 from qmigx.stream import RamBlockInfo, StreamWriter
 from qmigx.stream.reader import Source
 from qmigx.tools.physmap import main_ram_blocks
-from qmigx.wire import ENCODING_FLAG_XBZRLE, TARGET_PAGE_SIZE, RamFlag, SectionType
+from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
 __all__ = ["DeltaStats", "diff_streams", "load_delta", "apply_delta", "delta_info",
            "ram_digest", "DELTA_KEY"]
 
-_XBZ_HEAD = struct.Struct(">QBH")
-_XBZ_CONTINUE = int(RamFlag.XBZRLE) | int(RamFlag.CONTINUE)
+_pagediff = _backend.load("pagediff")
 
 #: The vmdesc key a delta carries (QEMU skips the vmdesc on load).
 DELTA_KEY = "qmigx-delta"
 _CHUNK_PAGES = 16384  # pages compared at a time (64 MiB)
 
 
-@dataclass
-class DeltaStats:
+class DeltaStats(Record, mutable=True):
     """What a delta holds."""
 
     template_pages: int = 0
@@ -82,7 +84,11 @@ def template_names(blocks) -> list[str]:
 
 
 def ram_digest(blocks: RAMBlockList, names: Sequence[str]) -> str:
-    """SHA-256 over the named blocks: idstr, used length and content, in order."""
+    """SHA-256 over the named blocks: idstr, used length and content, in order.
+
+    The base digest of deltas made before it became XXH64 per block
+    (:func:`~qmigx.tools.pageindex.block_digests`): still checked.
+    """
     h = hashlib.sha256()
     for name in names:
         blk = blocks[name]
@@ -115,32 +121,56 @@ def _loaded(src: Union[Source, object]):
         return load_stream(s)
 
 
+def _side(src):
+    """BASE or NEW as pages to read: the file indexed in place when it is a plain stream file,
+    else loaded (a save image, bytes, a stream that needs decoding, a loaded delta result)."""
+    from qmigx.tools.loaded import LoadedStream
+    from qmigx.tools.pageindex import LoadedPages, index_stream
+    from qmigx.tools.saveimage import opened_stream as _opened
+
+    if not isinstance(src, LoadedStream):
+        with _opened(src) as s:
+            if isinstance(s, (str, os.PathLike)):
+                indexed = index_stream(s)
+                if indexed is not None:
+                    return indexed
+    return LoadedPages(_loaded(src))
+
+
 def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaStats:
     """Write to ``sink`` the delta that takes BASE's RAM to NEW's (see the module docstring).
 
     ``base`` and ``new`` are streams (paths, bytes, save images) or loaded
     streams; NEW must be a full stream, BASE may itself be a loaded delta
     result. ``encoding``: ``page`` sends a changed page whole, ``xbzrle``
-    as an XBZRLE delta against BASE's page when that is smaller.
+    as an XBZRLE delta against BASE's page when that is smaller. A plain
+    stream file is read where its pages lie (:mod:`qmigx.tools.pageindex`),
+    not loaded.
     """
-    from qmigx import xbzrle, zeropage
-
     if encoding not in ("page", "xbzrle"):
         raise ValueError(f"diff encoding must be page or xbzrle, not {encoding!r}")
-    b, n = _loaded(base), _loaded(new)
-    if delta_info(n.vmdesc) is not None:
+    with _side(base) as b, _side(new) as n:
+        return _diff(b, n, sink, encoding)
+
+
+def _diff(b, n, sink: Callable, encoding: str) -> DeltaStats:
+    from qmigx import xbzrle, zeropage
+    from qmigx.tools.pageindex import block_digests
+
+    new = n.stream
+    if delta_info(new.vmdesc) is not None:
         raise StreamError("NEW is itself a delta; diff needs NEW as a full stream",
                           field="vmdesc")
-    if n.ram_setup is None:
+    if new.ram_setup is None:
         raise StreamError("NEW has no RAM setup record", section="ram")
-    names = template_names(n.ram_setup.blocks)
+    names = template_names(new.ram_setup.blocks)
     for name in names:
-        if name not in b.blocks or b.blocks[name].used_length != n.blocks[name].used_length:
+        if b.length(name) != n.length(name):
             raise StreamError(f"BASE has no RAM block {name!r} of NEW's size",
                               field="ram blocks")
-    # hashing releases the GIL: BASE's digest is computed while the pages are compared
-    digest_box: list = []
-    hasher = threading.Thread(target=lambda: digest_box.append(ram_digest(b.blocks, names)),
+    # the digest kernel releases the GIL: BASE is digested while the pages are compared
+    digests: dict = {}
+    hasher = threading.Thread(target=lambda: digests.update(block_digests(b, names)),
                               name="base-digest", daemon=True)
     hasher.start()
     stats = DeltaStats()
@@ -148,44 +178,47 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
     w = StreamWriter(f)
     ram = RamWriter(f)
     w.header()
-    if n.configuration is not None:
-        w.raw_configuration(n.configuration.raw)
-    sec = n.ram_setup.section
-    ignore_shared = n.configuration is not None and "x-ignore-shared" in \
-        n.configuration.capabilities
+    if new.configuration is not None:
+        w.raw_configuration(new.configuration.raw)
+    sec = new.ram_setup.section
+    ignore_shared = new.configuration is not None and "x-ignore-shared" in \
+        new.configuration.capabilities
     w.section_header(SectionType.SECTION_START, sec)
-    ram.setup(n.ram_setup.blocks, ignore_shared=ignore_shared)
+    ram.setup(new.ram_setup.blocks, ignore_shared=ignore_shared)
     ram.eos()
     w.footer(sec)
     w.section_header(SectionType.SECTION_PART, sec)
     ps = TARGET_PAGE_SIZE
-    for info in n.ram_setup.blocks:
-        mem = n.blocks[info.idstr].memory
-        if info.idstr not in names:
-            stats.other_pages += _all_pages(ram, info.idstr, mem, zeropage)
+    mask = np.empty(_CHUNK_PAGES, np.uint8)
+    for info in new.ram_setup.blocks:
+        name = info.idstr
+        if name not in names:
+            stats.other_pages += _all_pages(ram, name, n.block(name), zeropage)
             continue
-        old = b.blocks[info.idstr].memory
-        pages = len(mem) // ps
+        old_data, old_offs = b.view(name)
+        new_data, new_offs = n.view(name)
+        pages = len(new_offs)
         stats.template_pages += pages
         for lo in range(0, pages, _CHUNK_PAGES):
             hi = min(pages, lo + _CHUNK_PAGES)
-            a = old[lo * ps : hi * ps].view(np.uint64).reshape(-1, ps // 8)
-            c = mem[lo * ps : hi * ps].view(np.uint64).reshape(-1, ps // 8)
-            changed = np.flatnonzero((a != c).any(axis=1)) + lo
-            if not len(changed):
+            if not _pagediff.changed_pages(old_data, old_offs[lo:hi], new_data, new_offs[lo:hi],
+                                          mask, ps):
                 continue
+            changed = np.flatnonzero(mask[: hi - lo]) + lo
             stats.changed_pages += len(changed)
-            zmap = zeropage.zero_page_map(mem[lo * ps : hi * ps], ps)[changed - lo]
+            rows = n.pages(name, changed)
+            zmap = zeropage.zero_page_map(rows.reshape(-1), ps)
             offs = changed.astype(np.uint64) * np.uint64(ps)
             if zmap.any():
-                ram.zeros(info.idstr, offs[zmap])
+                ram.zeros(name, offs[zmap])
                 stats.zero_pages += int(zmap.sum())
-            rest = offs[~zmap]
+            keep = ~zmap
             if encoding == "page":
-                ram.pages(info.idstr, mem, rest)
-                stats.full_pages += len(rest)
+                ram.page_rows(name, offs[keep], rows[keep])
+                stats.full_pages += int(keep.sum())
                 continue
-            self_x, self_p = _xbzrle_pages(ram, info.idstr, old, mem, rest, xbzrle)
+            self_x, self_p = _xbzrle_pages(ram, name, b.pages(name, changed[keep]), rows[keep],
+                                           offs[keep], xbzrle)
             stats.xbzrle_pages += self_x
             stats.full_pages += self_p
     ram.eos()
@@ -193,53 +226,50 @@ def diff_streams(base, new, sink: Callable, *, encoding: str = "page") -> DeltaS
     w.section_header(SectionType.SECTION_END, sec)
     ram.eos()
     w.footer(sec)
-    for dev in n.sections:
+    for dev in new.sections:
         w.section(dev.type, dev.section, dev.payload)
     w.eof()
     hasher.join()
-    meta = {"base-sha256": digest_box[0], "blocks": names, "encoding": encoding,
+    meta = {"base-xxh64": digests, "blocks": names, "encoding": encoding,
             "changed-pages": stats.changed_pages}
-    w.vmdesc(_with_key(n.vmdesc, meta))
+    w.vmdesc(_with_key(new.vmdesc, meta))
     f.flush()
     f.check()
     stats.bytes = f.total_transferred
     return stats
 
 
-def _xbzrle_pages(ram: RamWriter, name: str, old: np.ndarray, new: np.ndarray,
+def _xbzrle_pages(ram: RamWriter, name: str, old_rows: np.ndarray, new_rows: np.ndarray,
                   offsets: np.ndarray, xbzrle) -> tuple[int, int]:
     """Changed pages as XBZRLE against the base page where smaller, else whole, in order."""
     ps = TARGET_PAGE_SIZE
     xbz = full = 0
+    records = np.empty(4096 * (11 + ps), np.uint8)
     for lo in range(0, len(offsets), 4096):
         offs = offsets[lo : lo + 4096]
-        idx = (offs // np.uint64(ps)).astype(np.intp)
-        old_rows = old.reshape(-1, ps)[idx]
-        new_rows = new.reshape(-1, ps)[idx]
-        out = np.empty((len(idx), ps), np.uint8)
-        lengths = np.empty(len(idx), np.int32)
-        xbzrle.encode_pages(old_rows, new_rows, out, lengths)
+        old = np.ascontiguousarray(old_rows[lo : lo + 4096])
+        new = np.ascontiguousarray(new_rows[lo : lo + 4096])
+        out = np.empty((len(offs), ps), np.uint8)
+        lengths = np.empty(len(offs), np.int32)
+        xbzrle.encode_pages(old, new, out, lengths)
         small = (lengths > 0) & (lengths < ps - 3)
-        # runs of whole pages go out in bulk; XBZRLE records one by one
+        # runs of whole pages and runs of XBZRLE records go out in bulk
         k = 0
-        while k < len(idx):
+        while k < len(offs):
             j = k
-            while j < len(idx) and small[j] == small[k]:
+            while j < len(offs) and small[j] == small[k]:
                 j += 1
             if small[k]:
                 m = k
                 if ram.last_block != name:  # the first record names the block
                     ram.xbzrle(name, int(offs[m]), out[m, : lengths[m]])
                     m += 1
-                buf = bytearray()
-                for m in range(m, j):  # CONTINUE records, built without IntFlag arithmetic
-                    n = int(lengths[m])
-                    buf += _XBZ_HEAD.pack(int(offs[m]) | _XBZ_CONTINUE, ENCODING_FLAG_XBZRLE, n)
-                    buf += out[m, :n].data
-                ram.f.write(buf)
+                if m < j:
+                    size = _pagediff.xbzrle_records(offs[m:j], out[m:j], lengths[m:j], records)
+                    ram.f.write(records[:size])
                 xbz += j - k
             else:
-                ram.pages(name, new, offs[k:j])
+                ram.page_rows(name, offs[k:j], new[k:j])
                 full += j - k
             k = j
     return xbz, full
@@ -291,11 +321,16 @@ def load_delta(delta: Source, base, *, chain: Sequence = ()):
         missing = [n for n in names if n not in cur.blocks]
         if missing:
             raise StreamError(f"the base has no RAM block {missing[0]!r}", field="ram blocks")
-        have = ram_digest(cur.blocks, names)
-        if have != info.get("base-sha256"):
+        if "base-xxh64" in info:
+            from qmigx.tools.pageindex import LoadedPages, block_digests
+
+            want, have = info["base-xxh64"], block_digests(LoadedPages(cur), names)
+        else:  # a delta made before the digest was XXH64
+            want, have = info.get("base-sha256"), ram_digest(cur.blocks, names)
+        if have != want:
             raise StreamError(
-                f"delta made against another base (its base RAM has SHA-256 "
-                f"{info.get('base-sha256')}, this base {have})", field="vmdesc")
+                f"delta made against another base (its base RAM has digest {want}, "
+                f"this base {have})", field="vmdesc")
         with _opened(step) as src:
             cur = load_stream(src, cur.blocks, create_missing=True)
     return cur
