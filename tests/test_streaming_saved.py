@@ -85,12 +85,18 @@ def test_the_live_stream_repeats_pages_and_has_xbzrle_records():
 
 
 def test_send_begins_before_file_is_read(tmp_path):
-    """The first page goes when a small part of FILE was parsed, not after loading it whole."""
+    """The first page goes when a part of FILE was parsed, not after loading it whole.
+
+    How far the loading thread gets before the engine takes its first pages
+    depends on how long the engine's setup takes beside it: 4-30% of this
+    56 MB stream in 20 runs on two busy cores (4 MiB of 880 MiB for the
+    1 GiB benchmark guest). Loading first would make it 100%.
+    """
     info = get_stream("pc-paused")
     _, report = _send_into_save(tmp_path, info.stream)
     f = report["file"]
     assert f["parsed_at_first_send"] is not None
-    assert f["parsed_at_first_send"] < f["bytes"] // 4, f
+    assert f["parsed_at_first_send"] < f["bytes"] // 2, f
 
 
 def test_a_truncated_file_fails_both_sides(tmp_path):
