@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-__all__ = ["Record", "factory", "replace", "fields"]
+__all__ = ["Record", "FrozenRecordError", "factory", "replace", "fields"]
 
 try:
     from typing import dataclass_transform
