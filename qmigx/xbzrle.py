@@ -19,6 +19,9 @@ Results are byte-identical to QEMU 7.2's.
 * ``encode_pages(old, new, out, lengths)`` and
   ``decode_pages(deltas, lengths, pages)``: the same for many pages per
   call (numpy arrays, one page per row), with the GIL released.
+* ``encode_at(old, old_off, new, new_off, page_size, out, lengths)``: as
+  ``encode_pages`` for pages read where they lie in two buffers (a mapped
+  saved state), at the given offsets; -1 stands for an all-zero page.
 * ``MAX_RUN`` (0x3FFF): the longest run a delta can hold (a 1- or 2-byte
   uleb); only pages longer than it can have a longer one.
 * ``simd``: the compare path in use (``"avx512"``, ``"avx2"``,
@@ -35,6 +38,7 @@ MAX_RUN: int = _impl.MAX_RUN
 encode_buffer = _impl.encode_buffer
 decode_buffer = _impl.decode_buffer
 encode_pages = _impl.encode_pages
+encode_at = _impl.encode_at
 decode_pages = _impl.decode_pages
 simd: str = _impl.simd
 
@@ -43,6 +47,7 @@ __all__ = [
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
+    "encode_at",
     "decode_pages",
     "simd",
 ]

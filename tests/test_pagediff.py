@@ -100,6 +100,10 @@ def test_kernels_agree_with_the_twin_and_the_truth(kinds, page):
         rows = np.full((len(kinds), page), 0xEE, np.uint8)
         k.gather_pages(buf_b, off_b, rows)
         assert np.array_equal(rows, other.reshape(len(kinds), page))
+        zero = np.full(len(kinds) + 2, 9, np.uint8)
+        zeros = ~other.reshape(len(kinds), page).any(axis=1)
+        assert k.zero_pages(buf_b, off_b, zero, page) == int(zeros.sum())
+        assert zero[: len(kinds)].tolist() == zeros.astype(np.uint8).tolist() and zero[-1] == 9
     hc, hr = compiled.XXH64(), reference.XXH64()
     hc.update_pages(buf_a, off_a, page)
     hr.update_pages(buf_a, off_a, page)
@@ -148,6 +152,10 @@ def test_bad_views_are_refused_before_any_work(k):
         k.changed_pages(buf, ok, buf, ok, np.zeros(1, np.uint8), PS)
     with pytest.raises(ValueError, match="multiple of 32"):
         k.changed_pages(buf, ok, buf, ok, changed, 100)
+    with pytest.raises(ValueError, match="zero holds 1"):
+        k.zero_pages(buf, ok, np.zeros(1, np.uint8), PS)
+    with pytest.raises(ValueError, match="page 0 at 12288 lies outside"):
+        k.zero_pages(buf, np.array([3 * PS], np.int64), changed, PS)
     with pytest.raises(ValueError, match="out holds 1 rows"):
         k.gather_pages(buf, ok, np.zeros((1, PS), np.uint8))
     with pytest.raises(ValueError, match="outside"):

@@ -426,6 +426,62 @@ def test_encode_pages_matches_encode_buffer(xbz, slen, dlen):
         assert out[k, : max(result, 0)].tobytes() == data
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 9), slen=st.sampled_from([64, 200, 4096]), dlen=st.sampled_from([0, 60, 4092]),
+       seed=st.integers(0, 2**16), zeros=st.integers(0, 3))
+def test_encode_at_matches_encode_pages_on_gathered_pages(xbz, n, slen, dlen, seed, zeros):
+    """Pages read in place at shuffled offsets (some negative: zero pages) encode as
+    the same pages gathered into rows do."""
+    old, new = batch(max(n, 1), slen, seed=seed)
+    old, new = old[:n], new[:n]
+    rng = np.random.default_rng(seed)
+    perm_a, perm_b = rng.permutation(n), rng.permutation(n)
+    # each side as one buffer with its pages in another order and a gap in front
+    a = np.zeros((n + 1) * slen + 3, np.uint8)
+    b = np.zeros((n + 1) * slen + 5, np.uint8)
+    a_off = np.empty(n, np.int64)
+    b_off = np.empty(n, np.int64)
+    for k in range(n):
+        a_off[k], b_off[k] = 3 + perm_a[k] * slen, 5 + perm_b[k] * slen
+        a[a_off[k] : a_off[k] + slen] = old[k]
+        b[b_off[k] : b_off[k] + slen] = new[k]
+    for k in range(min(zeros, n)):  # a ZERO record on one side or both
+        (a_off if k % 2 else b_off)[k] = -1
+        (old if k % 2 else new)[k] = 0
+        if k == 2:
+            a_off[k], b_off[k], old[k], new[k] = -1, -1, 0, 0
+    out = np.full((n, dlen), 0xEE, np.uint8)
+    lengths = np.full(n, 99, np.int32)
+    assert xbz.encode_at(a, a_off, b, b_off, slen, out, lengths) is None
+    want_out = np.full((n, dlen), 0xEE, np.uint8)
+    want = np.full(n, 99, np.int32)
+    xbz.encode_pages(np.ascontiguousarray(old), np.ascontiguousarray(new), want_out, want)
+    assert lengths.tolist() == want.tolist()
+    for k in range(n):
+        assert out[k, : max(want[k], 0)].tobytes() == want_out[k, : max(want[k], 0)].tobytes()
+
+
+@pytest.mark.parametrize("case", ["past-end", "short-lengths", "page-size"])
+def test_encode_at_refuses_bad_offsets_before_reading(case):
+    """An offset past a buffer, mismatched lengths or a bad page size: the same
+    ValueError from kernel and twin, nothing written."""
+    errors = []
+    for mod in (compiled, reference):
+        a, b = np.zeros(8192, np.uint8), np.ones(8192, np.uint8)
+        off = np.array([0, 4096], np.int64)
+        bad = np.array([0, 4097], np.int64)
+        out = np.full((2, 64), 7, np.uint8)
+        lengths = np.full(2, 5, np.int32)
+        args = {"past-end": (a, off, b, bad, 4096, out, lengths),
+                "short-lengths": (a, off, b, off, 4096, out, lengths[:1]),
+                "page-size": (a, off, b, off, 0, out, lengths)}[case]
+        with pytest.raises(ValueError) as info:
+            mod.encode_at(*args)
+        errors.append(str(info.value))
+        assert (out == 7).all() and (lengths == 5).all()
+    assert errors[0] == errors[1]
+
+
 @pytest.mark.parametrize("slen,dlen", [(4096, 4096), (200, 64), (4096, 300), (100, 0), (77, 80)])
 def test_benchmark_baseline_matches_kernel(slen, dlen):
     """The scalar baseline the benchmarks compare with gives the same results."""
@@ -591,6 +647,7 @@ def test_public_module():
         "encode_buffer",
         "decode_buffer",
         "encode_pages",
+        "encode_at",
         "decode_pages",
         "simd",
     }

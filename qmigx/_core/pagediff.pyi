@@ -2,11 +2,14 @@
 
 from typing_extensions import Buffer
 
-__all__ = ["changed_pages", "gather_pages", "XXH64"]
+__all__ = ["changed_pages", "zero_pages", "gather_pages", "xbzrle_records", "XXH64"]
 
 def changed_pages(a: Buffer, a_off: Buffer, b: Buffer, b_off: Buffer, changed: Buffer,
                   page_size: int = 4096) -> int: ...
+def zero_pages(data: Buffer, off: Buffer, zero: Buffer, page_size: int = 4096) -> int: ...
 def gather_pages(data: Buffer, off: Buffer, out: Buffer) -> None: ...
+
+def xbzrle_records(offs: Buffer, deltas: Buffer, lengths: Buffer, out: Buffer) -> int: ...
 
 class XXH64:
     length: int

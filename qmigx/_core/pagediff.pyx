@@ -11,7 +11,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 from qmigx._core.byteorder cimport load_le64, store_be64
 
-__all__ = ["changed_pages", "gather_pages", "xbzrle_records", "XXH64"]
+__all__ = ["changed_pages", "zero_pages", "gather_pages", "xbzrle_records", "XXH64"]
 
 cdef uint64_t P1 = 0x9E3779B185EBCA87ULL
 cdef uint64_t P2 = 0xC2B2AE3D27D4EB4FULL
@@ -82,6 +82,23 @@ def changed_pages(const uint8_t[::1] a, const int64_t[::1] a_off, const uint8_t[
                 diff = memcmp(&a[a_off[i]], &b[b_off[i]], page_size) != 0
             changed[i] = diff
             count += diff
+    return count
+
+
+def zero_pages(const uint8_t[::1] data, const int64_t[::1] off, uint8_t[::1] zero,
+               Py_ssize_t page_size=4096):
+    """Set ``zero[i]`` to 1 where page ``i`` (at ``off[i]``; negative: a ZERO record)
+    holds only zero bytes; the count."""
+    cdef Py_ssize_t n = off.shape[0], i, count = 0
+    cdef bint z
+    _check(data.shape[0], off, page_size, "a")
+    if zero.shape[0] < n:
+        raise ValueError(f"zero holds {zero.shape[0]} entries; {n} pages need as many")
+    with nogil:
+        for i in range(n):
+            z = off[i] < 0 or _is_zero(&data[off[i]], page_size)
+            zero[i] = z
+            count += z
     return count
 
 

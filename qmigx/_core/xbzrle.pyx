@@ -22,11 +22,13 @@ __all__ = [
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
+    "encode_at",
     "decode_pages",
     "simd",
 ]
 
-from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport calloc, free
 
 cdef extern from "xbzrle_impl.h" nogil:
     ctypedef struct xbz_scan_t:
@@ -326,6 +328,54 @@ def encode_pages(old, new, out, lengths):
     of n receiving each page's :func:`encode_buffer` result.
     """
     return _encode_pages_with(0, old, new, out, lengths)
+
+
+def encode_at(old, old_off, new, new_off, Py_ssize_t page_size, out, lengths):
+    """:func:`encode_pages` for pages read where they lie, with the GIL released.
+
+    Page k is the ``page_size`` bytes of ``new`` at ``new_off[k]`` against
+    those of ``old`` at ``old_off[k]`` (int64 offsets; a negative one
+    stands for an all-zero page, as a ZERO record leaves it). A saved
+    state mapped whole is encoded against another without copying either
+    side's pages out first; ``out`` is (n, dlen) as for ``encode_pages``.
+    """
+    cdef const uint8_t[::1] a = _rbuf(old, "old")
+    cdef const uint8_t[::1] b = _rbuf(new, "new")
+    cdef const int64_t[::1] ao = old_off
+    cdef const int64_t[::1] bo = new_off
+    cdef uint8_t[:, ::1] o = _wpages(out, "out")
+    cdef int32_t[::1] lens = _wlengths(lengths)
+    cdef Py_ssize_t n = ao.shape[0], dlen = o.shape[1], k
+    cdef uint8_t* zero
+    cdef const uint8_t* pa
+    cdef const uint8_t* pb
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, not {page_size}")
+    if bo.shape[0] != n or o.shape[0] != n or lens.shape[0] != n:
+        raise ValueError(f"old_off, new_off, out and lengths differ in length "
+                         f"({n}, {bo.shape[0]}, {o.shape[0]}, {lens.shape[0]})")
+    for k in range(n):
+        if ao[k] > a.shape[0] - page_size or bo[k] > b.shape[0] - page_size:
+            raise ValueError(f"page {k}: offset past the end of its buffer")
+    if n == 0:
+        return None
+    zero = <uint8_t*>calloc(<size_t>page_size, 1)
+    if zero == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for k in range(n):
+                pa = zero
+                pb = zero
+                if ao[k] >= 0:
+                    pa = &a[ao[k]]
+                if bo[k] >= 0:
+                    pb = &b[bo[k]]
+                lens[k] = xbz_encode(_scan, pa, pb, <size_t>page_size,
+                                     &o[k, 0] if dlen else <uint8_t *>NULL, <size_t>dlen)
+    finally:
+        free(zero)
+    return None
 
 
 def _encode_pages_baseline(old, new, out, lengths):

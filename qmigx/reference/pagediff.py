@@ -15,7 +15,7 @@ reads two saved streams in place, without loading either.
 
 from __future__ import annotations
 
-__all__ = ["changed_pages", "gather_pages", "xbzrle_records", "XXH64"]
+__all__ = ["changed_pages", "zero_pages", "gather_pages", "xbzrle_records", "XXH64"]
 
 _M = (1 << 64) - 1
 P1 = 0x9E3779B185EBCA87
@@ -74,6 +74,22 @@ def changed_pages(a, a_off, b, b_off, changed, page_size: int = 4096) -> int:
         diff = not (x < 0 and y < 0) and _page(va, x, page_size) != _page(vb, y, page_size)
         out[i] = int(diff)
         count += diff
+    return count
+
+
+def zero_pages(data, off, zero, page_size: int = 4096) -> int:
+    """Set ``zero[i]`` to 1 where page ``i`` holds only zero bytes (a negative
+    offset is a ZERO record), else 0; returns how many are zero."""
+    view = memoryview(data).cast("B")
+    offs = _check(view, off, page_size, "a")
+    out = memoryview(zero).cast("B")
+    if len(out) < len(offs):
+        raise ValueError(f"zero holds {len(out)} entries; {len(offs)} pages need as many")
+    count = 0
+    for i, o in enumerate(offs):
+        z = not any(_page(view, o, page_size))
+        out[i] = int(z)
+        count += z
     return count
 
 

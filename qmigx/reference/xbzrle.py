@@ -18,6 +18,7 @@ __all__ = [
     "encode_buffer",
     "decode_buffer",
     "encode_pages",
+    "encode_at",
     "decode_pages",
     "simd",
     "uleb_encode",
@@ -211,6 +212,29 @@ def encode_pages(old, new, out, lengths) -> None:
     for k in range(n):
         page = slice(k * slen, (k + 1) * slen)
         lens[k] = _encode(a[page], b[page], o[k * dlen : (k + 1) * dlen])
+
+
+def encode_at(old, old_off, new, new_off, page_size: int, out, lengths) -> None:
+    """:func:`encode_pages` for the pages of ``new`` at ``new_off[k]`` against
+    those of ``old`` at ``old_off[k]`` (a negative offset: an all-zero page)."""
+    a, b = _flat(old, "old"), _flat(new, "new")
+    o, on, dlen = _pages(out, "out", True)
+    lens = _lengths(lengths, True)
+    ao, bo = list(memoryview(old_off).cast("B").cast("q")), list(memoryview(new_off).cast("B").cast("q"))
+    n = len(ao)
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, not {page_size}")
+    if len(bo) != n or on != n or len(lens) != n:
+        raise ValueError(f"old_off, new_off, out and lengths differ in length "
+                         f"({n}, {len(bo)}, {on}, {len(lens)})")
+    for k in range(n):
+        if ao[k] > len(a) - page_size or bo[k] > len(b) - page_size:
+            raise ValueError(f"page {k}: offset past the end of its buffer")
+    zero = memoryview(bytes(page_size))
+    for k in range(n):
+        pa = zero if ao[k] < 0 else a[ao[k] : ao[k] + page_size]
+        pb = zero if bo[k] < 0 else b[bo[k] : bo[k] + page_size]
+        lens[k] = _encode(pa, pb, o[k * dlen : (k + 1) * dlen])
 
 
 # --- decoder -----------------------------------------------------------------

@@ -206,19 +206,18 @@ def _diff(b, n, sink: Callable, encoding: str) -> DeltaStats:
                 continue
             changed = np.flatnonzero(mask[: hi - lo]) + lo
             stats.changed_pages += len(changed)
-            rows = n.pages(name, changed)
-            zmap = zeropage.zero_page_map(rows.reshape(-1), ps)
             offs = changed.astype(np.uint64) * np.uint64(ps)
-            if zmap.any():
+            if _pagediff.zero_pages(new_data, new_offs[changed], mask, ps):
+                zmap = mask[: len(changed)].astype(bool)
                 ram.zeros(name, offs[zmap])
                 stats.zero_pages += int(zmap.sum())
-            keep = ~zmap
+                changed, offs = changed[~zmap], offs[~zmap]
             if encoding == "page":
-                ram.page_rows(name, offs[keep], rows[keep])
-                stats.full_pages += int(keep.sum())
+                ram.page_rows(name, offs, n.pages(name, changed))
+                stats.full_pages += len(changed)
                 continue
-            self_x, self_p = _xbzrle_pages(ram, name, b.pages(name, changed[keep]), rows[keep],
-                                           offs[keep], xbzrle)
+            self_x, self_p = _xbzrle_pages(ram, name, (old_data, old_offs[changed]),
+                                           (new_data, new_offs[changed]), offs, xbzrle)
             stats.xbzrle_pages += self_x
             stats.full_pages += self_p
     ram.eos()
@@ -239,26 +238,31 @@ def _diff(b, n, sink: Callable, encoding: str) -> DeltaStats:
     return stats
 
 
-def _xbzrle_pages(ram: RamWriter, name: str, old_rows: np.ndarray, new_rows: np.ndarray,
-                  offsets: np.ndarray, xbzrle) -> tuple[int, int]:
-    """Changed pages as XBZRLE against the base page where smaller, else whole, in order."""
+def _xbzrle_pages(ram: RamWriter, name: str, old: tuple, new: tuple, offsets: np.ndarray,
+                  xbzrle) -> tuple[int, int]:
+    """Changed pages as XBZRLE against the base page where smaller, else whole, in order.
+
+    ``old`` and ``new`` are (buffer, page offsets in it) as :meth:`view` gives
+    them: the pages are encoded where they lie, only whole pages are copied.
+    """
     ps = TARGET_PAGE_SIZE
     xbz = full = 0
-    records = np.empty(4096 * (11 + ps), np.uint8)
-    for lo in range(0, len(offsets), 4096):
-        offs = offsets[lo : lo + 4096]
-        old = np.ascontiguousarray(old_rows[lo : lo + 4096])
-        new = np.ascontiguousarray(new_rows[lo : lo + 4096])
-        out = np.empty((len(offs), ps), np.uint8)
-        lengths = np.empty(len(offs), np.int32)
-        xbzrle.encode_pages(old, new, out, lengths)
-        small = (lengths > 0) & (lengths < ps - 3)
+    batch = 4096
+    records = np.empty(batch * (11 + ps), np.uint8)
+    out = np.empty((batch, ps), np.uint8)
+    lengths = np.empty(batch, np.int32)
+    old_data, old_offs = old
+    new_data, new_offs = new
+    for lo in range(0, len(offsets), batch):
+        offs = offsets[lo : lo + batch]
+        nb = len(offs)
+        xbzrle.encode_at(old_data, old_offs[lo : lo + nb], new_data, new_offs[lo : lo + nb], ps,
+                         out[:nb], lengths[:nb])
+        small = (lengths[:nb] > 0) & (lengths[:nb] < ps - 3)
         # runs of whole pages and runs of XBZRLE records go out in bulk
-        k = 0
-        while k < len(offs):
-            j = k
-            while j < len(offs) and small[j] == small[k]:
-                j += 1
+        edges = np.flatnonzero(small[1:] != small[:-1]) + 1
+        for k, j in zip(np.r_[0, edges], np.r_[edges, nb]):
+            k, j = int(k), int(j)
             if small[k]:
                 m = k
                 if ram.last_block != name:  # the first record names the block
@@ -269,9 +273,10 @@ def _xbzrle_pages(ram: RamWriter, name: str, old_rows: np.ndarray, new_rows: np.
                     ram.f.write(records[:size])
                 xbz += j - k
             else:
-                ram.page_rows(name, offs[k:j], new[k:j])
+                rows = np.empty((j - k, ps), np.uint8)
+                _pagediff.gather_pages(new_data, new_offs[lo + k : lo + j], rows)
+                ram.page_rows(name, offs[k:j], rows)
                 full += j - k
-            k = j
     return xbz, full
 
 
