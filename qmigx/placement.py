@@ -48,6 +48,13 @@ class PagePlacement:
 
     #: whether batch copies must be reported with :meth:`mark_received`
     tracks_batches = False
+    #: whether pages land in the RAM blocks (fresh blocks are then populated ahead of use)
+    fills_ram = True
+    #: whether :meth:`view` is the placed page itself, so a delta applied to it is in place
+    #: (else the loader places the result with :meth:`place`)
+    live_view = True
+    #: whether runs of PAGE and ZERO records go to :meth:`place_batch` as they came
+    takes_batches = False
 
     def __init__(self, page_size: int = TARGET_PAGE_SIZE) -> None:
         self.page_size = page_size
@@ -79,6 +86,12 @@ class PagePlacement:
     def place_zero(self, block, offset: int) -> None:
         """Place one all-zero target page."""
         self.place(block, offset, bytes(self.page_size))
+
+    def place_batch(self, ev, first: int, stop: int) -> int:
+        """Place the PAGE and ZERO records of a :class:`~qmigx.stream.RamPages` batch from
+        ``first`` on, stopping before ``stop`` or the first record of another kind;
+        returns the index it stopped at (only with :attr:`takes_batches`)."""
+        raise NotImplementedError
 
     def mark_received(self, block, offsets) -> None:
         """Record that batch-copied pages arrived (the buffers path)."""

@@ -312,7 +312,7 @@ class RamLoader:
         self.create = blocks is None or create_missing
         self.factory = factory
         #: populate fresh blocks ahead of use (off in postcopy)
-        self.populate = True
+        self.populate = self.placement.fills_ram
         self.blocks = RAMBlockList() if blocks is None else blocks
         self.ignore_shared = ignore_shared
         self.compress = compress
@@ -436,6 +436,14 @@ class RamLoader:
         rec = ev.records
         if self.ignore_shared:
             self._check_ignored(ev)
+        if self.placement.takes_batches:  # records as they came, others one by one
+            i = first
+            while i < stop:
+                i = self.placement.place_batch(ev, i, stop)
+                if i < stop:
+                    self._apply_one(ev, i)
+                    i += 1
+            return
         if self._buffers is None:  # a placement that takes pages one by one
             for i in range(first, stop):
                 self._place_one(ev, i)
@@ -527,6 +535,8 @@ class RamLoader:
                 raise RamStreamError("Received an unexpected compressed page", offset=at,
                                      section=ev.section.label, field="flags")
             page[:] = np.frombuffer(decompress_page(body, at, ev.section.label), np.uint8)
+        if not self.placement.live_view:
+            self.placement.place(blk, off, page)
 
 
 def decompress_page(body, at: int = 0, section: Optional[str] = None) -> bytes:

@@ -161,6 +161,17 @@ def _watch(mig, label: str, total: Optional[int], done_bytes, tick=None) -> Migr
     return mig.state.state
 
 
+#: capabilities with which received pages must also be held in RAM: multifd pages land
+#: in RAM from their own threads, postcopy and COLO keep the guest's memory, shared
+#: and mapped-ram blocks are RAM the destination maps
+_KEEPS_RAM = frozenset({"multifd", "postcopy-ram", "x-colo", "x-ignore-shared", "mapped-ram"})
+
+
+def _spools(caps, args, given) -> bool:
+    """Whether ``--save`` can write received pages straight to OUT, without guest RAM."""
+    return not (caps.enabled() & _KEEPS_RAM or args.ram_dir or len(given) or args.touch)
+
+
 def cmd_incoming(args) -> int:
     from qmigx.block import BlockLoadHandler
     from qmigx.migration import MigrationDestination
@@ -186,7 +197,7 @@ def cmd_incoming(args) -> int:
     if args.save:  # OUT written while pages arrive
         from qmigx.tools.journal import SaveJournal
 
-        journal = SaveJournal(args.save, dst)
+        journal = SaveJournal(args.save, dst, spool=_spools(caps, args, given))
         dst.loader_placement = journal.placement
         journal.start()
     dst.incoming(args.uri)

@@ -12,6 +12,11 @@ holds. At the end, what is left: the last pages, pages never placed (an
 ignored shared block), the END section, the device state, EOF and the
 vmdesc. Postcopy and COLO swap in placements of their own: OUT is then
 written whole at the end, as before.
+
+With ``spool=True`` (a precopy destination kept for OUT alone: no
+multifd, postcopy, COLO or shared RAM) there is no RAM and no writer
+thread: :class:`~qmigx.tools.pagespool.SpoolPlacement` appends the
+records to OUT from the receive buffer as they arrive.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import Optional
 import numpy as np
 
 from qmigx import _backend
+from qmigx.errors import StreamError
 from qmigx.qemufile import QEMUFile
 from qmigx.stream import RamBlockInfo, Section
 from qmigx.tools.pagelog import LoggingPlacement
+from qmigx.tools.pagespool import SpoolPlacement
 from qmigx.tools.savestream import begin_stream, save_stream, write_devices
 from qmigx.wire import TARGET_PAGE_SIZE, SectionType
 
@@ -47,10 +54,11 @@ class SaveJournal:
     completed; :meth:`abort` if it failed.
     """
 
-    def __init__(self, path: str, dst) -> None:
-        self.placement = LoggingPlacement()
+    def __init__(self, path: str, dst, *, spool: bool = False) -> None:
+        self.spool = spool
+        self.placement = SpoolPlacement(self) if spool else LoggingPlacement()
         self.dst = dst
-        self._file = open(path, "wb")
+        self._file = open(path, "w+b")  # read back by SpoolPlacement.view
         self._f = QEMUFile(self._file.write)
         self._w = self._ram = self._sec = None
         self._blocks: list = []
@@ -61,6 +69,8 @@ class SaveJournal:
         self.pages_written = 0
 
     def start(self) -> None:
+        if self.spool:  # written by the receiving thread itself
+            return
         self._thread = threading.Thread(target=self._run, name="save-journal", daemon=True)
         self._thread.start()
 
@@ -85,9 +95,61 @@ class SaveJournal:
         self._ram.eos()
         self._w.footer(self._sec)
         self._w.section_header(SectionType.SECTION_PART, self._sec)
+        if self.spool:  # runs of records are written past QEMUFile from now on
+            self._flushed()
+            return True
         for b in self._blocks:
             self._written[b.idstr] = np.zeros(b.used_length // TARGET_PAGE_SIZE, bool)
         return True
+
+    # -- what a SpoolPlacement writes through -------------------------------------
+    @property
+    def last_block(self) -> Optional[str]:
+        return None if self._ram is None else self._ram.last_block
+
+    def _ready(self) -> None:
+        if self._w is None and not self._begin():
+            raise StreamError("a page arrived before the RAM setup record", section="ram")
+
+    def _flushed(self) -> None:
+        self._f.flush()
+        self._file.flush()
+        self._f.check()
+
+    def append_page(self, idstr: str, offset: int, data) -> int:
+        """One PAGE record; the position of its data in OUT."""
+        self._ready()
+        self._ram.page(idstr, offset, data)
+        self._flushed()
+        self.pages_written += 1
+        return self._f.total_transferred - TARGET_PAGE_SIZE
+
+    def append_zero(self, idstr: str, offset: int) -> None:
+        self._ready()
+        self._ram.zeros(idstr, np.array([offset], np.uint64))
+        self._flushed()
+        self.pages_written += 1
+
+    def append_records(self, data: memoryview, last_idstr: str, count: int) -> int:
+        """``count`` records, as they are, ending in block ``last_idstr``; their position.
+
+        One write from the receive buffer, in the receiving thread: a
+        thread of its own gained nothing measurable on two cores (the
+        source takes one), and costs handing the GIL back and forth.
+        """
+        self._ready()
+        at = self._f.total_transferred
+        fd = self._file.fileno()
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        self._f.wrote_directly(done)
+        self._ram.last_block = last_idstr
+        self.pages_written += count
+        return at
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        return os.pread(self._file.fileno(), n, pos)
 
     def _drain(self) -> None:
         """Append every page marked since the last round (a window at a time: small arrays)."""
@@ -129,6 +191,9 @@ class SaveJournal:
                 raise self.error
             res = self.dst.result
             swapped = self.dst.loader is not None and self.dst.loader.placement is not self.placement
+            if swapped and self.spool:
+                raise StreamError("postcopy or COLO placed pages that OUT never received; "
+                                  "incoming --save spools only precopy")
             if self._w is None or swapped:
                 # no RAM setup arrived, or postcopy/COLO placed pages this log
                 # never saw: OUT is written whole now, from what RAM holds
@@ -139,11 +204,18 @@ class SaveJournal:
                             vmdesc=res.vmdesc if res.vmdesc is not None else False,
                             first_section_id=res.setup.section.section_id if res.setup else 2)
                 return
-            self._drain()
-            for blk in self._blocks:  # pages never placed (an ignored shared block)
-                written = self._written[blk.idstr]
-                for lo in range(0, len(written), _WINDOW):
-                    self._write(blk, np.flatnonzero(~written[lo : lo + _WINDOW]) + lo)
+            if self.spool:
+                for blk in self._blocks:  # pages no record came for: zero on a fresh destination
+                    missing = np.flatnonzero(~self.placement.received_bitmap(blk))
+                    if len(missing):
+                        offsets = missing.astype(np.uint64) * np.uint64(TARGET_PAGE_SIZE)
+                        self._ram.zeros(blk.idstr, offsets)
+            else:
+                self._drain()
+                for blk in self._blocks:  # pages never placed (an ignored shared block)
+                    written = self._written[blk.idstr]
+                    for lo in range(0, len(written), _WINDOW):
+                        self._write(blk, np.flatnonzero(~written[lo : lo + _WINDOW]) + lo)
             w, sec = self._w, self._sec
             self._ram.eos()
             w.footer(sec)

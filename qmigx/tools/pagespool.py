@@ -1,0 +1,174 @@
+"""A page placement that writes received pages to a stream file instead of RAM.
+
+``qmigx incoming --save OUT`` of a precopy migration does not need the
+guest's RAM at all, only OUT. A main-channel record that carries a whole
+page or a ZERO record is already in the form OUT stores it, so runs of
+them go from the receive buffer to OUT as they came, in one write each:
+no copy into RAM, no RAM to allocate and fault in. The rarer records
+are turned into whole pages first: an XBZRLE delta is applied to the
+page's last copy, read back from OUT; a compressed page is inflated.
+
+The file keeps QEMU's CONTINUE rule: a record that continues the last
+block is written as it came only while OUT's last block is the stream's,
+which holds because every record written here names or continues the
+block of the record it stands for.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from qmigx import _backend
+from qmigx.placement import PagePlacement, _check
+from qmigx.ram import distinct
+from qmigx.wire import TARGET_PAGE_SIZE
+
+__all__ = ["SpoolPlacement"]
+
+_ramparse = _backend.load("ramparse")
+
+_CONTINUE = 0x20
+#: the kinds of record a run written as it came holds
+_PAGE_OR_ZERO = bytes((_ramparse.KIND_ZERO, _ramparse.KIND_PAGE))
+
+
+class SpoolPlacement(PagePlacement):
+    """Places pages by appending records to ``out``, a stream file being written.
+
+    ``out`` provides ``last_block`` (the block OUT's next CONTINUE record
+    refers to), ``append_page(idstr, offset, data) -> position of the data``,
+    ``append_zero(idstr, offset)``, ``append_records(data, last_idstr, count)
+    -> position`` (records written as they are, before it returns: ``data``
+    lies in the receive buffer) and ``read_at(position, n)``.
+
+    :meth:`where` gives, per page, the position of its latest data in OUT,
+    or ``-1 - fill`` when its latest record was a ZERO record (-1 when none
+    came: a fresh destination's page is zero too). Runs written as they
+    came are entered only when a page is read back or placed one by one,
+    or :meth:`where` is asked: a precopy stream of PAGE and ZERO records
+    costs each batch one write and nothing more.
+    """
+
+    fills_ram = False
+    live_view = False
+    takes_batches = True
+
+    def __init__(self, out) -> None:
+        super().__init__(TARGET_PAGE_SIZE)
+        self.out = out
+        self._where: dict[str, np.ndarray] = {}
+        self._table: list = []
+        self._runs: list = []  # (records, first, stop, shift) written, not yet entered
+        self._lock = threading.RLock()  # place() may come from several threads
+
+    def attach(self, blocks: Sequence) -> None:
+        super().attach(blocks)
+        self._table = list(blocks)
+        for b in blocks:
+            if b.idstr not in self._where:
+                self._where[b.idstr] = np.full(b.used_length // self.page_size, -1, np.int64)
+
+    def where(self, idstr: str) -> np.ndarray:
+        with self._lock:
+            self._settle()
+            return self._where[idstr]
+
+    def received_bitmap(self, block) -> np.ndarray:
+        with self._lock:
+            self._settle()
+            return self.received[block.idstr]
+
+    def view(self, block, offset: int) -> np.ndarray:
+        """The page's current content, read back from OUT (a copy)."""
+        _check(block, offset, self.page_size)
+        with self._lock:
+            self._settle()
+            w = int(self._where[block.idstr][offset // self.page_size])
+            if w < 0:
+                return np.full(self.page_size, -1 - w, np.uint8)
+            return np.frombuffer(bytearray(self.out.read_at(w, self.page_size)), np.uint8)
+
+    def place(self, block, offset: int, data) -> None:
+        _check(block, offset, self.page_size)
+        with self._lock:
+            self._settle()
+            pos = self.out.append_page(block.idstr, offset, data)
+            self._note(block.idstr, offset // self.page_size, pos)
+
+    def place_zero(self, block, offset: int) -> None:
+        _check(block, offset, self.page_size)
+        with self._lock:
+            self._settle()
+            self.out.append_zero(block.idstr, offset)
+            self._note(block.idstr, offset // self.page_size, -1)
+
+    def _note(self, idstr: str, page: int, where: int) -> None:
+        self._where[idstr][page] = where
+        self.received[idstr][page] = True
+
+    def place_batch(self, ev, first: int, stop: int) -> int:
+        rec = ev.records
+        kinds = rec.kind[first:stop]
+        j = stop
+        if kinds.tobytes().translate(None, _PAGE_OR_ZERO):  # another kind: the run ends there
+            j = first + next(i for i, k in enumerate(kinds) if k not in _PAGE_OR_ZERO)
+            if j == first:
+                return first
+        data = ev.data
+        with self._lock:
+            if self.out.last_block != self._table[rec.block[first]].idstr and \
+                    data[rec.start[first] + 7] & _CONTINUE:
+                self._one(ev, first)  # cannot continue OUT's block: a record of its own
+                first += 1
+                if first == j:
+                    return j
+            s0 = rec.start[first]
+            at = self.out.append_records(data[s0 : rec.pos[j - 1] + rec.length[j - 1]],
+                                         self._table[rec.block[j - 1]].idstr, j - first)
+            self._runs.append((rec, first, j, at - s0))
+        return j
+
+    def _one(self, ev, i: int) -> None:
+        rec = ev.records
+        blk = self._table[rec.block[i]]
+        off = rec.offset[i]
+        if rec.kind[i] == _ramparse.KIND_PAGE:
+            pos = rec.pos[i]
+            self.place(blk, off, ev.data[pos : pos + self.page_size])
+        elif rec.fill[i] == 0:
+            self.place_zero(blk, off)
+        else:
+            self.place(blk, off, bytes([rec.fill[i]]) * self.page_size)
+
+    def _settle(self) -> None:
+        """Enter the runs written since the last call, in order."""
+        runs, self._runs = self._runs, []
+        for rec, first, stop, shift in runs:
+            self._note_run(rec, first, stop, shift)
+
+    def _note_run(self, rec, first: int, stop: int, shift: int) -> None:
+        """Enter records ``first..stop-1``, written ``shift`` bytes from their buffer
+        position (in order: a page twice in a run ends as its last)."""
+        n = rec.count
+        kinds = np.frombuffer(rec.kind, np.uint8, n)[first:stop]
+        fills = np.frombuffer(rec.fill, np.uint8, n)[first:stop]
+        pos = np.frombuffer(rec.pos, np.int64, n)[first:stop]
+        where = np.where(kinds == _ramparse.KIND_PAGE, pos + shift, -1 - fills.astype(np.int64))
+        blocks = np.frombuffer(rec.block, np.int32, n)[first:stop]
+        pages = (np.frombuffer(rec.offset, np.uint64, n)[first:stop]
+                 // np.uint64(self.page_size)).astype(np.intp)
+        ids = distinct(blocks)
+        for b in ids:
+            sel = np.flatnonzero(blocks == b) if len(ids) > 1 else slice(None)
+            idstr = self._table[b].idstr
+            pg, wh = pages[sel], where[sel]
+            table = self._where[idstr]
+            if len(pg) > 1 and not (pg[1:] > pg[:-1]).all():
+                for p, w in zip(pg.tolist(), wh.tolist()):
+                    table[p] = w
+            else:
+                table[pg] = wh
+            self.received[idstr][pg] = True
