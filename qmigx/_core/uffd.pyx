@@ -139,11 +139,12 @@ cdef extern from *:
                     if (first + n > npages) n = npages - first;
                     quf_or_range(log, first, n);
                 }
+                /* counted before the writer wakes, so whoever it tells sees the count */
+                __atomic_fetch_add(&stats[0], 1, __ATOMIC_SEQ_CST);
                 if (quf_unprotect(uffd, addr, host_page) < 0) {
                     __atomic_fetch_add(&stats[1], 1, __ATOMIC_SEQ_CST);
                     return quf_fail(uffd, base, length, log, err, QUF_ERR_IOCTL);
                 }
-                __atomic_fetch_add(&stats[0], 1, __ATOMIC_RELAXED);
             }
             __atomic_fetch_add(&stats[1], 1, __ATOMIC_SEQ_CST);  /* batch done: even */
         }

@@ -352,7 +352,10 @@ class PostcopyIncoming:
             return
         with self._lock:
             for name, asked in self._asked.items():
-                idx = np.flatnonzero(asked)
+                # the fault thread writes ``asked`` meanwhile (the compiled one without
+                # this lock): one comparison pass reads each entry once, where
+                # flatnonzero would count, then fail if the count had changed
+                idx = np.flatnonzero(asked != 0)
                 if not len(idx):
                     continue
                 done = idx[pl.received[name][idx] != 0]
@@ -391,7 +394,7 @@ class PostcopyIncoming:
         self._counts[2] = -1
         for index, b in enumerate(pl.blocks):
             hps = pl._host_page(b)
-            for idx in np.flatnonzero(self._asked[b.idstr]).tolist():
+            for idx in np.flatnonzero(self._asked[b.idstr] != 0).tolist():
                 self._request(idx * TARGET_PAGE_SIZE, hps, index)
 
     def report(self, **extra) -> dict:
