@@ -155,9 +155,12 @@ class RamSaveState:
         self.request_wait = 0.0  # seconds requests spent queued, summed
         #: a writer of plain page records straight from guest memory, called as
         #: ``direct_pages(mem, pages)`` -> ``(nbytes, zeros, normal)`` or None after
-        #: a failed write (latched on the file); set by a COLO primary for its
-        #: checkpoints, whose guest is stopped, so no snapshot copy is needed
+        #: a failed write (latched on the file); set by the migration thread when
+        #: nothing needs a snapshot of the page (no XBZRLE, compression or multifd)
         self.direct_pages: Optional[Callable] = None
+        #: pages a batch takes with ``direct_pages``: large for a stopped guest (COLO's
+        #: checkpoints), the usual :attr:`batch_pages` where the rate limit must bite
+        self.direct_batch_pages = DIRECT_BATCH_PAGES
         self._taken_direct: Optional[np.ndarray] = None
 
     # -- setup and syncs -----------------------------------------------------
@@ -371,9 +374,9 @@ class RamSaveState:
             s = self._states[self._cursor_block]
             taken, limit = self._taken, self.batch_pages
             if self.direct_pages is not None:  # no copy to keep in cache: large batches
-                if self._taken_direct is None:
-                    self._taken_direct = np.empty(DIRECT_BATCH_PAGES, np.int64)
-                taken, limit = self._taken_direct, DIRECT_BATCH_PAGES
+                if self._taken_direct is None or len(self._taken_direct) != self.direct_batch_pages:
+                    self._taken_direct = np.empty(self.direct_batch_pages, np.int64)
+                taken, limit = self._taken_direct, self.direct_batch_pages
             if s.ignored:
                 n = 0
             else:  # another thread may take requested pages meanwhile (postcopy preempt)

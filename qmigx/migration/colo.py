@@ -57,6 +57,7 @@ from qmigx.migration.colo_message import (
     encode_message,
     encode_message_value,
 )
+from qmigx.migration.direct_send import direct_page_writer
 from qmigx.migration.side import S
 from qmigx.placement import ColoCachePlacement
 from qmigx.qemufile import BytesSink, QEMUFile
@@ -85,7 +86,6 @@ __all__ = ["CheckpointLog", "ColoPrimary", "ColoSecondary", "check_colo_capabili
 
 _log = logging.getLogger("qmigx.colo")
 _colo_recv = _backend.load("colo_recv")
-_pagesend = _backend.load("pagesend")
 
 #: a direct read that stored fewer pages than this was a bad guess: the
 #: next reads go through the parser (more of them after each bad guess)
@@ -316,7 +316,7 @@ class ColoPrimary(_ColoSide):
         sent_before = ram.pages_sent
         bytes_before = f.total_transferred
         w.section_header(SectionType.SECTION_END, self.ram_section)
-        ram.direct_pages = self._direct_pages if self.channel.socket_fds() is not None else None
+        ram.direct_pages = direct_page_writer(self.channel, self.f)
         try:
             ram.complete(rw, last_stage=False)  # XBZRLE's cache follows each checkpoint
         finally:
@@ -337,23 +337,6 @@ class ColoPrimary(_ColoSide):
                             bytes=f.total_transferred - bytes_before,
                             pause_ms=(t_run - t_stop) * 1000,
                             total_ms=(t_run - t_request) * 1000, time=time.time())
-
-    def _direct_pages(self, mem, pages) -> tuple[int, int, int] | None:
-        """Page records from guest memory straight to the socket (the guest is stopped)."""
-        fds = self.channel.socket_fds()
-        if fds is None:
-            self.f.set_error(self.channel.failure("stopped", writing=True))
-            return None
-        nbytes, zeros, normal, status, err = _pagesend.send_pages(
-            fds[0], fds[1], mem, pages, TARGET_PAGE_SIZE, self.channel.timeout)
-        self.channel.bytes_written += nbytes
-        self.f.wrote_directly(nbytes)
-        if status != _pagesend.DONE:
-            what = {_pagesend.STOPPED: "stopped", _pagesend.TIMEOUT: "timeout"}.get(status,
-                                                                                    "failed")
-            self.f.set_error(self.channel.failure(what, writing=True, err=err))
-            return None
-        return nbytes, zeros, normal
 
     def device_state(self) -> bytes:
         """The device-state blob: every device's FULL section, then EOF; no header, no vmdesc."""

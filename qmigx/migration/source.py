@@ -42,6 +42,7 @@ from qmigx.errors import (
 from qmigx.guest import Guest, SimpleGuest
 from qmigx.migration.colo import ColoPrimary, check_colo_capabilities
 from qmigx.migration.colo_failover import ColoStatus
+from qmigx.migration.direct_send import direct_page_writer
 from qmigx.migration.postcopy_source import advise_payload, connect_preempt, run_postcopy
 from qmigx.migration.side import Controls, S, Side, now_ms
 from qmigx.migration.source_rp import SourceReturnPath
@@ -411,6 +412,11 @@ class MigrationSource(SourceReturnPath, Side):
             if sender is not None and per_round:
                 ram.on_round = lambda: self._multifd_flush(rw, sender)
             ram.send_page_sizes = postcopy
+            if (sender is None and mapped is None and not postcopy and not caps.get("x-colo")
+                    and not caps.get("dirty-bitmaps")
+                    and ram.cache is None and ram.compress_level is None):
+                ram.direct_pages = direct_page_writer(main, f)  # a plain socket: no copy
+                ram.direct_batch_pages = ram.batch_pages
             self.ram = ram
             period = DirtyRatePeriod()
             # -- setup
