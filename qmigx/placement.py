@@ -89,8 +89,9 @@ class PagePlacement:
 
     def place_batch(self, ev, first: int, stop: int) -> int:
         """Place the PAGE and ZERO records of a :class:`~qmigx.stream.RamPages` batch from
-        ``first`` on, stopping before ``stop`` or the first record of another kind;
-        returns the index it stopped at (only with :attr:`takes_batches`)."""
+        ``first`` on, stopping before ``stop`` or a record it leaves to the loader (another
+        kind, or one it cannot take as it came); returns the index it stopped at (only
+        with :attr:`takes_batches`). The loader hands such a record to :meth:`place`."""
         raise NotImplementedError
 
     def mark_received(self, block, offsets) -> None:

@@ -440,8 +440,11 @@ class RamLoader:
             i = first
             while i < stop:
                 i = self.placement.place_batch(ev, i, stop)
-                if i < stop:
-                    self._apply_one(ev, i)
+                if i < stop:  # an XBZRLE delta needs the page it applies to
+                    if rec.kind[i] == _ramparse.KIND_XBZRLE:
+                        self._apply_one(ev, i)
+                    else:
+                        self._place_one(ev, i)
                     i += 1
             return
         if self._buffers is None:  # a placement that takes pages one by one

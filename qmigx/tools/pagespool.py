@@ -44,12 +44,12 @@ class SpoolPlacement(PagePlacement):
     -> position`` (records written as they are, before it returns: ``data``
     lies in the receive buffer) and ``read_at(position, n)``.
 
-    :meth:`where` gives, per page, the position of its latest data in OUT,
-    or ``-1 - fill`` when its latest record was a ZERO record (-1 when none
+    Per page it keeps the position of its latest data in OUT, or
+    ``-1 - fill`` when its latest record was a ZERO record (-1 when none
     came: a fresh destination's page is zero too). Runs written as they
     came are entered only when a page is read back or placed one by one,
-    or :meth:`where` is asked: a precopy stream of PAGE and ZERO records
-    costs each batch one write and nothing more.
+    or the received bitmap is asked for: a precopy stream of PAGE and
+    ZERO records costs each batch one write and nothing more.
     """
 
     fills_ram = False
@@ -62,7 +62,7 @@ class SpoolPlacement(PagePlacement):
         self._where: dict[str, np.ndarray] = {}
         self._table: list = []
         self._runs: list = []  # (records, first, stop, shift) written, not yet entered
-        self._lock = threading.RLock()  # place() may come from several threads
+        self._lock = threading.Lock()  # place() may come from several threads
 
     def attach(self, blocks: Sequence) -> None:
         super().attach(blocks)
@@ -70,11 +70,6 @@ class SpoolPlacement(PagePlacement):
         for b in blocks:
             if b.idstr not in self._where:
                 self._where[b.idstr] = np.full(b.used_length // self.page_size, -1, np.int64)
-
-    def where(self, idstr: str) -> np.ndarray:
-        with self._lock:
-            self._settle()
-            return self._where[idstr]
 
     def received_bitmap(self, block) -> np.ndarray:
         with self._lock:
@@ -118,30 +113,15 @@ class SpoolPlacement(PagePlacement):
             if j == first:
                 return first
         data = ev.data
+        if self.out.last_block != self._table[rec.block[first]].idstr and \
+                data[rec.start[first] + 7] & _CONTINUE:
+            return first  # cannot continue OUT's block: placed by the loader, named
         with self._lock:
-            if self.out.last_block != self._table[rec.block[first]].idstr and \
-                    data[rec.start[first] + 7] & _CONTINUE:
-                self._one(ev, first)  # cannot continue OUT's block: a record of its own
-                first += 1
-                if first == j:
-                    return j
             s0 = rec.start[first]
             at = self.out.append_records(data[s0 : rec.pos[j - 1] + rec.length[j - 1]],
                                          self._table[rec.block[j - 1]].idstr, j - first)
             self._runs.append((rec, first, j, at - s0))
         return j
-
-    def _one(self, ev, i: int) -> None:
-        rec = ev.records
-        blk = self._table[rec.block[i]]
-        off = rec.offset[i]
-        if rec.kind[i] == _ramparse.KIND_PAGE:
-            pos = rec.pos[i]
-            self.place(blk, off, ev.data[pos : pos + self.page_size])
-        elif rec.fill[i] == 0:
-            self.place_zero(blk, off)
-        else:
-            self.place(blk, off, bytes([rec.fill[i]]) * self.page_size)
 
     def _settle(self) -> None:
         """Enter the runs written since the last call, in order."""
