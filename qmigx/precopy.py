@@ -158,7 +158,11 @@ class RamSaveState:
         #: a failed write (latched on the file); set by the migration thread when
         #: nothing needs a snapshot of the page (no XBZRLE, compression or multifd)
         self.direct_pages: Optional[Callable] = None
-        #: pages a batch takes with ``direct_pages``: large for a stopped guest (COLO's
+        #: like ``direct_pages`` but called as ``relay_pages(writer, block, pages)`` and
+        #: in charge of naming the block: the pages' truth is elsewhere than RAM (a
+        #: saved stream's file, :mod:`qmigx.tools.pagerelay`), so every page goes by it
+        self.relay_pages: Optional[Callable] = None
+        #: pages a batch takes with ``direct_pages`` or ``relay_pages``: large for a stopped guest (COLO's
         #: checkpoints), the usual :attr:`batch_pages` where the rate limit must bite
         self.direct_batch_pages = DIRECT_BATCH_PAGES
         self._taken_direct: Optional[np.ndarray] = None
@@ -373,7 +377,7 @@ class RamSaveState:
                 return False
             s = self._states[self._cursor_block]
             taken, limit = self._taken, self.batch_pages
-            if self.direct_pages is not None:  # no copy to keep in cache: large batches
+            if self.direct_pages is not None or self.relay_pages is not None:  # no copy kept
                 if self._taken_direct is None or len(self._taken_direct) != self.direct_batch_pages:
                     self._taken_direct = np.empty(self.direct_batch_pages, np.int64)
                 taken, limit = self._taken_direct, self.direct_batch_pages
@@ -415,7 +419,8 @@ class RamSaveState:
             self.mapped.write_bitmaps()  # QEMU writes them once, at completion
 
     def _send(self, w: RamWriter, s: _BlockState, pages: np.ndarray) -> None:
-        if (self.multifd is None and not self.xbzrle_enabled and self.compress_level is None
+        if self.relay_pages is not None or (
+                self.multifd is None and not self.xbzrle_enabled and self.compress_level is None
                 and self.mapped is None and w.last_block == s.block.idstr):
             self._send_plain(w, s, pages)
             return
@@ -495,8 +500,14 @@ class RamSaveState:
         copies each page from guest memory.
         """
         blk = s.block
-        if self.direct_pages is not None:
+        if self.relay_pages is not None:
             w.f.flush()  # what the file holds goes first
+            sent = self.relay_pages(w, blk, pages)
+            if sent is None:
+                return
+            nbytes, zeros, normal = sent
+        elif self.direct_pages is not None:
+            w.f.flush()
             sent = self.direct_pages(blk.buffer[: blk.used_length], pages)
             if sent is None:
                 return

@@ -247,9 +247,19 @@ def qemu_destination_load(tmp_path: Path, uri: str, stream: str | Path, *, kerne
     return ram, json.loads(report.read_text())
 
 
+#: capabilities with which ``send`` loads FILE's pages into RAM instead of relaying them
+LOADS_RAM = ("xbzrle", "compress", "multifd", "mapped-ram", "postcopy-ram", "x-colo",
+             "dirty-bitmaps", "x-ignore-shared")
+
+
 def check_send_report(report: dict, caps: dict) -> None:
     q = report["query-migrate"]
     assert q["status"] == "completed"
+    relayed = report["file"]["pages_relayed"]  # plain records go from FILE itself
+    if any(caps.get(c) for c in LOADS_RAM):
+        assert relayed is None, report["file"]
+    else:
+        assert relayed > 0, report["file"]
     if caps.get("multifd"):
         assert q["ram"]["multifd-bytes"] > 0, q["ram"]
     if caps.get("compress"):

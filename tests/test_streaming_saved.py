@@ -11,6 +11,7 @@ pass ``verify``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -57,7 +58,10 @@ def _ram(path):
 def test_streamed_send_into_streamed_save_loads_as_file(name, multifd, tmp_path):
     info = get_stream(name)
     caps, params = MULTIFD if multifd else (None, None)
-    out, _ = _send_into_save(tmp_path, info.stream, caps, params)
+    out, report = _send_into_save(tmp_path, info.stream, caps, params)
+    # plain records go from FILE itself; multifd sends from RAM
+    relayed = report["file"]["pages_relayed"]
+    assert (relayed is None) if multifd else relayed > 0, report["file"]
     want = _ram(info.stream)
     got = _ram(out)
     assert got.keys() == want.keys()
@@ -92,16 +96,44 @@ def test_a_stream_saved_as_it_arrives_loads_as_the_file(name, tmp_path):
     assert kinds <= {0, 1}, kinds
 
 
+@contextlib.contextmanager
+def _ram_stream(path: Path, blocks: dict, prefix: int = 0):
+    """A stream of ``blocks`` (idstr -> pages) being written: yields ``(stream writer,
+    RAM writer, next_part)`` inside its first PART section; ``next_part()`` starts
+    another. ``prefix`` zero bytes first (``file:PATH,offset=N``)."""
+    from qmigx.qemufile import QEMUFile
+    from qmigx.stream import RamBlockInfo, Section
+    from qmigx.tools.savestream import begin_stream, write_devices
+    from qmigx.wire import SectionType
+
+    with open(path, "wb") as fh:
+        fh.write(bytes(prefix))
+        f = QEMUFile(fh.write)
+        w, ram = begin_stream(f)
+        sec = Section(2, "ram", 0, 4)
+        w.section_header(SectionType.SECTION_START, sec)
+        ram.setup([RamBlockInfo(name, n * 4096, None, None) for name, n in blocks.items()])
+
+        def next_part(kind=SectionType.SECTION_PART) -> None:
+            ram.eos()
+            w.footer(sec)
+            w.section_header(kind, sec)
+        next_part()
+        yield w, ram, next_part
+        next_part(SectionType.SECTION_END)
+        ram.eos()
+        w.footer(sec)
+        write_devices(w, [], 2, False)
+        f.flush()
+        f.check()
+
+
 def _crafted_stream(path: Path) -> None:
     """Records a spool must rebuild right: an XBZRLE delta on a ZERO record's non-zero fill
     (QEMU 7.2 sends any fill byte), on a page sent twice in one run (the second counts),
     and on a page written by the spool itself; a compressed page; two blocks in turn."""
     from qmigx import xbzrle
-    from qmigx.qemufile import QEMUFile
     from qmigx.ram import compress_page
-    from qmigx.stream import RamBlockInfo, Section
-    from qmigx.tools.savestream import begin_stream, write_devices
-    from qmigx.wire import SectionType
 
     rng = np.random.default_rng(7)
     page = lambda: rng.integers(0, 256, 4096, dtype=np.uint8)  # noqa: E731
@@ -112,15 +144,7 @@ def _crafted_stream(path: Path) -> None:
         assert n > 0
         return out[:n].tobytes()
 
-    with open(path, "wb") as fh:
-        f = QEMUFile(fh.write)
-        w, ram = begin_stream(f)
-        sec = Section(2, "ram", 0, 4)
-        w.section_header(SectionType.SECTION_START, sec)
-        ram.setup([RamBlockInfo("a", 8 * 4096, None, None), RamBlockInfo("b", 4 * 4096, None, None)])
-        ram.eos()
-        w.footer(sec)
-        w.section_header(SectionType.SECTION_PART, sec)
+    with _ram_stream(path, {"a": 8, "b": 4}) as (_, ram, _):
         p0, p3, p3b, q0 = page(), page(), page(), page()
         ram.page("a", 0, p0)
         ram.zero("a", 4096, 0x37)
@@ -139,14 +163,6 @@ def _crafted_stream(path: Path) -> None:
         ram.xbzrle("a", 4096, delta(new1, new1b))  # against the page the spool wrote itself
         ram.compressed("b", 2 * 4096, compress_page(page().tobytes()))
         ram.zero("b", 3 * 4096)
-        ram.eos()
-        w.footer(sec)
-        w.section_header(SectionType.SECTION_END, sec)
-        ram.eos()
-        w.footer(sec)
-        write_devices(w, [], 2, False)
-        f.flush()
-        f.check()
 
 
 def test_a_spool_rebuilds_what_it_cannot_write_as_it_came(tmp_path):
@@ -182,13 +198,17 @@ def test_the_live_stream_repeats_pages_and_has_xbzrle_records():
 def test_send_begins_before_file_is_read(tmp_path):
     """The first page goes when a part of FILE was parsed, not after loading it whole.
 
-    How far the loading thread gets before the engine takes its first pages
-    depends on how long the engine's setup takes beside it: 4-30% of this
-    56 MB stream in 20 runs on two busy cores (4 MiB of 880 MiB for the
-    1 GiB benchmark guest). Loading first would make it 100%.
+    Where FILE is loaded into RAM (here: XBZRLE encodes against what was
+    sent, so pages cannot be relayed from FILE), how far the loading
+    thread gets before the engine takes its first pages depends on how
+    long the engine's setup takes beside it: 4-30% of this 56 MB stream in
+    20 runs on two busy cores (4 MiB of 880 MiB for the 1 GiB benchmark
+    guest). Loading first would make it 100%. (A relay only reads record
+    headers, and often has all of this file indexed before the first send.)
     """
     info = get_stream("pc-paused")
-    _, report = _send_into_save(tmp_path, info.stream)
+    _, report = _send_into_save(tmp_path, info.stream, {"xbzrle": True},
+                                {"xbzrle-cache-size": 1 << 20})
     f = report["file"]
     assert f["parsed_at_first_send"] is not None
     assert f["parsed_at_first_send"] < f["bytes"] // 2, f
@@ -207,3 +227,68 @@ def test_a_truncated_file_fails_both_sides(tmp_path):
         rc, err = inc.wait(60)
     assert r.returncode == 1 and "unexpected end of stream" in r.stderr, r.stderr
     assert rc == 1, err
+
+
+def _relay_stream(path: Path, prefix: int = 0) -> None:
+    """A stream whose records a relay must split right: a long run of PAGE and ZERO
+    records (a ZERO with a non-zero fill among them); a page of the run sent again
+    later and one made an XBZRLE delta (their latest records lie elsewhere); a run
+    that restarts by naming its block after another block's records; a compressed
+    page; pages never sent. ``prefix`` zero bytes first (``file:PATH,offset=N``)."""
+    from qmigx import xbzrle
+    from qmigx.ram import compress_page
+
+    rng = np.random.default_rng(11)
+    pages = rng.integers(0, 256, (64, 4096), dtype=np.uint8)
+    with _ram_stream(path, {"a": 64, "b": 8}, prefix) as (_, ram, next_part):
+        for p in range(32):
+            if p % 7 == 3:
+                ram.zero("a", p * 4096)
+            elif p == 20:
+                ram.zero("a", p * 4096, 0x5A)
+            else:
+                ram.page("a", p * 4096, pages[p])
+        ram.page("b", 0, pages[40])
+        ram.page("a", 5 * 4096, pages[41])  # page 5 again: its latest record is here
+        new = pages[10].copy()
+        new[:64] = 0
+        out = np.empty(4096, np.uint8)
+        n = xbzrle.encode_buffer(pages[10], new, out)
+        ram.xbzrle("a", 10 * 4096, out[:n].tobytes())
+        next_part()
+        for p in range(40, 60):  # named again after the section boundary and block b
+            ram.page("a", p * 4096, pages[p])
+        ram.compressed("b", 3 * 4096, compress_page(pages[42].tobytes()))
+        ram.zero("b", 4 * 4096, 0x11)
+
+
+@pytest.mark.parametrize("prefix", [0, 0x1000])
+@pytest.mark.parametrize("into", ["incoming", "pipe"])
+def test_send_relays_records_from_file_and_rebuilds_the_rest(into, prefix, tmp_path):
+    """``send FILE`` sends runs of FILE's own records and the pages it had to rebuild:
+    what arrives loads as FILE does (over a socket with ``sendfile``, into a pipe by
+    reading FILE)."""
+    src, out = tmp_path / "relay.mig", tmp_path / "out.mig"
+    _relay_stream(src, prefix)
+    report = tmp_path / "send.json"
+    if into == "incoming":
+        uri = f"unix:{tmp_path / 'mig.sock'}"
+        with QmigxIncoming(uri, tmp_path, save=out) as inc:
+            r = subprocess.run(qmigx_argv("send", src, uri, "--report", report),
+                               capture_output=True, text=True, timeout=120)
+            rc, err = inc.wait(60)
+        assert rc == 0, err
+    else:
+        r = subprocess.run(qmigx_argv("send", src, f"exec:cat > {out}", "--report", report),
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want, got = _ram(src), _ram(out)
+    assert got.keys() == want.keys() == {"a", "b"}
+    for idstr in want:
+        assert got[idstr] == want[idstr], idstr
+    f = json.loads(report.read_text())["file"]
+    # at least once each (more if the engine took a page before its later record was
+    # read): from FILE, 30 of a's first run (not 5 and 10), 5, a's second run, b's 0
+    # and 4; from RAM, 10 and b's 3 (rebuilt) and the 17 pages never sent
+    assert f["pages_relayed"] >= 30 + 1 + 20 + 2, f
+    assert f["pages_from_ram"] >= 2 + 17, f

@@ -9,6 +9,9 @@ written (and copied again by the kernel), this loop hands the kernel
 gathering writes whose buffers are the headers and the guest pages
 themselves: the page is copied once. It is for a source whose guest is
 stopped (a COLO checkpoint), where what is sent cannot change under it.
+``send_file`` relays record bytes that already lie in a file (a saved
+stream being sent on): a header, then the file's range with ``sendfile``,
+so the kernel moves them from the page cache without a user-space copy.
 ``qmigx.reference.pagesend`` is the plain-Python twin.
 """
 
@@ -16,17 +19,22 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 from qmigx._core.byteorder cimport store_be64
-from qmigx._core.fdwait cimport iovec, write_all
+from libc.errno cimport EAGAIN, EINTR, errno
+from qmigx._core.fdwait cimport POLLOUT, WAIT_READY, iovec, wait_fd, write_all
+
+cdef extern from "<sys/sendfile.h>" nogil:
+    ssize_t sendfile(int out_fd, int in_fd, long* offset, size_t count)
 
 from qmigx.errors import RamStreamError
 
-__all__ = ["send_pages", "CHUNK", "DONE", "STOPPED", "TIMEOUT", "FAILED"]
+__all__ = ["send_pages", "send_file", "CHUNK", "DONE", "STOPPED", "TIMEOUT", "FAILED", "SHORT"]
 
 cdef enum Status:
     S_DONE = 0
     S_STOPPED = 2
     S_TIMEOUT = 3
     S_FAILED = 5
+    S_SHORT = 6
 
 #: every record was written
 DONE = S_DONE
@@ -36,6 +44,8 @@ STOPPED = S_STOPPED
 TIMEOUT = S_TIMEOUT
 #: a write failed (``errno`` returned)
 FAILED = S_FAILED
+#: ``send_file``: the source file ended before the range did
+SHORT = S_SHORT
 
 cdef enum:
     _CHUNK = 512        # records per gathering write: two buffers a page, IOV_MAX 1024
@@ -140,3 +150,49 @@ def send_pages(int fd, int wake, mem, pages, Py_ssize_t page_size=4096, timeout=
         PyMem_Free(hdr)
         PyMem_Free(iov)
     return nbytes, zeros, normal, (S_DONE if st < 0 else st), err
+
+
+def send_file(int fd, int wake, head, int src_fd, long long offset, long long count,
+              timeout=None):
+    """Write ``head``, then ``count`` bytes of file ``src_fd`` from ``offset``, to ``fd``.
+
+    The range goes with ``sendfile`` (the file's offset is left alone).
+    Returns ``(nbytes, status, err)``: the bytes written, ``DONE``,
+    ``STOPPED``, ``TIMEOUT``, ``FAILED`` (``err`` the errno value) or
+    ``SHORT`` (the file ended before the range did).
+    """
+    cdef const uint8_t[::1] h = memoryview(head).cast("B")
+    cdef int timeout_ms = -1 if timeout is None else max(0, int(timeout * 1000))
+    cdef int st = -1, err = 0
+    cdef bint is_socket = True
+    cdef uint64_t nbytes = 0
+    cdef iovec iov[1]
+    cdef long off = offset
+    cdef long long left = count
+    cdef ssize_t k
+    if offset < 0 or count < 0:
+        raise RamStreamError(f"file range {offset}+{count} is negative", field="offset")
+    with nogil:
+        if h.shape[0]:
+            iov[0].iov_base = <void*>&h[0]
+            iov[0].iov_len = <size_t>h.shape[0]
+            st = write_all(fd, wake, timeout_ms, &is_socket, iov, 1, &nbytes, &err)
+        while st < 0 and left > 0:
+            k = sendfile(fd, src_fd, &off, <size_t>(left if left < (1 << 30) else (1 << 30)))
+            if k < 0:
+                if errno == EAGAIN:
+                    st = wait_fd(fd, POLLOUT, wake, timeout_ms, &err)
+                    if st == WAIT_READY:
+                        st = -1
+                    continue
+                if errno == EINTR:
+                    continue
+                err = errno
+                st = S_FAILED
+                break
+            if k == 0:
+                st = S_SHORT
+                break
+            nbytes += <uint64_t>k
+            left -= k
+    return nbytes, (S_DONE if st < 0 else st), err

@@ -334,8 +334,13 @@ def cmd_send(args) -> int:
                               "--cap dirty-bitmaps=on (on both sides)", field="postcopy-ram")
     disks = BlockSaveHandler(args.drive, capabilities=caps)  # checks the drive names too
     shared = _shared_ram(args.shared_ram, private=False)
-    # FILE is loaded by a thread while it is sent (qmigx.tools.feed)
-    feed = StreamFeed(args.file, shared if len(shared) else None, create_missing=True)
+    # FILE is loaded by a thread while it is sent (qmigx.tools.feed); plain records
+    # go from FILE itself where nothing needs the pages in RAM
+    relay = (os.path.isfile(args.file) and not len(shared) and not any(
+        caps.get(c) for c in ("xbzrle", "compress", "multifd", "mapped-ram", "postcopy-ram",
+                              "x-colo", "dirty-bitmaps", "x-ignore-shared")))
+    feed = StreamFeed(args.file, shared if len(shared) else None, create_missing=True,
+                      relay=relay)
     loaded = feed.begin()
     if caps.get("postcopy-ram") or caps.get("x-colo"):
         feed.wait()  # postcopy places a page once, COLO checkpoints: RAM must be whole first
@@ -368,6 +373,7 @@ def cmd_send(args) -> int:
         ram_section_id=setup.section.section_id if setup else 2, handlers=handlers,
         compat=compat, objects=objects, dirty_logs=feed.dirty_logs(),
         clear_bitmap_shift=FEED_CLEAR_SHIFT)
+    src.page_relay = feed.placement if relay else None
     src.guest.running = False  # replaying a recorded state: nothing runs
 
     def settle() -> None:  # before the final pass: FILE whole, its device state known
@@ -404,7 +410,10 @@ def cmd_send(args) -> int:
                      extra=dict(_send_extra(src) or {}, file={
                          "bytes": loaded.size,
                          # FILE is read as it is sent: how much was parsed when sending began
-                         "parsed_at_first_send": feed.parsed_at_first_send}))
+                         "parsed_at_first_send": feed.parsed_at_first_send,
+                         # pages sent from their records in FILE, and from RAM
+                         "pages_relayed": getattr(feed.placement, "relayed_pages", None),
+                         "pages_from_ram": getattr(feed.placement, "ram_pages", None)}))
     if state != MigrationStatus.COMPLETED:
         raise src.error if isinstance(src.error, MigrationError) else MigrationError(
             f"migration {state.value}: {src.error}")

@@ -147,6 +147,8 @@ class MigrationSource(SourceReturnPath, Side):
         self.recover_timeout: Optional[float] = None
         self.uuid = uuid
         self.clear_bitmap_shift = clear_bitmap_shift
+        #: a :class:`~qmigx.tools.pagerelay.RelayPlacement` whose file holds the pages
+        self.page_relay = None
         self.globalstate = globalstate
         self.ram_section_id = ram_section_id
         self.connect_timeout = connect_timeout
@@ -412,11 +414,17 @@ class MigrationSource(SourceReturnPath, Side):
             if sender is not None and per_round:
                 ram.on_round = lambda: self._multifd_flush(rw, sender)
             ram.send_page_sizes = postcopy
-            if (sender is None and mapped is None and not postcopy and not caps.get("x-colo")
-                    and not caps.get("dirty-bitmaps")
-                    and ram.cache is None and ram.compress_level is None):
+            plain = (sender is None and mapped is None and not postcopy and not caps.get("x-colo")
+                     and not caps.get("dirty-bitmaps")
+                     and ram.cache is None and ram.compress_level is None)
+            if self.page_relay is not None:  # pages that lie in a saved stream's file
+                if not plain:
+                    raise CapabilityError("pages relayed from a file go as plain records only",
+                                          field="capabilities")
+                ram.relay_pages = self.page_relay.sender(main, f)
+            elif plain:
                 ram.direct_pages = direct_page_writer(main, f)  # a plain socket: no copy
-                ram.direct_batch_pages = ram.batch_pages
+            ram.direct_batch_pages = ram.batch_pages
             self.ram = ram
             period = DirtyRatePeriod()
             # -- setup

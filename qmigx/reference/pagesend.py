@@ -4,7 +4,8 @@
 as ``be64(offset | ZERO | CONTINUE) + 0x00``, any other as ``be64(offset
 | PAGE | CONTINUE)`` and the page) with gathering writes whose buffers are
 the headers and the pages themselves, ``CHUNK`` records at a time. Same
-bytes, results and errors as the compiled kernel.
+bytes, results and errors as the compiled kernel. ``send_file`` writes a
+header, then a range of a file with ``os.sendfile``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,24 @@ import numpy as np
 
 from qmigx.errors import RamStreamError
 
-__all__ = ["send_pages", "CHUNK", "DONE", "STOPPED", "TIMEOUT", "FAILED"]
+__all__ = ["send_pages", "send_file", "CHUNK", "DONE", "STOPPED", "TIMEOUT", "FAILED", "SHORT"]
 
-DONE, STOPPED, TIMEOUT, FAILED = 0, 2, 3, 5
+DONE, STOPPED, TIMEOUT, FAILED, SHORT = 0, 2, 3, 5, 6
 CHUNK = 512
 _F_ZERO, _F_PAGE, _F_CONTINUE = 0x02, 0x08, 0x20
+
+
+def _wait_writable(fd: int, wake: int, timeout_ms: int) -> int | None:
+    """None once ``fd`` is writable, else STOPPED or TIMEOUT."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.register(wake, select.POLLIN)
+    ready = dict(poller.poll(None if timeout_ms < 0 else timeout_ms))
+    if ready.get(wake):
+        return STOPPED
+    if not ready:
+        return TIMEOUT
+    return None
 
 
 def _write_all(fd: int, wake: int, timeout_ms: int, bufs: list) -> tuple[int, int | None, int]:
@@ -32,14 +46,9 @@ def _write_all(fd: int, wake: int, timeout_ms: int, bufs: list) -> tuple[int, in
         try:
             k = os.writev(fd, views)
         except BlockingIOError:
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            poller.register(wake, select.POLLIN)
-            ready = dict(poller.poll(None if timeout_ms < 0 else timeout_ms))
-            if ready.get(wake):
-                return done, STOPPED, 0
-            if not ready:
-                return done, TIMEOUT, 0
+            status = _wait_writable(fd, wake, timeout_ms)
+            if status is not None:
+                return done, status, 0
             continue
         except InterruptedError:
             continue
@@ -95,3 +104,34 @@ def send_pages(fd: int, wake: int, mem, pages, page_size: int = 4096,
         zeros += czeros
         normal += cnormal
     return nbytes, zeros, normal, DONE, 0
+
+
+def send_file(fd: int, wake: int, head, src_fd: int, offset: int, count: int,
+              timeout: float | None = None) -> tuple[int, int, int]:
+    """See the compiled kernel: ``(nbytes, status, err)``."""
+    timeout_ms = -1 if timeout is None else max(0, int(timeout * 1000))
+    if offset < 0 or count < 0:
+        raise RamStreamError(f"file range {offset}+{count} is negative", field="offset")
+    nbytes = 0
+    if len(head):
+        nbytes, status, err = _write_all(fd, wake, timeout_ms, [head])
+        if status is not None:
+            return nbytes, status, err
+    while count > 0:
+        try:
+            k = os.sendfile(fd, src_fd, offset, min(count, 1 << 30))
+        except BlockingIOError:
+            status = _wait_writable(fd, wake, timeout_ms)
+            if status is not None:
+                return nbytes, status, 0
+            continue
+        except InterruptedError:
+            continue
+        except OSError as e:
+            return nbytes, FAILED, e.errno or errno.EIO
+        if k == 0:
+            return nbytes, SHORT, 0
+        nbytes += k
+        offset += k
+        count -= k
+    return nbytes, DONE, 0

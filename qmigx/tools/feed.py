@@ -16,6 +16,11 @@ dirty log (:class:`~qmigx.tools.pagelog.LoggingPlacement`).
 * Before completion the engine waits for the loader to finish
   (:meth:`StreamFeed.wait`), so the final sync collects every page
   written since; last record wins on both sides.
+
+With ``relay`` the loader writes no RAM for PAGE and ZERO records: it
+notes where they lie in FILE and the engine relays them from there
+(:mod:`qmigx.tools.pagerelay`); only pages rebuilt from other records
+land in RAM.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from qmigx.stream import RamMappedPages, RamPages
 from qmigx.stream.reader import Source, StreamReader
 from qmigx.tools.loaded import LoadedStream, apply_event
 from qmigx.tools.pagelog import LoggingPlacement
+from qmigx.tools.pagerelay import RelayPlacement
 
 __all__ = ["StreamFeed", "FEED_CLEAR_SHIFT"]
 
@@ -61,6 +67,9 @@ class _FeedLog:
 class StreamFeed:
     """FILE loaded by a thread into RAM blocks, with a dirty log per block.
 
+    ``relay`` (``source`` a regular file's path): see the module docstring;
+    the sender then sets ``MigrationSource.page_relay`` to :attr:`placement`.
+
     :meth:`begin` reads, in the caller's thread, what comes before the
     first page (configuration, RAM setup: what the sender needs to
     start), then the thread loads the rest. ``loaded`` fills as
@@ -69,9 +78,11 @@ class StreamFeed:
     """
 
     def __init__(self, source: Source, blocks: Optional[RAMBlockList] = None, *,
-                 create_missing: bool = False) -> None:
-        self.placement = LoggingPlacement(on_mark=self._advance)
-        self.reader = StreamReader(source, chunk=_READ_CHUNK)
+                 create_missing: bool = False, relay: bool = False) -> None:
+        self.placement = (RelayPlacement(source, on_mark=self._advance) if relay
+                          else LoggingPlacement(on_mark=self._advance))
+        # relayed, FILE's bytes are not copied out: read through mmap windows
+        self.reader = StreamReader(source, chunk=_READ_CHUNK, use_mmap=relay)
         self.loader = RamLoader(blocks, create_missing=create_missing, placement=self.placement)
         self.loaded = LoadedStream(blocks=self.loader.blocks, vmdesc=self.reader.vmdesc_text)
         self.error: Optional[BaseException] = None
@@ -145,6 +156,10 @@ class StreamFeed:
                 self._cond.wait()
         self._raise()
         return self.loaded
+
+    def close(self) -> None:
+        """Release FILE (a relay keeps it open while the engine sends from it)."""
+        self.placement.close()
 
     @property
     def done(self) -> bool:

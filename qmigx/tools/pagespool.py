@@ -26,13 +26,21 @@ from qmigx.placement import PagePlacement, _check
 from qmigx.ram import distinct
 from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["SpoolPlacement"]
+__all__ = ["SpoolPlacement", "plain_run_end"]
 
 _ramparse = _backend.load("ramparse")
 
 _CONTINUE = 0x20
 #: the kinds of record a run written as it came holds
 _PAGE_OR_ZERO = bytes((_ramparse.KIND_ZERO, _ramparse.KIND_PAGE))
+
+
+def plain_run_end(rec, first: int, stop: int) -> int:
+    """Where the run of PAGE and ZERO records from ``first`` (before ``stop``) ends."""
+    kinds = rec.kind[first:stop]
+    if not kinds.tobytes().translate(None, _PAGE_OR_ZERO):
+        return stop
+    return first + next(i for i, k in enumerate(kinds) if k not in _PAGE_OR_ZERO)
 
 
 class SpoolPlacement(PagePlacement):
@@ -106,12 +114,9 @@ class SpoolPlacement(PagePlacement):
 
     def place_batch(self, ev, first: int, stop: int) -> int:
         rec = ev.records
-        kinds = rec.kind[first:stop]
-        j = stop
-        if kinds.tobytes().translate(None, _PAGE_OR_ZERO):  # another kind: the run ends there
-            j = first + next(i for i, k in enumerate(kinds) if k not in _PAGE_OR_ZERO)
-            if j == first:
-                return first
+        j = plain_run_end(rec, first, stop)
+        if j == first:
+            return first
         data = ev.data
         if self.out.last_block != self._table[rec.block[first]].idstr and \
                 data[rec.start[first] + 7] & _CONTINUE:
