@@ -10,11 +10,21 @@
 """
 
 from qmigx.crypto.authz import AuthZ, AuthZList, AuthZListFile, AuthZSimple, is_allowed_by_id
-from qmigx.crypto.dn import cert_dn, gnutls_dn
 from qmigx.crypto.objects import ObjectRoot, UserCreatable
 from qmigx.crypto.session import (PSKSession, TLSSession, TLSSettings, X509Session, get_creds,
                                   match_hostname)
 from qmigx.crypto.tlscreds import TLSCreds, TLSCredsPSK, TLSCredsX509
+
+
+
+def __getattr__(name: str):
+    # the DN printers import ``cryptography`` (60 ms): loaded on first use
+    if name in ("cert_dn", "gnutls_dn"):
+        from qmigx.crypto import dn
+
+        return getattr(dn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ObjectRoot",

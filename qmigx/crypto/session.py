@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from qmigx.crypto.authz import is_allowed_by_id
-from qmigx.crypto.dn import cert_dn
 from qmigx.crypto.objects import ObjectRoot
 from qmigx.crypto.tlscreds import TLSCreds, TLSCredsPSK, TLSCredsX509
 from qmigx.errors import ObjectError, TLSError, TLSPeerRejected
@@ -241,6 +240,8 @@ class X509Session(TLSSession):
         if der is None:
             raise TLSPeerRejected("No certificate peers", field="tls")
         try:
+            from qmigx.crypto.dn import cert_dn  # imports cryptography: only when used
+
             self.peer_name = cert_dn(der)
         except ValueError as exc:
             raise TLSPeerRejected(f"Cannot get client distinguished name: {exc}", field="tls") from None

@@ -35,13 +35,13 @@ import datetime
 import errno as errno_mod
 import os
 import ssl
-from typing import Optional
-
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from typing import TYPE_CHECKING, Optional
 
 from qmigx.crypto.objects import Prop, UserCreatable, register
 from qmigx.errors import ObjectError
+
+if TYPE_CHECKING:  # imported where used: it costs 60 ms, and most runs never check a certificate
+    from cryptography import x509
 
 __all__ = ["TLSCreds", "TLSCredsX509", "TLSCredsPSK", "ENDPOINTS", "ssl_versions"]
 
@@ -119,6 +119,8 @@ def _check_times(cert: x509.Certificate, path: str, server: bool, ca: bool) -> N
 
 
 def _ext(cert: x509.Certificate, kind):
+    from cryptography import x509
+
     try:
         return cert.extensions.get_extension_for_class(kind)
     except x509.ExtensionNotFound:
@@ -126,6 +128,8 @@ def _ext(cert: x509.Certificate, kind):
 
 
 def _check_constraints(cert: x509.Certificate, path: str, server: bool, ca: bool) -> None:
+    from cryptography import x509
+
     bc = _ext(cert, x509.BasicConstraints)
     if bc is None:
         if ca:
@@ -139,6 +143,8 @@ def _check_constraints(cert: x509.Certificate, path: str, server: bool, ca: bool
 
 
 def _check_usage(cert: x509.Certificate, path: str, ca: bool) -> None:
+    from cryptography import x509
+
     ku = _ext(cert, x509.KeyUsage)
     if ku is None or not ku.critical:
         return  # absent: QEMU assumes what the role needs; non-critical: never enforced
@@ -154,6 +160,9 @@ def _check_usage(cert: x509.Certificate, path: str, ca: bool) -> None:
 
 
 def _check_purpose(cert: x509.Certificate, path: str, server: bool) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     eku = _ext(cert, x509.ExtendedKeyUsage)
     if eku is None:
         return
@@ -177,6 +186,8 @@ def _issued_by_any(cert: x509.Certificate, cas: list) -> bool:
 
 def _sanity_check(server: bool, cacert: str, cert_path: Optional[str]) -> None:
     """QEMU's qcrypto_tls_creds_x509_sanity_check: our own certificates, before use."""
+    from cryptography import x509
+
     cert = None
     if cert_path and os.access(cert_path, os.R_OK):
         try:
