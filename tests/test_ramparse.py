@@ -102,3 +102,62 @@ def test_apply_records_writes_only_inside_blocks(kernel):
     short = [np.zeros(4096, np.uint8), blocks[1], blocks[2]]
     with pytest.raises(errors.RamStreamError):
         mod.apply_records(out, 0, data, short, 4096)
+
+
+def _note(mod, recs, splits, shifts):
+    """``note_runs`` over the PAGE/ZERO records ``recs`` cut into runs at ``splits``."""
+    data = b"".join(record(*r) for r in recs)
+    sc = mod.RamScanner(4096, NAMES, LENGTHS)
+    out = mod.RamRecords(64)
+    sc.scan(data, 0, len(data), out)
+    cuts = sorted({0, out.count, *(s % (out.count + 1) for s in splits)})
+    runs = [(out, a, b, shifts[i % len(shifts)]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    tables = [np.full(n // 4096, -7, np.int64) for n in LENGTHS]
+    got = [np.zeros(n // 4096, bool) for n in LENGTHS]
+    mod.note_runs(runs, tables, got, 4096)
+    return [t.tolist() for t in tables], [g.tolist() for g in got], out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.one_of(st.none(), st.integers(0, 2)),
+                          st.integers(0, 17), st.just(b""), st.integers(0, 255)),
+                min_size=1, max_size=30),
+       st.lists(st.integers(0, 40), max_size=4), st.lists(st.integers(0, 1 << 20), min_size=1,
+                                                           max_size=3))
+def test_note_runs_backends_agree_and_the_last_record_wins(recs, splits, shifts):
+    fixed, cur = [], 0
+    for i, (k, b, p, body, f) in enumerate(recs):  # the first names a block; pages inside it
+        b = 0 if i == 0 and b is None else b
+        cur = cur if b is None else b
+        fixed.append((k, b, p % (LENGTHS[cur] // 4096), body, f))
+    recs = fixed
+    want_t, want_g, out = _note(BACKENDS[1], recs, splits, shifts)
+    assert _note(BACKENDS[0], recs, splits, shifts)[:2] == (want_t, want_g)
+    # the truth, record by record: the last record for a page is what its entry says
+    last = {}
+    for i in range(out.count):
+        last[(out.block[i], out.offset[i] // 4096)] = i
+    for (b, p), i in last.items():
+        assert want_g[b][p]
+        if out.kind[i] == 0:
+            assert want_t[b][p] == -1 - out.fill[i]
+        else:
+            assert want_t[b][p] - out.pos[i] in shifts
+    assert sum(map(sum, want_g)) == len(last)
+
+
+@pytest.mark.kernel("ramparse")
+def test_note_runs_refuses_what_is_not_a_page_of_its_table(kernel):
+    data = record(1, 0, 3) + record(2, None, 4, b"\0\1\xaa")
+    sc = kernel.RamScanner(4096, NAMES, LENGTHS)
+    out = kernel.RamRecords(8)
+    sc.scan(data, 0, len(data), out)
+    tables = [np.full(n // 4096, -1, np.int64) for n in LENGTHS]
+    got = [np.zeros(n // 4096, bool) for n in LENGTHS]
+    with pytest.raises(errors.RamStreamError):  # an XBZRLE record in the run
+        kernel.note_runs([(out, 0, 2, 0)], tables, got, 4096)
+    short = [np.full(2, -1, np.int64)] + tables[1:]
+    with pytest.raises(errors.RamStreamError):  # page 3 outside a 2-page table
+        kernel.note_runs([(out, 0, 1, 0)], short, got, 4096)
+    with pytest.raises(ValueError):
+        kernel.note_runs([(out, 0, 9, 0)], tables, got, 4096)

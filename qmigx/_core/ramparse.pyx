@@ -496,3 +496,75 @@ def encode_pages(mem, pages, out, Py_ssize_t page_size=4096):
                 memcpy(&o[w + 8], src, page_size)
                 w += 8 + page_size
     return w, zeros, n - zeros
+
+
+def note_runs(list runs, list tables, list received, Py_ssize_t page_size=4096):
+    """Enter where each record of ``runs`` left its page, in order (the last wins).
+
+    ``runs`` holds ``(records, first, stop, shift)``: records ``first..stop-1``
+    of a batch, all ZERO or PAGE, whose bodies were written ``shift`` bytes
+    from their positions in the scanned buffer. Per block-table entry,
+    ``tables`` holds an int64 array (a page's data position, or ``-1 - fill``
+    after a ZERO record) and ``received`` a bool array, one entry per page;
+    both are updated in place. One call for thousands of runs, where a
+    numpy pass per run costs tens of microseconds each.
+    """
+    cdef Py_ssize_t nb = len(tables)
+    cdef int64_t** where = NULL
+    cdef uint8_t** got = NULL
+    cdef Py_ssize_t* npages = NULL
+    cdef int64_t[::1] wv
+    cdef uint8_t[::1] gv
+    cdef list keep = []
+    cdef const uint8_t[::1] kind
+    cdef const int32_t[::1] block_a
+    cdef const uint64_t[::1] offset_a
+    cdef const int64_t[::1] pos_a
+    cdef const uint8_t[::1] fill_a
+    cdef Py_ssize_t first, stop, i, b, p, bad_at = -1
+    cdef int64_t shift
+    if page_size <= 0:
+        raise ValueError(f"page size {page_size} is not positive")
+    if len(received) != nb:
+        raise ValueError("tables and received differ in length")
+    where = <int64_t**>malloc(sizeof(int64_t*) * (nb + 1))
+    got = <uint8_t**>malloc(sizeof(uint8_t*) * (nb + 1))
+    npages = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nb + 1))
+    if where == NULL or got == NULL or npages == NULL:
+        free(where)
+        free(got)
+        free(npages)
+        raise MemoryError()
+    try:
+        for b in range(nb):
+            wv = tables[b]
+            gv = received[b].view("u1")
+            keep.append((wv, gv))
+            npages[b] = min(wv.shape[0], gv.shape[0])
+            where[b] = &wv[0] if wv.shape[0] else NULL
+            got[b] = &gv[0] if gv.shape[0] else NULL
+        for run in runs:
+            records, first, stop, shift = run
+            kind = records.kind
+            block_a = records.block
+            offset_a = records.offset
+            pos_a = records.pos
+            fill_a = records.fill
+            if first < 0 or stop > records.count or stop > kind.shape[0]:
+                raise ValueError(f"run {first}..{stop} lies outside its batch")
+            with nogil:
+                for i in range(first, stop):
+                    b = block_a[i]
+                    p = <Py_ssize_t>(offset_a[i] // <uint64_t>page_size)
+                    if b < 0 or b >= nb or p >= npages[b] or kind[i] > 1:
+                        bad_at = i
+                        break
+                    where[b][p] = pos_a[i] + shift if kind[i] == 1 else -1 - <int64_t>fill_a[i]
+                    got[b][p] = 1
+            if bad_at >= 0:
+                raise RamStreamError(f"record {bad_at} of a run is not a PAGE or ZERO record "
+                                     f"inside its block's table", field="offset")
+    finally:
+        free(where)
+        free(got)
+        free(npages)

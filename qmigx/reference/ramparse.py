@@ -44,6 +44,7 @@ __all__ = [
     "MEM_SIZE",
     "MULTIFD_FLUSH",
     "compress_bound",
+    "note_runs",
 ]
 
 KIND_ZERO = 0
@@ -316,3 +317,24 @@ def encode_pages(mem, pages, out, page_size: int = 4096) -> tuple[int, int, int]
             o[w + 8 : w + 8 + page_size] = page
             w += 8 + page_size
     return w, zeros, len(pg) - zeros
+
+
+def note_runs(runs: list, tables: list, received: list, page_size: int = 4096) -> None:
+    """See the compiled kernel: enter where each record of ``runs`` left its page."""
+    if page_size <= 0:
+        raise ValueError(f"page size {page_size} is not positive")
+    if len(received) != len(tables):
+        raise ValueError("tables and received differ in length")
+    for records, first, stop, shift in runs:
+        if first < 0 or stop > records.count or stop > len(records.kind):
+            raise ValueError(f"run {first}..{stop} lies outside its batch")
+        for i in range(first, stop):
+            b = records.block[i]
+            p = records.offset[i] // page_size
+            if not (0 <= b < len(tables)) or p >= min(len(tables[b]), len(received[b])) \
+                    or records.kind[i] > KIND_PAGE:
+                raise RamStreamError(f"record {i} of a run is not a PAGE or ZERO record "
+                                     f"inside its block's table", field="offset")
+            tables[b][p] = (records.pos[i] + shift if records.kind[i] == KIND_PAGE
+                            else -1 - records.fill[i])
+            received[b][p] = True
