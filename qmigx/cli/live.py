@@ -320,6 +320,7 @@ def cmd_send(args) -> int:
     from qmigx.block_image import check_image
     from qmigx.migration import MigrationSource
     from qmigx.tools.feed import FEED_CLEAR_SHIFT, StreamFeed
+    from qmigx.tools.pagerelay import NEEDS_RAM
 
     # the options are checked before FILE is read (its machine type only sets defaults)
     caps, params = settings_from_args(args.cap, args.param, incoming=False)
@@ -336,9 +337,8 @@ def cmd_send(args) -> int:
     shared = _shared_ram(args.shared_ram, private=False)
     # FILE is loaded by a thread while it is sent (qmigx.tools.feed); plain records
     # go from FILE itself where nothing needs the pages in RAM
-    relay = (os.path.isfile(args.file) and not len(shared) and not any(
-        caps.get(c) for c in ("xbzrle", "compress", "multifd", "mapped-ram", "postcopy-ram",
-                              "x-colo", "dirty-bitmaps", "x-ignore-shared")))
+    relay = (os.path.isfile(args.file) and not len(shared)
+             and not any(caps.get(c) for c in NEEDS_RAM))
     feed = StreamFeed(args.file, shared if len(shared) else None, create_missing=True,
                       relay=relay)
     loaded = feed.begin()

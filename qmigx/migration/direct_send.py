@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from qmigx import _backend
 from qmigx.wire import TARGET_PAGE_SIZE
 
-__all__ = ["direct_page_writer"]
+__all__ = ["direct_page_writer", "latch_failure"]
 
 _pagesend = _backend.load("pagesend")
 
@@ -41,9 +41,13 @@ def direct_page_writer(channel, f) -> Optional[Callable]:
         channel.bytes_written += nbytes
         f.wrote_directly(nbytes)
         if status != _pagesend.DONE:
-            what = {_pagesend.STOPPED: "stopped", _pagesend.TIMEOUT: "timeout"}.get(status,
-                                                                                    "failed")
-            f.set_error(channel.failure(what, writing=True, err=err))
+            latch_failure(channel, f, status, err)
             return None
         return nbytes, zeros, normal
     return send
+
+
+def latch_failure(channel, f, status: int, err: int) -> None:
+    """Latch on ``f`` the channel's error for a compiled writer's ``status`` (not DONE)."""
+    what = {_pagesend.STOPPED: "stopped", _pagesend.TIMEOUT: "timeout"}.get(status, "failed")
+    f.set_error(channel.failure(what, writing=True, err=err))

@@ -157,10 +157,6 @@ class StreamFeed:
         self._raise()
         return self.loaded
 
-    def close(self) -> None:
-        """Release FILE (a relay keeps it open while the engine sends from it)."""
-        self.placement.close()
-
     @property
     def done(self) -> bool:
         return self._done

@@ -29,12 +29,19 @@ import numpy as np
 
 from qmigx import _backend
 from qmigx.errors import RamStreamError
+from qmigx.migration.direct_send import direct_page_writer, latch_failure
 from qmigx.placement import _check
 from qmigx.ram import distinct
 from qmigx.tools.pagelog import LoggingPlacement
 from qmigx.tools.pagespool import plain_run_end
 
-__all__ = ["RelayPlacement"]
+__all__ = ["RelayPlacement", "NEEDS_RAM"]
+
+#: capabilities with which ``send`` must hold FILE's pages in RAM rather than relay
+#: them: they encode against what was sent, split pages over channels or place them
+#: once (and so does ``--shared-ram``)
+NEEDS_RAM = frozenset({"xbzrle", "compress", "multifd", "mapped-ram", "postcopy-ram",
+                       "x-colo", "dirty-bitmaps", "x-ignore-shared"})
 
 _ramparse = _backend.load("ramparse")
 _pagesend = _backend.load("pagesend")
@@ -146,7 +153,7 @@ class RelayPlacement(LoggingPlacement):
         ``f``. Returns ``(nbytes, zeros, normal)``, or None after latching
         the channel's error on ``f``.
         """
-        direct = channel.socket_fds() is not None
+        direct_pages = direct_page_writer(channel, f)  # None: not a plain socket
         ps = self.page_size
         records = bytearray()
 
@@ -154,14 +161,12 @@ class RelayPlacement(LoggingPlacement):
             if status == _pagesend.SHORT:
                 f.set_error(RamStreamError("FILE ended inside a record it held when read",
                                            section="ram", field="page"))
-                return
-            what = {_pagesend.STOPPED: "stopped", _pagesend.TIMEOUT: "timeout"}.get(status,
-                                                                                    "failed")
-            f.set_error(channel.failure(what, writing=True, err=err))
+            else:
+                latch_failure(channel, f, status, err)
 
         def put(head: bytes, lo: int, count: int) -> Optional[int]:
             """``head``, then FILE's bytes ``[lo, lo + count)``; the bytes written, or None."""
-            if direct:
+            if direct_pages is not None:
                 f.flush()  # what the file holds goes first
                 fds = channel.socket_fds()
                 if fds is None:
@@ -202,19 +207,12 @@ class RelayPlacement(LoggingPlacement):
             rest = pages[1:]
             if not len(rest):
                 return nbytes, zeros, normal
-            if direct:
+            if direct_pages is not None:
                 f.flush()
-                fds = channel.socket_fds()
-                if fds is None:
-                    f.set_error(channel.failure("stopped", writing=True))
+                got = direct_pages(mem, rest)
+                if got is None:
                     return None
-                k, z, nm, status, err = _pagesend.send_pages(fds[0], fds[1], mem, rest, ps,
-                                                             channel.timeout)
-                channel.bytes_written += k
-                f.wrote_directly(k)
-                if status != _pagesend.DONE:
-                    failed(status, err)
-                    return None
+                k, z, nm = got
             else:
                 need = len(rest) * (ps + 8)
                 if len(records) < need:
